@@ -1,0 +1,125 @@
+"""KFAC factor computation: curvlib vs BackPACK (KFAC, KFLR) vs curvlinops.
+
+MLP 784-512-256-10 (ReLU), batch 256, CrossEntropy, float32, 2 threads; and a small CNN.
+Each entry: forward + backward with the factors computed. Interleaved repetitions, medians.
+
+    python benchmarks/bench_kfac.py
+"""
+from __future__ import annotations
+
+import argparse
+import warnings
+
+import torch
+from torch import nn
+
+from common import interleaved_medians, peak_memory_mb, table
+
+warnings.filterwarnings("ignore")
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10))
+
+
+def cnn():
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 7 * 7, 10),
+    )
+
+
+def setup(make_model, x, y):
+    from backpack import backpack, extend as bp_extend
+    from backpack.extensions import KFAC as BPKFAC, KFLR as BPKFLR
+    from curvlinops import KFACLinearOperator
+
+    import curvlib
+    from curvlib.extensions import KFAC
+
+    torch.manual_seed(0)
+    ours = curvlib.extend(make_model())
+    ours_loss = curvlib.extend(nn.CrossEntropyLoss())
+    bp = bp_extend(make_model())
+    bp.load_state_dict(ours.state_dict())
+    bp_loss = bp_extend(nn.CrossEntropyLoss())
+    plain = make_model()
+    plain.load_state_dict(ours.state_dict())
+    plain_loss = nn.CrossEntropyLoss()
+    cl_model = make_model()
+    cl_model.load_state_dict(ours.state_dict())
+    params = [p for p in cl_model.parameters()]
+
+    def run_plain():
+        plain.zero_grad()
+        plain_loss(plain(x), y).backward()
+
+    def run_ours(ft):
+        def fn():
+            ours.zero_grad()
+            loss = ours_loss(ours(x), y)
+            with curvlib.curvature(KFAC(fisher_type=ft)):
+                loss.backward()
+        return fn
+
+    def run_bp(ext):
+        def fn():
+            bp.zero_grad()
+            loss = bp_loss(bp(x), y)
+            with backpack(ext()):
+                loss.backward()
+        return fn
+
+    def run_cl(ft):
+        def fn():
+            KFACLinearOperator(cl_model, nn.CrossEntropyLoss(), params, [(x, y)], fisher_type=ft,
+                               check_deterministic=False).compute_kronecker_factors()
+        return fn
+
+    return {
+        "plain fwd+bwd": run_plain,
+        "curvlib empirical": run_ours("empirical"),
+        "curvlib mc": run_ours("mc"),
+        "curvlib type-2": run_ours("type-2"),
+        "backpack KFAC (mc)": run_bp(BPKFAC),
+        "backpack KFLR (type-2)": run_bp(BPKFLR),
+        "curvlinops empirical": run_cl("empirical"),
+        "curvlinops mc": run_cl("mc"),
+        "curvlinops type-2": run_cl("type-2"),
+    }
+
+
+def report(name, fns, reps):
+    med = interleaved_medians(fns, reps=reps)
+    mem = {k: peak_memory_mb(f) for k, f in fns.items()}
+    base = med["plain fwd+bwd"]
+    rows = [[k, f"{v * 1e3:.2f}", f"{v / base:.2f}", f"{mem[k]:.1f}"] for k, v in med.items()]
+    print(f"\n## {name}\n")
+    print(table(rows, ["method", "median ms", "x plain", "peak MiB"]))
+    r = lambda a, b: med[a] / med[b]
+    print()
+    print(f"empirical / plain           = {r('curvlib empirical', 'plain fwd+bwd'):.2f}  (target <= 2.2)")
+    print(f"mc / backpack KFAC          = {r('curvlib mc', 'backpack KFAC (mc)'):.2f}  (target <= 0.9)")
+    print(f"type-2 / backpack KFLR      = {r('curvlib type-2', 'backpack KFLR (type-2)'):.2f}  (target <= 0.5)")
+    print(f"type-2 / curvlinops type-2  = {r('curvlib type-2', 'curvlinops type-2'):.2f}  (target <= 0.5)")
+    return med
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-cnn", dest="cnn", action="store_false")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    x, y = torch.randn(256, 784), torch.randint(0, 10, (256,))
+    report("MLP 784-512-256-10, batch 256, float32", setup(mlp, x, y), args.reps)
+    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    if args.cnn:
+        report("CNN conv16-conv32-linear on 28x28, batch 64, float32", setup(cnn, x, y), args.reps)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+"""Engine: hooks, captures, layer adapters and loss adapters (one backward pass)."""
+from curvlib.engine.capture import LayerCapture, source_key
+from curvlib.engine.context import curvature
+from curvlib.engine.hooks import extend
+from curvlib.engine.layers import LayerAdapter, adapter_for, register_adapter
+from curvlib.engine.losses import LossAdapter, loss_adapter_for
+
+__all__ = [
+    "extend",
+    "curvature",
+    "LayerCapture",
+    "source_key",
+    "LayerAdapter",
+    "adapter_for",
+    "register_adapter",
+    "LossAdapter",
+    "loss_adapter_for",
+]

@@ -1,0 +1,158 @@
+"""What extensions see: the captures of one layer call during one backward.
+
+Curvature *sources* (keys of :attr:`LayerCapture.cotangents`):
+
+- ``"grad"``: the actual output gradient of the backward (``K = 1``);
+- ``"empirical"``: ``"grad"`` times ``sqrt(N')`` (the loss's mean normalization), so that
+  ``sum_n s_n s_n^T`` is the empirical Fisher ``(1/N') sum_n grad l_n grad l_n^T``;
+- ``("mc", M)``: gradients of ``M`` targets sampled from the model (scaled, see
+  :mod:`curvlib.engine.losses`);
+- ``"type-2"``: the back-propagated loss-Hessian square root, columns shared over output
+  positions (curvlinops' KFAC convention);
+- ``"type-2-exact"``: one column per (class, output position): the exact GGN factor.
+
+For every source, ``sum_k sum_n X_{k,n} X_{k,n}^T`` over per-sample gradients
+``X_{k,n}`` of a parameter is its curvature block (exactly for ``"type-2-exact"`` and
+``"empirical"``, in expectation for ``"mc"``).
+"""
+from __future__ import annotations
+
+from typing import Dict, Hashable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from curvlib.engine.layers.base import LayerAdapter
+
+Source = Hashable
+
+
+def source_key(fisher_type: str, mc_samples: int = 1, exact: bool = False) -> Source:
+    """The capture source for a curvlinops-style ``fisher_type``."""
+    if fisher_type == "empirical":
+        return "empirical"
+    if fisher_type == "mc":
+        return ("mc", int(mc_samples))
+    if fisher_type == "type-2":
+        return "type-2-exact" if exact else "type-2"
+    raise ValueError(
+        f"curvlib: unknown fisher_type {fisher_type!r}; use 'type-2', 'mc' or 'empirical'."
+    )
+
+
+class LayerCapture:
+    """Inputs and output cotangents of one layer call, with lazy per-sample matrices.
+
+    Attributes:
+        module: the layer; ``adapter`` its :class:`LayerAdapter`.
+        x: the layer input; ``batch_size`` its ``N``.
+        raw: ``source -> [K, *output.shape]`` cotangents w.r.t. the layer output.
+        empirical_scale: ``sqrt(N')`` for the ``"empirical"`` source.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        adapter: LayerAdapter,
+        x: Tensor,
+        raw: Dict[Source, Tensor],
+        empirical_scale: float,
+    ):
+        self.module = module
+        self.adapter = adapter
+        self.x = x
+        self.raw = raw
+        self.batch_size = adapter.batch_size(module, x)
+        self.empirical_scale = empirical_scale
+        self._act: Optional[Tensor] = None
+        self._cot: Dict[Source, Tensor] = {}
+        self._bias_cot: Dict[Source, Tensor] = {}
+
+    @property
+    def act_side(self) -> str:
+        return self.adapter.act_side
+
+    @property
+    def params(self) -> Dict[str, nn.Parameter]:
+        """``"weight"`` / ``"bias"`` parameters that require gradients."""
+        out = {}
+        for name in ("weight", "bias"):
+            p = getattr(self.module, name, None)
+            if isinstance(p, nn.Parameter) and p.requires_grad:
+                out[name] = p
+        return out
+
+    def has(self, source: Source) -> bool:
+        return source == "empirical" and "grad" in self.raw or source in self.raw
+
+    def _raw(self, source: Source) -> Tensor:
+        if source == "empirical":
+            return self.raw["grad"] * self.empirical_scale
+        try:
+            return self.raw[source]
+        except KeyError:
+            raise RuntimeError(
+                f"curvlib: no {source!r} cotangents reached {self.module}. For "
+                "fisher_type 'mc' and 'type-2' the loss must be extended: "
+                "loss_fn = curvlib.extend(torch.nn.CrossEntropyLoss()) (or MSELoss, "
+                "BCEWithLogitsLoss, NLLLoss), and the model output must feed it."
+            ) from None
+
+    def act(self) -> Tensor:
+        """Activation-side vectors ``[N, T, D_a]``."""
+        if self._act is None:
+            self._act = self.adapter.activations(self.module, self.x)
+        return self._act
+
+    def cot(self, source: Source) -> Tensor:
+        """Weight cotangent-side vectors ``[K, N, T, D_s]`` of ``source``."""
+        if source not in self._cot:
+            self._cot[source] = self.adapter.weight_cotangents(
+                self.module, self._raw(source), self.x
+            )
+        return self._cot[source]
+
+    def bias_cot(self, source: Source) -> Tensor:
+        """Bias cotangent vectors ``[K, N, T', D_out]`` of ``source``."""
+        if type(self.adapter).bias_cotangents is LayerAdapter.bias_cotangents:
+            return self.cot(source)
+        if source not in self._bias_cot:
+            self._bias_cot[source] = self.adapter.bias_cotangents(
+                self.module, self._raw(source), self.x
+            )
+        return self._bias_cot[source]
+
+    def per_sample_grads(self, name: str, source: Source) -> Tensor:
+        """Per-sample gradients ``[K, N, *p.shape]`` of parameter ``name``.
+
+        ``X_{k,n} = sum_t s_{k,n,t} a_{n,t}^T`` (or its transpose for left-side
+        layers), ``sum_t s'_{k,n,t}`` for the bias.
+        """
+        p = self.params[name]
+        if name == "bias":
+            return self.bias_cot(source).sum(2).reshape(-1, self.batch_size, *p.shape)
+        s, a = self.cot(source), self.act()
+        eq = "knts,nta->knsa" if self.act_side == "right" else "knts,nta->knas"
+        X = torch.einsum(eq, s, a)
+        return X.reshape(X.shape[0], X.shape[1], *p.shape)
+
+
+def finite_or_raise(value, module: nn.Module, what: str) -> None:
+    """Raise if a (nested list of) tensor(s) holds NaN or Inf.
+
+    One reduction per tensor: the sum of a tensor with a NaN or Inf entry is not finite.
+    """
+    if isinstance(value, Tensor):
+        if value.numel() and not bool(torch.isfinite(value.sum())):
+            if bool(torch.isfinite(value).all()):  # overflow of the sum only
+                return
+            raise FloatingPointError(
+                f"curvlib: {what} of {module} contains NaN or Inf. Check the inputs, "
+                "the loss and the learning rate (the forward pass already diverged)."
+            )
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            finite_or_raise(v, module, what)
+
+
+__all__ = ["LayerCapture", "Source", "source_key", "finite_or_raise"]

@@ -1,0 +1,146 @@
+"""``extend``: forward hooks that record what the backward pass will need.
+
+A forward hook on each extended layer keeps a reference to the layer input (autograd
+keeps it anyway) and the gradient edge of the layer output, and puts a tensor hook on
+the output. A forward hook on an extended loss puts a tensor hook on the loss value.
+Nothing is computed until a backward runs inside a ``curvature`` context.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+import weakref
+from typing import List, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from curvlib.engine import state
+from curvlib.engine.layers import adapter_for
+from curvlib.engine.losses import loss_adapter_for
+from curvlib.engine.records import LayerCall
+
+M = TypeVar("M", bound=nn.Module)
+
+_FLAG = "_curvlib_extended"
+_ROOT_FLAG = "_curvlib_root"
+
+#: stack of extended models whose forward is running (to tag layer calls)
+_ROOTS: List[nn.Module] = []
+
+
+def extend(module: M) -> M:
+    """Prepare a model or a loss module for curvature capture; returns ``module``.
+
+    For a model, every sub-layer with an adapter (Linear, ConvNd, ConvTransposeNd) is
+    hooked; a sub-module that owns parameters but has no adapter gets a warning naming
+    it (its parameters get no curvature). For a loss (CrossEntropyLoss, NLLLoss, MSELoss,
+    BCEWithLogitsLoss) the loss value is hooked so that ``fisher_type="mc"`` and
+    ``"type-2"`` can back-propagate the loss's curvature. Idempotent.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"curvlib.extend expects a torch.nn.Module, got {type(module)}.")
+    if loss_adapter_for(module) is not None:
+        if not getattr(module, _FLAG, False):
+            module.register_forward_hook(_loss_forward_hook)
+            setattr(module, _FLAG, True)
+        return module
+    if isinstance(module, nn.modules.loss._Loss):
+        raise NotImplementedError(
+            f"curvlib: the loss {module} is not supported; use CrossEntropyLoss, NLLLoss, "
+            "MSELoss or BCEWithLogitsLoss (or fisher_type='empirical' without extend)."
+        )
+
+    if not getattr(module, _ROOT_FLAG, False):
+        module.register_forward_pre_hook(_root_pre_hook)
+        module.register_forward_hook(_root_post_hook, always_call=True)
+        setattr(module, _ROOT_FLAG, True)
+    for name, sub in module.named_modules():
+        adapter = adapter_for(sub)
+        if adapter is not None:
+            adapter.check(sub)
+            if not getattr(sub, _FLAG, False):
+                sub.register_forward_hook(_layer_forward_hook)
+                setattr(sub, _FLAG, True)
+        elif any(p.requires_grad for p in sub.parameters(recurse=False)):
+            warnings.warn(
+                f"curvlib: module '{name or type(sub).__name__}' ({type(sub).__name__}) "
+                "has parameters but no layer adapter; its parameters get no curvature "
+                "(optimizers fall back to the plain gradient for them).",
+                stacklevel=2,
+            )
+    return module
+
+
+def _root_pre_hook(root: nn.Module, inputs) -> None:
+    step = getattr(root, "_curvlib_step", 0) + 1
+    root._curvlib_step = step
+    # a new forward of this model: calls of its earlier forwards are stale
+    for uid in [u for u, r in state.TAPE.items() if r.root is root]:
+        state.TAPE.pop(uid).release()
+    _ROOTS.append(root)
+
+
+def _root_post_hook(root: nn.Module, inputs, output) -> None:
+    if _ROOTS and _ROOTS[-1] is root:
+        _ROOTS.pop()
+
+
+def _layer_forward_hook(module: nn.Module, inputs, output) -> None:
+    if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
+        return
+    if not inputs or not isinstance(inputs[0], Tensor):
+        return
+    root = _ROOTS[-1] if _ROOTS else None
+    call = LayerCall(
+        module=module,
+        root=root,
+        root_step=getattr(root, "_curvlib_step", 0) if root is not None else 0,
+        input=inputs[0].detach(),
+        output_edge=torch.autograd.graph.get_gradient_edge(output),
+        output_shape=output.shape,
+    )
+    for other in state.TAPE.values():
+        if other.module is module and other.root is root and root is not None:
+            other.repeated = call.repeated = True
+    state.TAPE[call.uid] = call
+    output.register_hook(functools.partial(_layer_output_hook, weakref.ref(call), module))
+
+
+def _layer_output_hook(ref: "weakref.ref[LayerCall]", module: nn.Module, grad: Tensor):
+    if state.IN_EXTRA_BACKWARD:
+        return None
+    call = ref()
+    ctx = state.ACTIVE
+    if ctx is None:
+        if call is not None:
+            state.TAPE.pop(call.uid, None)
+            call.release()
+        return None
+    if call is None or call.output_edge is None:
+        raise RuntimeError(
+            f"curvlib: the backward reached {module}, but the record of that forward "
+            "call was dropped because the extended model was called again (or the "
+            "call was already back-propagated). Run forward and backward in pairs, one "
+            "backward per forward of the extended model."
+        )
+    ctx._process_layer(call, grad)
+    return None
+
+
+def _loss_forward_hook(loss: nn.Module, inputs, output) -> None:
+    if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
+        return
+    holder = [inputs[0], inputs[1] if len(inputs) > 1 else None]
+    output.register_hook(functools.partial(_loss_output_hook, loss, holder))
+
+
+def _loss_output_hook(loss: nn.Module, holder: list, grad: Tensor):
+    if state.IN_EXTRA_BACKWARD or not holder:
+        return None
+    f, y = holder
+    holder.clear()
+    ctx = state.ACTIVE
+    if ctx is not None:
+        ctx._process_loss(loss, f, y, grad)
+    return None

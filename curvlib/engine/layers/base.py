@@ -1,0 +1,44 @@
+"""How a parameterised layer turns (input, output gradient) into per-sample matrices.
+
+For every parameterised layer type, one adapter states the *per-position factorisation*
+of the per-sample gradient of its weight:
+
+    right side (Linear, Conv):  dW_n = sum_t  s_{n,t} a_{n,t}^T     (W viewed as [D_s, D_a])
+    left side (ConvTranspose):  dW_n = sum_t  a_{n,t} s_{n,t}^T     (W viewed as [D_a, D_s])
+
+with ``a`` built from the layer input only ("activation side") and ``s`` built from a
+cotangent w.r.t. the layer output ("cotangent side"). The bias gradient is
+``db_n = sum_t s'_{n,t}`` for cotangent vectors ``s'`` (equal to ``s`` except for
+transposed convolutions). Every extension is written against this description only.
+"""
+from __future__ import annotations
+
+from typing import ClassVar, Tuple, Type
+
+from torch import Tensor, nn
+
+
+class LayerAdapter:
+    """Describes one layer type (see module docstring). Stateless."""
+
+    module_types: ClassVar[Tuple[Type[nn.Module], ...]] = ()
+    #: ``"right"``: weight viewed as ``[D_s, D_a]``; ``"left"``: as ``[D_a, D_s]``
+    act_side: ClassVar[str] = "right"
+
+    def check(self, module: nn.Module) -> None:
+        """Raise ``NotImplementedError`` naming the module for unsupported settings."""
+
+    def batch_size(self, module: nn.Module, x: Tensor) -> int:
+        return x.shape[0]
+
+    def activations(self, module: nn.Module, x: Tensor) -> Tensor:
+        """``x`` (the layer input) -> ``a`` of shape ``[N, T, D_a]``."""
+        raise NotImplementedError
+
+    def weight_cotangents(self, module: nn.Module, g: Tensor, x: Tensor) -> Tensor:
+        """``g`` of shape ``[K, *output.shape]`` -> ``s`` of shape ``[K, N, T, D_s]``."""
+        raise NotImplementedError
+
+    def bias_cotangents(self, module: nn.Module, g: Tensor, x: Tensor) -> Tensor:
+        """``g`` of shape ``[K, *output.shape]`` -> ``s'`` of shape ``[K, N, T', D_out]``."""
+        return self.weight_cotangents(module, g, x)

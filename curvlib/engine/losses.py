@@ -1,0 +1,260 @@
+"""Loss adapters: the loss's curvature w.r.t. the model output as cotangent vectors.
+
+For a loss ``L = c * sum_i l(f_i, y_i)`` over prediction positions ``i`` (``c = 1/N'`` for
+``reduction="mean"``, ``N'`` the number of averaged terms; ``c = 1`` for ``"sum"``), the
+adapters return cotangents ``S`` of shape ``[K, *f.shape]`` with
+
+    sum_k S_k S_k^T = c * H_i   at every position i      (type-2: exact, K = #classes)
+    E[sum_k S_k S_k^T] = c * F_i                          (mc: K = mc_samples draws)
+
+where ``H_i = d^2 l / df_i^2`` is the loss Hessian (= the Fisher of the likelihood the
+loss stands for). Back-propagating ``S`` through the network gives the factor
+``J^T S`` of the GGN ``J^T (c H) J`` (Martens & Grosse 2015; Dangel et al. 2020, BackPACK).
+
+The shared-column form (``exact=False``) applies column ``k`` at all positions of a sample
+at once (curvlinops' KFAC convention for outputs with extra dimensions); ``exact=True``
+spreads the columns over positions (``K = #classes * #positions``) so that the cotangents
+factor the exact GGN also when the output has positions.
+"""
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Dict, Optional, Tuple, Type
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+
+class LossAdapter:
+    """Describes one loss type. ``f``: the loss input (model output), ``y``: target."""
+
+    module_types: ClassVar[Tuple[Type[nn.Module], ...]] = ()
+    #: dimension of ``f`` that holds the classes / outputs of one prediction
+    class_dim: ClassVar[int] = -1
+
+    def check(self, loss: nn.Module) -> None:
+        if loss.reduction not in ("mean", "sum"):
+            raise ValueError(
+                f"curvlib: {loss} has reduction={loss.reduction!r}; curvature needs "
+                "reduction='mean' or 'sum'."
+            )
+
+    def mask(self, loss: nn.Module, f: Tensor, y: Tensor) -> Optional[Tensor]:
+        """Boolean ``[*f.shape without class_dim]`` of the positions that count."""
+        return None
+
+    def normalization(self, loss: nn.Module, f: Tensor, y: Tensor) -> float:
+        """``N'``: the number of terms the mean divides by (1 for ``"sum"``)."""
+        if loss.reduction == "sum":
+            return 1.0
+        return float(f.numel())
+
+    def sqrt_hessian(self, f: Tensor, y: Tensor) -> Tensor:
+        """Unscaled shared-column square root ``[C, *f.shape]`` of the loss Hessian."""
+        raise NotImplementedError
+
+    def sample_gradients(self, f: Tensor, y: Tensor, m: int) -> Tensor:
+        """``[m, *f.shape]`` gradients ``d l(f, y~) / df`` for ``m`` sampled targets."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ public
+    def _scale(self, loss: nn.Module, f: Tensor, y: Tensor, S: Tensor, c: float) -> Tensor:
+        S = S * (1.0 / math.sqrt(c * self.normalization(loss, f, y)))
+        m = self.mask(loss, f, y)
+        if m is not None:
+            S = S * m.unsqueeze(self.class_dim % f.ndim).to(S.dtype)
+        return S
+
+    def type2_cotangents(self, loss: nn.Module, f: Tensor, y: Tensor, exact: bool) -> Tensor:
+        """Scaled square root of the loss Hessian, ``[K, *f.shape]`` (module docstring)."""
+        S = self._scale(loss, f, y, self.sqrt_hessian(f, y), 1.0)
+        return spread_over_positions(S, self.class_dim % f.ndim) if exact else S
+
+    def mc_cotangents(self, loss: nn.Module, f: Tensor, y: Tensor, m: int) -> Tensor:
+        """Scaled gradients for ``m`` targets sampled from the model, ``[m, *f.shape]``."""
+        return self._scale(loss, f, y, self.sample_gradients(f, y, m), float(m))
+
+
+def spread_over_positions(S: Tensor, class_dim: int) -> Tensor:
+    """``[C, N, ..., C, ...]`` shared columns -> ``[C * P, N, ...]`` one column per
+    (class, position) pair, ``P`` the number of positions per sample (1: unchanged)."""
+    C, N = S.shape[0], S.shape[1]
+    pos_shape = [s for d, s in enumerate(S.shape[2:], start=1) if d != class_dim]
+    P = math.prod(pos_shape)
+    if P == 1:
+        return S
+    # move class dim last: [C, N, P, C_out]
+    Sm = S.movedim(1 + class_dim, -1).reshape(C, N, P, -1)
+    eye = torch.eye(P, dtype=S.dtype, device=S.device)
+    out = torch.einsum("knpc,pq->kqnpc", Sm, eye).reshape(C * P, N, *pos_shape, -1)
+    return out.movedim(-1, 1 + class_dim)
+
+
+def _one_hot(labels: Tensor, C: int, class_dim: int, dtype: torch.dtype) -> Tensor:
+    return F.one_hot(labels, C).to(dtype).movedim(-1, class_dim)
+
+
+class CrossEntropyAdapter(LossAdapter):
+    """``CrossEntropyLoss`` on logits ``[N, C]`` or ``[N, C, d1, ...]``: categorical."""
+
+    module_types = (nn.CrossEntropyLoss,)
+    class_dim = 1
+
+    def check(self, loss: nn.Module) -> None:
+        super().check(loss)
+        if loss.weight is not None or loss.label_smoothing != 0.0:
+            raise NotImplementedError(
+                f"curvlib: {loss} uses class weights or label smoothing; curvature is "
+                "supported for the plain categorical likelihood only."
+            )
+
+    def _cdim(self, f: Tensor) -> int:
+        return 1 if f.ndim > 1 else 0
+
+    def mask(self, loss, f, y):
+        if y.dtype.is_floating_point:  # class probabilities as targets
+            return None
+        keep = y != loss.ignore_index
+        return None if bool(keep.all()) else keep
+
+    def normalization(self, loss, f, y):
+        if loss.reduction == "sum":
+            return 1.0
+        m = self.mask(loss, f, y)
+        if m is not None:
+            return float(m.sum())
+        return float(f.numel() // f.shape[self._cdim(f)])
+
+    def _probs(self, f: Tensor) -> Tensor:
+        return f.softmax(self._cdim(f))
+
+    def sqrt_hessian(self, f, y):
+        """``C - 1`` columns ``S`` with ``S S^T = diag(p) - p p^T`` (rank ``C - 1``).
+
+        With ``q = sqrt(p)`` (unit norm), ``diag(p) - p p^T = D (I - q q^T) D``,
+        ``D = diag(q)``; the Householder reflector ``P = I - 2 v v^T / v^T v`` with
+        ``v = q + e_C`` maps ``q`` to ``-e_C``, so ``I - q q^T = P[:, :C-1] P[:, :C-1]^T``
+        and ``S = D P[:, :C-1]`` (``v`` never vanishes since ``q_C >= 0``).
+        """
+        cd = self._cdim(f)
+        q = self._probs(f).sqrt().movedim(cd, -1)  # [..., C]
+        C = q.shape[-1]
+        if C == 1:
+            return torch.zeros(1, *f.shape, dtype=f.dtype, device=f.device)
+        v = q.clone()
+        v[..., -1] += 1.0
+        beta = 2.0 / (v * v).sum(-1, keepdim=True)  # [..., 1]
+        # S[..., c, k] = q_c (delta_ck - beta v_c v_k), k < C - 1
+        vk = v[..., : C - 1]
+        S = -(beta * q * v).unsqueeze(-1) * vk.unsqueeze(-2)  # [..., C, C-1]
+        S.diagonal(dim1=-2, dim2=-1).add_(q[..., : C - 1])
+        # -> [C-1, *f.shape]
+        return S.movedim(-1, 0).movedim(-1, cd + 1)
+
+    def sample_gradients(self, f, y, m):
+        cd = self._cdim(f)
+        p = self._probs(f)
+        flat = p.movedim(cd, -1).reshape(-1, p.shape[cd])
+        draws = torch.multinomial(flat, m, replacement=True)  # [P, m]
+        draws = draws.T.reshape(m, *p.movedim(cd, -1).shape[:-1])
+        return p.unsqueeze(0) - _one_hot(draws, p.shape[cd], 1 + cd, f.dtype)
+
+
+class NLLAdapter(CrossEntropyAdapter):
+    """``NLLLoss`` on log-probabilities: the Fisher w.r.t. the log-probability input is
+    ``diag(p)``, which back-propagated through ``log_softmax`` gives ``diag(p) - p p^T``."""
+
+    module_types = (nn.NLLLoss,)
+
+    def check(self, loss):
+        LossAdapter.check(self, loss)
+        if loss.weight is not None:
+            raise NotImplementedError(f"curvlib: {loss} uses class weights; unsupported.")
+
+    def _probs(self, f):
+        p = f.exp()
+        total = p.sum(self._cdim(f))
+        if not torch.allclose(total, torch.ones_like(total), atol=1e-3):
+            raise ValueError(
+                "curvlib: NLLLoss input must be log-probabilities (e.g. from "
+                "log_softmax); its exp does not sum to 1 over the class dimension."
+            )
+        return p
+
+    def sqrt_hessian(self, f, y):
+        cd = self._cdim(f)
+        p = self._probs(f)
+        C = f.shape[cd]
+        eye = torch.eye(C, dtype=f.dtype, device=f.device)
+        eye = eye.view(C, *[C if d == cd else 1 for d in range(f.ndim)])
+        return p.sqrt().movedim(cd, 0).unsqueeze(1 + cd) * eye
+
+    def sample_gradients(self, f, y, m):
+        g = super().sample_gradients(f, y, m)
+        return g - self._probs(f).unsqueeze(0)  # d(-f[y])/df = -e_y
+
+
+class _ElementwiseAdapter(LossAdapter):
+    """Losses that are a sum over all elements; the last dimension holds the outputs of
+    one prediction and all others but the first are positions (curvlinops' layout)."""
+
+    class_dim = -1
+
+    def _diag_sqrt(self, f: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def sqrt_hessian(self, f, y):
+        C = f.shape[-1]
+        eye = torch.eye(C, dtype=f.dtype, device=f.device)
+        eye = eye.view(C, *[1] * (f.ndim - 1), C)
+        return self._diag_sqrt(f).unsqueeze(0) * eye
+
+
+class MSEAdapter(_ElementwiseAdapter):
+    """``MSELoss``: Gaussian likelihood with variance 1/2, ``H = 2 I``."""
+
+    module_types = (nn.MSELoss,)
+
+    def _diag_sqrt(self, f):
+        return torch.full_like(f, math.sqrt(2.0))
+
+    def sample_gradients(self, f, y, m):
+        # y~ = f + eps / sqrt(2)  =>  d (f - y~)^2 / df = -sqrt(2) eps
+        return math.sqrt(2.0) * torch.randn(m, *f.shape, dtype=f.dtype, device=f.device)
+
+
+class BCEWithLogitsAdapter(_ElementwiseAdapter):
+    """``BCEWithLogitsLoss``: Bernoulli likelihood, ``H = diag(sigma (1 - sigma))``."""
+
+    module_types = (nn.BCEWithLogitsLoss,)
+
+    def check(self, loss):
+        super().check(loss)
+        if loss.weight is not None or loss.pos_weight is not None:
+            raise NotImplementedError(
+                f"curvlib: {loss} uses weight or pos_weight; unsupported."
+            )
+
+    def _diag_sqrt(self, f):
+        s = f.sigmoid()
+        return (s * (1 - s)).sqrt()
+
+    def sample_gradients(self, f, y, m):
+        s = f.sigmoid()
+        draws = torch.bernoulli(s.unsqueeze(0).expand(m, *s.shape))
+        return s.unsqueeze(0) - draws
+
+
+LOSS_ADAPTERS: Dict[Type[nn.Module], LossAdapter] = {}
+for _a in (CrossEntropyAdapter(), NLLAdapter(), MSEAdapter(), BCEWithLogitsAdapter()):
+    for _t in _a.module_types:
+        LOSS_ADAPTERS[_t] = _a
+
+
+def loss_adapter_for(loss: nn.Module) -> Optional[LossAdapter]:
+    for t in type(loss).__mro__:
+        if t in LOSS_ADAPTERS:
+            return LOSS_ADAPTERS[t]
+    return None

@@ -1,0 +1,45 @@
+"""What the forward pass leaves for the backward: one record per layer call."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor, nn
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class LayerCall:
+    """One forward call of an extended layer.
+
+    Attributes:
+        module: the layer.
+        root: the extended model whose forward produced this call (for pruning).
+        root_step: the root's forward counter at that time.
+        input: the layer input (detached reference; autograd keeps it anyway).
+        output_edge: gradient edge of the layer output, taken *before* any in-place
+            operation on it, so that cotangents refer to the layer's own output.
+        output_shape: shape of the layer output.
+        extra: cotangents w.r.t. the output from the engine's batched extra backward,
+            one ``[K, *output_shape]`` tensor per curvature source key.
+    """
+
+    module: nn.Module
+    root: Optional[nn.Module]
+    root_step: int
+    input: Optional[Tensor]
+    output_edge: object
+    output_shape: torch.Size
+    extra: Dict[object, Tensor] = field(default_factory=dict)
+    #: the same module was called more than once in one forward of its model
+    repeated: bool = False
+    uid: int = field(default_factory=lambda: next(_ids))
+
+    def release(self) -> None:
+        """Drop the tensors this call holds."""
+        self.input = None
+        self.output_edge = None
+        self.extra = {}
