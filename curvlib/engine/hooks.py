@@ -7,10 +7,11 @@ Nothing is computed until a backward runs inside a ``curvature`` context.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 import weakref
-from typing import List, TypeVar
+from typing import Any, Dict, Iterator, List, Tuple, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +28,24 @@ _ROOT_FLAG = "_curvlib_root"
 
 #: stack of extended models whose forward is running (to tag layer calls)
 _ROOTS: List[nn.Module] = []
+#: ``(args, kwargs)`` of those forward calls (tensors detached), parallel to ``_ROOTS``
+_ROOT_INPUTS: List[Tuple[tuple, Dict[str, Any]]] = []
+
+
+@contextlib.contextmanager
+def hooks_paused() -> Iterator[None]:
+    """Run extended models without recording anything (for extensions that re-run the
+    model themselves, e.g. HMP's functional forward): the tape is left untouched."""
+    old = state.HOOKS_PAUSED
+    state.HOOKS_PAUSED = True
+    try:
+        yield
+    finally:
+        state.HOOKS_PAUSED = old
+
+
+def _detached(x):
+    return x.detach() if isinstance(x, Tensor) else x
 
 
 def extend(module: M) -> M:
@@ -52,7 +71,7 @@ def extend(module: M) -> M:
         )
 
     if not getattr(module, _ROOT_FLAG, False):
-        module.register_forward_pre_hook(_root_pre_hook)
+        module.register_forward_pre_hook(_root_pre_hook, with_kwargs=True)
         module.register_forward_hook(_root_post_hook, always_call=True)
         setattr(module, _ROOT_FLAG, True)
     for name, sub in module.named_modules():
@@ -72,21 +91,32 @@ def extend(module: M) -> M:
     return module
 
 
-def _root_pre_hook(root: nn.Module, inputs) -> None:
+def _root_pre_hook(root: nn.Module, args, kwargs) -> None:
+    if state.HOOKS_PAUSED:
+        return None
     step = getattr(root, "_curvlib_step", 0) + 1
     root._curvlib_step = step
     # a new forward of this model: calls of its earlier forwards are stale
     for uid in [u for u, r in state.TAPE.items() if r.root is root]:
         state.TAPE.pop(uid).release()
     _ROOTS.append(root)
+    _ROOT_INPUTS.append(
+        (tuple(_detached(a) for a in args), {k: _detached(v) for k, v in kwargs.items()})
+    )
+    return None
 
 
 def _root_post_hook(root: nn.Module, inputs, output) -> None:
+    if state.HOOKS_PAUSED:
+        return
     if _ROOTS and _ROOTS[-1] is root:
         _ROOTS.pop()
+        _ROOT_INPUTS.pop()
 
 
 def _layer_forward_hook(module: nn.Module, inputs, output) -> None:
+    if state.HOOKS_PAUSED:
+        return
     if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
         return
     if not inputs or not isinstance(inputs[0], Tensor):
@@ -99,6 +129,7 @@ def _layer_forward_hook(module: nn.Module, inputs, output) -> None:
         input=inputs[0].detach(),
         output_edge=torch.autograd.graph.get_gradient_edge(output),
         output_shape=output.shape,
+        root_inputs=_ROOT_INPUTS[-1] if root is not None else None,
     )
     for other in state.TAPE.values():
         if other.module is module and other.root is root and root is not None:
@@ -129,6 +160,8 @@ def _layer_output_hook(ref: "weakref.ref[LayerCall]", module: nn.Module, grad: T
 
 
 def _loss_forward_hook(loss: nn.Module, inputs, output) -> None:
+    if state.HOOKS_PAUSED:
+        return
     if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
         return
     holder = [inputs[0], inputs[1] if len(inputs) > 1 else None]

@@ -139,7 +139,16 @@ class CrossEntropyAdapter(LossAdapter):
         and ``S = D P[:, :C-1]`` (``v`` never vanishes since ``q_C >= 0``).
         """
         cd = self._cdim(f)
-        q = self._probs(f).sqrt().movedim(cd, -1)  # [..., C]
+        p = self._probs(f)
+        if f.ndim > 2:
+            # positions share columns: use curvlinops' square root so that KFAC's
+            # cross-position terms agree with it; column k = sqrt(p_k) (e_k - p)
+            C = f.shape[cd]
+            eye = torch.eye(C, dtype=f.dtype, device=f.device)
+            eye = eye.view(C, *[C if d == cd else 1 for d in range(f.ndim)])
+            sk = p.sqrt().movedim(cd, 0).unsqueeze(1 + cd)  # [C(k), ..., 1 at cd, ...]
+            return sk * (eye - p.unsqueeze(0))
+        q = p.sqrt().movedim(cd, -1)  # [..., C]
         C = q.shape[-1]
         if C == 1:
             return torch.zeros(1, *f.shape, dtype=f.dtype, device=f.device)

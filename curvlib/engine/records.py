@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +25,8 @@ class LayerCall:
         output_shape: shape of the layer output.
         extra: cotangents w.r.t. the output from the engine's batched extra backward,
             one ``[K, *output_shape]`` tensor per curvature source key.
+        root_inputs: ``(args, kwargs)`` of the root's forward call (tensors detached),
+            for extensions that re-run the model (HMP); dropped with the call.
     """
 
     module: nn.Module
@@ -37,9 +39,26 @@ class LayerCall:
     #: the same module was called more than once in one forward of its model
     repeated: bool = False
     uid: int = field(default_factory=lambda: next(_ids))
+    root_inputs: Optional[Tuple[tuple, Dict[str, Any]]] = None
 
     def release(self) -> None:
         """Drop the tensors this call holds."""
         self.input = None
         self.output_edge = None
         self.extra = {}
+        self.root_inputs = None
+
+
+@dataclass(eq=False)
+class LossCall:
+    """One extended loss reached by a backward inside a ``curvature`` context.
+
+    Attributes:
+        module: the loss module; ``f`` its (detached) input, ``y`` its target.
+        weight: ``d objective / d loss`` (1 for ``loss.backward()``).
+    """
+
+    module: nn.Module
+    f: Tensor
+    y: Optional[Tensor]
+    weight: float

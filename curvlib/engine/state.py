@@ -19,3 +19,7 @@ TAPE: Dict[int, "LayerCall"] = {}
 
 #: ``True`` while the engine back-propagates its own extra cotangents (nested backward)
 IN_EXTRA_BACKWARD: bool = False
+
+#: ``True`` while an extension re-runs an extended model itself (e.g. HMP's functional
+#: forward): forward hooks record nothing and leave the tape alone
+HOOKS_PAUSED: bool = False

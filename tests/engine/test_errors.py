@@ -1,0 +1,106 @@
+"""Bad input gets a clear exception (or warning) naming the module and the fix."""
+import pytest
+import torch
+from torch import nn
+
+from curvlib import curvature, extend
+from curvlib.extensions import KFAC
+
+
+def test_layer_without_adapter_warns_with_its_name():
+    with pytest.warns(UserWarning, match="'1'.*BatchNorm1d.*no layer adapter"):
+        extend(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)))
+
+
+def test_grouped_convolution_is_refused_at_extend():
+    with pytest.raises(NotImplementedError, match="groups=2"):
+        extend(nn.Sequential(nn.Conv2d(2, 4, 3, groups=2)))
+
+
+def test_unsupported_loss_is_refused():
+    with pytest.raises(NotImplementedError, match="L1Loss"):
+        extend(nn.L1Loss())
+
+
+@pytest.mark.parametrize("fisher_type", ["mc", "type-2"])
+def test_mc_and_type2_need_an_extended_loss(fisher_type):
+    model = extend(nn.Sequential(nn.Linear(3, 2)))
+    loss = nn.CrossEntropyLoss()(model(torch.randn(4, 3)), torch.randint(0, 2, (4,)))
+    with pytest.raises(RuntimeError, match=r"extend\(torch.nn.CrossEntropyLoss"):
+        with curvature(KFAC(fisher_type=fisher_type)):
+            loss.backward()
+
+
+def test_empirical_works_without_extended_loss():
+    model = extend(nn.Sequential(nn.Linear(3, 2)))
+    loss = nn.CrossEntropyLoss()(model(torch.randn(4, 3)), torch.randint(0, 2, (4,)))
+    with curvature(KFAC(fisher_type="empirical")):
+        loss.backward()
+    assert model[0].weight.kfac[0].shape == (2, 2)
+
+
+def test_reduction_none_is_refused():
+    model = extend(nn.Sequential(nn.Linear(3, 2)))
+    loss_fn = extend(nn.MSELoss(reduction="none"))
+    loss = loss_fn(model(torch.randn(4, 3)), torch.randn(4, 2)).sum()
+    with pytest.raises(ValueError, match="reduction='none'"):
+        with curvature(KFAC(fisher_type="type-2")):
+            loss.backward()
+
+
+def test_model_not_extended_or_backward_outside_context():
+    model = nn.Sequential(nn.Linear(3, 2))
+    loss = model(torch.randn(4, 3)).square().sum()
+    with pytest.raises(RuntimeError, match=r"extend\(model\).*inside the `with curvature"):
+        with curvature(KFAC(fisher_type="empirical")):
+            loss.backward()
+    ext = extend(nn.Sequential(nn.Linear(3, 2)))
+    loss = ext(torch.randn(4, 3)).square().sum()
+    with pytest.raises(RuntimeError, match="no extended layer"):
+        with curvature(KFAC(fisher_type="empirical")):
+            pass
+    loss.backward()  # outside the context: a plain backward, nothing stored
+    assert not hasattr(ext[0].weight, "kfac")
+
+
+def test_nan_in_captured_quantities_is_reported():
+    model = extend(nn.Sequential(nn.Linear(3, 2)))
+    x = torch.randn(4, 3)
+    x[1, 1] = float("nan")
+    loss = model(x).square().sum()
+    with pytest.raises(FloatingPointError, match="Linear.*NaN or Inf"):
+        with curvature(KFAC(fisher_type="empirical")):
+            loss.backward()
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="fisher_type='exact'"):
+        KFAC(fisher_type="exact")
+    with pytest.raises(ValueError, match="kfac_approx"):
+        KFAC(kfac_approx="mean")
+    with pytest.raises(ValueError, match="mc_samples=0"):
+        KFAC(mc_samples=0)
+    with pytest.raises(TypeError, match="extension instances"):
+        curvature(KFAC)
+
+
+def test_nested_contexts_and_repeated_calls():
+    lin = nn.Linear(3, 3)
+    model = extend(nn.Sequential(lin, nn.ReLU(), lin))
+    loss = model(torch.randn(4, 3)).square().sum()
+    with pytest.raises(NotImplementedError, match="more than once"):
+        with curvature(KFAC(fisher_type="empirical")):
+            loss.backward()
+    with pytest.raises(RuntimeError, match="nested"):
+        with curvature(KFAC()):
+            with curvature(KFAC()):
+                pass
+
+
+def test_second_forward_before_backward_is_reported():
+    model = extend(nn.Sequential(nn.Linear(3, 2)))
+    first = model(torch.randn(4, 3)).square().sum()
+    second = model(torch.randn(4, 3)).square().sum()
+    with pytest.raises(RuntimeError, match="called again"):
+        with curvature(KFAC(fisher_type="empirical")):
+            (first + second).backward()
