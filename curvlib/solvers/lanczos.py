@@ -190,13 +190,15 @@ def golub_kahan(
     maxiter = max(10 * rdim, 100) if maxiter is None else int(maxiter)
     tol = default_tol(v.dtype, 1e-10, 1e-4) if tol is None else float(tol)
     eps = torch.finfo(v.dtype).eps
-    R = sv.wrap(matvec, "matvec")
+    dev, dt = v.device, v.dtype
+
+    def R(x: Tensor) -> Tensor:
+        return su.flatten(matvec(sv.unflatten(x)), "output of matvec").to(dt)
 
     def Rt(u: Tensor) -> Tensor:
-        return sv.flatten(rmatvec(su.unflatten(u)), "output of rmatvec")
+        return sv.flatten(rmatvec(su.unflatten(u)), "output of rmatvec").to(dt)
 
     gen = make_generator(v, seed)
-    dev, dt = v.device, v.dtype
     V = torch.zeros(n, ncv + 1, dtype=dt, device=dev)
     U = torch.zeros(mdim, ncv, dtype=dt, device=dev)
     B = torch.zeros(ncv, ncv, dtype=dt, device=dev)

@@ -119,7 +119,7 @@ def woodbury_solve_blocks(
     lams = heuristic_block_damping(Us, lam) if heuristic_damping else torch.full((len(Us),), lam, dtype=torch.float64)
     dt, dev = Us[0].dtype, Us[0].device
     K = torch.stack([U @ U.T for U in Us])
-    K = K + (lams.to(dt, dev) * m)[:, None, None] * torch.eye(m, dtype=dt, device=dev)
+    K = K + (lams.to(device=dev, dtype=dt) * m)[:, None, None] * torch.eye(m, dtype=dt, device=dev)
     L = _chol(K, "(λ_l m I + U_l U_l^T)")
     out = []
     for i, (U, g) in enumerate(zip(Us, gs)):

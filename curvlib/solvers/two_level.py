@@ -1,0 +1,382 @@
+r"""Two-level (coarse-corrected) KFAC directions.
+
+Target system ``Â d = g`` with ``Â = F + λ I`` (``F`` the whole-network Fisher/GGN, cross-layer
+blocks included). Given the one-level direction ``d1 = P g`` (e.g. per-layer KFAC inverses) and a
+coarse basis ``Z = R0^T`` (``c`` columns, each supported on one layer):
+
+    r = g - Â d1,     A0 = R0 Â R0^T + μ I,     d = d1 + R0^T A0^-1 R0 r         (μ = coarse_damping)
+
+This is the *multiplicative* (fine-then-coarse, "balanced"/deflated residual) two-level form of
+Tselepidis, Kohler & Orvieto 2020, "Two-level K-FAC preconditioning for deep learning"; the coarse
+spaces follow Koroko et al. 2023, "Analysis and comparison of two-level KFAC methods for training
+deep neural networks". Why this variant: with the exact ``A0 = Z^T Â Z`` (μ = 0) the coarse step is
+the ``Â``-orthogonal projection of the one-level error onto ``span(Z)``, so the new residual is
+orthogonal to ``span(Z)`` ("exact on the coarse space") and ``||Â^-1 g - d||_Â <= ||Â^-1 g - d1||_Â``
+for *every* coarse space. The additive form ``d1 + R0^T A0^-1 R0 g`` has no such guarantee. When
+``A0`` is only approximated (``"tpselepedis"``: from cross-layer Kronecker factors) the projection
+is inexact and the error may grow.
+
+Coarse spaces (one vector per layer, normalized; ``krylov=True`` adds a second one: the layer
+block of ``F`` applied to the first, Gram–Schmidt-orthonormalized against it):
+
+* ``"nicolaides"``: the constant vector ``1 / sqrt(n_l)`` on each layer.
+* ``"residual"``: the layer block ``r_l / ||r_l||`` of the one-level residual ``r = g - Â d1``
+  (``r = Â e`` is the error seen through ``Â``; layers with ``r_l = 0`` get no column).
+* ``"spectral"``: ``q_G ⊗ q_A`` per layer (factors ``[G, A]``; ``q_G`` for ``[G]``), eigenvectors
+  of the *smallest* eigenvalues by default: that is the smallest eigenvector of ``G ⊗ A``, the
+  direction the one-level preconditioner ``(G ⊗ A + λ I)^-1`` amplifies most (gain ``1/(λ_min+λ)``),
+  so a small mismatch between ``G ⊗ A`` and the true block produces the largest error there
+  (coarse spaces target the low end of the spectrum, as in domain decomposition).
+  ``spectral_end="largest"`` is available.
+* ``"tpselepedis"``: Nicolaides vectors, but ``R0 F R0^T`` is built from cross-layer Kronecker
+  factors ``F_ij ≈ G_ij ⊗ A_ij`` (``G_ij = E[g_i g_j^T]``, ``A_ij = E[a_i a_j^T]``) instead of
+  Fisher products: ``(R0 F R0^T)_ij = (1^T G_ij 1)(1^T A_ij 1) / sqrt(n_i n_j)``; in general
+  ``z_a^T F_ij z_b = <Z_a, G_ij Z_b A_ij^T>`` (used with ``krylov=True``, whose second vector is then
+  ``G_ll Z A_ll`` from the diagonal factors).
+
+Cross factors are given as a nested list ``cross_factors[i][j] = [G_ij, A_ij]`` (``G_ij``
+[out_i, out_j], ``A_ij`` [in_i, in_j]; ``[G_ij]`` when both layers are biases, with in = 1;
+entries below the diagonal may be ``None`` and are taken as ``[G_ji^T, A_ji^T]``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from ._linalg import check_damping, check_finite, safe_eigh
+from .structure import Structure, TensorOrList
+
+__all__ = ["CoarseBasis", "coarse_basis", "coarse_operator", "two_level_direction", "kronecker_fisher_mvp"]
+
+COARSE_SPACES = ("nicolaides", "residual", "spectral", "tpselepedis")
+FisherMVP = Callable[[List[Tensor]], List[Tensor]]
+
+
+@dataclass
+class CoarseBasis:
+    """Coarse basis ``Z = R0^T``: column ``c`` is ``vectors[c]`` (shaped like layer ``layers[c]``)
+    on layer ``layers[c]`` and zero elsewhere. ``fisher_products[c]`` caches ``F z_c`` (full list)."""
+
+    shapes: List[torch.Size]
+    layers: List[int]
+    vectors: List[Tensor]
+    fisher_products: List[Optional[List[Tensor]]] = field(default_factory=list)
+
+    def __post_init__(self):
+        if len(self.fisher_products) != len(self.vectors):
+            self.fisher_products = [None] * len(self.vectors)
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def column(self, c: int) -> List[Tensor]:
+        """Column ``c`` as a full parameter-shaped list."""
+        z = self.vectors[c]
+        return [z if l == self.layers[c] else torch.zeros(s, dtype=z.dtype, device=z.device) for l, s in enumerate(self.shapes)]
+
+    def restrict(self, xs: Sequence[Tensor]) -> Tensor:
+        """``R0 x`` [c] for a parameter-shaped list ``x``."""
+        return torch.stack([(z * xs[l]).sum() for l, z in zip(self.layers, self.vectors)])
+
+    def prolong(self, y: Tensor) -> List[Tensor]:
+        """``R0^T y`` as a parameter-shaped list, ``y`` [c]."""
+        ref = self.vectors[0]
+        out = [torch.zeros(s, dtype=ref.dtype, device=ref.device) for s in self.shapes]
+        for c, (l, z) in enumerate(zip(self.layers, self.vectors)):
+            out[l] = out[l] + y[c] * z
+        return out
+
+    def gram(self) -> Tensor:
+        """``R0 R0^T`` [c, c] (identity for the orthonormal bases built here)."""
+        Z = self.dense()
+        return Z @ Z.T
+
+    def dense(self) -> Tensor:
+        """``R0`` [c, n] in the flatten order of the parameter list (tests / small problems)."""
+        return torch.stack([torch.cat([t.reshape(-1) for t in self.column(c)]) for c in range(len(self))])
+
+
+# ---------------------------------------------------------------------- helpers
+def _normalize(v: Tensor) -> Optional[Tensor]:
+    nrm = float(torch.linalg.vector_norm(v))
+    return None if nrm == 0.0 else v / nrm
+
+
+def _cross(cross_factors, i: int, j: int) -> Tuple[Tensor, Optional[Tensor]]:
+    entry = cross_factors[i][j]
+    transpose = False
+    if entry is None:
+        entry, transpose = cross_factors[j][i], True
+    if entry is None:
+        raise ValueError(f"cross_factors[{i}][{j}] and [{j}][{i}] are both missing; pass [G_ij, A_ij] for every layer pair.")
+    G = entry[0].T if transpose else entry[0]
+    A = None
+    if len(entry) > 1 and entry[1] is not None:
+        A = entry[1].T if transpose else entry[1]
+    return G, A
+
+
+def _factor_block_apply(cross_factors, i: int, j: int, Zj: Tensor, shape_i: torch.Size) -> Tensor:
+    """``(G_ij ⊗ A_ij) vec(Z_j)`` reshaped like layer ``i``: ``G_ij Z_j A_ij^T``."""
+    G, A = _cross(cross_factors, i, j)
+    Zm = Zj.reshape(G.shape[1], -1)
+    Y = G @ Zm
+    if A is not None:
+        Y = Y @ A.T
+    return Y.reshape(shape_i)
+
+
+def kronecker_fisher_mvp(cross_factors, shapes: Sequence[torch.Size]) -> FisherMVP:
+    """The whole-network product with the cross-Kronecker approximation ``F_ij ≈ G_ij ⊗ A_ij``."""
+    shapes = [torch.Size(s) for s in shapes]
+
+    def mvp(xs: List[Tensor]) -> List[Tensor]:
+        return [
+            sum(_factor_block_apply(cross_factors, i, j, xs[j], shapes[i]) for j in range(len(shapes)))
+            for i in range(len(shapes))
+        ]
+
+    return mvp
+
+
+def _fisher_columns(basis: CoarseBasis, cols: Sequence[int], fisher_mvp: FisherMVP, batched: bool) -> None:
+    """Fill ``basis.fisher_products[c]`` for ``c`` in ``cols`` (one batched call if ``batched``)."""
+    cols = [c for c in cols if basis.fisher_products[c] is None]
+    if not cols:
+        return
+    if batched:
+        ref = basis.vectors[0]
+        xs = []
+        for l, s in enumerate(basis.shapes):
+            X = torch.zeros((len(cols),) + tuple(s), dtype=ref.dtype, device=ref.device)
+            for k, c in enumerate(cols):
+                if basis.layers[c] == l:
+                    X[k] = basis.vectors[c]
+            xs.append(X)
+        out = fisher_mvp(xs)
+        for k, c in enumerate(cols):
+            basis.fisher_products[c] = [o[k] for o in out]
+    else:
+        for c in cols:
+            basis.fisher_products[c] = list(fisher_mvp(basis.column(c)))
+    for c in cols:
+        for l, t in enumerate(basis.fisher_products[c]):
+            check_finite(t, f"two-level: Fisher product of coarse vector {c} (layer {l})", "fisher_mvp returned NaN/Inf")
+
+
+def _first_vector(space: str, l: int, like: Tensor, residual, factors, spectral_end: str) -> Optional[Tensor]:
+    if space in ("nicolaides", "tpselepedis"):
+        return torch.ones_like(like) / math.sqrt(like.numel())
+    if space == "residual":
+        return _normalize(residual[l].to(like.dtype))
+    # spectral
+    f = factors[l]
+    if f is None:
+        raise ValueError(f"spectral coarse space: factors[{l}] is None; pass [G, A] (or [G]) for every layer.")
+    f = [f] if isinstance(f, Tensor) else list(f)
+    idx = 0 if spectral_end == "smallest" else -1
+    qs = [safe_eigh(F, f"factor {name} of layer {l}")[1][:, idx] for F, name in zip(f, "GA")]
+    q = qs[0] if len(qs) == 1 else torch.outer(qs[0], qs[1]).reshape(-1)
+    if q.numel() != like.numel():
+        raise ValueError(
+            f"spectral coarse space: layer {l} has {like.numel()} entries but its factors give {q.numel()}."
+        )
+    return q.reshape(like.shape).to(like.dtype)
+
+
+# ---------------------------------------------------------------------- public building blocks
+def coarse_basis(
+    like: Sequence[Tensor],
+    coarse_space: str = "nicolaides",
+    *,
+    residual: Optional[Sequence[Tensor]] = None,
+    factors: Optional[Sequence] = None,
+    krylov: bool = False,
+    fisher_mvp: Optional[FisherMVP] = None,
+    cross_factors=None,
+    spectral_end: str = "smallest",
+    batched: bool = False,
+) -> CoarseBasis:
+    """Build the coarse basis ``Z = R0^T`` (see the module docstring for the spaces).
+
+    Args:
+        like: parameter-shaped list (shapes, dtype, device), e.g. the gradient.
+        residual: the one-level residual (``"residual"``).
+        factors: per-layer ``[G, A]`` / ``[G]`` (``"spectral"``).
+        krylov: add the second (Krylov) vector per layer; needs ``fisher_mvp`` (or, for
+            ``"tpselepedis"``, ``cross_factors``).
+        batched: ``fisher_mvp`` accepts lists of ``[V, *shape]`` tensors (GGNMP convention).
+    """
+    if coarse_space not in COARSE_SPACES:
+        raise ValueError(f"coarse_space must be one of {COARSE_SPACES}, got {coarse_space!r}.")
+    if spectral_end not in ("smallest", "largest"):
+        raise ValueError(f"spectral_end must be 'smallest' or 'largest', got {spectral_end!r}.")
+    like = list(like)
+    shapes = [t.shape for t in like]
+    if coarse_space == "residual" and residual is None:
+        raise ValueError("coarse_space='residual' needs residual= (the one-level residual g - (F + λI) d1).")
+    if coarse_space == "spectral" and (factors is None or len(factors) != len(like)):
+        raise ValueError("coarse_space='spectral' needs factors= with one [G, A] (or [G]) per layer.")
+    if coarse_space == "tpselepedis" and cross_factors is None:
+        raise ValueError("coarse_space='tpselepedis' needs cross_factors[i][j] = [G_ij, A_ij].")
+    layers, vectors = [], []
+    for l, t in enumerate(like):
+        z = _first_vector(coarse_space, l, t, residual, factors, spectral_end)
+        if z is not None:
+            layers.append(l)
+            vectors.append(z)
+    if not vectors:
+        raise ValueError(f"coarse space {coarse_space!r} is empty (all residual blocks are zero?).")
+    basis = CoarseBasis(shapes, layers, vectors)
+    if not krylov:
+        return basis
+    first = list(range(len(basis)))
+    if coarse_space == "tpselepedis":
+        blocks = [_factor_block_apply(cross_factors, l, l, basis.vectors[c], shapes[l]) for c, l in enumerate(layers)]
+    else:
+        if fisher_mvp is None:
+            raise ValueError("krylov=True needs fisher_mvp to apply F to the first coarse vectors.")
+        _fisher_columns(basis, first, fisher_mvp, batched)
+        blocks = [basis.fisher_products[c][l] for c, l in enumerate(layers)]
+    new_layers, new_vectors, new_fp = [], [], []
+    for c, l in enumerate(layers):
+        z1 = basis.vectors[c]
+        new_layers.append(l), new_vectors.append(z1), new_fp.append(basis.fisher_products[c])
+        w = blocks[c] - (blocks[c] * z1).sum() * z1
+        w = w - (w * z1).sum() * z1
+        nrm = float(torch.linalg.vector_norm(w))
+        if nrm > 1e-10 * max(float(torch.linalg.vector_norm(blocks[c])), 1e-300):
+            new_layers.append(l), new_vectors.append(w / nrm), new_fp.append(None)
+    return CoarseBasis(shapes, new_layers, new_vectors, new_fp)
+
+
+def coarse_operator(
+    basis: CoarseBasis,
+    damping: float,
+    fisher_mvp: Optional[FisherMVP] = None,
+    *,
+    cross_factors=None,
+    coarse_damping: float = 0.0,
+    batched: bool = False,
+) -> Tensor:
+    """``A0 = R0 (F + λ I) R0^T + μ I`` [c, c].
+
+    With ``fisher_mvp``: exact, from one Fisher product per coarse column (cached in ``basis``;
+    one batched call if ``batched``). Without it and with ``cross_factors``: the Tselepidis
+    approximation ``(R0 F R0^T)_ab = <Z_a, G_ij Z_b A_ij^T>`` (``i, j`` the layers of ``a, b``).
+    """
+    lam = check_damping(damping)
+    mu = check_damping(coarse_damping, "coarse_damping")
+    c = len(basis)
+    ref = basis.vectors[0]
+    if fisher_mvp is not None:
+        _fisher_columns(basis, range(c), fisher_mvp, batched)
+        FZd = torch.stack([torch.cat([t.reshape(-1) for t in fz]) for fz in basis.fisher_products])  # [c, n]
+        FZ = basis.dense() @ FZd.T
+    elif cross_factors is not None:
+        FZ = torch.zeros(c, c, dtype=ref.dtype, device=ref.device)
+        for a in range(c):
+            for b in range(c):
+                i, j = basis.layers[a], basis.layers[b]
+                FZ[a, b] = (basis.vectors[a] * _factor_block_apply(cross_factors, i, j, basis.vectors[b], basis.shapes[i])).sum()
+    else:
+        raise ValueError("coarse_operator needs fisher_mvp (exact) or cross_factors (Tselepidis approximation).")
+    A0 = 0.5 * (FZ + FZ.T) + lam * basis.gram() + mu * torch.eye(c, dtype=ref.dtype, device=ref.device)
+    check_finite(A0, "two-level coarse matrix R0 (F + λI) R0^T")
+    return A0
+
+
+def two_level_direction(
+    grad: TensorOrList,
+    precond: Union[Callable, Sequence[Callable]],
+    fisher_mvp: FisherMVP,
+    damping: float,
+    coarse_space: str = "nicolaides",
+    krylov: bool = False,
+    factors: Optional[Sequence] = None,
+    cross_factors=None,
+    coarse_damping: Optional[float] = None,
+    spectral_end: str = "smallest",
+    batched: bool = False,
+) -> Tuple[TensorOrList, Dict]:
+    r"""Two-level direction ``d = d1 + R0^T A0^-1 R0 (g - (F + λI) d1)`` (module docstring).
+
+    Args:
+        grad: gradient, parameter-shaped list (or one tensor).
+        precond: per-layer one-level preconditioners ``[P_l(g_l) -> d_l]`` or one callable on lists.
+        fisher_mvp: whole-network product ``F(list) -> list`` without damping (cross-layer terms
+            included); also used for the residual with ``"tpselepedis"``.
+        damping: ``λ`` of the target ``F + λ I``.
+        coarse_space: ``"nicolaides" | "residual" | "spectral" | "tpselepedis"``.
+        krylov: add the Krylov vector per layer.
+        factors: per-layer ``[G, A]`` (``"spectral"``).
+        cross_factors: ``[i][j] -> [G_ij, A_ij]`` (``"tpselepedis"``).
+        coarse_damping: ``μ`` added to the coarse matrix (default 0).
+        batched: ``fisher_mvp`` accepts ``[V, *shape]`` lists (coarse products in one call).
+
+    Returns:
+        ``(d, info)``; ``info`` has ``one_level`` (d1), ``residual`` (r), ``coarse_matrix`` (A0),
+        ``coarse_solution`` (y), ``coarse_dim``, ``basis`` (:class:`CoarseBasis`), ``fisher_products``.
+    """
+    lam = check_damping(damping)
+    s = Structure.of(grad, "grad")
+    g = [grad] if s.is_tensor else list(grad)
+    for l, t in enumerate(g):
+        check_finite(t, f"two-level: gradient of layer {l}")
+    count = [0]
+
+    def F(xs: List[Tensor]) -> List[Tensor]:
+        count[0] += 1
+        return list(fisher_mvp(xs))
+
+    if callable(precond) and not isinstance(precond, (list, tuple)):
+        d1 = precond(g if not s.is_tensor else g[0])
+        d1 = [d1] if s.is_tensor else list(d1)
+    else:
+        if len(precond) != len(g):
+            raise ValueError(f"two-level: got {len(precond)} per-layer preconditioners for {len(g)} layers.")
+        d1 = [P(t) for P, t in zip(precond, g)]
+    for l, t in enumerate(d1):
+        if t.shape != g[l].shape:
+            raise ValueError(f"two-level: one-level direction of layer {l} has shape {tuple(t.shape)}, expected {tuple(g[l].shape)}.")
+        check_finite(t, f"two-level: one-level direction of layer {l}", "check the one-level preconditioner")
+    Fd1 = [t[0] for t in F([t[None] for t in d1])] if batched else F(d1)
+    r = [gl - fl - lam * dl for gl, fl, dl in zip(g, Fd1, d1)]
+    for l, t in enumerate(r):
+        check_finite(t, f"two-level: residual of layer {l}", "fisher_mvp returned NaN/Inf")
+
+    tps = coarse_space == "tpselepedis"
+    basis = coarse_basis(
+        g, coarse_space, residual=r, factors=factors, krylov=krylov, fisher_mvp=None if tps else F,
+        cross_factors=cross_factors, spectral_end=spectral_end, batched=batched,
+    )
+    mu = 0.0 if coarse_damping is None else coarse_damping
+    if tps:
+        A0 = coarse_operator(basis, lam, None, cross_factors=cross_factors, coarse_damping=mu)
+    else:
+        A0 = coarse_operator(basis, lam, F, coarse_damping=mu, batched=batched)
+    L, info = torch.linalg.cholesky_ex(A0)
+    if int(info) != 0:
+        raise ValueError(
+            "two-level: the coarse matrix R0 (F + λI) R0^T + coarse_damping*I is not positive definite; "
+            "increase damping or coarse_damping (with 'tpselepedis' the factor approximation can be indefinite)."
+        )
+    rc = basis.restrict(r)
+    y = torch.cholesky_solve(rc[:, None], L)[:, 0]
+    corr = basis.prolong(y)
+    d = [a + b for a, b in zip(d1, corr)]
+    out = d[0] if s.is_tensor else d
+    return out, {
+        "one_level": d1[0] if s.is_tensor else d1,
+        "residual": r,
+        "coarse_matrix": A0,
+        "coarse_rhs": rc,
+        "coarse_solution": y,
+        "coarse_dim": len(basis),
+        "basis": basis,
+        "fisher_products": count[0],
+    }

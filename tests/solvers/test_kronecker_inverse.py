@@ -1,0 +1,161 @@
+import math
+
+import pytest
+import torch
+
+from curvlib.solvers import KroneckerInverse
+
+
+def dense_solve(M, V):
+    """solve M x = vec_row(V) for V [out, in] or [B, out, in]."""
+    flat = V.reshape(-1, M.shape[0]).T
+    return torch.linalg.solve(M, flat).T.reshape(V.shape)
+
+
+@pytest.mark.parametrize("mode", ["exact", "pi"])
+@pytest.mark.parametrize("batched", [False, True])
+def test_one_term_vs_dense(gen, spd, mode, batched):
+    G, A, lam = spd(4, gen), spd(3, gen), 0.05
+    V = torch.randn((5, 4, 3) if batched else (4, 3), generator=gen, dtype=torch.float64)
+    P = KroneckerInverse([[G, A]], lam, damping_mode=mode)
+    if mode == "exact":
+        M = torch.kron(G, A) + lam * torch.eye(12, dtype=torch.float64)
+    else:
+        pi = math.sqrt((A.trace() / 3) / (G.trace() / 4))
+        assert P.pi == pytest.approx(pi)
+        s = math.sqrt(lam)
+        M = torch.kron(G + s / pi * torch.eye(4, dtype=G.dtype), A + s * pi * torch.eye(3, dtype=A.dtype))
+        # the factored form of the design: (G + √λ/π I)^-1 V (A + π√λ I)^-1
+        ref = torch.linalg.solve(G + s / pi * torch.eye(4, dtype=G.dtype), V) @ torch.linalg.inv(
+            A + s * pi * torch.eye(3, dtype=A.dtype)
+        )
+        torch.testing.assert_close(P(V), ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(P.damped_matrix(), M)
+    torch.testing.assert_close(P(V), dense_solve(M, V), rtol=1e-10, atol=1e-12)
+
+
+def test_unnested_single_term_and_update(gen, spd):
+    G, A = spd(3, gen), spd(2, gen)
+    V = torch.randn(3, 2, generator=gen, dtype=torch.float64)
+    P = KroneckerInverse([G, A], 0.1)  # p.kfac layout
+    torch.testing.assert_close(P(V), dense_solve(torch.kron(G, A) + 0.1 * torch.eye(6, dtype=G.dtype), V))
+    G2 = spd(3, gen)
+    P.update([[G2, A]], 0.3)
+    torch.testing.assert_close(P(V), dense_solve(torch.kron(G2, A) + 0.3 * torch.eye(6, dtype=G.dtype), V))
+
+
+@pytest.mark.parametrize("mode", ["exact", "pi"])
+def test_bias(gen, spd, mode):
+    G, lam = spd(5, gen), 0.2
+    v = torch.randn(5, generator=gen, dtype=torch.float64)
+    B = torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    P = KroneckerInverse([[G]], lam, damping_mode=mode)
+    M = G + lam * torch.eye(5, dtype=G.dtype)
+    torch.testing.assert_close(P(v), torch.linalg.solve(M, v))
+    torch.testing.assert_close(P(B), torch.linalg.solve(M, B.T).T)
+
+
+def _two_terms(gen, spd, out=4, inn=3):
+    G1, A1 = spd(out, gen), spd(inn, gen)
+    # second term: symmetric, indefinite, smaller (like a KPSVD correction term)
+    G2 = torch.randn(out, out, generator=gen, dtype=torch.float64)
+    A2 = torch.randn(inn, inn, generator=gen, dtype=torch.float64)
+    return G1, A1, 0.1 * (G2 + G2.T), 0.1 * (A2 + A2.T)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_two_terms_pi_vs_dense(gen, spd, batched):
+    G1, A1, G2, A2 = _two_terms(gen, spd)
+    lam = 0.03
+    V = torch.randn((6, 4, 3) if batched else (4, 3), generator=gen, dtype=torch.float64)
+    P = KroneckerInverse([[G1, A1], [G2, A2]], lam, damping_mode="pi")
+    pi, s = P.pi, math.sqrt(lam)
+    assert pi == pytest.approx(math.sqrt((A1.trace() / 3) / (G1.trace() / 4)))
+    M = torch.kron(G1 + s / pi * torch.eye(4, dtype=G1.dtype), A1 + s * pi * torch.eye(3, dtype=A1.dtype)) + torch.kron(G2, A2)
+    torch.testing.assert_close(P.damped_matrix(), M)
+    torch.testing.assert_close(P(V), dense_solve(M, V), rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_two_terms_exact_vs_dense(gen, spd, batched):
+    G1, A1, G2, A2 = _two_terms(gen, spd)
+    lam = 0.03
+    V = torch.randn((6, 4, 3) if batched else (4, 3), generator=gen, dtype=torch.float64)
+    P = KroneckerInverse([[G1, A1], [G2, A2]], lam, damping_mode="exact")
+    M = torch.kron(G1, A1) + torch.kron(G2, A2) + lam * torch.eye(12, dtype=G1.dtype)
+    torch.testing.assert_close(P.damped_matrix(), M)
+    torch.testing.assert_close(P(V), dense_solve(M, V), rtol=1e-9, atol=1e-11)
+
+
+def test_two_terms_reduce_to_one_term(gen, spd):
+    """With G2 ⊗ A2 = 0 the two-term modes equal the one-term modes (same λ convention)."""
+    G1, A1 = spd(4, gen), spd(3, gen)
+    Z4, Z3 = torch.zeros(4, 4, dtype=G1.dtype), torch.zeros(3, 3, dtype=G1.dtype)
+    V = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    for mode in ("exact", "pi"):
+        two = KroneckerInverse([[G1, A1], [Z4, Z3]], 0.1, damping_mode=mode)(V)
+        one = KroneckerInverse([[G1, A1]], 0.1, damping_mode=mode)(V)
+        torch.testing.assert_close(two, one, rtol=1e-9, atol=1e-11)
+
+
+def test_float32_eigh_fallback(gen, spd, monkeypatch):
+    G, A, lam = spd(4, gen), spd(3, gen), 0.05
+    V = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    orig = torch.linalg.eigh
+    calls = {"n": 0}
+
+    def flaky(M, *a, **kw):
+        if M.dtype == torch.float32 and calls["n"] == 0:
+            calls["n"] += 1
+            raise torch.linalg.LinAlgError("simulated convergence failure")
+        return orig(M, *a, **kw)
+
+    monkeypatch.setattr(torch.linalg, "eigh", flaky)
+    with pytest.warns(RuntimeWarning, match="retrying in float64"):
+        P = KroneckerInverse([[G.float(), A.float()]], lam)
+    out = P(V.float())
+    assert out.dtype == torch.float32
+    ref = dense_solve(torch.kron(G, A) + lam * torch.eye(12, dtype=G.dtype), V)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_float32_nonfinite_eigh_fallback(gen, spd, monkeypatch):
+    G, A = spd(3, gen), spd(2, gen)
+    orig = torch.linalg.eigh
+
+    def nan_eigh(M, *a, **kw):
+        L, Q = orig(M, *a, **kw)
+        return (L * float("nan"), Q) if M.dtype == torch.float32 else (L, Q)
+
+    monkeypatch.setattr(torch.linalg, "eigh", nan_eigh)
+    with pytest.warns(RuntimeWarning, match="float64"):
+        P = KroneckerInverse([[G.float(), A.float()]], 0.1)
+    assert torch.isfinite(P(torch.ones(3, 2))).all()
+
+
+def test_errors(gen, spd):
+    G, A = spd(3, gen), spd(2, gen)
+    bad = G.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="factor G1 contains NaN or Inf"):
+        KroneckerInverse([[bad, A]], 0.1)
+    P = KroneckerInverse([[G, A]], 0.1)
+    with pytest.raises(ValueError, match="input V contains NaN"):
+        P(torch.full((3, 2), float("inf"), dtype=G.dtype))
+    with pytest.raises(ValueError, match=r"V has shape \(2, 3\)"):
+        P(torch.ones(2, 3, dtype=G.dtype))
+    with pytest.raises(ValueError, match="non-SPD curvature"):
+        KroneckerInverse([[-G, A]], 0.1)  # kron(-G, A) + λI indefinite
+    with pytest.raises(ValueError, match="positive mean traces"):
+        KroneckerInverse([[-G, A]], 0.1, damping_mode="pi")
+    with pytest.raises(ValueError, match="damping must be >= 0"):
+        KroneckerInverse([[G, A]], -1.0)
+    with pytest.raises(ValueError, match="damping_mode"):
+        KroneckerInverse([[G, A]], 0.1, damping_mode="tikhonov")
+    with pytest.raises(ValueError, match="one or two"):
+        KroneckerInverse([[G, A]] * 3, 0.1)
+    # two terms whose second term makes the sum indefinite
+    with pytest.raises(ValueError, match="non-SPD curvature"):
+        KroneckerInverse([[G, A], [-10 * G, A]], 0.01, damping_mode="pi")
+    with pytest.raises(ValueError, match="non-SPD curvature"):
+        KroneckerInverse([[G, A], [-10 * G, A]], 0.01, damping_mode="exact")(torch.ones(3, 2, dtype=G.dtype))
