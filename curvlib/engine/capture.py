@@ -17,12 +17,13 @@ For every source, ``sum_k sum_n X_{k,n} X_{k,n}^T`` over per-sample gradients
 """
 from __future__ import annotations
 
-from typing import Dict, Hashable, Optional
+from typing import Any, Dict, Hashable, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from curvlib.engine.layers.base import LayerAdapter
+from curvlib.engine.records import LossCall
 
 Source = Hashable
 
@@ -48,6 +49,10 @@ class LayerCapture:
         x: the layer input; ``batch_size`` its ``N``.
         raw: ``source -> [K, *output.shape]`` cotangents w.r.t. the layer output.
         empirical_scale: ``sqrt(N')`` for the ``"empirical"`` source.
+        root: the extended model whose forward made this call (``None`` if none);
+            ``root_inputs`` the ``(args, kwargs)`` of that forward (tensors detached).
+        loss_calls: the extended losses this context's backwards reached so far.
+        order: increases with the forward order of layer calls.
     """
 
     def __init__(
@@ -57,6 +62,10 @@ class LayerCapture:
         x: Tensor,
         raw: Dict[Source, Tensor],
         empirical_scale: float,
+        root: Optional[nn.Module] = None,
+        root_inputs: Optional[Tuple[tuple, Dict[str, Any]]] = None,
+        loss_calls: Optional[List[LossCall]] = None,
+        order: int = 0,
     ):
         self.module = module
         self.adapter = adapter
@@ -64,6 +73,10 @@ class LayerCapture:
         self.raw = raw
         self.batch_size = adapter.batch_size(module, x)
         self.empirical_scale = empirical_scale
+        self.root = root
+        self.root_inputs = root_inputs
+        self.loss_calls = loss_calls or []
+        self.order = order
         self._act: Optional[Tensor] = None
         self._cot: Dict[Source, Tensor] = {}
         self._bias_cot: Dict[Source, Tensor] = {}

@@ -11,7 +11,7 @@ from curvlib.engine import state
 from curvlib.engine.capture import LayerCapture, Source, finite_or_raise
 from curvlib.engine.layers import adapter_for
 from curvlib.engine.losses import loss_adapter_for
-from curvlib.engine.records import LayerCall
+from curvlib.engine.records import LayerCall, LossCall
 
 
 class curvature:
@@ -48,6 +48,9 @@ class curvature:
         self.sources: Set[Source] = set().union(*(e.sources() for e in extensions))
         self.num_captures = 0
         self.empirical_scale: Optional[float] = None
+        #: extended losses reached by backwards in this context (for extensions that
+        #: re-evaluate the objective, e.g. HMP); cleared on exit
+        self.loss_calls: List[LossCall] = []
 
     # ----------------------------------------------------------------- context
     def __enter__(self) -> "curvature":
@@ -56,6 +59,7 @@ class curvature:
         state.ACTIVE = self
         self.num_captures = 0
         self.empirical_scale = None
+        self.loss_calls = []
         for ext in self.extensions:
             ext.begin()
         return self
@@ -64,6 +68,7 @@ class curvature:
         state.ACTIVE = None
         for call in state.TAPE.values():
             call.extra = {}
+        self.loss_calls = []
         if exc_type is not None:
             return
         if self.num_captures == 0:
@@ -86,6 +91,7 @@ class curvature:
                 f"curvlib: the loss {loss} must be reduced to a scalar that enters the "
                 "objective with a non-negative weight for curvature (GGN) to be defined."
             )
+        self.loss_calls.append(LossCall(loss, f, y, weight))
         with torch.no_grad():
             self.empirical_scale = math.sqrt(adapter.normalization(loss, f, y))
             cots: List[Tensor] = []
@@ -148,11 +154,23 @@ class curvature:
             self.empirical_scale = math.sqrt(adapter_for(module).batch_size(module, call.input))
         raw: Dict[Source, Tensor] = dict(call.extra)
         raw["grad"] = grad.detach().unsqueeze(0)
-        capture = LayerCapture(module, adapter_for(module), call.input, raw, self.empirical_scale)
+        capture = LayerCapture(
+            module,
+            adapter_for(module),
+            call.input,
+            raw,
+            self.empirical_scale,
+            root=call.root,
+            root_inputs=call.root_inputs,
+            loss_calls=list(self.loss_calls),
+            order=call.uid,
+        )
         with torch.no_grad():
             for ext in self.extensions:
+                check = getattr(ext, "check_finite", True)  # False: ext checks its inputs
                 for name, value in ext.compute(capture).items():
-                    finite_or_raise(value, module, f"{ext.savefield} of the {name}")
+                    if check:
+                        finite_or_raise(value, module, f"{ext.savefield} of the {name}")
                     setattr(getattr(module, name), ext.savefield, value)
         state.TAPE.pop(call.uid, None)
         call.release()

@@ -26,6 +26,8 @@ M = TypeVar("M", bound=nn.Module)
 _FLAG = "_curvlib_extended"
 _ROOT_FLAG = "_curvlib_root"
 
+_CALLS = "_curvlib_calls"
+
 #: stack of extended models whose forward is running (to tag layer calls)
 _ROOTS: List[nn.Module] = []
 #: ``(args, kwargs)`` of those forward calls (tensors detached), parallel to ``_ROOTS``
@@ -94,16 +96,20 @@ def extend(module: M) -> M:
 def _root_pre_hook(root: nn.Module, args, kwargs) -> None:
     if state.HOOKS_PAUSED:
         return None
-    step = getattr(root, "_curvlib_step", 0) + 1
-    root._curvlib_step = step
-    # a new forward of this model: calls of its earlier forwards are stale
-    for uid in [u for u, r in state.TAPE.items() if r.root is root]:
-        state.TAPE.pop(uid).release()
+    # a new forward of this model: the calls of its earlier forwards are stale
+    _release_all(getattr(root, _CALLS, ()))
+    setattr(root, _CALLS, [])
     _ROOTS.append(root)
     _ROOT_INPUTS.append(
         (tuple(_detached(a) for a in args), {k: _detached(v) for k, v in kwargs.items()})
     )
     return None
+
+
+def _release_all(calls) -> None:
+    for call in calls:
+        state.TAPE.pop(call.uid, None)
+        call.release()
 
 
 def _root_post_hook(root: nn.Module, inputs, output) -> None:
@@ -125,15 +131,24 @@ def _layer_forward_hook(module: nn.Module, inputs, output) -> None:
     call = LayerCall(
         module=module,
         root=root,
-        root_step=getattr(root, "_curvlib_step", 0) if root is not None else 0,
         input=inputs[0].detach(),
         output_edge=torch.autograd.graph.get_gradient_edge(output),
         output_shape=output.shape,
         root_inputs=_ROOT_INPUTS[-1] if root is not None else None,
     )
-    for other in state.TAPE.values():
-        if other.module is module and other.root is root and root is not None:
+    # ownership: the extended model owns the calls of its current forward (a layer
+    # called outside it owns its latest call); the tape only refers to them weakly, so
+    # dropping the model, or its next forward, frees everything
+    owner = root if root is not None else module
+    calls = getattr(owner, _CALLS, None)
+    if root is None or calls is None:
+        _release_all(calls or ())
+        calls = []
+        setattr(owner, _CALLS, calls)
+    for other in calls:
+        if other.module is module:
             other.repeated = call.repeated = True
+    calls.append(call)
     state.TAPE[call.uid] = call
     output.register_hook(functools.partial(_layer_output_hook, weakref.ref(call), module))
 

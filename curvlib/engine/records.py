@@ -17,8 +17,7 @@ class LayerCall:
 
     Attributes:
         module: the layer.
-        root: the extended model whose forward produced this call (for pruning).
-        root_step: the root's forward counter at that time.
+        root: the extended model whose forward produced this call (it owns the call).
         input: the layer input (detached reference; autograd keeps it anyway).
         output_edge: gradient edge of the layer output, taken *before* any in-place
             operation on it, so that cotangents refer to the layer's own output.
@@ -31,7 +30,6 @@ class LayerCall:
 
     module: nn.Module
     root: Optional[nn.Module]
-    root_step: int
     input: Optional[Tensor]
     output_edge: object
     output_shape: torch.Size

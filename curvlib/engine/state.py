@@ -1,11 +1,13 @@
 """Process-wide engine state: the active ``curvature`` context and the forward tape.
 
-The tape holds one :class:`~curvlib.engine.records.LayerCall` per forward call of an
-extended layer, in forward order, until the backward through that call has been seen.
+The tape refers (weakly) to one :class:`~curvlib.engine.records.LayerCall` per forward
+call of an extended layer, in forward order, until the backward through that call has
+been seen or the model runs its next forward.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, Optional
+import weakref
+from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:  # pragma: no cover
     from curvlib.engine.context import curvature
@@ -14,8 +16,9 @@ if TYPE_CHECKING:  # pragma: no cover
 #: the innermost active ``curvature`` context, or ``None``
 ACTIVE: Optional["curvature"] = None
 
-#: live layer calls (forward order) whose backward has not been processed yet
-TAPE: Dict[int, "LayerCall"] = {}
+#: live layer calls (forward order) whose backward has not been processed yet; weak:
+#: the extended model owns them (see ``hooks._layer_forward_hook``)
+TAPE: "weakref.WeakValueDictionary[int, LayerCall]" = weakref.WeakValueDictionary()
 
 #: ``True`` while the engine back-propagates its own extra cotangents (nested backward)
 IN_EXTRA_BACKWARD: bool = False
