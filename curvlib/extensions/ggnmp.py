@@ -1,0 +1,247 @@
+"""GGNMP: block-diagonal GGN / Fisher matrix products, and the whole-network operator.
+
+For a weight with per-sample gradients ``X_{k,n} = sum_t s_{k,n,t} a_{n,t}^T`` of the
+curvature source (``k`` the ``K`` cotangent columns, ``n`` the ``N`` samples, ``t`` the
+``T`` weight-sharing positions; see :mod:`curvlib.engine.capture`), the curvature block is
+``C = sum_{k,n} vec(X_{k,n}) vec(X_{k,n})^T`` and
+
+    C v = sum_{k,n} c_{kn} X_{k,n},     c_{kn} = <X_{k,n}, V> = sum_t s_{knt}^T V a_{nt}
+
+Two ways to apply it (``B`` columns ``V``, weight viewed as ``[D_s, D_a]``):
+
+- factored (default): ``V a`` then ``c``, then ``u = sum_k c s`` then ``u^T a``;
+  ``~ 2 B N T D_s D_a`` flops per product, no extra memory;
+- materialised: ``X`` as ``[K N, D_s D_a]``; ``~ 2 B K N D_s D_a`` flops per product,
+  after building ``X`` once (``K N T D_s D_a`` flops, ``K N D_s D_a`` memory).
+
+Materialising pays off only when ``K < T`` (convolutions with many positions and few
+columns), and only after ``m* = K T / (T - K)`` products. ``mode="auto"`` therefore uses
+the factored form first and materialises once ``m*`` products were made (ski-rental rule:
+at most twice the cost of the better choice in hindsight), provided ``X`` holds no more
+entries than the captured ``a`` and ``s`` together. Biases keep ``x_{kn} = sum_t s'_{knt}``
+(``[K, N, D_out]``): ``C v = sum_{k,n} x (x^T v)``.
+
+Memory: the extension keeps the captured ``a`` (unfolded patches for convolutions) and
+``s`` of every layer (views, no copies) until its next backward.
+
+With ``fisher_type="type-2"`` the source is the exact loss-Hessian square root, so ``C`` is
+the GGN block of the loss and ``p.ggnmp`` equals BackPACK's ``GGNMP`` product (Dangel et
+al. 2020, "BackPACK: Packing more into backprop"); ``"mc"`` and ``"empirical"`` give the MC
+and empirical Fisher blocks. The whole-network operator
+(:class:`curvlib.extensions.operator.GGNOperator`) couples the blocks through ``c_{kn}``
+summed over layers (all layers share the ``(k, n)`` index: one batched backprop).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from curvlib.engine.capture import LayerCapture
+from curvlib.extensions.base import Extension
+from curvlib.extensions.operator import GGNOperator
+
+MODES = ("auto", "factored", "materialized")
+
+
+def _flat_view(s: Tensor) -> Tuple[Tensor, str]:
+    """``s [K, N, T, D_s]`` -> ``[K, N, T D_s]`` without copying where the memory layout
+    allows, with the order of the merged axes: ``"t s"`` or ``"s t"`` (convolution
+    cotangents are stored channel-first)."""
+    K, N = s.shape[:2]
+    try:
+        return s.view(K, N, -1), "t s"
+    except RuntimeError:
+        pass
+    try:
+        return s.transpose(2, 3).view(K, N, -1), "s t"
+    except RuntimeError:
+        return s.reshape(K, N, -1), "t s"
+
+
+class LayerFactors:
+    """One layer's per-sample factorisation of the curvature source, with products.
+
+    Holds the captured ``a [N, T, D_a]`` and ``s [K, N, T, D_s]`` (as views, no copies),
+    bias vectors ``x [K N, D_out]`` and, once materialised, ``X [K N, p.numel()]``.
+    Product coefficients ``c_{kn}`` have the layout ``[K, N, B]``.
+
+    Args:
+        capture: the layer's capture; ``source`` the curvature source key.
+        mode: ``"auto"``, ``"factored"`` or ``"materialized"`` (module docstring).
+
+    Attributes:
+        params: ``{"weight": p, "bias": p}`` (the parameters with curvature).
+        num_columns: ``K``; ``batch_size``: ``N``; ``order``: forward order of the call.
+    """
+
+    def __init__(self, capture: LayerCapture, source, mode: str = "auto"):
+        self.module = capture.module
+        self.params: Dict[str, nn.Parameter] = capture.params
+        self.order = capture.order
+        self.act_side = capture.act_side
+        self.batch_size = capture.batch_size
+        self.mode = mode
+        self.a: Optional[Tensor] = None
+        self.s: Optional[Tensor] = None
+        self.xb: Optional[Tensor] = None
+        self.X: Optional[Tensor] = None
+        self._products = 0
+        K = None
+        if "weight" in self.params:
+            self.a = capture.act()
+            self.s = capture.cot(source)
+            K, _, self.T, self.D_s = self.s.shape
+            self._s3, self._merged = _flat_view(self.s)  # [K, N, T D_s]
+        if "bias" in self.params:
+            xb = capture.bias_cot(source).sum(2)  # [K, N, D_out]
+            K = xb.shape[0]
+            self.xb = xb.reshape(-1, xb.shape[-1])
+        self.num_columns = K
+        if mode == "materialized" and self.s is not None:
+            self._materialize()
+
+    # ------------------------------------------------------------ weight helpers
+    def _materialize(self) -> None:
+        """``X[(k n), :] = vec(sum_t s_{knt} a_{nt}^T)`` (or its transpose, left side)."""
+        eq = "knts,nta->knsa" if self.act_side == "right" else "knts,nta->knas"
+        self.X = torch.einsum(eq, self.s, self.a).flatten(2).flatten(0, 1)
+
+    def _use_materialized(self, B: int) -> bool:
+        """Ski-rental rule of ``mode="auto"`` (module docstring); counts products."""
+        if self.X is not None:
+            return True
+        if self.mode != "auto":
+            return False
+        K, N, T, D_s = self.s.shape
+        self._products += B
+        if K >= T or K * N * D_s * self.a.shape[-1] > self.a.numel() + self.s.numel():
+            return False
+        if self._products > K * T / (T - K):
+            self._materialize()
+            return True
+        return False
+
+    def _weight_inner(self, V: Tensor) -> Tensor:
+        B = V.shape[0]
+        K, N, T, D_s = self.s.shape
+        if self._use_materialized(B):
+            return (self.X @ V.reshape(B, -1).T).reshape(K, N, B)
+        a2 = self.a.reshape(-1, self.a.shape[-1])  # [N T, D_a]
+        # all B columns in one GEMM: (V_b a_{nt}) (right) or (V_b^T a_{nt}) (left)
+        if self.act_side == "right":  # V: [B, D_s, D_a]
+            Va = a2 @ V.reshape(B * D_s, -1).T
+        else:  # V: [B, D_a, D_s]
+            Va = a2 @ rearrange(V.reshape(B, -1, D_s), "b a s -> a (b s)")
+        Va = rearrange(Va, f"(n t) (b s) -> n b ({self._merged})", n=N, b=B)  # [N, B, T D_s]
+        sn = self._s3.transpose(0, 1)  # [N, K, T D_s]
+        if B <= 4:  # few columns: the row-vector bmm is the fast kernel
+            return torch.bmm(Va, sn.transpose(1, 2)).permute(2, 0, 1)
+        return torch.bmm(sn, Va.transpose(1, 2)).transpose(0, 1)  # [K, N, B]
+
+    def _weight_expand(self, c: Tensor) -> Tensor:
+        K, N, B = c.shape
+        shape = self.params["weight"].shape
+        if self.X is not None:
+            return (c.reshape(K * N, B).T @ self.X).reshape(B, *shape)
+        u = torch.bmm(c.permute(1, 2, 0), self._s3.transpose(0, 1))  # [N, B, T D_s] = sum_k c s
+        a2 = self.a.reshape(-1, self.a.shape[-1])
+        m, D_s = self._merged, self.D_s
+        if self.act_side == "right":  # sum_{n,t} u a^T -> [B, D_s, D_a]
+            return (rearrange(u, f"n b ({m}) -> (b s) (n t)", s=D_s) @ a2).reshape(B, *shape)
+        u = rearrange(u, f"n b ({m}) -> (n t) (b s)", s=D_s)  # sum a u^T -> [B, D_a, D_s]
+        return rearrange(a2.T @ u, "a (b s) -> b a s", b=B).reshape(B, *shape)
+
+    # ------------------------------------------------------------------ public
+    def inner(self, name: str, V: Tensor) -> Tensor:
+        """``c[k, n, b] = <X_{k,n}, V_b>`` for ``V`` of shape ``[B, *p.shape]`` -> ``[K, N, B]``."""
+        if name == "weight":
+            return self._weight_inner(V)
+        B = V.shape[0]
+        return (self.xb @ V.reshape(B, -1).T).reshape(-1, self.batch_size, B)
+
+    def expand(self, name: str, c: Tensor) -> Tensor:
+        """``sum_{k,n} c[k, n, b] X_{k,n}`` -> ``[B, *p.shape]``."""
+        if name == "weight":
+            return self._weight_expand(c)
+        B = c.shape[-1]
+        return (c.reshape(-1, B).T @ self.xb).reshape(B, *self.params["bias"].shape)
+
+    def product(self, name: str, V: Tensor) -> Tensor:
+        """Block product ``[B, *p.shape] -> [B, *p.shape]``."""
+        p = self.params[name]
+        if V.ndim != p.ndim + 1 or V.shape[1:] != p.shape:
+            raise ValueError(
+                f"curvlib: {name}.ggnmp of {self.module} expects [V, *{tuple(p.shape)}], got "
+                f"{tuple(V.shape)} (add a leading dimension for one vector: v.unsqueeze(0))."
+            )
+        with torch.no_grad():
+            return self.expand(name, self.inner(name, V))
+
+
+class GGNMP(Extension):
+    """Block GGN / Fisher products ``p.ggnmp: [V, *p.shape] -> [V, *p.shape]``, and the
+    whole-network operator :meth:`operator` (module docstring for the math).
+
+    Products are valid until the next backward inside a context with this extension.
+
+    Args:
+        fisher_type: ``"type-2"`` (exact GGN of the loss; BackPACK's GGNMP), ``"mc"`` or
+            ``"empirical"``.
+        mc_samples: sampled targets per datum for ``"mc"``.
+        mode: ``"auto"`` (factored, materialising per-sample gradients when that becomes
+            cheaper), ``"factored"`` or ``"materialized"``.
+
+    Example::
+
+        ext = GGNMP()
+        with curvature(ext):
+            loss.backward()
+        Y = model[0].weight.ggnmp(V)          # V: [B, *weight.shape]
+        F = ext.operator()                    # all blocks and cross-layer terms
+        Fv = F([torch.randn_like(p) for p in F.params])
+    """
+
+    savefield = "ggnmp"
+    exact_type2 = True
+
+    def __init__(self, fisher_type: str = "type-2", mc_samples: int = 1, mode: str = "auto"):
+        super().__init__(fisher_type, mc_samples)
+        if mode not in MODES:
+            raise ValueError(f"curvlib: GGNMP(mode={mode!r}) is not one of {MODES}.")
+        self.mode = mode
+        self._blocks: Dict[nn.Module, LayerFactors] = {}
+
+    def begin(self) -> None:
+        self._blocks = {}
+
+    def compute(self, capture: LayerCapture) -> Dict[str, Any]:
+        if not capture.params:
+            return {}
+        block = LayerFactors(capture, self.source, self.mode)
+        self._blocks[capture.module] = block
+        return {name: _BlockProduct(block, name) for name in block.params}
+
+    def operator(self) -> GGNOperator:
+        """The whole-network operator of the last backward: all extended parameters, in
+        forward order of the layers, weight before bias (``F.params``)."""
+        blocks = sorted(self._blocks.values(), key=lambda b: b.order)
+        return GGNOperator(blocks)
+
+
+class _BlockProduct:
+    """``p.ggnmp``: ``V [B, *p.shape] -> C_pp V`` (the block of one parameter)."""
+
+    def __init__(self, block: LayerFactors, name: str):
+        self.block, self.name = block, name
+
+    def __call__(self, V: Tensor) -> Tensor:
+        return self.block.product(self.name, V)
+
+    def __repr__(self) -> str:
+        return f"ggnmp({self.name} of {self.block.module})"
+
+
+__all__ = ["GGNMP", "LayerFactors"]

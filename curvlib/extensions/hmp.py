@@ -1,0 +1,267 @@
+"""HMP: exact Hessian products, per block (``p.hmp``) and for the whole network.
+
+The Hessian needs second-order information from everything downstream of a layer, which
+the captures do not hold. So HMP records *what* was differentiated — the extended root
+model, the ``(args, kwargs)`` of its forward call, the extended loss with its target and
+the weight ``w = d objective / d loss`` — and, on the first product, re-runs
+
+    L(theta) = w * loss(functional_call(root, theta, args, kwargs), y)
+
+once with ``create_graph=True`` (hooks paused, buffers copied so that running statistics
+are untouched). Every product is then one double backward through that graph
+(Pearlmutter 1994, "Fast exact multiplication by the Hessian"):
+
+    H v = d/dtheta <dL/dtheta, v>         (B vectors at once: ``is_grads_batched``)
+
+and a block product ``H_pp V`` differentiates ``dL/dp`` w.r.t. ``p`` only.
+
+Assumptions (checked where possible, with an error naming the fix): the loss input is the
+output of one extended model (the re-run must reproduce it: no dropout in train mode, no
+other randomness); one extended loss per backward; parameters unchanged between the
+backward and the products (checked with their version counters). Parameters of layers
+without an adapter stay fixed. The graph is built lazily, held by the extension until its
+next backward in a context (or :meth:`HMP.release`), and never by the engine.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from curvlib.engine.capture import LayerCapture
+from curvlib.engine.hooks import hooks_paused
+from curvlib.engine.records import LossCall
+from curvlib.extensions.base import Extension
+from curvlib.extensions.operator import ParameterOperator
+
+
+class HessianGraph:
+    """The gradient of one recorded objective, built with ``create_graph=True`` on demand.
+
+    Args:
+        root: the extended model; ``root_inputs``: ``(args, kwargs)`` of its forward.
+        loss_call: the extended loss reached by the backward (module, input, target, weight).
+    """
+
+    def __init__(self, root: nn.Module, root_inputs: Tuple[tuple, Dict[str, Any]], loss_call: LossCall):
+        self.root = root
+        self.root_inputs = root_inputs
+        self.loss_call = loss_call
+        self.params: List[nn.Parameter] = []  # parameters with Hessian products
+        self._versions: List[int] = []
+        self._leaves: Optional[List[Tensor]] = None
+        self._grads: Optional[List[Tensor]] = None
+
+    def add(self, p: nn.Parameter) -> None:
+        if not any(p is q for q in self.params):
+            self.params.append(p)
+            self._versions.append(p._version)
+
+    def index(self, p: nn.Parameter) -> int:
+        return next(i for i, q in enumerate(self.params) if q is p)
+
+    # ------------------------------------------------------------------ build
+    def _check_unchanged(self) -> None:
+        for p, v in zip(self.params, self._versions):
+            if p._version != v:
+                raise RuntimeError(
+                    "curvlib: HMP products refer to the parameters at the time of the "
+                    "backward, but a parameter of shape "
+                    f"{tuple(p.shape)} was modified in place since (e.g. optimizer.step()). "
+                    "Run the forward and backward inside the curvature context again."
+                )
+
+    def _build(self) -> None:
+        self._check_unchanged()
+        root, (args, kwargs), lc = self.root, self.root_inputs, self.loss_call
+        leaves = [p.detach().requires_grad_(True) for p in self.params]
+        by_id = {id(p): leaf for p, leaf in zip(self.params, leaves)}
+        state = {n: by_id.get(id(p), p.detach()) for n, p in root.named_parameters()}
+        state.update({n: b.clone() for n, b in root.named_buffers()})
+        with torch.enable_grad(), hooks_paused():
+            f = functional_call(root, state, args, kwargs)
+            self._check_output(f)
+            L = lc.module(f, lc.y) * lc.weight
+            grads = torch.autograd.grad(L, leaves, create_graph=True, allow_unused=True)
+        self._leaves = leaves
+        self._grads = [torch.zeros_like(l) if g is None else g for g, l in zip(grads, leaves)]
+
+    def _check_output(self, f: Any) -> None:
+        ref = self.loss_call.f
+        ok = isinstance(f, Tensor) and f.shape == ref.shape
+        if ok:
+            tol = 1e-3 if ref.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-8
+            ok = bool((f.detach() - ref).abs().max() <= tol * (1 + ref.abs().max()))
+        if not ok:
+            raise RuntimeError(
+                f"curvlib: HMP re-ran the extended model {type(self.root).__name__} on its "
+                f"recorded input, but the result does not reproduce the input of the loss "
+                f"{self.loss_call.module}. HMP assumes loss_fn(model(x), y) with the model "
+                "output fed to the loss unchanged, and a deterministic model (call "
+                "model.eval() for dropout)."
+            )
+
+    def release(self) -> None:
+        self._leaves = self._grads = None
+
+    # --------------------------------------------------------------- products
+    def _hvp(self, outputs: List[Tensor], inputs: List[Tensor], V: List[Tensor]) -> List[Tensor]:
+        """``d <outputs, V_b> / d inputs`` for batched ``V_b`` (``[B, *shape]`` each)."""
+        live = [i for i, g in enumerate(outputs) if g.requires_grad]
+        if not live:
+            return [torch.zeros(V[0].shape[0], *x.shape, dtype=x.dtype, device=x.device) for x in inputs]
+        outs, vs = [outputs[i] for i in live], [V[i] for i in live]
+        B = vs[0].shape[0]
+        kw = dict(retain_graph=True, allow_unused=True)
+        if B == 1:
+            got = torch.autograd.grad(outs, inputs, [v[0] for v in vs], **kw)
+            got = [None if g is None else g.unsqueeze(0) for g in got]
+        else:
+            try:
+                got = torch.autograd.grad(outs, inputs, vs, is_grads_batched=True, **kw)
+            except RuntimeError:  # an op without a batching rule for its double backward
+                cols = [torch.autograd.grad(outs, inputs, [v[b] for v in vs], **kw) for b in range(B)]
+                got = [
+                    None if col[0] is None else torch.stack(col)
+                    for col in zip(*cols)
+                ]
+        return [
+            torch.zeros(B, *x.shape, dtype=x.dtype, device=x.device) if g is None else g
+            for g, x in zip(got, inputs)
+        ]
+
+    def matmat(self, V: List[Tensor]) -> List[Tensor]:
+        """Whole-network ``H V``: ``[B, *p.shape]`` per parameter of :attr:`params`."""
+        self._check_unchanged()
+        if self._grads is None:
+            self._build()
+        return [g.detach() for g in self._hvp(self._grads, self._leaves, V)]
+
+    def block_product(self, p: nn.Parameter, V: Tensor) -> Tensor:
+        """``H_pp V`` for ``V`` of shape ``[B, *p.shape]``."""
+        if V.ndim != p.ndim + 1 or V.shape[1:] != p.shape:
+            raise ValueError(
+                f"curvlib: p.hmp of a parameter of shape {tuple(p.shape)} expects "
+                f"[V, *{tuple(p.shape)}], got {tuple(V.shape)}."
+            )
+        self._check_unchanged()
+        if self._grads is None:
+            self._build()
+        i = self.index(p)
+        return self._hvp([self._grads[i]], [self._leaves[i]], [V])[0].detach()
+
+
+class HessianOperator(ParameterOperator):
+    """The whole-network Hessian ``d^2 (w * loss) / d theta^2`` over the parameters of the
+    extended layers (forward order of the layers, weight before bias: ``H.params``),
+    cross-layer terms included; other parameters are held fixed."""
+
+    def __init__(self, graph: HessianGraph, params: List[nn.Parameter]):
+        super().__init__(params)
+        self.graph = graph
+        self._idx = [graph.index(p) for p in params]
+
+    def matmat(self, V: List[Tensor]) -> List[Tensor]:
+        full = [None] * len(self.graph.params)
+        for i, v in zip(self._idx, V):
+            full[i] = v
+        B = V[0].shape[0]
+        full = [
+            torch.zeros(B, *p.shape, dtype=p.dtype, device=p.device) if v is None else v
+            for v, p in zip(full, self.graph.params)
+        ]
+        out = self.graph.matmat(full)
+        return [out[i] for i in self._idx]
+
+
+class HMP(Extension):
+    """Exact Hessian block products ``p.hmp: [V, *p.shape] -> [V, *p.shape]`` and the
+    whole-network Hessian operator :meth:`operator` (module docstring: how and which
+    assumptions). The loss must be extended (``curvlib.extend(loss_fn)``).
+
+    Example::
+
+        ext = HMP()
+        with curvature(ext):
+            loss.backward()
+        HV = model[0].weight.hmp(V)           # V: [B, *weight.shape]
+        H = ext.operator()                    # H(list of tensors shaped like H.params)
+    """
+
+    savefield = "hmp"
+
+    def __init__(self):
+        super().__init__("type-2")
+        self._graph: Optional[HessianGraph] = None
+        self._layers: Dict[nn.Module, Tuple[int, List[nn.Parameter]]] = {}
+
+    def __repr__(self) -> str:
+        return "HMP()"
+
+    def sources(self):
+        return {"grad"}  # no extra backward: HMP re-runs the objective itself
+
+    def begin(self) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Drop the recorded objective and its gradient graph."""
+        if self._graph is not None:
+            self._graph.release()
+        self._graph = None
+        self._layers = {}
+
+    def compute(self, capture: LayerCapture) -> Dict[str, Any]:
+        module = capture.module
+        if capture.root is None or capture.root_inputs is None:
+            raise RuntimeError(
+                f"curvlib: HMP needs {module} to be called inside the forward of an extended "
+                "model: model = curvlib.extend(model); loss_fn(model(x), y).backward()."
+            )
+        if not capture.loss_calls:
+            raise RuntimeError(
+                f"curvlib: HMP needs the extended loss that {module} feeds: "
+                "loss_fn = curvlib.extend(torch.nn.CrossEntropyLoss()) (or MSELoss, ...)."
+            )
+        lc = capture.loss_calls[-1]
+        g = self._graph
+        if g is None or g.loss_call is not lc:  # a new backward: a new objective
+            if g is not None and self._layers:
+                g.release()
+            g = self._graph = HessianGraph(capture.root, capture.root_inputs, lc)
+            self._layers = {}
+        elif g.root is not capture.root:
+            raise NotImplementedError(
+                f"curvlib: HMP found layers of two extended models ({type(g.root).__name__} "
+                f"and {type(capture.root).__name__}) in one backward; extend only the "
+                "outermost model whose output feeds the loss."
+            )
+        params = list(capture.params.values())
+        for p in params:
+            g.add(p)
+        self._layers[module] = (capture.order, params)
+        return {name: _BlockHMP(g, p) for name, p in capture.params.items()}
+
+    def operator(self) -> HessianOperator:
+        """The whole-network Hessian operator of the last backward."""
+        if self._graph is None or not self._layers:
+            raise RuntimeError(
+                "curvlib: HMP.operator() needs a loss.backward() inside `with curvature(ext):` first."
+            )
+        layers = sorted(self._layers.values(), key=lambda t: t[0])
+        return HessianOperator(self._graph, [p for _, ps in layers for p in ps])
+
+
+class _BlockHMP:
+    """``p.hmp``: ``V [B, *p.shape] -> H_pp V``."""
+
+    def __init__(self, graph: HessianGraph, p: nn.Parameter):
+        self.graph, self.p = graph, p
+
+    def __call__(self, V: Tensor) -> Tensor:
+        return self.graph.block_product(self.p, V)
+
+
+__all__ = ["HMP", "HessianOperator", "HessianGraph"]
