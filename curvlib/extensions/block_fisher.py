@@ -1,0 +1,146 @@
+"""Exact curvature blocks ``p.block_fisher`` and per-sample gradient factors ``p.grad_factors``.
+
+With ``U_p`` the ``[K*N, p.numel()]`` stack of the per-sample gradients ``X_{k,n}`` of the
+chosen source (scaled as in :mod:`curvlib.engine.capture`), the curvature block of
+``p.flatten()`` is ``F_pp = U_p^T U_p`` (exact for ``"type-2"`` and ``"empirical"``, unbiased
+for ``"mc"``), and the whole network's matrix is ``F = U^T U`` with ``U = [U_1, ..., U_P]``.
+
+Block (``ExactBlockFisher``, ``p.block_fisher`` ``[p.numel(), p.numel()]``):
+
+- ``T = 1`` and ``K >= 2`` (type-2 with several classes, mc with several samples): with
+  ``X = s a^T``, ``F = sum_n S_n ⊗ (a_n a_n^T)``, ``S_n = sum_k s_kn s_kn^T``: one matmul
+  ``[D_s^2, N] @ [N, D_a^2]`` (``N`` instead of ``K N`` rows) and one permutation.
+- otherwise: ``U^T U``, one matmul, ``U`` formed with :func:`~curvlib.extensions.batch_grad.outer_sum`.
+
+Factors (``GradFactors``, ``p.grad_factors`` ``[K*N, *p.shape]``, row ``k*N + n``) for the
+exact natural gradient by Woodbury (Ren & Goldfarb 2019): :func:`stack_grad_factors` stacks
+them over the network (``F = U^T U``); ``for_woodbury=True`` multiplies by ``sqrt(m)``,
+``m = K*N``, which is the convention ``F = U^T U / m`` of
+:func:`curvlib.solvers.woodbury_solve` and :func:`curvlib.solvers.woodbury_solve_blocks`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Iterable, List
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from curvlib.engine.capture import LayerCapture, finite_or_raise
+from curvlib.extensions.base import Extension
+from curvlib.extensions.batch_grad import outer_sum, per_sample_into, reusable_buffer
+
+
+def _weight_block(s: Tensor, a: Tensor, act_side: str) -> Tensor:
+    """``sum_{k,n} vec(X_kn) vec(X_kn)^T`` for ``X_kn = sum_t s_knt a_nt^T`` (or its transpose)."""
+    K, N, T, Ds = s.shape
+    Da = a.shape[-1]
+    if T == 1 and K >= 2:
+        s1, a1 = s[:, :, 0], a[:, 0]
+        S = torch.einsum("kni,knj->nij", s1, s1).reshape(N, Ds * Ds)
+        A = torch.einsum("ni,nj->nij", a1, a1).reshape(N, Da * Da)
+        B = (S.T @ A).view(Ds, Ds, Da, Da)
+        eq = "i j k l -> (i k) (j l)" if act_side == "right" else "i j k l -> (k i) (l j)"
+        return rearrange(B, eq)
+    U = outer_sum(s, a, act_side, s.new_empty(K * N, Ds * Da))
+    return U.T @ U
+
+
+class ExactBlockFisher(Extension):
+    """``p.block_fisher``: the dense curvature block ``[p.numel(), p.numel()]`` of
+    ``p.flatten()`` for the chosen ``fisher_type`` (memory ``p.numel()^2``: small layers).
+
+    Args:
+        fisher_type: ``"type-2"`` (exact GGN), ``"mc"`` or ``"empirical"``.
+        mc_samples: sampled targets per datum for ``"mc"``.
+    """
+
+    savefield = "block_fisher"
+
+    def compute(self, capture: LayerCapture) -> Dict[str, Any]:
+        out, src = {}, self.source
+        for name in capture.params:
+            if name == "bias":
+                b = capture.bias_cot(src).sum(2)
+                b = b.reshape(-1, b.shape[-1])
+                out[name] = b.T @ b
+            else:
+                out[name] = _weight_block(capture.cot(src), capture.act(), capture.act_side)
+        return out
+
+
+class GradFactors(Extension):
+    """``p.grad_factors``: per-sample (per-class for type-2, per-draw for mc) gradients
+    ``[K*N, *p.shape]`` of the chosen source, row ``k*N + n``, scaled so that
+    ``U^T U`` is the curvature (``U`` the rows flattened). See :func:`stack_grad_factors`.
+
+    Args:
+        fisher_type: ``"type-2"`` (exact: ``K`` = classes x output positions), ``"mc"``
+            (``K = mc_samples``) or ``"empirical"`` (``K = 1``).
+        mc_samples: sampled targets per datum for ``"mc"``.
+        reuse_buffers: overwrite the previous ``p.grad_factors`` in place when nothing else
+            refers to it (see :func:`~curvlib.extensions.batch_grad.reusable_buffer`).
+    """
+
+    savefield = "grad_factors"
+    #: the engine skips its NaN/Inf scan of the (large) result; compute() checks the inputs
+    check_finite = False
+
+    def __init__(self, fisher_type: str = "mc", mc_samples: int = 1, reuse_buffers: bool = True):
+        super().__init__(fisher_type, mc_samples)
+        self.reuse_buffers = bool(reuse_buffers)
+
+    def compute(self, capture: LayerCapture) -> Dict[str, Any]:
+        out, src = {}, self.source
+        for name, p in capture.params.items():
+            v = capture.bias_cot(src) if name == "bias" else capture.cot(src)
+            finite_or_raise(v, capture.module, f"the {src!r} cotangents ({name})")
+            if name == "weight":
+                finite_or_raise(capture.act(), capture.module, "the layer input")
+            shape = (v.shape[0] * v.shape[1], *p.shape)
+            buf = reusable_buffer(p, self.savefield, shape, v) if self.reuse_buffers else None
+            out[name] = per_sample_into(capture, name, src, buf)
+        return out
+
+
+def grad_factor_blocks(
+    params: Iterable[nn.Parameter], for_woodbury: bool = False, savefield: str = "grad_factors"
+) -> List[Tensor]:
+    """Per-parameter factors ``U_p`` ``[m, p.numel()]`` (views), ``F_pp = U_p^T U_p``.
+
+    ``for_woodbury=True``: ``sqrt(m) U_p`` (a copy), so that ``F_pp = U^T U / m`` as
+    :func:`curvlib.solvers.woodbury_solve_blocks` expects.
+    """
+    blocks = []
+    for i, p in enumerate(params):
+        U = getattr(p, savefield, None)
+        if not isinstance(U, Tensor):
+            raise RuntimeError(
+                f"curvlib: parameter {i} (shape {tuple(p.shape)}) has no .{savefield}; run the "
+                "backward inside `with curvature(GradFactors(...))` on an extended model and "
+                "pass only parameters of extended layers (Linear, Conv, ConvTranspose)."
+            )
+        blocks.append(U.reshape(U.shape[0], -1))
+    m = {U.shape[0] for U in blocks}
+    if len(m) > 1:
+        raise ValueError(
+            f"curvlib: the .{savefield} of the parameters have different row counts {sorted(m)}; "
+            "they must come from the same backward (same batch and fisher_type)."
+        )
+    if for_woodbury and blocks:
+        r = math.sqrt(blocks[0].shape[0])
+        blocks = [U * r for U in blocks]
+    return blocks
+
+
+def stack_grad_factors(
+    params: Iterable[nn.Parameter], for_woodbury: bool = False, savefield: str = "grad_factors"
+) -> Tensor:
+    """The whole-network factor ``U`` ``[m, sum_p p.numel()]`` in ``params`` order:
+    ``F = U^T U`` (``for_woodbury=True``: ``F = U^T U / m``, :func:`curvlib.solvers.woodbury_solve`'s
+    convention, so ``woodbury_solve(U, g, λ) = (F + λ I)^-1 g``)."""
+    return torch.cat(grad_factor_blocks(params, for_woodbury, savefield), dim=1)
+
+
+__all__ = ["ExactBlockFisher", "GradFactors", "grad_factor_blocks", "stack_grad_factors"]

@@ -1,0 +1,151 @@
+"""Cross-layer Kronecker factors ``F_ij ≈ G_ij ⊗ A_ij`` for every pair of parameter blocks.
+
+For the two-level KFAC coarse space of Tselepidis, Kohler & Orvieto 2020 ("Two-level K-FAC
+preconditioning for deep learning"): the coarse operator needs the cross-layer blocks of the
+Fisher, approximated as Kronecker products of cross-layer factors. With the KFAC "reduce"
+reduction over weight-sharing positions (Eschenhagen et al. 2023)::
+
+    abar_n = mean_t a_{n,t}   [D_a]        sbar_{k,n} = sum_t s_{k,n,t}   [D_s]
+    A_ij = (1/N) sum_n abar_i abar_j^T     G_ij = sum_{k,n} sbar_i sbar_j^T
+
+so for ``i == j`` these are curvlib's ``KFAC(kfac_approx="reduce")`` factors. Only while this
+extension is active, each layer keeps ``abar`` ``[N, D_a]`` and ``sbar`` ``[K*N, D_s]`` until
+``finish()``, where all pairs come from two Gram matrices (one matmul each).
+
+Indexing: blocks are *parameters*, in forward order of their layers (``ext.modules``), weight
+before bias: ``ext.params[i]``, ``ext.names[i]`` (``"<layer index>.weight"``). A bias is a block
+whose activation is the constant ``1`` (``abar = 1``, ``sbar = sum_t s'``), so bias pairs are
+exact in ``A`` (``A_ij = mean_n abar_j^T`` with a weight, ``[[1]]`` with a bias); this is the
+same as appending a ``1`` to ``a`` and splitting the layer block into weight and bias parts.
+
+``ext.cross_factors[(i, j)] = (G_ij, A_ij)`` for all ordered pairs (``G_ji = G_ij^T``), with
+``G_ij`` ``[D_s_i, D_s_j]`` (cotangent side) and ``A_ij`` ``[D_a_i, D_a_j]`` (activation side).
+For Linear/Conv weights (``act_side == "right"``, weight ``[D_s, D_a]``) the block of
+``p_i.flatten(), p_j.flatten()`` is ``kron(G_ij, A_ij)``; for transposed convolutions
+(``"left"``, weight ``[D_a, D_s]``) the factors swap places. :meth:`CrossKFAC.nested` gives the
+nested ``[i][j] = [first, second]`` list of :mod:`curvlib.solvers.two_level`.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from curvlib.engine.capture import LayerCapture
+from curvlib.extensions.base import Extension
+
+
+class _Block(NamedTuple):
+    name: str  # "weight" | "bias"
+    side: Optional[str]  # act_side of a weight, None for a bias
+    s: Tensor  # sbar [K*N, D_s] (the same tensor for a weight and a bias that share it)
+    a: Optional[Tensor]  # abar [N, D_a]; None: the constant 1 of a bias
+
+
+class CrossKFAC(Extension):
+    """Cross-layer KFAC ("reduce") factors of all parameter pairs, built in ``finish()``.
+
+    Args:
+        fisher_type: ``"type-2"``, ``"mc"`` or ``"empirical"``.
+        mc_samples: sampled targets per datum for ``"mc"``.
+
+    After the context exits: ``modules`` (layers, forward order), ``params`` / ``names`` /
+    ``act_sides`` (one entry per block) and ``cross_factors`` (see module docstring).
+    """
+
+    savefield = "cross_kfac"
+    exact_type2 = False  # "reduce" KFAC uses the shared-column type-2 source
+
+    def __init__(self, fisher_type: str = "mc", mc_samples: int = 1):
+        super().__init__(fisher_type, mc_samples)
+        self._records: List[Tuple[int, nn.Module, List[_Block]]] = []  # (forward order, layer, blocks)
+        self.modules: List[nn.Module] = []
+        self.params: List[nn.Parameter] = []
+        self.names: List[str] = []
+        self.act_sides: List[Optional[str]] = []
+        self.cross_factors: Dict[Tuple[int, int], Tuple[Tensor, Tensor]] = {}
+
+    def begin(self) -> None:
+        self._records = []
+
+    def compute(self, capture: LayerCapture) -> Dict[str, Any]:
+        src, params, blocks = self.source, capture.params, []
+        if "weight" in params:
+            s = capture.cot(src).sum(2).flatten(0, 1)
+            blocks.append(_Block("weight", capture.act_side, s, capture.act().mean(1)))
+        if "bias" in params:
+            sb = capture.bias_cot(src)
+            shared = "weight" in params and sb is capture.cot(src)
+            blocks.append(_Block("bias", None, s if shared else sb.sum(2).flatten(0, 1), None))
+        self._records.append((capture.order, capture.module, blocks))
+        return {}
+
+    def finish(self) -> None:
+        records, self._records = sorted(self._records, key=lambda r: r[0]), []
+        self.modules = [m for _, m, _ in records]
+        layer_blocks = [(li, m, b) for li, (_, m, bl) in enumerate(records) for b in bl]
+        self.params = [getattr(m, b.name) for _, m, b in layer_blocks]
+        self.names = [f"{li}.{b.name}" for li, _, b in layer_blocks]
+        blocks = [b for _, _, b in layer_blocks]
+        self.act_sides = [b.side for b in blocks]
+        if not blocks:
+            self.cross_factors = {}
+            return
+        # one Gram matrix per side over all distinct vectors (a bias: a constant 1 column)
+        s_vecs = list({id(b.s): b.s for b in blocks}.values())
+        a_vecs = [b.a for b in blocks if b.a is not None]
+        N = a_vecs[0].shape[0] if a_vecs else 1
+        a_vecs.append(s_vecs[0].new_ones(N, 1))
+        try:
+            S, A_in = torch.cat(s_vecs, dim=1), torch.cat(a_vecs, dim=1)
+        except RuntimeError as e:
+            raise RuntimeError(
+                "curvlib: CrossKFAC needs all extended layers to see the same batch in one "
+                f"backward (got mismatched row counts: {e})."
+            ) from None
+        G, A = S.T @ S, (A_in.T @ A_in).div_(N)
+        s_of = {id(v): sl for v, sl in zip(s_vecs, _slices(s_vecs))}
+        a_sl = _slices(a_vecs)
+        a_iter = iter(a_sl)
+        rows = [(s_of[id(b.s)], a_sl[-1] if b.a is None else next(a_iter)) for b in blocks]
+        self.cross_factors = {
+            (i, j): (G[si, sj], A[ai, aj])
+            for i, (si, ai) in enumerate(rows)
+            for j, (sj, aj) in enumerate(rows)
+        }
+
+    def nested(self) -> List[List[List[Tensor]]]:
+        """``[i][j] = [F1, F2]`` with ``kron(F1, F2)`` the block of ``params[i].flatten(),
+        params[j].flatten()``, as :mod:`curvlib.solvers.two_level` expects: ``[G, A]``, or
+        ``[A, G]`` when a transposed-convolution weight is involved (a bias, ``vec = 1 ⊗ s =
+        s ⊗ 1``, pairs either way)."""
+        out = []
+        for i, si in enumerate(self.act_sides):
+            row = []
+            for j, sj in enumerate(self.act_sides):
+                G, A = self.cross_factors[(i, j)]
+                sides = {si, sj} - {None}
+                if sides == {"right", "left"}:
+                    raise NotImplementedError(
+                        f"curvlib: CrossKFAC.nested: the pair ({self.names[i]}, {self.names[j]}) "
+                        "mixes a transposed-convolution weight with a Linear/Conv weight; its "
+                        "block is not a Kronecker product in flatten order. Use cross_factors "
+                        "directly (for a left-side j: F_ij vec(Z_j) = vec(G_ij Z_j^T A_ij^T)) "
+                        "or leave the transposed convolution out of extend()."
+                    )
+                row.append([A, G] if sides == {"left"} else [G, A])
+            out.append(row)
+        return out
+
+
+def _slices(tensors: List[Tensor]) -> List[slice]:
+    """Column ranges of ``tensors`` in ``torch.cat(tensors, dim=1)``."""
+    out, i = [], 0
+    for t in tensors:
+        out.append(slice(i, i + t.shape[1]))
+        i += t.shape[1]
+    return out
+
+
+__all__ = ["CrossKFAC"]

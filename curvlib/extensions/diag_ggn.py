@@ -1,0 +1,88 @@
+"""Diagonal of the curvature blocks: ``p.diag_ggn`` ``[*p.shape]``.
+
+``diag(F_p) = sum_{k,n} X_{k,n} ⊙ X_{k,n}`` over the per-sample gradients ``X_{k,n}`` of the
+source (see :mod:`curvlib.engine.capture`), without materialising them where possible:
+
+- ``T = 1`` (Linear): ``X = s a^T`` so ``diag = sum_n (sum_k s_n^2) (a_n^2)^T`` — one matmul
+  ``[D_s, N] @ [N, D_a]``.
+- ``T > 1`` (weight sharing, convolutions): ``diag_ij = sum_{k,n} (sum_t s_{knti} a_{ntj})^2``
+  has cross terms ``t != t'``. Two exact routes, the cheaper one is taken per layer:
+  *per-sample*: form ``X_{k,n}`` (one batched matmul, ``K N T D_s D_a`` flops, ``K N D_s D_a``
+  memory) and sum its squares; *factored*: ``diag = sum_{n,t,t'} (sum_k s_{knt} ⊙ s_{knt'})
+  (a_{nt} ⊙ a_{nt'})^T`` — one matmul with contraction ``N T^2`` (``N T^2 D_s D_a`` flops),
+  cheaper when ``T < K`` (e.g. short sequences with many classes).
+- bias: ``sum_{k,n} (sum_t s'_{knt})^2``.
+
+With ``fisher_type="type-2"`` this is BackPACK's ``DiagGGNExact`` (the exact per-position
+loss-Hessian square root is used); ``"mc"`` is BackPACK's ``DiagGGNMC`` for the same samples.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+from torch import Tensor
+
+from curvlib.engine.capture import LayerCapture
+from curvlib.extensions.base import Extension
+
+
+def _diag_weight(s: Tensor, a: Tensor, act_side: str, s2: Optional[Tensor] = None) -> Tensor:
+    """``sum_{k,n} X_{k,n}^2`` ``[D_s, D_a]`` (``[D_a, D_s]`` for ``act_side="left"``).
+
+    ``s2``: ``sum_k s^2`` ``[N, D_s]`` if already computed (``T = 1`` only)."""
+    K, N, T, Ds = s.shape
+    Da = a.shape[-1]
+    if T == 1:
+        if s2 is None:
+            s2 = _sum_k_squares(s)
+        D = s2.T @ a[:, 0].square()
+    elif T < K:
+        ss = torch.einsum("knti,knui->ntui", s, s).reshape(-1, Ds)
+        aa = torch.einsum("nti,nui->ntui", a, a).reshape(-1, Da)
+        D = ss.T @ aa
+    else:
+        X = torch.matmul(s.transpose(-1, -2), a)  # [K, N, D_s, D_a]
+        D = X.square_().sum((0, 1))
+    return D if act_side == "right" else D.T
+
+
+def _sum_k_squares(s: Tensor) -> Tensor:
+    """``sum_k s_{k,n,0}^2`` ``[N, D_s]`` for ``s`` ``[K, N, 1, D_s]``."""
+    return s[:, :, 0].square().sum(0)
+
+
+class DiagGGN(Extension):
+    """``p.diag_ggn``: the diagonal of the curvature block of ``p`` (shape of ``p``).
+
+    Args:
+        fisher_type: ``"type-2"`` (exact GGN diagonal, BackPACK ``DiagGGNExact``), ``"mc"``
+            (``mc_samples`` sampled targets) or ``"empirical"`` (sum of squared scaled gradients).
+        mc_samples: sampled targets per datum for ``"mc"``.
+    """
+
+    savefield = "diag_ggn"
+
+    def __init__(self, fisher_type: str = "type-2", mc_samples: int = 1):
+        super().__init__(fisher_type, mc_samples)
+
+    def compute(self, capture: LayerCapture) -> Dict[str, Any]:
+        params, src, out = capture.params, self.source, {}
+        s2 = None
+        if "weight" in params:
+            s = capture.cot(src)
+            if s.shape[2] == 1:
+                s2 = _sum_k_squares(s)
+            D = _diag_weight(s, capture.act(), capture.act_side, s2)
+            out["weight"] = D.reshape(params["weight"].shape)
+        if "bias" in params:
+            sb = capture.bias_cot(src)
+            if s2 is not None and sb is capture.cot(src):  # T = 1, shared cotangents
+                out["bias"] = s2.sum(0)
+            else:
+                out["bias"] = sb.sum(2).square().sum((0, 1))
+            out["bias"] = out["bias"].reshape(params["bias"].shape)
+        return out
+
+
+__all__ = ["DiagGGN"]
