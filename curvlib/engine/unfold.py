@@ -33,9 +33,15 @@ def unfold(
         padding_mode: ``"zeros"``, ``"reflect"``, ``"replicate"`` or ``"circular"``.
 
     Returns:
-        ``[B, T, C * prod(kernel_size)]`` patches, ``T = prod(output spatial size)``.
+        ``[B, T, C * prod(kernel_size)]`` patches, ``T = prod(output spatial size)``, as a
+        transposed view of a contiguous ``[B, C * prod(kernel_size), T]`` tensor (so that
+        ``sum_t a a^T`` is a batched matmul without another copy).
     """
     d = len(kernel_size)
+    if d == 2 and padding_mode == "zeros" and _symmetric(pad):
+        # ATen's im2col: [B, C*k1*k2, T]; returned as a transposed view (no copy)
+        padding = (pad[2], pad[0]) if pad else (0, 0)
+        return F.unfold(x, kernel_size, dilation, padding, stride).transpose(1, 2)
     if pad and any(pad):
         mode = "constant" if padding_mode == "zeros" else padding_mode
         x = F.pad(x, pad, mode=mode)
@@ -45,4 +51,9 @@ def unfold(
     if any(dil != 1 for dil in dilation):
         x = x[(...,) + tuple(slice(None, None, dil) for dil in dilation)]
     o, k = _spatial_names("o", d), _spatial_names("k", d)
-    return rearrange(x, f"b c {o} {k} -> b ({o}) (c {k})")
+    # channel-major copy, returned as a transposed view like the 2d path
+    return rearrange(x, f"b c {o} {k} -> b (c {k}) ({o})").transpose(1, 2)
+
+
+def _symmetric(pad: Tuple[int, ...]) -> bool:
+    return not pad or all(pad[i] == pad[i + 1] for i in range(0, len(pad), 2))

@@ -46,6 +46,19 @@ def _gram(x: Tensor) -> Tensor:
     return out
 
 
+def _gram_rows(x: Tensor) -> Tensor:
+    """``sum_r x_r x_r^T`` over all rows ``r`` of ``x`` ``[..., T, D]``.
+
+    Position-major views of channel-major data (conv patches and output gradients, whose
+    ``T`` axis is the contiguous one) are contracted per batch entry with one batched
+    matmul instead of being copied into a ``[rows, D]`` matrix first.
+    """
+    if x.ndim >= 3 and x.shape[-2] > 1 and x.stride(-2) == 1 and x.stride(-1) != 1:
+        xt = x.transpose(-1, -2).reshape(-1, x.shape[-1], x.shape[-2])  # [B, D, T], a view
+        return torch.bmm(xt, xt.transpose(1, 2)).sum(0)
+    return _gram(x.reshape(-1, x.shape[-1]))
+
+
 class KFAC(Extension):
     """Kronecker factors ``p.kfac = [G, A]`` per weight, ``[G]`` per bias.
 
@@ -67,13 +80,12 @@ class KFAC(Extension):
     def _cot_factor(self, s: Tensor) -> Tensor:
         if self.kfac_approx == "reduce":
             s = s.sum(2)
-        return _gram(s.reshape(-1, s.shape[-1]))
+        return _gram_rows(s)
 
     def _act_factor(self, a: Tensor) -> Tensor:
         if self.kfac_approx == "reduce":
             a = a.mean(1)
-        a = a.reshape(-1, a.shape[-1])
-        return _gram(a).div_(a.shape[0])
+        return _gram_rows(a).div_(a.shape[:-1].numel())
 
     def compute(self, capture: LayerCapture) -> Dict[str, Any]:
         params, src, out = capture.params, self.source, {}
