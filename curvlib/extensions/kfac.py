@@ -15,13 +15,14 @@ convolution the activation side is the *first* factor (see its adapter).
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Set
 
 import torch
 from torch import Tensor
 
-from curvlib.engine.capture import LayerCapture
+from curvlib.engine.capture import LayerCapture, Source
 from curvlib.extensions.base import Extension
+from curvlib.extensions.cross_kfac import CrossKFAC
 
 KFAC_APPROX = ("expand", "reduce")
 
@@ -66,16 +67,39 @@ class KFAC(Extension):
         fisher_type: ``"type-2"``, ``"mc"`` or ``"empirical"``.
         mc_samples: sampled targets per datum for ``"mc"``.
         kfac_approx: ``"expand"`` or ``"reduce"`` for weight-sharing layers.
+        cross_layer: also build the cross-layer factors ``G_ij``, ``A_ij`` of all pairs of
+            parameters (for the two-level ``"tpselepedis"`` coarse space); after the
+            context they are in ``self.cross`` (a :class:`CrossKFAC`: ``cross_factors``,
+            ``nested()``). Off by default: it keeps every layer's reduced vectors until
+            the backward ends.
     """
 
     savefield = "kfac"
     exact_type2 = False
 
-    def __init__(self, fisher_type: str = "mc", mc_samples: int = 1, kfac_approx: str = "expand"):
+    def __init__(
+        self,
+        fisher_type: str = "mc",
+        mc_samples: int = 1,
+        kfac_approx: str = "expand",
+        cross_layer: bool = False,
+    ):
         super().__init__(fisher_type, mc_samples)
         if kfac_approx not in KFAC_APPROX:
             raise ValueError(f"curvlib: KFAC(kfac_approx={kfac_approx!r}) is not one of {KFAC_APPROX}.")
         self.kfac_approx = kfac_approx
+        self.cross: Optional[CrossKFAC] = CrossKFAC(fisher_type, mc_samples) if cross_layer else None
+
+    def sources(self) -> Set[Source]:
+        return super().sources() | (self.cross.sources() if self.cross else set())
+
+    def begin(self) -> None:
+        if self.cross:
+            self.cross.begin()
+
+    def finish(self) -> None:
+        if self.cross:
+            self.cross.finish()
 
     def _cot_factor(self, s: Tensor) -> Tensor:
         if self.kfac_approx == "reduce":
@@ -99,4 +123,6 @@ class KFAC(Extension):
             if G is None or sb is not capture.cot(src):
                 G = self._cot_factor(sb)
             out["bias"] = [G]
+        if self.cross:
+            self.cross.compute(capture)
         return out

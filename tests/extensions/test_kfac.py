@@ -277,3 +277,29 @@ def test_cross_entropy_with_positions_matches_curvlinops():
         ref = curvlinops_blocks(m2, nn.CrossEntropyLoss(), x.unsqueeze(2), y.unsqueeze(1), fisher_type=ft)
         for b_ours, b_ref in zip(ours, ref):
             torch.testing.assert_close(b_ours, b_ref)
+
+
+def test_cross_layer_option_gives_the_reduce_factors_on_the_diagonal():
+    """KFAC(cross_layer=True): diagonal pairs are the reduce factors; off-diagonal pairs
+    are E[abar_i abar_j^T] and sum sbar_i sbar_j^T (checked densely for empirical)."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2, bias=False))
+    x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
+    loss_fn = extend(nn.CrossEntropyLoss(reduction="sum"))
+    extend(model)
+    ext = KFAC(fisher_type="empirical", kfac_approx="reduce", cross_layer=True)
+    with curvature(ext):
+        loss_fn(model(x), y).backward()
+    W0, b0, W1 = model[0].weight, model[0].bias, model[2].weight
+    assert ext.cross.params == [W0, b0, W1]
+    G00, A00 = ext.cross.cross_factors[(0, 0)]
+    torch.testing.assert_close(G00, W0.kfac[0])
+    torch.testing.assert_close(A00, W0.kfac[1])
+    # off-diagonal: output gradients of both layers from autograd
+    h = model[0](x)
+    h.retain_grad()
+    out = model[2](model[1](h))
+    out.retain_grad()
+    loss_fn(out, y).backward()
+    G02, A02 = ext.cross.cross_factors[(0, 2)]
+    torch.testing.assert_close(G02, h.grad.T @ out.grad)
+    torch.testing.assert_close(A02, x.T @ torch.tanh(h.detach()) / 6)
