@@ -1,0 +1,85 @@
+r"""KFAC corrected: the KFAC term plus the best Kronecker approximation of its residual.
+
+For a weight's exact curvature block ``F`` with Van Loan rearrangement ``R(F)`` (see
+:mod:`curvlib.extensions.kpsvd`) and KFAC factors ``(G, A)``::
+
+    F ≈ G ⊗ A + S ⊗ R,     s vec(S0) vec(R0)^T = top singular triplet of R(F) - vec(G) vec(A)^T
+
+(Koroko et al. 2022, "Efficient approximations of the Fisher matrix in neural networks using
+Kronecker product singular value decomposition", "KFAC corrected"). The residual is applied
+matrix-free: ``R v - vec(G) <vec(A), v>`` and ``R^T u - vec(A) <vec(G), u>``, with the products of
+``R`` from the captures (:class:`~curvlib.extensions.kpsvd.RearrangedBlock`).
+
+Source: one curvature source for both terms -- the exact one (``"type-2-exact"`` for
+``fisher_type="type-2"``). The KFAC term uses the KFAC formulas
+(:class:`~curvlib.extensions.kfac.KFAC`, ``kfac_approx``) on that source, so it equals
+``p.kfac`` of ``KFAC(fisher_type)`` whenever the network output has no weight-sharing positions
+(classification, regression); with per-position outputs (e.g. sequence losses) it is the KFAC
+formula applied to the exact per-position Hessian square root instead of curvlinops' shared
+columns. The correction ``S ⊗ R`` uses :mod:`~curvlib.extensions.kpsvd`'s conventions
+(``sqrt`` of the singular value in each factor, sign by trace). First factors are over
+``p.shape[0]``: ``p.kfac_corrected = [[G, A], [S, R]]`` (``[[A, G], [S, R]]`` ordered like
+``p.kfac`` for transposed convolutions); ``[[G]]`` per bias, the exact bias block.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+from torch import Tensor
+
+from curvlib.engine.capture import LayerCapture
+from curvlib.extensions.kfac import KFAC, KFAC_APPROX
+from curvlib.extensions.kpsvd import KroneckerSVDExtension, RearrangedBlock
+
+
+class KFACCorrected(KroneckerSVDExtension):
+    r"""``p.kfac_corrected = [[G, A], [S, R]]``: KFAC plus the rank-1 KPSVD of its residual.
+
+    Args:
+        fisher_type: ``"type-2"``, ``"mc"`` or ``"empirical"``.
+        mc_samples: sampled targets per datum for ``"mc"``.
+        kfac_approx: ``"expand"`` or ``"reduce"`` (the KFAC term's weight-sharing formula).
+        method: ``"lanczos"`` (default) or ``"power"`` / ``"deflation"`` for the residual's top
+            triplet. Lanczos is the default: the residual's leading singular values are often
+            clustered, and in float32 the subtraction ``R v - vec(G) <vec(A), v>`` leaves a noise
+            floor near power iteration's ``sqrt(eps)`` tolerance (on the MLP of
+            ``benchmarks/bench_kpsvd.py`` power iteration hits ``maxiter``; Lanczos needs ~20 products).
+        maxiter, tol, warm_start: as for :class:`~curvlib.extensions.kpsvd.KPSVD`.
+    """
+
+    savefield = "kfac_corrected"
+
+    def __init__(
+        self,
+        fisher_type: str = "mc",
+        mc_samples: int = 1,
+        kfac_approx: str = "expand",
+        method: str = "lanczos",
+        maxiter: Optional[int] = None,
+        tol: Optional[float] = None,
+        warm_start: bool = True,
+    ):
+        super().__init__(fisher_type, mc_samples, method, maxiter, tol, warm_start)
+        if kfac_approx not in KFAC_APPROX:
+            raise ValueError(f"curvlib: KFACCorrected(kfac_approx={kfac_approx!r}) is not one of {KFAC_APPROX}.")
+        self._kfac = KFAC(fisher_type, mc_samples, kfac_approx)
+        self.kfac_approx = kfac_approx
+
+    def weight_terms(
+        self, p: Tensor, capture: LayerCapture, block: RearrangedBlock, bias_block: Optional[Tensor]
+    ) -> List[List[Tensor]]:
+        # KFAC factors in working coordinates (the formulas commute with the isometric compression)
+        G = self._kfac._cot_factor(block.s)
+        A = self._kfac._act_factor(block.a)
+        first, second = (G, A) if capture.act_side == "right" else (A, G)
+        correction = self._svd(p, block, 1, correction=(first, second))
+        return [[block.expand(first, 0), block.expand(second, 1)]] + correction
+
+    def __repr__(self) -> str:
+        return (
+            f"KFACCorrected(fisher_type={self.fisher_type!r}, mc_samples={self.mc_samples}, "
+            f"kfac_approx={self.kfac_approx!r}, method={self.method!r})"
+        )
+
+
+__all__ = ["KFACCorrected"]

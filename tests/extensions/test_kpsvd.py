@@ -1,0 +1,283 @@
+"""KPSVD against the SVD of the explicitly rearranged dense curvature block (Van Loan–Pitsianis).
+
+References: the exact GGN from ``torch.func`` (``tests.utils.dense_ggn``) for type-2 and the
+empirical Fisher from ``torch.func`` per-sample gradients; each weight block is rearranged
+explicitly and decomposed with ``torch.linalg.svd``.
+"""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from curvlib import curvature, extend
+from curvlib.engine.capture import LayerCapture
+from curvlib.extensions.base import Extension
+from curvlib.extensions.kfac import KFAC
+from curvlib.extensions.kpsvd import KPSVD, RearrangedBlock, kronecker_svd
+from tests.utils import dense_ggn, param_slices, per_sample_grads
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+def nets():
+    """name -> (model factory, input shape); 3 classes. Comments: what each one covers."""
+    return {
+        # Linear, T = 1
+        "mlp": (lambda: nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)), (8, 5)),
+        # first layer's activation side (4 samples, 16 inputs) is compressed to its span
+        "wide": (lambda: nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)), (4, 16)),
+        # Linear with weight sharing (T = 3): cross-position terms
+        "seq": (lambda: nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3)), (6, 3, 5)),
+        "conv2d": (lambda: nn.Sequential(nn.Conv2d(2, 3, 2), nn.Tanh(), nn.Flatten(), nn.Linear(27, 3)), (8, 2, 4, 4)),
+        "conv1d": (
+            lambda: nn.Sequential(nn.Conv1d(2, 3, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(9, 3)),
+            (6, 2, 5),
+        ),
+        # activation side is the *first* factor
+        "convT2d": (
+            lambda: nn.Sequential(nn.ConvTranspose2d(2, 2, 2, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(72, 3)),
+            (6, 2, 3, 3),
+        ),
+    }
+
+
+def setup(name, reduction="mean"):
+    make, shape = nets()[name]
+    model = extend(make())
+    x, y = torch.randn(*shape), torch.randint(0, 3, (shape[0],))
+    return model, extend(nn.CrossEntropyLoss(reduction=reduction)), x, y
+
+
+def exact_blocks(model, loss_fn, x, y, fisher_type):
+    """Dense curvature blocks, one per parameter (p.flatten() order)."""
+    if fisher_type == "type-2":
+        F = dense_ggn(model, loss_fn, x, y)
+        return [F[sl, sl] for sl in param_slices(model)]
+    psg = per_sample_grads(model, loss_fn, x, y)
+    scale = 1 / x.shape[0] if loss_fn.reduction == "mean" else 1.0
+    return [scale * g.flatten(1).T @ g.flatten(1) for g in psg.values()]
+
+
+def rearrange_dense(F, d0, d1):
+    """Van Loan rearrangement: R[(i,k),(a,b)] = F[(i,a),(k,b)], so kron(U, V) <-> vec(U) vec(V)^T."""
+    return F.reshape(d0, d1, d0, d1).permute(0, 2, 1, 3).reshape(d0 * d0, d1 * d1)
+
+
+def svd_terms(F, d0, d1, rank):
+    """[s_i kron(U_i, V_i)] of the top ``rank`` singular triplets of the rearranged block."""
+    U, S, Vh = torch.linalg.svd(rearrange_dense(F, d0, d1))
+    return [S[i] * torch.kron(U[:, i].reshape(d0, d0), Vh[i].reshape(d1, d1)) for i in range(rank)], S
+
+
+def backward(model, loss_fn, x, y, *exts):
+    loss = loss_fn(model(x), y)
+    with curvature(*exts):
+        loss.backward()
+
+
+def close(a, b, scale, rtol=1e-6):
+    torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * float(scale))
+
+
+# ------------------------------------------------------------------ the operator
+
+
+class KeepBlock(Extension):
+    savefield = "rblock"
+
+    def __init__(self, **kw):
+        super().__init__("type-2")
+        self.kw = kw
+
+    def compute(self, capture: LayerCapture):
+        return {"weight": RearrangedBlock.from_capture(capture, self.source, **self.kw)}
+
+
+@pytest.mark.parametrize("form", ["factored", "grads"])
+@pytest.mark.parametrize("compress", [True, False])
+@pytest.mark.parametrize("name", ["mlp", "wide", "seq", "conv2d", "convT2d"])
+def test_rearranged_products_match_dense_rearrangement(name, form, compress):
+    model, loss_fn, x, y = setup(name)
+    backward(model, loss_fn, x, y, KeepBlock(form=form, compress=compress))
+    blocks = exact_blocks(model, loss_fn, x, y, "type-2")
+    compressed = False
+    for F, p in zip(blocks, model.parameters()):
+        if p.dim() == 1:
+            continue
+        b = p.rblock
+        d0, d1 = p.shape[0], p.numel() // p.shape[0]
+        assert b.d == (d0, d1) and b.form == form
+        compressed |= b.r != b.d
+        R = rearrange_dense(F, d0, d1)
+        V, U = torch.randn(d1, d1), torch.randn(d0, d0)
+        Rv = b.expand(b.matvec(b.project(V, 1).reshape(-1)).reshape(b.r[0], b.r[0]), 0)
+        Rtu = b.expand(b.rmatvec(b.project(U, 0).reshape(-1)).reshape(b.r[1], b.r[1]), 1)
+        close(Rv.reshape(-1), R @ V.reshape(-1), R.abs().max() * V.abs().max())
+        close(Rtu.reshape(-1), R.T @ U.reshape(-1), R.abs().max() * U.abs().max())
+        RtI = b.expand(b.rmatvec_identity().reshape(b.r[1], b.r[1]), 1)
+        close(RtI.reshape(-1), R.T @ torch.eye(d0).reshape(-1), R.abs().max())
+    assert compressed if compress and name == "wide" else True
+    assert not compressed if not compress else True
+
+
+def test_auto_form_is_factored_for_linear_and_grads_for_many_positions():
+    model, loss_fn, x, y = setup("mlp")
+    backward(model, loss_fn, x, y, KeepBlock())
+    assert model[0].weight.rblock.form == "factored"
+    conv = extend(nn.Sequential(nn.Conv2d(3, 2, 3), nn.Flatten(), nn.Linear(2 * 36, 3)))
+    x = torch.randn(4, 3, 8, 8)
+    backward(conv, loss_fn, x, torch.randint(0, 3, (4,)), KeepBlock())
+    b = conv[0].weight.rblock
+    assert b.form == "grads" and b.flops["grads"] < b.flops["factored"]
+
+
+# ------------------------------------------------------------------ KPSVD
+
+
+@pytest.mark.parametrize("method", ["power", "deflation", "lanczos"])
+@pytest.mark.parametrize("rank", [1, 2])
+@pytest.mark.parametrize("fisher_type", ["type-2", "empirical"])
+@pytest.mark.parametrize("name", list(nets()))
+def test_kpsvd_equals_top_svd_terms_of_rearranged_block(name, fisher_type, rank, method):
+    model, loss_fn, x, y = setup(name, reduction="sum" if name == "seq" else "mean")
+    ext = KPSVD(fisher_type=fisher_type, rank=rank, method=method, maxiter=1000)
+    backward(model, loss_fn, x, y, ext)
+    for F, (pname, p) in zip(exact_blocks(model, loss_fn, x, y, fisher_type), model.named_parameters()):
+        scale = F.abs().max()
+        if p.dim() == 1:
+            assert len(p.kpsvd) == 1 and len(p.kpsvd[0]) == 1
+            close(p.kpsvd[0][0], F, scale, 1e-10)
+            continue
+        d0, d1 = p.shape[0], p.numel() // p.shape[0]
+        ref, S = svd_terms(F, d0, d1, rank)
+        assert len(p.kpsvd) == rank
+        for (G, A), term in zip(p.kpsvd, ref):
+            assert G.shape == (d0, d0) and A.shape == (d1, d1)
+            close(torch.kron(G, A), term, scale)  # each term up to the joint sign of (U_i, V_i)
+            torch.testing.assert_close(torch.linalg.matrix_norm(G), torch.linalg.matrix_norm(A))
+        close(sum(torch.kron(G, A) for G, A in p.kpsvd), sum(ref), scale)
+        # leading term of a PSD block: both factors PSD, positive traces
+        G1, A1 = p.kpsvd[0]
+        for M in (G1, A1):
+            assert torch.trace(M) > 0
+            assert torch.linalg.eigvalsh(M).min() >= -1e-8 * torch.linalg.eigvalsh(M).max(), pname
+
+
+@pytest.mark.parametrize("method", ["power", "lanczos"])
+def test_kronecker_svd_of_dense_psd_block_fixes_signs(method):
+    d0, d1 = 3, 4
+    X = torch.randn(20, d0 * d1)
+    F = X.T @ X + 5 * torch.kron(torch.eye(d0), torch.ones(d1, d1))  # PSD
+    R = rearrange_dense(F, d0, d1)
+    # a start with negative trace: without the sign rule the factors come out negative
+    v0 = -torch.eye(d1).reshape(-1, 1)
+    U, S, V = kronecker_svd(lambda v: R @ v, lambda u: R.T @ u, (d0, d1), 2, F, method, v0=v0, maxiter=2000)
+    ref, Sref = svd_terms(F, d0, d1, 2)
+    torch.testing.assert_close(S, Sref[:2])
+    for i in range(2):
+        close(S[i] * torch.kron(U[i], V[i]), ref[i], F.abs().max())
+    assert torch.trace(U[0]) > 0 and torch.trace(V[0]) > 0
+    for i in range(2):
+        tu, tv = torch.trace(U[i]), torch.trace(V[i])
+        assert (tu if tu.abs() >= tv.abs() else tv) > 0
+
+
+@pytest.mark.parametrize("name", ["mlp", "conv2d", "convT2d", "seq"])
+def test_kpsvd_is_closer_than_kfac_and_rank2_closer_than_rank1(name):
+    model, loss_fn, x, y = setup(name)
+    ext1, ext2 = KPSVD("type-2", rank=1), KPSVD("type-2", rank=2, method="lanczos")
+    errs = {}
+    for key, ext in [("kpsvd1", ext1), ("kpsvd2", ext2), ("kfac", KFAC("type-2"))]:
+        model.zero_grad()
+        backward(model, loss_fn, x, y, ext)
+        errs[key] = {}
+        for F, (pname, p) in zip(exact_blocks(model, loss_fn, x, y, "type-2"), model.named_parameters()):
+            if p.dim() > 1:
+                terms = p.kfac if key == "kfac" else [t for t in p.kpsvd]
+                approx = torch.kron(*terms) if key == "kfac" else sum(torch.kron(G, A) for G, A in terms)
+                errs[key][pname] = float(torch.linalg.matrix_norm(F - approx))
+    for pname in errs["kfac"]:
+        assert errs["kpsvd1"][pname] <= errs["kfac"][pname] * (1 + 1e-9)
+        assert errs["kpsvd2"][pname] <= errs["kpsvd1"][pname] * (1 + 1e-9)
+    # on convolutions KFAC is not the optimum (cross-position terms)
+    if name in ("conv2d", "convT2d"):
+        first = next(iter(errs["kfac"]))
+        assert errs["kpsvd1"][first] < 0.99 * errs["kfac"][first]
+
+
+def test_full_rank_kpsvd_reconstructs_the_block():
+    model, loss_fn, x, y = setup("mlp")
+    d0, d1 = 3, 4
+    ext = KPSVD("type-2", rank=min(d0, d1) ** 2 + 2, method="lanczos")  # more terms than R has
+    backward(model, loss_fn, x, y, ext)
+    F = exact_blocks(model, loss_fn, x, y, "type-2")[2]
+    terms = model[2].weight.kpsvd
+    assert len(terms) == d0**2 + 2 and all(float(G.abs().max()) == 0.0 for G, _ in terms[-2:])
+    close(sum(torch.kron(G, A) for G, A in terms), F, F.abs().max(), 1e-9)
+
+
+@pytest.mark.parametrize("method", ["power", "lanczos"])
+def test_warm_start_same_batch_needs_fewer_products_and_gives_same_terms(method):
+    # conv weight: R is 36 x 729, larger than the Lanczos basis (so no exact-by-completion)
+    model = extend(nn.Sequential(nn.Conv2d(3, 6, 3), nn.Tanh(), nn.Flatten(), nn.Linear(6 * 16, 3)))
+    loss_fn, x, y = extend(nn.CrossEntropyLoss()), torch.randn(8, 3, 6, 6), torch.randint(0, 3, (8,))
+    ext = KPSVD("type-2", rank=2, method=method, maxiter=1000)
+    backward(model, loss_fn, x, y, ext)
+    first = {id(p): [t.clone() for t in p.kpsvd[0]] for p in model.parameters() if p.dim() > 1}
+    prods = dict(ext.products)
+    model.zero_grad()
+    backward(model, loss_fn, x, y, ext)
+    for p in model.parameters():
+        if p.dim() > 1:
+            if method == "power" or p is model[0].weight:
+                assert ext.products[id(p)] < prods[id(p)]
+            close(torch.kron(*p.kpsvd[0]), torch.kron(*first[id(p)]), first[id(p)][0].abs().max() ** 2)
+    # a warm start from another batch converges to the same terms as a cold start
+    x2, y2 = torch.randn_like(x), torch.randint(0, 3, y.shape)
+    cold = KPSVD("type-2", rank=2, method=method, maxiter=1000, warm_start=False)
+    for e in (ext, cold):
+        model.zero_grad()
+        backward(model, loss_fn, x2, y2, e)
+        if e is ext:
+            warm = [[t.clone() for t in term] for term in model[0].weight.kpsvd]
+    for (Gw, Aw), (Gc, Ac) in zip(warm, model[0].weight.kpsvd):
+        close(torch.kron(Gw, Aw), torch.kron(Gc, Ac), Gc.abs().max() * Ac.abs().max())
+
+
+def test_mc_approaches_type2():
+    model, loss_fn, x, y = setup("mlp")
+    backward(model, loss_fn, x, y, KPSVD("mc", mc_samples=4000))
+    for F, p in zip(exact_blocks(model, loss_fn, x, y, "type-2"), model.parameters()):
+        if p.dim() > 1:
+            ref, _ = svd_terms(F, p.shape[0], p.shape[1], 1)
+            err = torch.linalg.matrix_norm(torch.kron(*p.kpsvd[0]) - ref[0]) / torch.linalg.matrix_norm(ref[0])
+            assert err < 0.1
+
+
+@pytest.mark.parametrize("method", ["power", "lanczos"])
+def test_float32_matches_float64(method):
+    model, loss_fn, x, y = setup("wide")
+    backward(model, loss_fn, x, y, KPSVD("type-2", rank=2, method=method))
+    ref = [torch.kron(G, A) for G, A in model[0].weight.kpsvd]
+    model.float().zero_grad()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no non-convergence warnings in float32
+        backward(model, loss_fn, x.float(), y, KPSVD("type-2", rank=2, method=method))
+    for (G, A), r in zip(model[0].weight.kpsvd, ref):
+        assert G.dtype == torch.float32
+        torch.testing.assert_close(torch.kron(G, A).double(), r, rtol=1e-3, atol=1e-3 * float(r.abs().max()))
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="method"):
+        KPSVD(method="svd")
+    with pytest.raises(ValueError, match="rank"):
+        KPSVD(rank=0)
+    with pytest.raises(ValueError, match="fisher_type"):
+        KPSVD(fisher_type="exact")
