@@ -203,7 +203,7 @@ def golub_kahan(
     U = torch.zeros(mdim, ncv, dtype=dt, device=dev)
     B = torch.zeros(ncv, ncv, dtype=dt, device=dev)
     V[:, 0] = v
-    start, matvecs, anorm = 0, 0, 0.0
+    start, matvecs, anorm, restarted = 0, 0, 0.0, False
     pending = u_first  # R v0 already computed
     while True:
         for j in range(start, ncv):
@@ -230,10 +230,16 @@ def golub_kahan(
             mc = j + 1
             right_complete = mc == n
             broke = beta <= 100 * eps * max(anorm, 1e-300)
+            # a breakdown right after a random restart vector: R is numerically zero on the
+            # rest of the space, so the current Ritz triplets are final (float32 operators of
+            # low numerical rank would otherwise restart at every step until maxiter)
+            exhausted = broke and restarted
+            restarted = False
             if right_complete or broke:
                 beta = 0.0
                 if not right_complete:
                     V[:, mc] = random_orthogonal_vector(V[:, :mc], n, gen, v)
+                    restarted = True
             else:
                 V[:, mc] = w / beta
             if mc < k:
@@ -247,7 +253,7 @@ def golub_kahan(
             P, sig, Qt = torch.linalg.svd(B[:mc, :mc])
             res = beta * P[mc - 1, :k].abs()
             scale = max(float(sig[0]), 1e-300)
-            if right_complete or (not broke and bool((res <= tol * scale).all())):
+            if right_complete or exhausted or (not broke and bool((res <= tol * scale).all())):
                 return U[:, :mc] @ P[:, :k], sig[:k], V[:, :mc] @ Qt[:k].T
             if matvecs >= maxiter:
                 warnings.warn(

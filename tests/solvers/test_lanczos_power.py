@@ -147,3 +147,27 @@ def test_lanczos_which_and_float32(gen):
     w, V = lanczos(lambda v: A32 @ v, v0.float(), 2)
     assert w.dtype == torch.float32 and V.dtype == torch.float32
     torch.testing.assert_close(w, torch.tensor([5.0, 4.0]), rtol=1e-5, atol=1e-5)
+
+
+def test_golub_kahan_float32_low_numerical_rank_stops_early():
+    """Regression: in float32 an operator of low numerical rank broke down at every step
+    (each random restart vector is mapped to ~0) and ran to maxiter (seen: 163,840
+    products inside KPSVD). A breakdown right after a restart now ends the iteration."""
+    import warnings
+
+    torch.manual_seed(0)
+    L = torch.randn(300, 3, dtype=torch.float64)
+    Rm = L @ torch.randn(3, 200, dtype=torch.float64)  # rank 3
+    Rm32 = Rm.float()
+    calls = [0]
+
+    def mv(x):
+        calls[0] += 1
+        return Rm32 @ x
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "did not converge" warning either
+        U, S, V = golub_kahan(mv, lambda u: Rm32.T @ u, torch.randn(200), k=2)
+    assert calls[0] < 60
+    ref = torch.linalg.svdvals(Rm)[:2].float()
+    torch.testing.assert_close(S, ref, rtol=1e-4, atol=0)
