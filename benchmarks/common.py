@@ -31,10 +31,12 @@ def peak_memory_mb(fn: Callable[[], None]) -> float:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = prof.events()
-    # running sum of allocations in event order gives the peak above the baseline
+    # running sum of each op's *own* allocations (minus frees) in event order gives the
+    # peak above the baseline; cpu_memory_usage would count a nested op's bytes again in
+    # every enclosing op
     cur = peak = 0
     for e in sorted(events, key=lambda e: e.time_range.start):
-        cur += e.cpu_memory_usage
+        cur += e.self_cpu_memory_usage
         peak = max(peak, cur)
     return peak / 2**20
 
