@@ -10,8 +10,8 @@ curvlib with ``reuse_buffers=False``) writes them to a freshly allocated tensor;
 memory comes from a new ``mmap`` whose pages the kernel faults in and zeroes on first touch,
 ~6x the cost of the writes. curvlib overwrites the previous ``p.grad_batch`` in place (when
 nothing else holds it), so a step costs the plain backward plus the write floor
-(``fill_`` of the same buffers). "peak MiB" is ``common.peak_memory_mb`` (new allocations
-during the step; nested profiler events may be counted more than once).
+(``fill_`` of the same buffers). "peak RSS +MiB" is ``common.peak_memories`` (resident
+memory high-water mark of one step above the resident size before it).
 
     python benchmarks/bench_batch_grad.py
 """
@@ -23,7 +23,7 @@ import warnings
 import torch
 from torch import nn
 
-from common import interleaved_medians, peak_memory_mb, table
+from common import interleaved_medians, peak_memories, table
 
 warnings.filterwarnings("ignore")
 
@@ -92,12 +92,12 @@ def main():
     x, y = torch.randn(128, 784), torch.randint(0, 10, (128,))
     fns = setup(x, y)
     med = interleaved_medians(fns, reps=args.reps)
-    mem = {k: peak_memory_mb(f) for k, f in fns.items()}
+    mem = peak_memories("batch_grad", fns)
     base = med["plain fwd+bwd"]
     rows = [[k, f"{v * 1e3:.2f}", f"{v / base:.2f}", f"{mem[k]:.1f}"] for k, v in med.items()]
     print("\n## MLP 784-256-128-10 (sigmoid), batch 128, CrossEntropy, float32, "
           f"{args.threads} threads\n")
-    print(table(rows, ["method", "median ms", "x plain", "peak MiB"]))
+    print(table(rows, ["method", "median ms", "x plain", "peak RSS +MiB"]))
     r = lambda a, b: med[a] / med[b]
     print()
     print(f"BatchGrad / backpack BatchGrad                     = "

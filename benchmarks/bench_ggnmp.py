@@ -21,7 +21,7 @@ import warnings
 import torch
 from torch import nn
 
-from common import interleaved_medians, peak_memory_mb, table
+from common import interleaved_medians, peak_memories, table
 
 warnings.filterwarnings("ignore")
 
@@ -100,10 +100,10 @@ def setup(x, y):
 
 def report(title, fns, reps, base):
     med = interleaved_medians(fns, reps=reps)
-    mem = {k: peak_memory_mb(f) for k, f in fns.items()}
+    mem = peak_memories(title, fns)
     rows = [[k, f"{v * 1e3:.2f}", f"{v / med[base]:.2f}", f"{mem[k]:.1f}"] for k, v in med.items()]
     print(f"\n## {title}\n")
-    print(table(rows, ["method", "median ms", f"x {base}", "peak MiB"]))
+    print(table(rows, ["method", "median ms", f"x {base}", "peak RSS +MiB"]))
     return med
 
 

@@ -13,7 +13,7 @@ import warnings
 import torch
 from torch import nn
 
-from common import interleaved_medians, peak_memory_mb, table
+from common import interleaved_medians, peak_memories, table
 
 warnings.filterwarnings("ignore")
 
@@ -92,11 +92,11 @@ def setup(make_model, x, y):
 
 def report(name, fns, reps):
     med = interleaved_medians(fns, reps=reps)
-    mem = {k: peak_memory_mb(f) for k, f in fns.items()}
+    mem = peak_memories(name, fns)
     base = med["plain fwd+bwd"]
     rows = [[k, f"{v * 1e3:.2f}", f"{v / base:.2f}", f"{mem[k]:.1f}"] for k, v in med.items()]
     print(f"\n## {name}\n")
-    print(table(rows, ["method", "median ms", "x plain", "peak MiB"]))
+    print(table(rows, ["method", "median ms", "x plain", "peak RSS +MiB"]))
     r = lambda a, b: med[a] / med[b]
     print()
     print(f"empirical / plain           = {r('curvlib empirical', 'plain fwd+bwd'):.2f}  (target <= 2.2)")

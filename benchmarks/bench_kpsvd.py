@@ -12,49 +12,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
-import subprocess
-import sys
 import warnings
 
 import torch
 from torch import nn
 
-from common import interleaved_medians, table
+from common import interleaved_medians, peak_memories, table
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)  # solver non-convergence stays visible
-
-
-def _status_mb(key: str) -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
-
-
-def peak_rss_mb(model: str, entry: str, threads: int) -> float:
-    """Peak resident-memory increase (MiB) of one call of ``entry`` after two warm-up calls, in a
-    fresh process whose peak (``VmHWM``) is reset before the call (Linux ``/proc``), with blocks
-    >= 64 KiB returned to the OS on free so that the peak counts live tensors. (The profiler-based
-    ``common.peak_memory_mb`` adds up nested ops' allocations, which inflates iterative methods
-    with many products; forking instead of a fresh process hangs OpenMP.)"""
-    if not os.path.exists("/proc/self/clear_refs"):
-        return float("nan")
-    cmd = [sys.executable, __file__, "--memory-of", entry, "--model", model, "--threads", str(threads)]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # large blocks go back to the OS on free
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.abspath(__file__)))
-    try:
-        return float(out.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        return float("nan")
-
-
-def _measure_memory(fn) -> float:
-    fn()
-    fn()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _status_mb("VmRSS:")
-    fn()
-    return _status_mb("VmHWM:") - base
 
 
 def mlp():
@@ -113,7 +78,7 @@ def setup(make_model, batches):
 
 def report(name, model, fns, reps, threads):
     med = interleaved_medians(fns, reps=reps)
-    mem = {k: peak_rss_mb(model, k, threads) for k in fns}
+    mem = peak_memories(name, fns)
     kfac = med["KFAC type-2"]
     rows = [[k, f"{v * 1e3:.2f}", f"{v / kfac:.2f}", f"{mem[k]:.1f}"] for k, v in med.items()]
     print(f"\n## {name}\n")
@@ -129,14 +94,8 @@ def main():
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cnn", action="store_true", help="also a small sigmoid CNN on 28x28, batch 64")
-    ap.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--model", default="mlp", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if args.memory_of is not None:  # child process of peak_rss_mb
-        make, batches, _ = problem(args.model)
-        print(_measure_memory(setup(make, batches)[args.memory_of]))
-        return
     models = ["mlp", "cnn"] if args.cnn else ["mlp"]
     for model in models:
         make, batches, title = problem(model)

@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import gc
+import os
 import statistics
+import subprocess
+import sys
 import time
-import tracemalloc
 from typing import Callable, Dict, List
 
-import torch
 
 
 def interleaved_medians(fns: Dict[str, Callable[[], None]], reps: int = 15, warmup: int = 3) -> Dict[str, float]:
     """Run every function ``reps`` times in turn (round robin); median seconds each."""
+    if os.environ.get(MEMORY_ENV) is not None:  # memory-measuring child: no timings
+        return {k: float("nan") for k in fns}
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -25,20 +28,53 @@ def interleaved_medians(fns: Dict[str, Callable[[], None]], reps: int = 15, warm
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def peak_memory_mb(fn: Callable[[], None]) -> float:
-    """Peak CPU memory allocated by torch during ``fn`` (MiB), via the profiler."""
+MEMORY_ENV = "CURVLIB_BENCH_MEMORY_OF"
+
+
+def _status_mb(key: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
+
+
+def _child_peak(fn: Callable[[], None]) -> float:
+    fn()
     gc.collect()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = prof.events()
-    # running sum of each op's *own* allocations (minus frees) in event order gives the
-    # peak above the baseline; cpu_memory_usage would count a nested op's bytes again in
-    # every enclosing op
-    cur = peak = 0
-    for e in sorted(events, key=lambda e: e.time_range.start):
-        cur += e.self_cpu_memory_usage
-        peak = max(peak, cur)
-    return peak / 2**20
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the high-water mark VmHWM
+    base = _status_mb("VmRSS:")
+    fn()
+    return _status_mb("VmHWM:") - base
+
+
+def peak_memories(problem: str, fns: Dict[str, Callable[[], None]]) -> Dict[str, float]:
+    """Peak resident-memory increase (MiB) of one call of each function, after a warm-up call.
+
+    Each is measured in a fresh run of the calling script (``CURVLIB_BENCH_MEMORY_OF`` names
+    the problem and the method; there :func:`interleaved_medians` does nothing and this
+    function measures and exits), with ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed large
+    blocks leave the resident set and ``VmHWM - VmRSS`` counts the live tensors of the call.
+    In-process numbers are useless: memory freed earlier stays resident and is reused, and
+    the profiler counts nested ops' allocations more than once. Linux only (NaN elsewhere).
+    """
+    spec = os.environ.get(MEMORY_ENV)
+    if spec is not None:  # child: measure the one asked for, then stop
+        want_problem, method = spec.split("::", 1)
+        if want_problem == problem:
+            print(f"{_child_peak(fns[method]):.3f}")
+            sys.exit(0)
+        return {k: float("nan") for k in fns}
+    if not os.path.exists("/proc/self/clear_refs"):
+        return {k: float("nan") for k in fns}
+    out = {}
+    for method in fns:
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+        env[MEMORY_ENV] = f"{problem}::{method}"
+        run = subprocess.run([sys.executable, *sys.argv], env=env, capture_output=True, text=True)
+        try:
+            out[method] = float(run.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            out[method] = float("nan")
+    return out
 
 
 def table(rows: List[List[str]], header: List[str]) -> str:

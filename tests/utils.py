@@ -1,7 +1,7 @@
 """Independent references for the tests: dense quantities from ``torch.func``."""
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import torch
 from torch import Tensor, nn

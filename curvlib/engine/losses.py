@@ -23,7 +23,6 @@ from typing import ClassVar, Dict, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
 

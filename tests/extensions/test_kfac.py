@@ -5,7 +5,7 @@ from torch import nn
 
 from curvlib import curvature, extend
 from curvlib.extensions import KFAC
-from tests.utils import dense_ggn, param_slices, per_sample_grads
+from tests.utils import param_slices
 
 LOSSES = {
     "ce": (nn.CrossEntropyLoss, lambda n, c: torch.randint(0, c, (n,))),

@@ -56,7 +56,6 @@ def test_lanczos_invariant_subspace_start(gen):
 
 
 def test_lanczos_errors(gen):
-    A = torch.eye(5, dtype=torch.float64)
     with pytest.raises(ValueError, match="starting vector v0 is zero"):
         lanczos(lambda v: v, torch.zeros(5, dtype=torch.float64), 2)
     with pytest.raises(ValueError, match="k must satisfy"):
