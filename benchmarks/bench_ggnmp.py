@@ -21,33 +21,22 @@ import warnings
 import torch
 from torch import nn
 
-from common import interleaved_medians, peak_memories, table
+from common import interleaved_medians, model_copies, peak_memories, sigmoid_mlp, table
 
 warnings.filterwarnings("ignore")
 
 
-def mlp():
-    return nn.Sequential(nn.Linear(784, 256), nn.Sigmoid(), nn.Linear(256, 128), nn.Sigmoid(), nn.Linear(128, 10))
-
-
 def setup(x, y):
-    from backpack import backpack, extend as bp_extend
+    from backpack import backpack
     from backpack.extensions import GGNMP as BPGGNMP
     from curvlinops import GGNLinearOperator
 
     import curvlib
     from curvlib.extensions.ggnmp import GGNMP
 
-    torch.manual_seed(0)
-    ours = curvlib.extend(mlp())
-    ours_loss = curvlib.extend(nn.CrossEntropyLoss())
-    bp = bp_extend(mlp())
-    bp.load_state_dict(ours.state_dict())
-    bp_loss = bp_extend(nn.CrossEntropyLoss())
-    plain = mlp()
-    plain.load_state_dict(ours.state_dict())
-    plain_loss = nn.CrossEntropyLoss()
-    cl_model = mlp()
+    copies = model_copies(sigmoid_mlp)
+    (ours, ours_loss), (bp, bp_loss), (plain, plain_loss) = copies["curvlib"], copies["backpack"], copies["plain"]
+    cl_model = sigmoid_mlp()
     cl_model.load_state_dict(ours.state_dict())
     cl_params = list(cl_model.parameters())
     Vs = [torch.randn(1, *p.shape) for p in ours.parameters()]

@@ -13,7 +13,7 @@ import warnings
 import torch
 from torch import nn
 
-from common import interleaved_medians, peak_memories, table
+from common import interleaved_medians, model_copies, peak_memories, table
 
 warnings.filterwarnings("ignore")
 
@@ -31,22 +31,15 @@ def cnn():
 
 
 def setup(make_model, x, y):
-    from backpack import backpack, extend as bp_extend
+    from backpack import backpack
     from backpack.extensions import KFAC as BPKFAC, KFLR as BPKFLR
     from curvlinops import KFACLinearOperator
 
     import curvlib
     from curvlib.extensions import KFAC
 
-    torch.manual_seed(0)
-    ours = curvlib.extend(make_model())
-    ours_loss = curvlib.extend(nn.CrossEntropyLoss())
-    bp = bp_extend(make_model())
-    bp.load_state_dict(ours.state_dict())
-    bp_loss = bp_extend(nn.CrossEntropyLoss())
-    plain = make_model()
-    plain.load_state_dict(ours.state_dict())
-    plain_loss = nn.CrossEntropyLoss()
+    copies = model_copies(make_model)
+    (ours, ours_loss), (bp, bp_loss), (plain, plain_loss) = copies["curvlib"], copies["backpack"], copies["plain"]
     cl_model = make_model()
     cl_model.load_state_dict(ours.state_dict())
     params = [p for p in cl_model.parameters()]

@@ -82,3 +82,31 @@ def table(rows: List[List[str]], header: List[str]) -> str:
     line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(header), sep] + [line(r) for r in rows])
+
+
+def sigmoid_mlp():
+    """MLP 784-256-128-10 with sigmoids (the issues' workload for the extensions)."""
+    from torch import nn
+
+    return nn.Sequential(nn.Linear(784, 256), nn.Sigmoid(), nn.Linear(256, 128), nn.Sigmoid(), nn.Linear(128, 10))
+
+
+def model_copies(make_model):
+    """Copies of one initialisation, each with its CrossEntropy loss: ``curvlib`` (extended),
+    ``backpack`` (BackPACK-extended) and ``plain`` (untouched), as ``name -> (model, loss)``."""
+    import torch
+    from backpack import extend as bp_extend
+    from torch import nn
+
+    import curvlib
+
+    torch.manual_seed(0)
+    ours = curvlib.extend(make_model())
+    bp, plain = bp_extend(make_model()), make_model()
+    bp.load_state_dict(ours.state_dict())
+    plain.load_state_dict(ours.state_dict())
+    return {
+        "curvlib": (ours, curvlib.extend(nn.CrossEntropyLoss())),
+        "backpack": (bp, bp_extend(nn.CrossEntropyLoss())),
+        "plain": (plain, nn.CrossEntropyLoss()),
+    }

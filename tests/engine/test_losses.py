@@ -7,11 +7,7 @@ from torch.func import hessian
 from curvlib.engine.losses import loss_adapter_for
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(torch.float32)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def cases():

@@ -10,11 +10,7 @@ from tests.extensions.test_block_fisher import LOSSES, NETS, problem, run
 from tests.utils import per_sample_grads
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(torch.float32)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 @pytest.mark.parametrize("net", list(NETS))

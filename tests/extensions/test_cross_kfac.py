@@ -14,11 +14,7 @@ from tests.utils import dense_ggn, param_slices
 LAYERS = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(torch.float32)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def layers_in_forward_order(net, model, x):

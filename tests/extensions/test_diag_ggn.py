@@ -7,11 +7,7 @@ from tests.extensions.test_block_fisher import LOSSES, NETS, dense_ef, problem, 
 from tests.utils import dense_ggn, param_slices
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(torch.float32)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 # seq: T = 2 < K = 5 classes-1 (factored route); cnn, convT: T > K (per-sample route)

@@ -12,11 +12,7 @@ from curvlib.extensions.ggnmp import GGNMP
 from tests.utils import dense_ggn, param_slices
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(torch.float32)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 class Residual(nn.Module):

@@ -10,51 +10,14 @@ from curvlib import curvature, extend
 from curvlib.engine import state
 from curvlib.extensions.ggnmp import GGNMP
 from curvlib.extensions.hmp import HMP
+from tests.extensions.test_ggnmp import MODELS as ALL_MODELS, setup
 from tests.utils import dense_ggn, param_slices
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(torch.float32)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
-class Residual(nn.Module):
-    """``h = tanh(l1(x)); h = h + l2(sigmoid(h)); out = l3(h)`` (functional skip)."""
-
-    def __init__(self):
-        super().__init__()
-        self.l1, self.l2, self.l3 = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 3)
-
-    def forward(self, x):
-        h = torch.tanh(self.l1(x))
-        h = h + self.l2(torch.sigmoid(h))
-        return self.l3(h)
-
-
-MODELS = {
-    "mlp": (lambda: nn.Sequential(nn.Linear(4, 5), nn.Sigmoid(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)), (6, 4)),
-    "cnn": (
-        lambda: nn.Sequential(
-            nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(12, 4), nn.Sigmoid(), nn.Linear(4, 3)
-        ),
-        (6, 2, 5, 5),
-    ),
-    "res": (Residual, (6, 4)),
-}
-LOSSES = {
-    "ce": (nn.CrossEntropyLoss, lambda n: torch.randint(0, 3, (n,))),
-    "mse": (nn.MSELoss, lambda n: torch.randn(n, 3)),
-}
-
-
-def setup(model_name, loss_name, reduction="mean"):
-    make, shape = MODELS[model_name]
-    model = extend(make())
-    make_loss, make_y = LOSSES[loss_name]
-    loss_fn = extend(make_loss(reduction=reduction))
-    return model, loss_fn, torch.randn(*shape), make_y(shape[0])
+MODELS = {k: ALL_MODELS[k] for k in ("mlp", "cnn", "res")}
 
 
 def dense_hessian(model, loss_fn, x, y):

@@ -13,11 +13,7 @@ from curvlib.extensions.kfac_corrected import KFACCorrected
 from tests.extensions.test_kpsvd import backward, close, exact_blocks, rearrange_dense, setup
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(torch.float32)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 @pytest.mark.parametrize("method", ["power", "lanczos"])

@@ -18,11 +18,7 @@ from curvlib.extensions.kpsvd import KPSVD, RearrangedBlock, kronecker_svd
 from tests.utils import dense_ggn, param_slices, per_sample_grads
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(torch.float32)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def nets():
