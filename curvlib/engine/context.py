@@ -31,10 +31,10 @@ class curvature:
     """
 
     def __init__(self, *extensions):
-        from curvlib.extensions.base import Extension  # extensions sit above the engine
-
-        for ext in extensions:
-            if not isinstance(ext, Extension):
+        for ext in extensions:  # duck-typed: the engine does not import the extensions
+            if isinstance(ext, type) or not all(
+                hasattr(ext, a) for a in ("savefield", "sources", "compute", "begin", "finish")
+            ):
                 raise TypeError(
                     f"curvlib.curvature expects extension instances (e.g. KFAC()), got {ext!r}."
                 )
