@@ -91,6 +91,14 @@ def spread_over_positions(S: Tensor, class_dim: int) -> Tensor:
     return out.movedim(-1, 1 + class_dim)
 
 
+def _class_eye(f: Tensor, class_dim: int) -> Tensor:
+    """``I_C`` as ``[C(k), 1, ..., C at 1 + class_dim, ..., 1]``: column ``k`` of every
+    prediction, broadcastable against ``[1, *f.shape]``."""
+    C = f.shape[class_dim]
+    shape = [C if d == class_dim else 1 for d in range(f.ndim)]
+    return torch.eye(C, dtype=f.dtype, device=f.device).view(C, *shape)
+
+
 def _one_hot(labels: Tensor, C: int, class_dim: int, dtype: torch.dtype) -> Tensor:
     return F.one_hot(labels, C).to(dtype).movedim(-1, class_dim)
 
@@ -142,11 +150,8 @@ class CrossEntropyAdapter(LossAdapter):
         if f.ndim > 2:
             # positions share columns: use curvlinops' square root so that KFAC's
             # cross-position terms agree with it; column k = sqrt(p_k) (e_k - p)
-            C = f.shape[cd]
-            eye = torch.eye(C, dtype=f.dtype, device=f.device)
-            eye = eye.view(C, *[C if d == cd else 1 for d in range(f.ndim)])
             sk = p.sqrt().movedim(cd, 0).unsqueeze(1 + cd)  # [C(k), ..., 1 at cd, ...]
-            return sk * (eye - p.unsqueeze(0))
+            return sk * (_class_eye(f, cd) - p.unsqueeze(0))
         q = p.sqrt().movedim(cd, -1)  # [..., C]
         C = q.shape[-1]
         if C == 1:
@@ -194,10 +199,7 @@ class NLLAdapter(CrossEntropyAdapter):
     def sqrt_hessian(self, f, y):
         cd = self._cdim(f)
         p = self._probs(f)
-        C = f.shape[cd]
-        eye = torch.eye(C, dtype=f.dtype, device=f.device)
-        eye = eye.view(C, *[C if d == cd else 1 for d in range(f.ndim)])
-        return p.sqrt().movedim(cd, 0).unsqueeze(1 + cd) * eye
+        return p.sqrt().movedim(cd, 0).unsqueeze(1 + cd) * _class_eye(f, cd)
 
     def sample_gradients(self, f, y, m):
         g = super().sample_gradients(f, y, m)
@@ -214,10 +216,7 @@ class _ElementwiseAdapter(LossAdapter):
         raise NotImplementedError
 
     def sqrt_hessian(self, f, y):
-        C = f.shape[-1]
-        eye = torch.eye(C, dtype=f.dtype, device=f.device)
-        eye = eye.view(C, *[1] * (f.ndim - 1), C)
-        return self._diag_sqrt(f).unsqueeze(0) * eye
+        return self._diag_sqrt(f).unsqueeze(0) * _class_eye(f, f.ndim - 1)
 
 
 class MSEAdapter(_ElementwiseAdapter):
