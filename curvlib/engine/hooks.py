@@ -28,10 +28,9 @@ _ROOT_FLAG = "_curvlib_root"
 
 _CALLS = "_curvlib_calls"
 
-#: stack of extended models whose forward is running (to tag layer calls)
-_ROOTS: List[nn.Module] = []
-#: ``(args, kwargs)`` of those forward calls (tensors detached), parallel to ``_ROOTS``
-_ROOT_INPUTS: List[Tuple[tuple, Dict[str, Any]]] = []
+#: extended models whose forward is running, with the ``(args, kwargs)`` of that forward
+#: (tensors detached): tags the layer calls it makes
+_ROOTS: List[Tuple[nn.Module, Tuple[tuple, Dict[str, Any]]]] = []
 
 
 @contextlib.contextmanager
@@ -99,10 +98,8 @@ def _root_pre_hook(root: nn.Module, args, kwargs) -> None:
     # a new forward of this model: the calls of its earlier forwards are stale
     _release_all(getattr(root, _CALLS, ()))
     setattr(root, _CALLS, [])
-    _ROOTS.append(root)
-    _ROOT_INPUTS.append(
-        (tuple(_detached(a) for a in args), {k: _detached(v) for k, v in kwargs.items()})
-    )
+    inputs = (tuple(_detached(a) for a in args), {k: _detached(v) for k, v in kwargs.items()})
+    _ROOTS.append((root, inputs))
     return None
 
 
@@ -115,9 +112,8 @@ def _release_all(calls) -> None:
 def _root_post_hook(root: nn.Module, inputs, output) -> None:
     if state.HOOKS_PAUSED:
         return
-    if _ROOTS and _ROOTS[-1] is root:
+    if _ROOTS and _ROOTS[-1][0] is root:
         _ROOTS.pop()
-        _ROOT_INPUTS.pop()
 
 
 def _layer_forward_hook(module: nn.Module, inputs, output) -> None:
@@ -127,14 +123,14 @@ def _layer_forward_hook(module: nn.Module, inputs, output) -> None:
         return
     if not inputs or not isinstance(inputs[0], Tensor):
         return
-    root = _ROOTS[-1] if _ROOTS else None
+    root, root_inputs = _ROOTS[-1] if _ROOTS else (None, None)
     call = LayerCall(
         module=module,
         root=root,
         input=inputs[0].detach(),
         output_edge=torch.autograd.graph.get_gradient_edge(output),
         output_shape=output.shape,
-        root_inputs=_ROOT_INPUTS[-1] if root is not None else None,
+        root_inputs=root_inputs,
     )
     # ownership: the extended model owns the calls of its current forward (a layer
     # called outside it owns its latest call); the tape only refers to them weakly, so
