@@ -33,7 +33,7 @@ class curvature:
     def __init__(self, *extensions):
         for ext in extensions:  # duck-typed: the engine does not import the extensions
             if isinstance(ext, type) or not all(
-                hasattr(ext, a) for a in ("savefield", "sources", "compute", "begin", "finish")
+                hasattr(ext, a) for a in ("savefield", "check_finite", "sources", "compute", "begin", "finish")
             ):
                 raise TypeError(
                     f"curvlib.curvature expects extension instances (e.g. KFAC()), got {ext!r}."
@@ -167,9 +167,8 @@ class curvature:
         )
         with torch.no_grad():
             for ext in self.extensions:
-                check = getattr(ext, "check_finite", True)  # False: ext checks its inputs
                 for name, value in ext.compute(capture).items():
-                    if check:
+                    if ext.check_finite:
                         finite_or_raise(value, module, f"{ext.savefield} of the {name}")
                     setattr(getattr(module, name), ext.savefield, value)
         state.TAPE.pop(call.uid, None)

@@ -24,6 +24,9 @@ class Extension:
     savefield: ClassVar[str] = ""
     #: whether type-2 needs the exact per-position square root (see capture sources)
     exact_type2: ClassVar[bool] = True
+    #: whether the engine scans the results for NaN/Inf; an extension with large results
+    #: (per-sample gradients) sets ``False`` and checks its (smaller) inputs itself
+    check_finite: ClassVar[bool] = True
 
     def __init__(self, fisher_type: str = "mc", mc_samples: int = 1):
         if fisher_type not in FISHER_TYPES:
