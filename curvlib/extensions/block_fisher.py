@@ -101,10 +101,11 @@ class GradFactors(Extension):
     ``[K*N, *p.shape]`` of the chosen source, row ``k*N + n``, scaled so that
     ``U^T U`` is the curvature (``U`` the rows flattened). See :func:`stack_grad_factors`.
 
-    ``K`` per datum: ``"type-2"``: the columns of the loss-Hessian square root times the output
-    positions -- ``C - 1`` for ``CrossEntropyLoss`` over ``C`` classes (Householder square root
-    of ``diag(p) - p p^T``, which has rank ``C - 1``), ``C`` for ``NLLLoss``, the number of
-    outputs for ``MSELoss`` / ``BCEWithLogitsLoss``; ``"mc"``: ``mc_samples``; ``"empirical"``: 1.
+    ``K`` per datum: ``"type-2"``: the columns of the loss-Hessian square root -- ``C - 1`` for
+    ``CrossEntropyLoss`` on ``[N, C]`` logits (Householder square root of ``diag(p) - p p^T``,
+    which has rank ``C - 1``), ``C`` for ``NLLLoss``, the number of outputs ``D`` for ``MSELoss``
+    / ``BCEWithLogitsLoss``; with output positions (``[N, C, d1, ...]``) one column per class (or
+    output) and position, ``C d1 ...``. ``"mc"``: ``mc_samples``; ``"empirical"``: 1.
     ``stack_grad_factors(params, for_woodbury=True)`` is ``[m, d]`` with ``m = K N`` and
     ``F = U^T U / m``, the convention of :func:`curvlib.solvers.woodbury_solve`.
 
@@ -117,7 +118,7 @@ class GradFactors(Extension):
     plain loss (it then assumes a mean over the batch).
 
     Args:
-        fisher_type: ``"type-2"`` (exact: ``K`` = square-root columns x output positions), ``"mc"``
+        fisher_type: ``"type-2"`` (exact: ``K`` as above), ``"mc"``
             (``K = mc_samples``) or ``"empirical"`` (``K = 1``).
         mc_samples: sampled targets per datum for ``"mc"``.
         reuse_buffers: overwrite the previous ``p.grad_factors`` in place when nothing else
@@ -201,7 +202,13 @@ def stack_grad_factors(
 ) -> Tensor:
     """The whole-network factor ``U`` ``[m, sum_p p.numel()]`` in ``params`` order:
     ``F = U^T U`` (``for_woodbury=True``: ``F = U^T U / m``, :func:`curvlib.solvers.woodbury_solve`'s
-    convention, so ``woodbury_solve(U, g, λ) = (F + λ I)^-1 g``)."""
+    convention, so ``woodbury_solve(U, g, λ) = (F + λ I)^-1 g``).
+
+    ``m = K N`` rows, ``K`` factors per sample (see :class:`GradFactors`): for ``"type-2"``
+    ``K = C - 1`` with ``CrossEntropyLoss`` on ``[N, C]`` logits, ``C`` with ``NLLLoss``, the
+    number of outputs with ``MSELoss`` / ``BCEWithLogitsLoss``, ``C d1 ...`` for outputs with
+    positions ``[N, C, d1, ...]``; ``mc_samples`` for ``"mc"``; ``1`` for ``"empirical"``. The
+    parameters must come from one backward inside ``curvature(GradFactors(...))``."""
     return torch.cat(grad_factor_blocks(params, for_woodbury, savefield), dim=1)
 
 

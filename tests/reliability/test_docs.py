@@ -28,7 +28,10 @@ SHAPE = re.compile(r"\[[^\]\[]*(,|\d|\*)[^\]\[]*\]")  # e.g. [N, *p.shape], [out
 def test_every_public_extension_is_listed():
     """A new public extension must get a docstring checked here too."""
     public = {n for n in E.__all__ if inspect.isclass(getattr(E, n)) and issubclass(getattr(E, n), E.Extension)}
-    assert public - {"Extension"} == set(PUBLIC_EXTENSIONS)
+    assert public - {"Extension"} == set(PUBLIC_EXTENSIONS), (
+        "a public extension was added or removed: update PUBLIC_EXTENSIONS here, and give a new "
+        "one a class docstring with its savefield, shapes, scaling and a >>> example"
+    )
 
 
 @pytest.mark.parametrize("name", PUBLIC_EXTENSIONS)
@@ -89,41 +92,51 @@ def test_doctest_runner_catches_a_wrong_example(capsys):
 # ----------------------------------------------------------------------------- m of the factors
 
 
-def _factors(loss_fn, f_dim, y, fisher_type, mc_samples=1, N=6):
-    torch.manual_seed(0)
-    model = extend(nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, f_dim)))
-    loss_fn = extend(loss_fn)
-    x = torch.randn(N, 5)
-    with curvature(GradFactors(fisher_type, mc_samples=mc_samples)):
-        loss_fn(model(x), y).backward()
-    params = list(model.parameters())
-    return model, loss_fn, x, params, stack_grad_factors(params, for_woodbury=True)
+class _Transpose(nn.Module):
+    def forward(self, x):
+        return x.transpose(1, 2)  # [N, P, C] -> [N, C, P]
+
+
+N, P = 6, 4
+_CASES = {
+    # name: (loss, head, input shape, target maker, fisher_type, K)
+    "ce-type2": (nn.CrossEntropyLoss, [], (N, 5), lambda: torch.randint(0, 3, (N,)), "type-2", 2),  # C - 1
+    "ce2-type2": (nn.CrossEntropyLoss, [], (N, 5), lambda: torch.randint(0, 2, (N,)), "type-2", 1),
+    "nll-type2": (nn.NLLLoss, [nn.LogSoftmax(dim=1)], (N, 5), lambda: torch.randint(0, 3, (N,)), "type-2", 3),
+    "mse-type2": (nn.MSELoss, [], (N, 5), lambda: torch.randn(N, 3), "type-2", 3),  # one per output
+    "bce-type2": (nn.BCEWithLogitsLoss, [], (N, 5), lambda: torch.rand(N, 3), "type-2", 3),
+    "ce-positions-type2": (nn.CrossEntropyLoss, [_Transpose()], (N, P, 5), lambda: torch.randint(0, 3, (N, P)),
+                           "type-2", 3 * P),  # one per (class, position)
+    "mse-positions-type2": (nn.MSELoss, [], (N, P, 5), lambda: torch.randn(N, P, 3), "type-2", 3 * P),
+    "ce-mc": (nn.CrossEntropyLoss, [], (N, 5), lambda: torch.randint(0, 3, (N,)), "mc", 4),  # mc_samples
+    "ce-empirical": (nn.CrossEntropyLoss, [], (N, 5), lambda: torch.randint(0, 3, (N,)), "empirical", 1),
+}
 
 
 @pytest.mark.usefixtures("float64")
-@pytest.mark.parametrize(
-    "loss, C, target, fisher_type, K",
-    [
-        (nn.CrossEntropyLoss, 3, "class", "type-2", 2),      # C - 1 (Householder square root)
-        (nn.CrossEntropyLoss, 2, "class", "type-2", 1),
-        (nn.MSELoss, 3, "real", "type-2", 3),                # one column per output
-        (nn.BCEWithLogitsLoss, 3, "prob", "type-2", 3),
-        (nn.CrossEntropyLoss, 3, "class", "mc", 4),          # mc_samples
-        (nn.CrossEntropyLoss, 3, "class", "empirical", 1),
-    ],
-)
-def test_woodbury_factor_rows_m_and_scaling(loss, C, target, fisher_type, K):
-    """README, GradFactors: ``m = K N`` rows with ``K = C - 1`` for type-2 cross-entropy, and
-    ``F = U^T U / m`` (type-2: the exact GGN from ``torch.func``), so ``woodbury_solve`` gives
-    ``(F + l I)^-1 g``."""
-    N = 6
-    y = {"class": torch.randint(0, C, (N,)), "real": torch.randn(N, C), "prob": torch.rand(N, C)}[target]
-    model, loss_fn, x, params, U = _factors(loss(), C, y, fisher_type, mc_samples=4, N=N)
-    m = K * N
-    d = sum(p.numel() for p in params)
+@pytest.mark.parametrize("case", list(_CASES))
+def test_woodbury_factor_rows_m_and_scaling(case):
+    """README, GradFactors, stack_grad_factors: ``m = K N`` rows (``K = C - 1`` for type-2
+    cross-entropy on ``[N, C]``), and ``F = U^T U / m`` equal to the dense GGN (``torch.func``)
+    for type-2, so that ``woodbury_solve(U, g, l) = (F + l I)^-1 g``."""
+    loss, head, xshape, y, fisher_type, K = _CASES[case]
+    widths = 2 if case == "ce2-type2" else 3
+    model = extend(nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, widths), *head))
+    loss_fn = extend(loss())
+    x = torch.randn(*xshape)
+    y = y()
+    y = y.double() if y.is_floating_point() else y
+    with curvature(GradFactors(fisher_type, mc_samples=4)):
+        loss_fn(model(x), y).backward()
+    params = list(model.parameters())
+    U = stack_grad_factors(params, for_woodbury=True)
+    m, d = K * N, sum(p.numel() for p in params)
     assert U.shape == (m, d)
     if fisher_type == "type-2":
-        F = dense_ggn(model, loss_fn, x, y)
+        if loss is nn.NLLLoss:  # NLL is linear in the log-probabilities: the Fisher is the CE GGN of the logits
+            F = dense_ggn(model[:-1], nn.CrossEntropyLoss(), x, y)
+        else:
+            F = dense_ggn(model, loss_fn, x, y)
         torch.testing.assert_close(U.T @ U / m, F, rtol=1e-9, atol=1e-12)
         g = torch.randn(d)
         torch.testing.assert_close(woodbury_solve(U, g, 1e-2), torch.linalg.solve(F + 1e-2 * torch.eye(d), g))
