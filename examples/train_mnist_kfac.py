@@ -7,13 +7,18 @@ preconditions the gradient: ``W <- W - lr (G + sqrt(l)/pi I)^-1 dW (A + pi sqrt(
 
     python examples/train_mnist_kfac.py            # 300 steps, prints both loss curves
     python examples/train_mnist_kfac.py --steps 30 # quick check
+
+Progress goes to stderr while it trains (a ``tqdm`` bar if ``tqdm`` is installed -- the
+``demo`` extra installs it -- else one line every ``--every`` steps; ``--progress off``
+silences it); the table of both loss curves goes to stdout at the end.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -51,12 +56,57 @@ def batches(X, y, batch_size: int, steps: int, seed: int):
         yield X[idx], y[idx]
 
 
+class Progress:
+    """Training progress on stderr: ``update(loss)`` once per step, ``close()`` at the end.
+
+    ``mode``: ``"tqdm"`` (a bar with the running loss), ``"lines"`` (one line every ``every``
+    steps: step, mean loss since the last line, elapsed time), ``"off"``, or ``"auto"``
+    (``"tqdm"`` if it is installed, else ``"lines"``).
+    """
+
+    def __init__(self, total: int, desc: str, every: int = 25, mode: str = "auto"):
+        if mode == "auto":
+            try:
+                import tqdm  # noqa: F401
+
+                mode = "tqdm"
+            except ImportError:
+                mode = "lines"
+        self.total, self.desc, self.every, self.mode = total, desc, max(1, every), mode
+        self.step, self.window, self.t0 = 0, [], time.perf_counter()
+        self.bar = None
+        if mode == "tqdm":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, mininterval=0.5)
+
+    def update(self, loss: float) -> None:
+        self.step += 1
+        self.window.append(loss)
+        if self.bar is not None:
+            self.bar.update(1)
+            if self.step % self.every == 0 or self.step == self.total:
+                self.bar.set_postfix(loss=f"{sum(self.window) / len(self.window):.4f}")
+                self.window = []
+        elif self.mode == "lines" and (self.step % self.every == 0 or self.step == self.total):
+            mean = sum(self.window) / len(self.window)
+            elapsed = time.perf_counter() - self.t0
+            print(f"{self.desc}: step {self.step:4d}/{self.total}  loss {mean:.4f}  ({elapsed:.1f} s)",
+                  file=sys.stderr, flush=True)
+            self.window = []
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, X, y) -> float:
     return (model(X).argmax(1) == y).float().mean().item()
 
 
-def train_sgd(model, data, lr: float, steps: int, batch_size: int) -> List[float]:
+def train_sgd(model, data, lr: float, steps: int, batch_size: int,
+              progress: Optional[Progress] = None) -> List[float]:
     loss_fn, losses = nn.CrossEntropyLoss(), []
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     for x, y in batches(*data, batch_size, steps, seed=1):
@@ -65,11 +115,13 @@ def train_sgd(model, data, lr: float, steps: int, batch_size: int) -> List[float
         loss.backward()
         opt.step()
         losses.append(loss.item())
+        if progress is not None:
+            progress.update(losses[-1])
     return losses
 
 
 def train_kfac(model, data, lr: float, steps: int, batch_size: int, damping: float,
-               ema: float, inv_every: int) -> List[float]:
+               ema: float, inv_every: int, progress: Optional[Progress] = None) -> List[float]:
     model, loss_fn = extend(model), extend(nn.CrossEntropyLoss())
     factors: Dict[nn.Parameter, List[torch.Tensor]] = {}
     inverses: Dict[nn.Parameter, KroneckerInverse] = {}
@@ -81,6 +133,8 @@ def train_kfac(model, data, lr: float, steps: int, batch_size: int, damping: flo
         with curvature(KFAC(fisher_type="mc", mc_samples=1)):
             loss.backward()
         losses.append(loss.item())
+        if progress is not None:
+            progress.update(losses[-1])
         with torch.no_grad():
             for p in model.parameters():
                 new = p.kfac
@@ -104,23 +158,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--damping", type=float, default=1.0)
     ap.add_argument("--ema", type=float, default=0.9)
     ap.add_argument("--inv-every", type=int, default=10)
-    ap.add_argument("--every", type=int, default=25, help="table row every N steps")
+    ap.add_argument("--every", type=int, default=25, help="table row (and progress line) every N steps")
+    ap.add_argument("--progress", choices=["auto", "tqdm", "lines", "off"], default="auto",
+                    help="progress on stderr: tqdm bar (auto: if installed), a line every N steps, or none")
     return ap.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> Dict[str, object]:
     """Train both from the same initialisation; losses per step, test accuracy, seconds."""
+    mode = getattr(args, "progress", "auto")
     torch.manual_seed(0)
     train, test = load_mnist()
     init = make_cnn()
     sgd_model, kfac_model = copy.deepcopy(init), copy.deepcopy(init)
+    bar = Progress(args.steps, "SGD+momentum", args.every, mode)
     t0 = time.perf_counter()
-    sgd = train_sgd(sgd_model, train, args.lr_sgd, args.steps, args.batch_size)
+    sgd = train_sgd(sgd_model, train, args.lr_sgd, args.steps, args.batch_size, bar)
     t_sgd = time.perf_counter() - t0
+    bar.close()
+    bar = Progress(args.steps, "KFAC-SGD", args.every, mode)
     t0 = time.perf_counter()
     kfac = train_kfac(kfac_model, train, args.lr_kfac, args.steps, args.batch_size,
-                      args.damping, args.ema, args.inv_every)
+                      args.damping, args.ema, args.inv_every, bar)
     t_kfac = time.perf_counter() - t0
+    bar.close()
     return {
         "sgd": sgd, "kfac": kfac, "time_sgd": t_sgd, "time_kfac": t_kfac,
         "acc_sgd": accuracy(sgd_model, *test), "acc_kfac": accuracy(kfac_model, *test),
@@ -130,6 +191,8 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    print(f"training a CNN on MNIST for {args.steps} steps with SGD+momentum, then with KFAC-SGD "
+          "(progress on stderr, table at the end)", flush=True)
     res = run(args)
     sgd, kfac = res["sgd"], res["kfac"]
 

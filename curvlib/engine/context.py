@@ -17,17 +17,49 @@ from curvlib.engine.records import LayerCall, LossCall
 class curvature:
     """Compute curvature extensions during the ``backward`` calls inside the block.
 
-    Example::
+    Args:
+        *extensions: extension instances from :mod:`curvlib.extensions` (``KFAC()``,
+            ``GGNMP()``, ...), at most one per savefield.
 
-        loss = loss_fn(model(x), y)
-        with curvature(KFAC(fisher_type="type-2"), BatchGrad()):
-            loss.backward()        # p.grad as usual, plus p.kfac, p.grad_batch
+    ``with curvature(...) as ctx`` gives the context; ``ctx.extensions`` is the list passed in
+    (for results kept on an extension: ``GGNMP.operator()``, ``KFAC(cross_layer=True).cross``).
 
-    When an extension needs ``"mc"`` or ``"type-2"`` cotangents, the engine generates
-    them at the (extended) loss and back-propagates all of them at once, batched with
+    What happens: the forward may run before the block (as below); the ``backward`` must run
+    inside it. The backward computes ``p.grad`` exactly as without curvlib, and each extended
+    layer it reaches gets ``p.<savefield>`` for each of its parameters that require gradients
+    (``p.kfac``, ``p.grad_batch``, ...: see each extension's docstring for shapes and scaling).
+    When an extension needs ``"mc"`` or ``"type-2"`` cotangents, the engine generates them at the
+    (extended) loss and back-propagates all of them at once, batched with
     ``torch.autograd.grad(..., is_grads_batched=True)``, from the model output to every
     extended layer output, inside the same ``backward`` call; parameter gradients are
     not computed for them.
+
+    Requirements (each violation raises an error that says what to do):
+
+    - the model was passed to :func:`curvlib.extend` before the forward; if no extended layer
+      took part in a backward inside the block, leaving the block raises ``RuntimeError``;
+    - ``fisher_type="mc"`` / ``"type-2"`` (and ``HMP``) need an extended loss
+      (``extend(torch.nn.CrossEntropyLoss())``, ``NLLLoss``, ``MSELoss``, ``BCEWithLogitsLoss``;
+      reduction ``"mean"`` or ``"sum"``) fed directly by the model output;
+    - one backward per forward of the extended model (run them in pairs);
+    - contexts cannot be nested.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from curvlib import extend, curvature
+        >>> from curvlib.extensions import KFAC, BatchGrad
+        >>> model = extend(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)))
+        >>> loss_fn = extend(nn.CrossEntropyLoss())  # needed for "mc" and "type-2"
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+        >>> loss = loss_fn(model(x), y)
+        >>> with curvature(KFAC(fisher_type="type-2"), BatchGrad()) as ctx:
+        ...     loss.backward()        # p.grad as usual, plus p.kfac, p.grad_batch
+        >>> W = model[0].weight
+        >>> W.grad.shape, [F.shape for F in W.kfac], W.grad_batch.shape
+        (torch.Size([3, 4]), [torch.Size([3, 3]), torch.Size([4, 4])], torch.Size([8, 3, 4]))
+        >>> [type(e).__name__ for e in ctx.extensions]
+        ['KFAC', 'BatchGrad']
     """
 
     def __init__(self, *extensions):

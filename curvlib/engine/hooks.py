@@ -52,11 +52,40 @@ def _detached(x):
 def extend(module: M) -> M:
     """Prepare a model or a loss module for curvature capture; returns ``module``.
 
-    For a model, every sub-layer with an adapter (Linear, ConvNd, ConvTransposeNd) is
-    hooked; a sub-module that owns parameters but has no adapter gets a warning naming
-    it (its parameters get no curvature). For a loss (CrossEntropyLoss, NLLLoss, MSELoss,
-    BCEWithLogitsLoss) the loss value is hooked so that ``fisher_type="mc"`` and
-    ``"type-2"`` can back-propagate the loss's curvature. Idempotent.
+    Args:
+        module: the model (any ``nn.Module``; it is not copied, wrapped or rewritten: hooks are
+            registered on it and it is returned) or a loss module.
+
+    Returns:
+        ``module`` itself, so ``model = extend(model)`` and ``extend(model)`` are the same.
+
+    For a model, every sub-layer with an adapter (Linear, ConvNd, ConvTransposeNd; the table
+    ``curvlib.engine.layers.ADAPTERS``) is hooked; a sub-module that owns parameters but has no
+    adapter gets a warning naming it (its parameters get no curvature), and a layer an adapter
+    refuses (e.g. a configuration it does not support) raises here, naming it. For a loss
+    (CrossEntropyLoss, NLLLoss, MSELoss, BCEWithLogitsLoss) the loss value is hooked so that
+    ``fisher_type="mc"`` and ``"type-2"`` can back-propagate the loss's curvature; another
+    ``_Loss`` raises ``NotImplementedError`` (use ``fisher_type="empirical"`` with it, unextended).
+    Idempotent: extending twice registers nothing new. Extend before the forward whose backward
+    you capture; the code between layers (activations, pooling, residual additions, reshapes)
+    needs nothing.
+
+    The hooks record only during forwards with gradients enabled (references to the layer
+    inputs, which autograd keeps anyway), and compute nothing unless a backward runs inside a
+    :class:`curvature` context.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from curvlib import extend
+        >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        >>> extend(net) is net
+        True
+        >>> loss_fn = extend(nn.MSELoss())     # for fisher_type "mc" and "type-2"
+        >>> extend(nn.L1Loss())  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        NotImplementedError: curvlib: the loss L1Loss() is not supported; ...
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"curvlib.extend expects a torch.nn.Module, got {type(module)}.")

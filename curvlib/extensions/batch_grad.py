@@ -141,11 +141,31 @@ def per_sample_into(
 class BatchGrad(Extension):
     """Per-sample gradients ``p.grad_batch`` ``[N, *p.shape]``, ``sum_n p.grad_batch[n] = p.grad``.
 
+    Scaling (BackPACK's ``BatchGrad``): ``p.grad_batch[n]`` is sample ``n``'s contribution to
+    ``p.grad`` of this backward, so with ``reduction="mean"`` it includes the ``1/N``
+    (``N * p.grad_batch[n]`` is the gradient of the sample's own loss). Computed from the output
+    gradients of the ordinary backward: no extended loss and no ``fisher_type`` needed.
+
     Args:
         reuse_buffers: overwrite the previous ``p.grad_batch`` in place when nothing else
             refers to it (see module docstring); ``False`` always allocates.
 
     Finiteness is checked on the (small) captured ``s`` and ``a`` instead of the result.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from curvlib import extend, curvature
+        >>> from curvlib.extensions import BatchGrad
+        >>> model = extend(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)))
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+        >>> with curvature(BatchGrad()):
+        ...     nn.CrossEntropyLoss()(model(x), y).backward()  # a plain loss is enough
+        >>> W = model[0].weight                  # [3, 4]
+        >>> W.grad_batch.shape
+        torch.Size([8, 3, 4])
+        >>> torch.allclose(W.grad_batch.sum(0), W.grad, atol=1e-6)
+        True
     """
 
     savefield = "grad_batch"

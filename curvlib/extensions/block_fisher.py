@@ -51,9 +51,35 @@ class ExactBlockFisher(Extension):
     """``p.block_fisher``: the dense curvature block ``[p.numel(), p.numel()]`` of
     ``p.flatten()`` for the chosen ``fisher_type`` (memory ``p.numel()^2``: small layers).
 
+    Exact for ``"type-2"`` (the GGN block, cross-position terms of weight sharing included) and
+    ``"empirical"``; for ``"mc"`` the unbiased estimate of the drawn targets.
+
+    Scaling: the curvature of the loss as the user reduced it (``reduction="mean"`` over ``N``
+    samples: ``1/N`` times the sum over samples; ``"sum"``: the sum), for ``"mc"`` averaged over
+    the ``mc_samples`` draws.
+
+    ``fisher_type="mc"`` and ``"type-2"`` need the loss to be extended
+    (``loss_fn = curvlib.extend(torch.nn.CrossEntropyLoss())``); ``"empirical"`` works with a
+    plain loss (it then assumes a mean over the batch).
+
     Args:
         fisher_type: ``"type-2"`` (exact GGN), ``"mc"`` or ``"empirical"``.
-        mc_samples: sampled targets per datum for ``"mc"``.
+        mc_samples: sampled targets per datum, for ``"mc"`` only.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from curvlib import extend, curvature
+        >>> from curvlib.extensions import ExactBlockFisher
+        >>> model = extend(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)))
+        >>> loss_fn = extend(nn.CrossEntropyLoss())  # needed for "mc" and "type-2"
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+        >>> with curvature(ExactBlockFisher(fisher_type="type-2")):
+        ...     loss_fn(model(x), y).backward()
+        >>> model[0].weight.block_fisher.shape   # weight [3, 4]: 12 entries
+        torch.Size([12, 12])
+        >>> model[0].bias.block_fisher.shape
+        torch.Size([3, 3])
     """
 
     savefield = "block_fisher"
@@ -75,12 +101,49 @@ class GradFactors(Extension):
     ``[K*N, *p.shape]`` of the chosen source, row ``k*N + n``, scaled so that
     ``U^T U`` is the curvature (``U`` the rows flattened). See :func:`stack_grad_factors`.
 
+    ``K`` per datum: ``"type-2"``: the columns of the loss-Hessian square root -- ``C - 1`` for
+    ``CrossEntropyLoss`` on ``[N, C]`` logits (Householder square root of ``diag(p) - p p^T``,
+    which has rank ``C - 1``), ``C`` for ``NLLLoss``, the number of outputs ``D`` for ``MSELoss``
+    / ``BCEWithLogitsLoss``; with output positions (``[N, C, d1, ...]``) one column per class (or
+    output) and position, ``C d1 ...``. ``"mc"``: ``mc_samples``; ``"empirical"``: 1.
+    ``stack_grad_factors(params, for_woodbury=True)`` is ``[m, d]`` with ``m = K N`` and
+    ``F = U^T U / m``, the convention of :func:`curvlib.solvers.woodbury_solve`.
+
+    Scaling: the curvature of the loss as the user reduced it (``reduction="mean"`` over ``N``
+    samples: ``1/N`` times the sum over samples; ``"sum"``: the sum), for ``"mc"`` averaged over
+    the ``mc_samples`` draws.
+
+    ``fisher_type="mc"`` and ``"type-2"`` need the loss to be extended
+    (``loss_fn = curvlib.extend(torch.nn.CrossEntropyLoss())``); ``"empirical"`` works with a
+    plain loss (it then assumes a mean over the batch).
+
     Args:
-        fisher_type: ``"type-2"`` (exact: ``K`` = classes x output positions), ``"mc"``
+        fisher_type: ``"type-2"`` (exact: ``K`` as above), ``"mc"``
             (``K = mc_samples``) or ``"empirical"`` (``K = 1``).
         mc_samples: sampled targets per datum for ``"mc"``.
         reuse_buffers: overwrite the previous ``p.grad_factors`` in place when nothing else
             refers to it (see :func:`~curvlib.extensions.batch_grad.reusable_buffer`).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from curvlib import extend, curvature
+        >>> from curvlib.extensions import GradFactors, stack_grad_factors
+        >>> model = extend(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)))
+        >>> loss_fn = extend(nn.CrossEntropyLoss())  # needed for "mc" and "type-2"
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+        >>> from curvlib.solvers import woodbury_solve
+        >>> with curvature(GradFactors(fisher_type="type-2")):
+        ...     loss_fn(model(x), y).backward()
+        >>> model[0].weight.grad_factors.shape   # K = 2 - 1 classes, N = 8: [K*N, 3, 4]
+        torch.Size([8, 3, 4])
+        >>> params = list(model.parameters())
+        >>> U = stack_grad_factors(params, for_woodbury=True)  # [m, d], F = U^T U / m
+        >>> U.shape
+        torch.Size([8, 23])
+        >>> g = torch.cat([p.grad.flatten() for p in params])
+        >>> woodbury_solve(U, g, damping=1e-3).shape  # (F + 1e-3 I)^-1 g
+        torch.Size([23])
     """
 
     savefield = "grad_factors"
@@ -139,7 +202,13 @@ def stack_grad_factors(
 ) -> Tensor:
     """The whole-network factor ``U`` ``[m, sum_p p.numel()]`` in ``params`` order:
     ``F = U^T U`` (``for_woodbury=True``: ``F = U^T U / m``, :func:`curvlib.solvers.woodbury_solve`'s
-    convention, so ``woodbury_solve(U, g, λ) = (F + λ I)^-1 g``)."""
+    convention, so ``woodbury_solve(U, g, λ) = (F + λ I)^-1 g``).
+
+    ``m = K N`` rows, ``K`` factors per sample (see :class:`GradFactors`): for ``"type-2"``
+    ``K = C - 1`` with ``CrossEntropyLoss`` on ``[N, C]`` logits, ``C`` with ``NLLLoss``, the
+    number of outputs with ``MSELoss`` / ``BCEWithLogitsLoss``, ``C d1 ...`` for outputs with
+    positions ``[N, C, d1, ...]``; ``mc_samples`` for ``"mc"``; ``1`` for ``"empirical"``. The
+    parameters must come from one backward inside ``curvature(GradFactors(...))``."""
     return torch.cat(grad_factor_blocks(params, for_woodbury, savefield), dim=1)
 
 

@@ -46,12 +46,45 @@ class _Block(NamedTuple):
 class CrossKFAC(Extension):
     """Cross-layer KFAC ("reduce") factors of all parameter pairs, built in ``finish()``.
 
+    Results live on the extension, not on the parameters: its ``savefield`` ``"cross_kfac"``
+    only reserves the name (no ``p.cross_kfac`` is written). After the context exits:
+    ``modules`` (layers, forward order), ``params`` / ``names`` / ``act_sides`` (one entry per
+    parameter block, weight before bias) and ``cross_factors[(i, j)] = (G_ij, A_ij)`` with
+    ``G_ij`` ``[D_s_i, D_s_j]`` (output side, ``D_s = out``) and ``A_ij`` ``[D_a_i, D_a_j]`` (input
+    side, ``D_a = in * prod(kernel)``; ``1`` for a bias), so that ``kron(G_ij, A_ij)``
+    ``[p_i.numel(), p_j.numel()]`` approximates the cross block of ``p_i.flatten()``,
+    ``p_j.flatten()`` (module docstring); :meth:`nested` gives the list form of
+    :func:`curvlib.solvers.two_level_direction`. ``KFAC(cross_layer=True)`` runs one as
+    ``kfac.cross``.
+
+    Scaling: KFAC-reduce, ``A_ij = 1/N sum_n abar_i abar_j^T``, ``G_ij = sum sbar_i sbar_j^T`` with
+    the loss reduction in ``sbar`` (``"mean"``: ``1/N``), so ``(G_ii, A_ii)`` are the factors of
+    ``KFAC(kfac_approx="reduce")``.
+
+    ``fisher_type="mc"`` and ``"type-2"`` need the loss to be extended
+    (``loss_fn = curvlib.extend(torch.nn.CrossEntropyLoss())``); ``"empirical"`` works with a
+    plain loss (it then assumes a mean over the batch).
+
     Args:
         fisher_type: ``"type-2"``, ``"mc"`` or ``"empirical"``.
-        mc_samples: sampled targets per datum for ``"mc"``.
+        mc_samples: sampled targets per datum, for ``"mc"`` only.
 
-    After the context exits: ``modules`` (layers, forward order), ``params`` / ``names`` /
-    ``act_sides`` (one entry per block) and ``cross_factors`` (see module docstring).
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from curvlib import extend, curvature
+        >>> from curvlib.extensions import CrossKFAC
+        >>> model = extend(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)))
+        >>> loss_fn = extend(nn.CrossEntropyLoss())  # needed for "mc" and "type-2"
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+        >>> ext = CrossKFAC(fisher_type="type-2")
+        >>> with curvature(ext):
+        ...     loss_fn(model(x), y).backward()
+        >>> ext.names
+        ['0.weight', '0.bias', '1.weight', '1.bias']
+        >>> G02, A02 = ext.cross_factors[(0, 2)]  # layer-0 weight [3, 4] x layer-1 weight [2, 3]
+        >>> G02.shape, A02.shape, torch.kron(G02, A02).shape
+        (torch.Size([3, 2]), torch.Size([4, 3]), torch.Size([12, 6]))
     """
 
     savefield = "cross_kfac"

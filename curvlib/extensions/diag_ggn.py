@@ -55,10 +55,35 @@ def _sum_k_squares(s: Tensor) -> Tensor:
 class DiagGGN(Extension):
     """``p.diag_ggn``: the diagonal of the curvature block of ``p`` (shape of ``p``).
 
+    ``p.diag_ggn`` has ``p.shape`` (``[out, in, *kernel]`` for a weight, ``[out]`` for a bias):
+    entry ``i`` is ``C[i, i]`` of the curvature block ``C`` of ``p.flatten()``, reshaped.
+
+    Scaling: the curvature of the loss as the user reduced it (``reduction="mean"`` over ``N``
+    samples: ``1/N`` times the sum over samples; ``"sum"``: the sum), for ``"mc"`` averaged over
+    the ``mc_samples`` draws.
+    Type-2 equals BackPACK's ``DiagGGNExact``.
+
+    ``fisher_type="mc"`` and ``"type-2"`` need the loss to be extended
+    (``loss_fn = curvlib.extend(torch.nn.CrossEntropyLoss())``); ``"empirical"`` works with a
+    plain loss (it then assumes a mean over the batch).
+
     Args:
         fisher_type: ``"type-2"`` (exact GGN diagonal, BackPACK ``DiagGGNExact``), ``"mc"``
             (``mc_samples`` sampled targets) or ``"empirical"`` (sum of squared scaled gradients).
-        mc_samples: sampled targets per datum for ``"mc"``.
+        mc_samples: sampled targets per datum, for ``"mc"`` only.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from curvlib import extend, curvature
+        >>> from curvlib.extensions import DiagGGN
+        >>> model = extend(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)))
+        >>> loss_fn = extend(nn.CrossEntropyLoss())  # needed for "mc" and "type-2"
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+        >>> with curvature(DiagGGN(fisher_type="type-2")):
+        ...     loss_fn(model(x), y).backward()
+        >>> model[0].weight.diag_ggn.shape, model[0].bias.diag_ggn.shape
+        (torch.Size([3, 4]), torch.Size([3]))
     """
 
     savefield = "diag_ggn"

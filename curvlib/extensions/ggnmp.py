@@ -185,7 +185,24 @@ class GGNMP(Extension):
     """Block GGN / Fisher products ``p.ggnmp: [V, *p.shape] -> [V, *p.shape]``, and the
     whole-network operator :meth:`operator` (module docstring for the math).
 
+    ``p.ggnmp(V)`` maps ``V`` ``[B, *p.shape]`` (``B`` vectors shaped like ``p``; one vector:
+    ``v.unsqueeze(0)``) to ``C_pp V`` ``[B, *p.shape]``, ``C_pp`` the curvature block of ``p``
+    (BackPACK's ``GGNMP`` convention). ``ext.operator()`` is the whole-network operator
+    ``C`` (all blocks and cross-layer terms) over ``F.params`` (the extended parameters, forward
+    order, weight before bias): ``F(list of tensors shaped like F.params)`` returns the same,
+    ``F @ v`` / ``F.matvec_flat(v)`` act on flat vectors, ``F.to_scipy()`` gives a scipy
+    ``LinearOperator``. No further pass through the model is needed.
+
+    Scaling: the curvature of the loss as the user reduced it (``reduction="mean"`` over ``N``
+    samples: ``1/N`` times the sum over samples; ``"sum"``: the sum), for ``"mc"`` averaged over
+    the ``mc_samples`` draws.
+    With ``"type-2"`` (the default) ``C`` is the exact GGN of the loss.
+
     Products are valid until the next backward inside a context with this extension.
+
+    ``fisher_type="mc"`` and ``"type-2"`` need the loss to be extended
+    (``loss_fn = curvlib.extend(torch.nn.CrossEntropyLoss())``); ``"empirical"`` works with a
+    plain loss (it then assumes a mean over the batch).
 
     Args:
         fisher_type: ``"type-2"`` (exact GGN of the loss; BackPACK's GGNMP), ``"mc"`` or
@@ -194,14 +211,23 @@ class GGNMP(Extension):
         mode: ``"auto"`` (factored, materialising per-sample gradients when that becomes
             cheaper), ``"factored"`` or ``"materialized"``.
 
-    Example::
-
-        ext = GGNMP()
-        with curvature(ext):
-            loss.backward()
-        Y = model[0].weight.ggnmp(V)          # V: [B, *weight.shape]
-        F = ext.operator()                    # all blocks and cross-layer terms
-        Fv = F([torch.randn_like(p) for p in F.params])
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from curvlib import extend, curvature
+        >>> from curvlib.extensions import GGNMP
+        >>> model = extend(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)))
+        >>> loss_fn = extend(nn.CrossEntropyLoss())  # needed for "mc" and "type-2"
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+        >>> ext = GGNMP(fisher_type="type-2")
+        >>> with curvature(ext):
+        ...     loss_fn(model(x), y).backward()
+        >>> W = model[0].weight                  # [3, 4]
+        >>> W.ggnmp(torch.randn(5, 3, 4)).shape  # 5 vectors shaped like W
+        torch.Size([5, 3, 4])
+        >>> F = ext.operator()                   # all blocks and cross-layer terms
+        >>> [v.shape for v in F([torch.randn_like(p) for p in F.params])]
+        [torch.Size([3, 4]), torch.Size([3]), torch.Size([2, 3]), torch.Size([2])]
     """
 
     savefield = "ggnmp"

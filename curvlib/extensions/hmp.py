@@ -181,13 +181,31 @@ class HMP(Extension):
     whole-network Hessian operator :meth:`operator` (module docstring: how and which
     assumptions). The loss must be extended (``curvlib.extend(loss_fn)``).
 
-    Example::
+    ``p.hmp(V)`` maps ``V`` ``[B, *p.shape]`` (``B`` vectors shaped like ``p``) to ``H_pp V``
+    ``[B, *p.shape]``, ``H_pp`` the block of ``p`` of the Hessian. Scaling: the Hessian of the loss
+    as the user reduced it (``reduction="mean"``: of the mean over the batch).
+    ``ext.operator()`` is the whole-network Hessian over ``H.params`` (extended parameters, forward order, weight before bias; other
+    parameters held fixed), with the same interface as :meth:`GGNMP.operator`. The model is
+    re-evaluated once, on the first product: it must be deterministic (``model.eval()`` for
+    dropout) and its output must feed the loss unchanged; products are refused once a parameter
+    changed in place. No ``fisher_type``: the Hessian is exact.
 
-        ext = HMP()
-        with curvature(ext):
-            loss.backward()
-        HV = model[0].weight.hmp(V)           # V: [B, *weight.shape]
-        H = ext.operator()                    # H(list of tensors shaped like H.params)
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from curvlib import extend, curvature
+        >>> from curvlib.extensions import HMP
+        >>> model = extend(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)))
+        >>> loss_fn = extend(nn.CrossEntropyLoss())  # HMP always needs the extended loss
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+        >>> ext = HMP()
+        >>> with curvature(ext):
+        ...     loss_fn(model(x), y).backward()
+        >>> model[0].weight.hmp(torch.randn(5, 3, 4)).shape  # 5 vectors shaped like the weight
+        torch.Size([5, 3, 4])
+        >>> H = ext.operator()                   # H(list of tensors shaped like H.params)
+        >>> [v.shape for v in H([torch.randn_like(p) for p in H.params])]
+        [torch.Size([3, 4]), torch.Size([3]), torch.Size([2, 3]), torch.Size([2])]
     """
 
     savefield = "hmp"

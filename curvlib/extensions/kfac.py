@@ -63,15 +63,56 @@ def _gram_rows(x: Tensor) -> Tensor:
 class KFAC(Extension):
     """Kronecker factors ``p.kfac = [G, A]`` per weight, ``[G]`` per bias.
 
+    Shapes: for a weight of shape ``[out, in, *kernel]`` (viewed ``[out, -1]`` row-major),
+    ``G`` is ``[out, out]`` and ``A`` ``[in * prod(kernel), in * prod(kernel)]``, so that
+    ``torch.kron(G, A)`` ``[p.numel(), p.numel()]`` approximates the curvature block of
+    ``p.flatten()``; a bias gets ``[G]`` with the same ``G`` ``[out, out]``. Transposed
+    convolutions (weight ``[in, out, *kernel]``) get ``[A, G]``: the first factor is always
+    over ``p.shape[0]``.
+
+    Scaling (module docstring for weight sharing): ``A = 1/(N T) sum_{n,t} a a^T`` over the
+    layer inputs ``a`` (``T`` positions per sample, ``1`` for a plain Linear);
+    ``G = sum s s^T`` over the output-side vectors ``s`` of the ``fisher_type``, which carry the
+    loss reduction: ``reduction="mean"`` over ``N`` samples gives ``G = 1/N sum_n ...``
+    (``1/(N mc_samples)`` for ``"mc"``), ``"sum"`` the plain sum. On Linear layers type-2 equals
+    BackPACK's ``KFLR`` and mc has the scaling of BackPACK's ``KFAC``; on Linear and Conv
+    layers ``kron(G, A)`` equals curvlinops' ``KFACLinearOperator`` block.
+
+    ``fisher_type="mc"`` and ``"type-2"`` need the loss to be extended
+    (``loss_fn = curvlib.extend(torch.nn.CrossEntropyLoss())``); ``"empirical"`` works with a
+    plain loss (it then assumes a mean over the batch).
+
     Args:
-        fisher_type: ``"type-2"``, ``"mc"`` or ``"empirical"``.
-        mc_samples: sampled targets per datum for ``"mc"``.
-        kfac_approx: ``"expand"`` or ``"reduce"`` for weight-sharing layers.
+        fisher_type: ``"type-2"`` (exact GGN = Fisher of the loss's likelihood, columns of the
+            loss-Hessian square root), ``"mc"`` (``mc_samples`` targets sampled from the model)
+            or ``"empirical"`` (true-label gradients).
+        mc_samples: sampled targets per datum, for ``"mc"`` only.
+        kfac_approx: ``"expand"`` or ``"reduce"`` for weight-sharing layers (Eschenhagen et
+            al. 2023).
         cross_layer: also build the cross-layer factors ``G_ij``, ``A_ij`` of all pairs of
             parameters (for the two-level ``"tpselepedis"`` coarse space); after the
             context they are in ``self.cross`` (a :class:`CrossKFAC`: ``cross_factors``,
             ``nested()``). Off by default: it keeps every layer's reduced vectors until
             the backward ends.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from curvlib import extend, curvature
+        >>> from curvlib.extensions import KFAC
+        >>> from curvlib.solvers import KroneckerInverse
+        >>> model = extend(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)))
+        >>> loss_fn = extend(nn.CrossEntropyLoss())  # needed for "mc" and "type-2"
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+        >>> with curvature(KFAC(fisher_type="type-2")):
+        ...     loss_fn(model(x), y).backward()
+        >>> G, A = model[0].weight.kfac
+        >>> G.shape, A.shape, torch.kron(G, A).shape
+        (torch.Size([3, 3]), torch.Size([4, 4]), torch.Size([12, 12]))
+        >>> [G.shape for G in model[0].bias.kfac]
+        [torch.Size([3, 3])]
+        >>> KroneckerInverse([[G, A]], damping=1e-3)(model[0].weight.grad).shape
+        torch.Size([3, 4])
     """
 
     savefield = "kfac"

@@ -35,6 +35,22 @@ from curvlib.extensions.kpsvd import KroneckerSVDExtension, RearrangedBlock
 class KFACCorrected(KroneckerSVDExtension):
     r"""``p.kfac_corrected = [[G, A], [S, R]]``: KFAC plus the rank-1 KPSVD of its residual.
 
+    The block of ``p.flatten()`` is approximated by ``kron(G, A) + kron(S, R)``: ``[G, A]`` are
+    the :class:`~curvlib.extensions.kfac.KFAC` factors of the same source (module docstring for
+    when they equal ``p.kfac``), ``kron(S, R)`` the best Kronecker approximation (Frobenius) of the
+    residual, in general indefinite. Shapes as for KFAC: ``G, S`` ``[out, out]``, ``A, R``
+    ``[in * prod(kernel), ...]`` for a weight ``[out, in, *kernel]`` (transposed convolutions:
+    ``[[A, G], [S, R]]``, first factors over ``p.shape[0]``); ``[[G]]`` per bias, the exact
+    bias block ``[out, out]``.
+
+    Scaling: the curvature of the loss as the user reduced it (``reduction="mean"`` over ``N``
+    samples: ``1/N`` times the sum over samples; ``"sum"``: the sum), for ``"mc"`` averaged over
+    the ``mc_samples`` draws.
+
+    ``fisher_type="mc"`` and ``"type-2"`` need the loss to be extended
+    (``loss_fn = curvlib.extend(torch.nn.CrossEntropyLoss())``); ``"empirical"`` works with a
+    plain loss (it then assumes a mean over the batch).
+
     Args:
         fisher_type: ``"type-2"``, ``"mc"`` or ``"empirical"``.
         mc_samples: sampled targets per datum for ``"mc"``.
@@ -45,6 +61,24 @@ class KFACCorrected(KroneckerSVDExtension):
             floor near power iteration's ``sqrt(eps)`` tolerance (on the MLP of
             ``benchmarks/bench_kpsvd.py`` power iteration hits ``maxiter``; Lanczos needs ~20 products).
         maxiter, tol, warm_start: as for :class:`~curvlib.extensions.kpsvd.KPSVD`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from curvlib import extend, curvature
+        >>> from curvlib.extensions import KFACCorrected
+        >>> model = extend(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)))
+        >>> loss_fn = extend(nn.CrossEntropyLoss())  # needed for "mc" and "type-2"
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+        >>> from curvlib.solvers import KroneckerInverse
+        >>> with curvature(KFACCorrected(fisher_type="type-2")):
+        ...     loss_fn(model(x), y).backward()
+        >>> W = model[0].weight                  # [3, 4]
+        >>> (G, A), (S, R) = W.kfac_corrected
+        >>> G.shape, A.shape, S.shape, R.shape
+        (torch.Size([3, 3]), torch.Size([4, 4]), torch.Size([3, 3]), torch.Size([4, 4]))
+        >>> KroneckerInverse(W.kfac_corrected, damping=1.0)(W.grad).shape
+        torch.Size([3, 4])
     """
 
     savefield = "kfac_corrected"

@@ -382,6 +382,22 @@ class KPSVD(KroneckerSVDExtension):
     ``p.kpsvd = [[G_1, A_1], ..., [G_r, A_r]]`` per weight, with ``sum_i kron(G_i, A_i)`` the best
     Frobenius approximation of the block of ``p.flatten()`` by a sum of ``rank`` Kronecker
     products (module docstring for conventions); ``[[G]]`` per bias, the exact bias block.
+    Terms come in decreasing order of singular value; the first is positive semi-definite, later
+    ones are in general indefinite.
+
+    Shapes, as for :class:`KFAC`: ``G_i`` ``[out, out]``, ``A_i`` ``[in * prod(kernel), ...]``
+    for a weight ``[out, in, *kernel]`` (the first factor is over ``p.shape[0]`` for every layer,
+    so transposed convolutions get ``[in, in]`` first); the bias block ``G`` is ``[out, out]``.
+
+    Scaling: the curvature of the loss as the user reduced it (``reduction="mean"`` over ``N``
+    samples: ``1/N`` times the sum over samples; ``"sum"``: the sum), for ``"mc"`` averaged over
+    the ``mc_samples`` draws.
+    For ``fisher_type="type-2"`` the approximated block is the exact GGN block (on Linear layers
+    the rank-1 term equals KFAC only if the block happens to be a Kronecker product).
+
+    ``fisher_type="mc"`` and ``"type-2"`` need the loss to be extended
+    (``loss_fn = curvlib.extend(torch.nn.CrossEntropyLoss())``); ``"empirical"`` works with a
+    plain loss (it then assumes a mean over the batch).
 
     Args:
         fisher_type: ``"type-2"`` (exact GGN), ``"mc"`` or ``"empirical"``.
@@ -398,6 +414,25 @@ class KPSVD(KroneckerSVDExtension):
             (per parameter); otherwise (and on the first call) from the bias block or the identity.
 
     After a backward, :attr:`products` maps ``id(param)`` to the number of operator products used.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from curvlib import extend, curvature
+        >>> from curvlib.extensions import KPSVD
+        >>> model = extend(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)))
+        >>> loss_fn = extend(nn.CrossEntropyLoss())  # needed for "mc" and "type-2"
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+        >>> from curvlib.solvers import KroneckerInverse
+        >>> with curvature(KPSVD(fisher_type="type-2", rank=2, method="lanczos")):
+        ...     loss_fn(model(x), y).backward()
+        >>> W = model[0].weight                  # [3, 4]
+        >>> [(G.shape, A.shape) for G, A in W.kpsvd]
+        [(torch.Size([3, 3]), torch.Size([4, 4])), (torch.Size([3, 3]), torch.Size([4, 4]))]
+        >>> [[G.shape for G in t] for t in model[0].bias.kpsvd]
+        [[torch.Size([3, 3])]]
+        >>> KroneckerInverse(W.kpsvd, damping=1.0)(W.grad).shape
+        torch.Size([3, 4])
     """
 
     savefield = "kpsvd"
