@@ -8,7 +8,9 @@ r"""Lanczos (symmetric) and Golub–Kahan–Lanczos (rectangular) with full reor
   implicitly restarted Lanczos bidiagonalization methods"); singular triplets of ``B``
   approximate the largest singular triplets of ``R``.
 
-When the Krylov space reaches the full dimension the results are exact up to round-off.
+When the Krylov space reaches the full dimension the results are exact up to round-off. Set-up,
+breakdown handling (an invariant subspace ends the iteration once a random continuation vector
+breaks down at once) and thick restarts are shared (:mod:`curvlib.solvers._krylov`).
 """
 from __future__ import annotations
 
@@ -22,6 +24,9 @@ from ._linalg import orthogonalize
 from .structure import Structure, TensorOrList
 
 __all__ = ["lanczos", "golub_kahan"]
+
+
+_WHICH = ("LA", "SA", "LM")
 
 
 def _order(theta: Tensor, which: str) -> Tensor:
@@ -69,7 +74,8 @@ def lanczos(
         ``(evals [k], evecs [n, k])``: eigenvalues in ``which`` order (descending for ``"LA"``),
         orthonormal eigenvectors as columns (in the flatten order of ``v0``).
     """
-    _order(torch.zeros(1), which)  # validate `which` before any product
+    if which not in _WHICH:
+        raise ValueError(f"which must be 'LA', 'SA' or 'LM', got {which!r}.")
     kp = KrylovProcess("lanczos", v0, seed)
     n = kp.n
     kp.sizes(k, n, "n", ncv, maxiter, tol)
