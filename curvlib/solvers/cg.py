@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ._linalg import check_finite
-from .structure import Structure, TensorOrList
+from .structure import BatchedStructure, TensorOrList
 
 __all__ = ["cg", "CGInfo"]
 
@@ -52,6 +52,8 @@ def cg(
     atol: float = 1e-8,
     maxiter: Optional[int] = None,
     M: Optional[Callable[[TensorOrList], TensorOrList]] = None,
+    *,
+    batch_dims: int = 0,
 ) -> Tuple[TensorOrList, CGInfo]:
     r"""Solve ``A x = b`` for symmetric positive definite ``A``.
 
@@ -61,26 +63,40 @@ def cg(
         x0: initial guess shaped like ``b`` (default zeros).
         tol, atol: stop when ``||b - A x|| <= max(tol * ||b||, atol)`` (scipy's rule; the norm is
             over the whole structure, the residual is the recursive CG residual).
-        maxiter: maximum number of iterations (default ``10 * n``, ``n`` = total number of entries).
+        maxiter: maximum number of iterations (default ``10 * n``, ``n`` = number of entries of
+            one system).
         M: SPD preconditioner ``M(r) ≈ A^-1 r`` on the same structure (e.g. a KFAC inverse).
+        batch_dims: the leading ``batch_dims`` dimensions of ``b`` (of every tensor of a list)
+            index *independent* systems ``A_i x_i = b_i``, solved together: ``A`` and ``M`` get
+            the whole batch ``[*batch, ...]`` and must act on each system separately (e.g.
+            ``X -> G X A`` on ``[B, out, in]``). Each system has its own CG scalars and stopping
+            rule, and stays fixed once it satisfies it, so the result equals one ``cg`` call per
+            system up to round-off.
 
     Returns:
         ``(x, info)``: ``x`` shaped like ``b``; ``info`` a :class:`CGInfo` (an ``int``): iterations
         used when converged, ``0`` otherwise (and ``0`` if ``x0`` already satisfies the rule —
-        check ``info.converged``).
+        check ``info.converged``). Batched: iterations until every system converged, converged
+        when all did, ``residual_norm`` the largest over the systems.
 
     Raises:
         ValueError: non-finite ``b``/``x0``/operator output, ``p^T A p <= 0`` (``A`` not SPD) or
             ``r^T M r <= 0`` (``M`` not SPD), shape mismatches.
     """
-    s = Structure.of(b, "b")
-    bv = s.flatten(b, "b")
+    s = BatchedStructure.of(b, batch_dims, "b")
+    bv = s.flatten(b, "b")  # [B, n]: one row per system
     check_finite(bv, "cg: right-hand side b")
-    n = bv.numel()
+    n = s.numel
     if maxiter is None:
         maxiter = 10 * n
     matvec = s.wrap(A, "A")
     precond = s.wrap(M, "M") if M is not None else None
+
+    def rownorm(x: Tensor) -> Tensor:
+        return torch.linalg.vector_norm(x, dim=1)
+
+    def rowdot(x: Tensor, y: Tensor) -> Tensor:
+        return (x * y).sum(dim=1)
 
     if x0 is None:
         x = torch.zeros_like(bv)
@@ -92,42 +108,50 @@ def cg(
         check_finite(Ax, "cg: A(x0)", "the operator A returned NaN/Inf")
         r = bv - Ax
 
-    thresh = max(tol * float(torch.linalg.vector_norm(bv)), atol)
-    rnorm = float(torch.linalg.vector_norm(r))
-    if rnorm <= thresh:
-        return s.unflatten(x), CGInfo(0, True, 0, rnorm)
+    thresh = torch.clamp(tol * rownorm(bv), min=atol)
+    rnorm = rownorm(r)
+    active = rnorm > thresh
+    if not bool(active.any()):
+        return s.unflatten(x), CGInfo(0, True, 0, float(rnorm.max()))
 
-    def apply_m(r: Tensor, it: int) -> Tuple[Tensor, float]:
+    def apply_m(r: Tensor, active: Tensor, it: int) -> Tuple[Tensor, Tensor]:
         if precond is None:
-            return r, float(r @ r)
+            return r, rowdot(r, r)
         z = precond(r)
         check_finite(z, "cg: preconditioner output M(r)", "the preconditioner returned NaN/Inf")
-        rz = float(r @ z)
-        if not rz > 0:
+        rz = rowdot(r, z)
+        bad = active & ~(rz > 0)
+        if bool(bad.any()):
             raise ValueError(
-                f"cg: the preconditioner M is not positive definite (r^T M r = {rz:.3g} at iteration {it}); "
-                "M must be SPD — check its damping."
+                f"cg: the preconditioner M is not positive definite (r^T M r = {float(rz[bad][0]):.3g} at "
+                f"iteration {it}); M must be SPD — check its damping."
             )
         return z, rz
 
-    z, rz = apply_m(r, 0)
+    def masked_ratio(num: Tensor, den: Tensor, active: Tensor) -> Tensor:
+        """``num / den`` on active systems, 0 on converged ones (which stay fixed)."""
+        return torch.where(active, num / torch.where(active, den, torch.ones_like(den)), torch.zeros_like(den))
+
+    z, rz = apply_m(r, active, 0)
     p = z.clone()
     for it in range(1, maxiter + 1):
         Ap = matvec(p)
         check_finite(Ap, "cg: operator output A(p)", "the operator A returned NaN/Inf")
-        pAp = float(p @ Ap)
-        if not pAp > 0:
+        pAp = rowdot(p, Ap)
+        bad = active & ~(pAp > 0)
+        if bool(bad.any()):
             raise ValueError(
-                f"cg: non-SPD curvature, p^T A p = {pAp:.3g} <= 0 at iteration {it}; A must be symmetric "
-                "positive definite — add damping (e.g. A + λI) or use a PSD curvature (GGN/Fisher)."
+                f"cg: non-SPD curvature, p^T A p = {float(pAp[bad][0]):.3g} <= 0 at iteration {it}; A must be "
+                "symmetric positive definite — add damping (e.g. A + λI) or use a PSD curvature (GGN/Fisher)."
             )
-        alpha = rz / pAp
+        alpha = masked_ratio(rz, pAp, active)[:, None]
         x = x + alpha * p
         r = r - alpha * Ap
-        rnorm = float(torch.linalg.vector_norm(r))
-        if rnorm <= thresh:
-            return s.unflatten(x), CGInfo(it, True, it, rnorm)
-        z, rz_new = apply_m(r, it)
-        p = z + (rz_new / rz) * p
+        rnorm = rownorm(r)
+        active = rnorm > thresh
+        if not bool(active.any()):
+            return s.unflatten(x), CGInfo(it, True, it, float(rnorm.max()))
+        z, rz_new = apply_m(r, active, it)
+        p = z + masked_ratio(rz_new, rz, active)[:, None] * p
         rz = rz_new
-    return s.unflatten(x), CGInfo(0, False, maxiter, rnorm)
+    return s.unflatten(x), CGInfo(0, False, maxiter, float(rnorm.max()))

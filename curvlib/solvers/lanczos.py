@@ -8,20 +8,25 @@ r"""Lanczos (symmetric) and Golub–Kahan–Lanczos (rectangular) with full reor
   implicitly restarted Lanczos bidiagonalization methods"); singular triplets of ``B``
   approximate the largest singular triplets of ``R``.
 
-When the Krylov space reaches the full dimension the results are exact up to round-off.
+When the Krylov space reaches the full dimension the results are exact up to round-off. Set-up,
+breakdown handling (an invariant subspace ends the iteration once a random continuation vector
+breaks down at once) and thick restarts are shared (:mod:`curvlib.solvers._krylov`).
 """
 from __future__ import annotations
 
-import warnings
 from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from ._linalg import check_finite, default_tol, make_generator, orthogonalize, random_orthogonal_vector
+from ._krylov import KrylovProcess
+from ._linalg import orthogonalize
 from .structure import Structure, TensorOrList
 
 __all__ = ["lanczos", "golub_kahan"]
+
+
+_WHICH = ("LA", "SA", "LM")
 
 
 def _order(theta: Tensor, which: str) -> Tensor:
@@ -58,53 +63,43 @@ def lanczos(
         which: ``"LA"`` (largest algebraic, default), ``"SA"`` (smallest) or ``"LM"`` (magnitude).
         seed: seed for the random vectors that continue after an invariant subspace is found.
 
+    An invariant subspace (breakdown: the new Lanczos vector vanishes at the operator's scale,
+    ``100 eps max_j ||A v_j||``) makes its Ritz pairs exact; the iteration continues with one
+    random vector orthogonal to the basis, and stops as converged when that vector breaks down
+    at once (``A`` is then a multiple of the identity on the rest of the space). So
+    ``c I + rank r`` operators (e.g. a damped GGN of a small batch) cost about ``r + 2``
+    products instead of ``maxiter``.
+
     Returns:
         ``(evals [k], evecs [n, k])``: eigenvalues in ``which`` order (descending for ``"LA"``),
         orthonormal eigenvectors as columns (in the flatten order of ``v0``).
     """
-    s = Structure.of(v0, "v0")
-    v = s.flatten(v0, "v0")
-    if not v.is_floating_point():
-        v = v.to(torch.get_default_dtype())
-    check_finite(v, "lanczos: starting vector v0")
-    n = v.numel()
-    if not 1 <= k <= n:
-        raise ValueError(f"lanczos: k must satisfy 1 <= k <= n = {n}, got k={k}.")
-    v_norm = float(torch.linalg.vector_norm(v))
-    if v_norm == 0:
-        raise ValueError("lanczos: the starting vector v0 is zero; pass a nonzero (e.g. random) v0.")
-    ncv = min(n, max(2 * k + 1, 20)) if ncv is None else min(int(ncv), n)
-    if ncv < min(n, k + 1):
-        raise ValueError(f"lanczos: ncv={ncv} must be > k={k} (or equal n).")
-    maxiter = max(10 * n, 100) if maxiter is None else int(maxiter)
-    tol = default_tol(v.dtype, 1e-10, 1e-4) if tol is None else float(tol)
-    eps = torch.finfo(v.dtype).eps
-    op = s.wrap(A, "A")
-    gen = make_generator(v, seed)
+    if which not in _WHICH:
+        raise ValueError(f"which must be 'LA', 'SA' or 'LM', got {which!r}.")
+    kp = KrylovProcess("lanczos", v0, seed)
+    n = kp.n
+    kp.sizes(k, n, "n", ncv, maxiter, tol)
+    ncv, tol = kp.ncv, kp.tol
+    op = kp.structure.wrap(A, "A")
 
-    V = torch.zeros(n, ncv + 1, dtype=v.dtype, device=v.device)
-    T = torch.zeros(ncv + 1, ncv + 1, dtype=v.dtype, device=v.device)
-    V[:, 0] = v / v_norm
-    start, matvecs, anorm = 0, 0, 0.0
+    V = torch.zeros(n, ncv + 1, dtype=kp.dtype, device=kp.device)
+    T = torch.zeros(ncv + 1, ncv + 1, dtype=kp.dtype, device=kp.device)
+    V[:, 0] = kp.v
+    start = 0
     while True:
         theta = S = sel = None
         for j in range(start, ncv):
             w = op(V[:, j])
-            matvecs += 1
-            check_finite(w, "lanczos: operator output A(v)", "the operator A returned NaN/Inf")
-            anorm = max(anorm, float(torch.linalg.vector_norm(w)))
-            w, h, beta = orthogonalize(w, V[:, : j + 1])
-            T[: j + 1, j] = h
-            T[j, : j + 1] = h
+            kp.record(w, "operator output A(v)", "the operator A returned NaN/Inf")
             m = j + 1
             complete = m == n
-            broke = beta <= 100 * eps * max(anorm, 1e-300)
-            if complete or broke:
+            h, beta, q, broke, exhausted = kp.extend(w, V[:, :m])
+            T[:m, j] = h
+            T[j, :m] = h
+            if complete:
                 beta = 0.0
-                if not complete:  # invariant subspace: continue with a random orthogonal direction
-                    V[:, m] = random_orthogonal_vector(V[:, :m], n, gen, v)
-            else:
-                V[:, m] = w / beta
+            elif q is not None:
+                V[:, m] = q
             T[m, j] = T[j, m] = beta
             if m < k and not complete:
                 continue
@@ -112,26 +107,19 @@ def lanczos(
             sel = _order(theta, which)[:k]
             res = beta * S[m - 1, sel].abs()
             scale = max(float(theta.abs().max()), 1e-300)
-            if complete or (not broke and bool((res <= tol * scale).all())):
+            if complete or exhausted or (not broke and bool((res <= tol * scale).all())):
                 return theta[sel], V[:, :m] @ S[:, sel]
-            if matvecs >= maxiter:
+            if kp.out_of_budget():
                 break
         else:
             m = ncv
-        if matvecs >= maxiter:
-            warnings.warn(
-                f"lanczos: {k} eigenpairs did not converge to tol={tol:g} within maxiter={maxiter} operator "
-                "products; returning the current Ritz pairs (increase maxiter or ncv).",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        if kp.out_of_budget():
+            kp.warn_budget("eigenpairs")
             return theta[sel], V[:, :m] @ S[:, sel]
         # thick restart: keep the p best Ritz vectors and the residual vector
-        p = min(max(k + (ncv - k) // 2, k), ncv - 1)
-        keep = _order(theta, which)[:p]
+        keep = _order(theta, which)[: kp.restart_size()]
         beta = float(T[m, m - 1])
-        V[:, :p] = V[:, :m] @ S[:, keep]
-        V[:, p] = V[:, m]
+        p = kp.restart_basis(V, m, S[:, keep])
         T.zero_()
         T[:p, :p] = torch.diag(theta[keep])
         coupling = beta * S[m - 1, keep]
@@ -167,30 +155,16 @@ def golub_kahan(
         ``(U [m, k], S [k] descending, V [n, k])`` with orthonormal columns, ``R V ≈ U diag(S)``
         (flatten orders of ``matvec``'s output and of ``v0``; singular vectors up to sign).
     """
-    sv = Structure.of(v0, "v0")
-    v = sv.flatten(v0, "v0")
-    if not v.is_floating_point():
-        v = v.to(torch.get_default_dtype())
-    check_finite(v, "golub_kahan: starting vector v0")
-    n = v.numel()
-    v_norm = float(torch.linalg.vector_norm(v))
-    if v_norm == 0:
-        raise ValueError("golub_kahan: the starting vector v0 is zero; pass a nonzero (e.g. random) v0.")
-    v = v / v_norm
+    kp = KrylovProcess("golub_kahan", v0, seed)
+    sv, v, n = kp.structure, kp.v, kp.n
     out0 = matvec(sv.unflatten(v))
     su = Structure.of(out0, "matvec output")
     u_first = su.flatten(out0, "matvec output").to(v.dtype)
     mdim = su.numel
     rdim = min(mdim, n)
-    if not 1 <= k <= rdim:
-        raise ValueError(f"golub_kahan: k must satisfy 1 <= k <= min(m, n) = {rdim}, got k={k}.")
-    ncv = min(rdim, max(2 * k + 1, 20)) if ncv is None else min(int(ncv), rdim)
-    if ncv < min(rdim, k + 1):
-        raise ValueError(f"golub_kahan: ncv={ncv} must be > k={k} (or equal min(m, n)).")
-    maxiter = max(10 * rdim, 100) if maxiter is None else int(maxiter)
-    tol = default_tol(v.dtype, 1e-10, 1e-4) if tol is None else float(tol)
-    eps = torch.finfo(v.dtype).eps
-    dev, dt = v.device, v.dtype
+    kp.sizes(k, rdim, "min(m, n)", ncv, maxiter, tol)
+    ncv, tol = kp.ncv, kp.tol
+    dev, dt = kp.device, kp.dtype
 
     def R(x: Tensor) -> Tensor:
         return su.flatten(matvec(sv.unflatten(x)), "output of matvec").to(dt)
@@ -198,12 +172,11 @@ def golub_kahan(
     def Rt(u: Tensor) -> Tensor:
         return sv.flatten(rmatvec(su.unflatten(u)), "output of rmatvec").to(dt)
 
-    gen = make_generator(v, seed)
     V = torch.zeros(n, ncv + 1, dtype=dt, device=dev)
     U = torch.zeros(mdim, ncv, dtype=dt, device=dev)
     B = torch.zeros(ncv, ncv, dtype=dt, device=dev)
     V[:, 0] = v
-    start, matvecs, anorm, restarted = 0, 0, 0.0, False
+    start = 0
     pending = u_first  # R v0 already computed
     while True:
         for j in range(start, ncv):
@@ -211,37 +184,23 @@ def golub_kahan(
                 u, pending = pending, None
             else:
                 u = R(V[:, j])
-            matvecs += 1
-            check_finite(u, "golub_kahan: matvec output R v", "matvec returned NaN/Inf")
-            anorm = max(anorm, float(torch.linalg.vector_norm(u)))
-            u, h, alpha = orthogonalize(u, U[:, :j])
+            kp.record(u, "matvec output R v", "matvec returned NaN/Inf")
+            # left vector: a breakdown continues with a random vector (no exhaustion test)
+            h, alpha, U[:, j], _, _ = kp.extend(u, U[:, :j], track=False)
             B[:j, j] = h
-            if alpha <= 100 * eps * max(anorm, 1e-300):
-                u = random_orthogonal_vector(U[:, :j], mdim, gen, v)
-                alpha = 0.0
-            else:
-                u = u / alpha
             B[j, j] = alpha
-            U[:, j] = u
-            w = Rt(u)
-            check_finite(w, "golub_kahan: rmatvec output R^T u", "rmatvec returned NaN/Inf")
-            anorm = max(anorm, float(torch.linalg.vector_norm(w)))
-            w, _, beta = orthogonalize(w, V[:, : j + 1])
+            w = Rt(U[:, j])
+            kp.record(w, "rmatvec output R^T u", "rmatvec returned NaN/Inf", count=False)
             mc = j + 1
             right_complete = mc == n
-            broke = beta <= 100 * eps * max(anorm, 1e-300)
-            # a breakdown right after a random restart vector: R is numerically zero on the
-            # rest of the space, so the current Ritz triplets are final (float32 operators of
-            # low numerical rank would otherwise restart at every step until maxiter)
-            exhausted = broke and restarted
-            restarted = False
-            if right_complete or broke:
+            _, beta, q, broke, exhausted = kp.extend(w, V[:, :mc])
+            # exhausted: a breakdown right after a random continuation vector; R is then
+            # numerically zero on the rest of the space, so the current triplets are final
+            # (float32 operators of low numerical rank would otherwise restart until maxiter)
+            if right_complete:
                 beta = 0.0
-                if not right_complete:
-                    V[:, mc] = random_orthogonal_vector(V[:, :mc], n, gen, v)
-                    restarted = True
-            else:
-                V[:, mc] = w / beta
+            elif q is not None:
+                V[:, mc] = q
             if mc < k:
                 continue
             if mc == mdim and not right_complete:
@@ -255,18 +214,11 @@ def golub_kahan(
             scale = max(float(sig[0]), 1e-300)
             if right_complete or exhausted or (not broke and bool((res <= tol * scale).all())):
                 return U[:, :mc] @ P[:, :k], sig[:k], V[:, :mc] @ Qt[:k].T
-            if matvecs >= maxiter:
-                warnings.warn(
-                    f"golub_kahan: {k} singular triplets did not converge to tol={tol:g} within "
-                    f"maxiter={maxiter} products; returning the current approximations (increase maxiter/ncv).",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+            if kp.out_of_budget():
+                kp.warn_budget("singular triplets")
                 return U[:, :mc] @ P[:, :k], sig[:k], V[:, :mc] @ Qt[:k].T
         # thick restart (mc == ncv): keep p Ritz triplets and the residual vector
-        p = min(max(k + (ncv - k) // 2, k), ncv - 1)
-        V[:, :p] = V[:, :mc] @ Qt[:p].T
-        V[:, p] = V[:, mc]
+        p = kp.restart_basis(V, mc, Qt[: kp.restart_size()].T)
         U[:, :p] = U[:, :mc] @ P[:, :p]
         U[:, p:] = 0
         B.zero_()

@@ -14,7 +14,7 @@ from torch import Tensor
 TensorOrList = Union[Tensor, Sequence[Tensor]]
 ShapeLike = Union[torch.Size, Sequence[int]]
 
-__all__ = ["flatten_list", "unflatten", "Structure", "TensorOrList"]
+__all__ = ["flatten_list", "unflatten", "Structure", "BatchedStructure", "TensorOrList"]
 
 
 def flatten_list(tensors: TensorOrList) -> Tensor:
@@ -104,6 +104,67 @@ class Structure:
         if self.is_tensor:
             return f"one tensor of shape {tuple(self.shapes[0])}"
         return f"a list of tensors with shapes {[tuple(s) for s in self.shapes]}"
+
+
+class BatchedStructure:
+    """A batch of independent vectors: the leading ``batch_dims`` dimensions of a tensor (or of
+    every tensor of a list, the same for all) index the batch, the rest is one :class:`Structure`.
+
+    ``flatten(x)`` returns the matrix ``[B, numel]`` (``B = prod(batch_shape)``, row ``b`` the
+    flattened vector of system ``b``); ``unflatten`` inverts it. ``batch_dims=0`` is one system
+    (``B = 1``).
+    """
+
+    def __init__(self, batch_shape: ShapeLike, inner: Structure):
+        self.batch_shape = torch.Size(batch_shape)
+        self.batch = math.prod(self.batch_shape)
+        self.inner = inner
+        self.numel = inner.numel
+
+    @classmethod
+    def of(cls, x: TensorOrList, batch_dims: int = 0, name: str = "input") -> "BatchedStructure":
+        if not isinstance(batch_dims, int) or batch_dims < 0:
+            raise ValueError(f"batch_dims must be an int >= 0, got {batch_dims!r}.")
+        s = Structure.of(x, name)
+        if any(len(shape) < batch_dims for shape in s.shapes):
+            raise ValueError(f"{name}: every tensor needs at least batch_dims={batch_dims} dimensions.")
+        batch = s.shapes[0][:batch_dims]
+        if any(shape[:batch_dims] != batch for shape in s.shapes):
+            raise ValueError(
+                f"{name}: all tensors must share the leading batch shape, got {[tuple(t[:batch_dims]) for t in s.shapes]}."
+            )
+        return cls(batch, Structure([shape[batch_dims:] for shape in s.shapes], s.is_tensor))
+
+    def flatten(self, x: TensorOrList, name: str = "tensor") -> Tensor:
+        B = self.batch
+        if isinstance(x, Tensor):
+            ok = self.inner.is_tensor and x.shape == self.batch_shape + self.inner.shapes[0]
+            if not ok:
+                raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {self._describe()}.")
+            return x.reshape(B, -1)
+        xs = list(x)
+        want = [self.batch_shape + s for s in self.inner.shapes]
+        if self.inner.is_tensor or [t.shape for t in xs] != want:
+            raise ValueError(f"{name} has shapes {[tuple(t.shape) for t in xs]}, expected {self._describe()}.")
+        return torch.cat([t.reshape(B, -1) for t in xs], dim=1)
+
+    def unflatten(self, X: Tensor) -> TensorOrList:
+        if self.inner.is_tensor:
+            return X.reshape(self.batch_shape + self.inner.shapes[0])
+        numels = [math.prod(s) for s in self.inner.shapes]
+        return [p.reshape(self.batch_shape + s) for p, s in zip(torch.split(X, numels, dim=1), self.inner.shapes)]
+
+    def wrap(self, fn: Callable, name: str = "operator") -> Callable[[Tensor], Tensor]:
+        """Turn ``fn`` acting on this (batched) structure into a function on ``[B, numel]``."""
+
+        def flat_fn(X: Tensor) -> Tensor:
+            return self.flatten(fn(self.unflatten(X)), name=f"output of {name}")
+
+        return flat_fn
+
+    def _describe(self) -> str:
+        lead = f"leading batch shape {tuple(self.batch_shape)} and " if len(self.batch_shape) else ""
+        return lead + self.inner._describe()
 
 
 def as_shape_tuple(shapes) -> Tuple[bool, List[torch.Size]]:

@@ -105,3 +105,32 @@ def test_errors(gen, spd):
         cg(lambda v: v[:3], b)
     with pytest.raises(TypeError, match="b must be a tensor"):
         cg(lambda v: v, 3.0)
+
+
+def test_batched_list_of_tensors(gen, spd):
+    """batch_dims with a list structure: system b is (W[b], c[b]); the operator acts per system."""
+    A = spd(7, gen)
+    Bsz = 4
+
+    def op(xs):
+        W, c = xs  # [B, 2, 3], [B, 1]
+        y = torch.cat([W.reshape(Bsz, 6), c], dim=1) @ A  # A symmetric: row-wise A @ x
+        return [y[:, :6].reshape(Bsz, 2, 3), y[:, 6:]]
+
+    bs = [torch.randn(Bsz, 2, 3, generator=gen, dtype=torch.float64), torch.randn(Bsz, 1, generator=gen, dtype=torch.float64)]
+    xs, info = cg(op, bs, tol=1e-12, atol=0.0, batch_dims=1)
+    assert info.converged and [t.shape for t in xs] == [t.shape for t in bs]
+    flat = torch.cat([xs[0].reshape(Bsz, 6), xs[1]], dim=1)
+    ref = torch.linalg.solve(A, torch.cat([bs[0].reshape(Bsz, 6), bs[1]], dim=1).T).T
+    torch.testing.assert_close(flat, ref, rtol=1e-9, atol=1e-10)
+
+
+def test_batched_errors(gen, spd):
+    A = spd(3, gen)
+    with pytest.raises(ValueError, match="share the leading batch shape"):
+        cg(lambda xs: xs, [torch.ones(2, 3, dtype=torch.float64), torch.ones(3, 3, dtype=torch.float64)], batch_dims=1)
+    with pytest.raises(ValueError, match="batch_dims must be an int >= 0"):
+        cg(lambda v: v, torch.ones(3, dtype=torch.float64), batch_dims=-1)
+    with pytest.raises(ValueError, match="non-SPD curvature"):  # only the second system is indefinite
+        M = torch.stack([A, -A])
+        cg(lambda X: (M @ X[..., None])[..., 0], torch.ones(2, 3, dtype=torch.float64), batch_dims=1)

@@ -55,6 +55,19 @@ def test_lanczos_invariant_subspace_start(gen):
     torch.testing.assert_close(w, torch.tensor([10.0, 9.0, 8.0], dtype=torch.float64), rtol=1e-10, atol=1e-10)
 
 
+def test_lanczos_breakdown_does_not_stop_before_the_top_eigenvalue():
+    """Guard of the breakdown rule (a breakdown ends the iteration only when the random vector
+    that continues it breaks down at once)."""
+    # the first invariant subspace (v0 = e_0) holds the smallest eigenvalue: the iteration
+    # must go on with a random vector and find the largest one
+    n = 50
+    A = torch.diag(torch.arange(1.0, n + 1, dtype=torch.float64))
+    v0 = torch.zeros(n, dtype=torch.float64)
+    v0[0] = 1.0
+    w, V = lanczos(lambda v: A @ v, v0, 1)
+    torch.testing.assert_close(w, torch.tensor([50.0], dtype=torch.float64), rtol=1e-10, atol=0)
+
+
 def test_lanczos_errors(gen):
     with pytest.raises(ValueError, match="starting vector v0 is zero"):
         lanczos(lambda v: v, torch.zeros(5, dtype=torch.float64), 2)
