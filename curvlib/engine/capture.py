@@ -67,6 +67,12 @@ class LayerCapture:
         loss_calls: Optional[List[LossCall]] = None,
         order: int = 0,
     ):
+        if x.numel() == 0:
+            raise ValueError(
+                f"curvlib: {module} got an empty input (shape {tuple(x.shape)}); curvature "
+                "of an empty batch is undefined. Skip empty batches."
+            )
+        x, raw = in_param_dtype(module, x, raw)
         self.module = module
         self.adapter = adapter
         self.x = x
@@ -150,6 +156,24 @@ class LayerCapture:
         return X.reshape(X.shape[0], X.shape[1], *p.shape)
 
 
+def in_param_dtype(
+    module: nn.Module, x: Tensor, raw: Dict[Source, Tensor]
+) -> Tuple[Tensor, Dict[Source, Tensor]]:
+    """The layer input and cotangents in the dtype of the layer's parameters.
+
+    Under ``torch.autocast`` a layer computes in a lower precision (its output, hence
+    every cotangent, is e.g. bfloat16, while its input may still be float32); all
+    quantities are then accumulated and returned in the parameters' dtype, as ``p.grad``
+    is.
+    """
+    dt = next((p.dtype for p in module.parameters(recurse=False) if p.is_floating_point()), None)
+    if dt is None:
+        return x, raw
+    if x.is_floating_point() and x.dtype != dt:
+        x = x.to(dt)
+    return x, {k: v if v.dtype == dt else v.to(dt) for k, v in raw.items()}
+
+
 def finite_or_raise(value, module: nn.Module, what: str) -> None:
     """Raise if a (nested list of) tensor(s) holds NaN or Inf.
 
@@ -168,4 +192,4 @@ def finite_or_raise(value, module: nn.Module, what: str) -> None:
             finite_or_raise(v, module, what)
 
 
-__all__ = ["LayerCapture", "Source", "source_key", "finite_or_raise"]
+__all__ = ["LayerCapture", "Source", "source_key", "finite_or_raise", "in_param_dtype"]

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
 from typing import Dict, List, Optional, Set
 
 import torch
@@ -116,6 +118,11 @@ class curvature:
     def _process_loss(self, loss: nn.Module, f: Tensor, y: Optional[Tensor], w: Tensor) -> None:
         adapter = loss_adapter_for(loss)
         adapter.check(loss)
+        if f.numel() == 0:
+            raise ValueError(
+                f"curvlib: the loss {loss} got an empty input (shape {tuple(f.shape)}); "
+                "curvature of an empty batch is undefined. Skip empty batches."
+            )
         f_graph, f = f, f.detach()
         weight = float(w.reshape(-1)[0]) if w.numel() == 1 else None
         if weight is None or weight < 0:
@@ -142,7 +149,8 @@ class curvature:
         if not cots:
             return
         finite_or_raise(cots, loss, "the loss curvature (model output)")
-        calls = [c for c in state.TAPE.values() if c.output_edge is not None]
+        # (calls recorded inside a backward are recomputations: never reached from here)
+        calls = [c for c in state.TAPE.values() if c.output_edge is not None and not c.in_backward]
         if not calls:
             return
         sizes = [S.shape[0] for S in cots]
@@ -156,14 +164,7 @@ class curvature:
                 )
                 grads = [None if g is None else g.unsqueeze(0) for g in grads]
             else:
-                grads = torch.autograd.grad(
-                    f_graph,
-                    edges,
-                    grad_outputs=V,
-                    retain_graph=True,
-                    allow_unused=True,
-                    is_grads_batched=True,
-                )
+                grads = _batched_grad(f_graph, edges, V, calls)
         finally:
             state.IN_EXTRA_BACKWARD = False
         for call, g in zip(calls, grads):
@@ -206,6 +207,48 @@ class curvature:
         state.TAPE.pop(call.uid, None)
         call.release()
         self.num_captures += 1
+
+
+#: extended models whose backward has no batching rule for some operation (e.g. the
+#: ``out=`` kernels of ``torch.compile``d graphs): their cotangents go one at a time
+_NO_BATCHING: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def _batched_grad(f: Tensor, edges: list, V: Tensor, calls: List[LayerCall]) -> tuple:
+    """``torch.autograd.grad`` of ``f`` w.r.t. ``edges`` for the ``V.shape[0]`` cotangents ``V``.
+
+    One batched call (``is_grads_batched=True``, vmap over the backward graph). Where a
+    backward operation has no batching rule (a ``torch.compile``d model: its compiled
+    backward calls ``aten::mm.out``), falls back to one call per cotangent, with the same
+    results (warns once; remembered per extended model).
+    """
+    roots = [c.root if c.root is not None else c.module for c in calls]
+    batched = not any(r in _NO_BATCHING for r in roots)
+    if batched:
+        try:
+            return torch.autograd.grad(
+                f, edges, grad_outputs=V, retain_graph=True, allow_unused=True,
+                is_grads_batched=True,
+            )
+        except RuntimeError as e:
+            if "atching rule" not in str(e) and "vmap" not in str(e):
+                raise
+            warnings.warn(
+                "curvlib: the backward graph of this model cannot be batched over the "
+                f"{V.shape[0]} curvature cotangents (torch: {str(e).splitlines()[0]}); "
+                "back-propagating them one at a time instead (same result, slower). "
+                "This happens for torch.compile'd models with fisher_type 'type-2' or "
+                "mc_samples > 1.",
+                stacklevel=2,
+            )
+    cols = [
+        torch.autograd.grad(f, edges, grad_outputs=v, retain_graph=True, allow_unused=True)
+        for v in V
+    ]
+    grads = tuple(None if gs[0] is None else torch.stack(gs) for gs in zip(*cols))
+    if batched:  # remember the models this backward reached (not unrelated pending calls)
+        _NO_BATCHING.update(r for r, g in zip(roots, grads) if g is not None)
+    return grads
 
 
 __all__ = ["curvature"]

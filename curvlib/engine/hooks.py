@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from curvlib.engine import state
 from curvlib.engine.layers import adapter_for
 from curvlib.engine.losses import loss_adapter_for
-from curvlib.engine.records import LayerCall
+from curvlib.engine.records import CallList, LayerCall
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -126,7 +126,7 @@ def _root_pre_hook(root: nn.Module, args, kwargs) -> None:
         return None
     # a new forward of this model: the calls of its earlier forwards are stale
     _release_all(getattr(root, _CALLS, ()))
-    setattr(root, _CALLS, [])
+    setattr(root, _CALLS, CallList())
     inputs = (tuple(_detached(a) for a in args), {k: _detached(v) for k, v in kwargs.items()})
     _ROOTS.append((root, inputs))
     return None
@@ -152,6 +152,9 @@ def _layer_forward_hook(module: nn.Module, inputs, output) -> None:
         return
     if not inputs or not isinstance(inputs[0], Tensor):
         return
+    in_backward = _in_backward()
+    if in_backward and state.IN_EXTRA_BACKWARD:
+        return  # recomputed by checkpointing inside the engine's own extra backward
     root, root_inputs = _ROOTS[-1] if _ROOTS else (None, None)
     call = LayerCall(
         module=module,
@@ -160,6 +163,7 @@ def _layer_forward_hook(module: nn.Module, inputs, output) -> None:
         output_edge=torch.autograd.graph.get_gradient_edge(output),
         output_shape=output.shape,
         root_inputs=root_inputs,
+        in_backward=in_backward,
     )
     # ownership: the extended model owns the calls of its current forward (a layer
     # called outside it owns its latest call); the tape only refers to them weakly, so
@@ -168,7 +172,7 @@ def _layer_forward_hook(module: nn.Module, inputs, output) -> None:
     calls = getattr(owner, _CALLS, None)
     if root is None or calls is None:
         _release_all(calls or ())
-        calls = []
+        calls = CallList()
         setattr(owner, _CALLS, calls)
     for other in calls:
         if other.module is module:
@@ -195,8 +199,22 @@ def _layer_output_hook(ref: "weakref.ref[LayerCall]", module: nn.Module, grad: T
             "call was already back-propagated). Run forward and backward in pairs, one "
             "backward per forward of the extended model."
         )
+    if call.in_backward and any(s not in ("grad", "empirical") for s in ctx.sources):
+        raise RuntimeError(
+            f"curvlib: {module} ran its forward inside the backward pass, as "
+            "torch.utils.checkpoint(..., use_reentrant=True) does when it recomputes the "
+            "checkpointed segment; the engine back-propagated the 'mc' / 'type-2' "
+            "cotangents before that, so they cannot reach this layer. Use "
+            "checkpoint(..., use_reentrant=False) (supported for every fisher_type), or "
+            "fisher_type='empirical' / BatchGrad, which work with reentrant checkpointing."
+        )
     ctx._process_layer(call, grad)
     return None
+
+
+def _in_backward() -> bool:
+    """Whether an autograd backward pass is running on this thread."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def _loss_forward_hook(loss: nn.Module, inputs, output) -> None:

@@ -38,6 +38,9 @@ class LayerCall:
     repeated: bool = False
     uid: int = field(default_factory=lambda: next(_ids))
     root_inputs: Optional[Tuple[tuple, Dict[str, Any]]] = None
+    #: recorded while a backward pass was running (a forward recomputed inside backward,
+    #: e.g. by reentrant activation checkpointing)
+    in_backward: bool = False
 
     def release(self) -> None:
         """Drop the tensors this call holds."""
@@ -45,6 +48,22 @@ class LayerCall:
         self.output_edge = None
         self.extra = {}
         self.root_inputs = None
+
+
+class CallList(list):
+    """The layer calls an extended model owns (its attribute ``_curvlib_calls``).
+
+    They refer to the autograd graph of one forward (gradient edges, which cannot be
+    pickled) and are meaningless for another object: copies (``copy.deepcopy``, pickle,
+    ``torch.save``) of the owner get an empty list. The copy's hooks are copied with it,
+    so it stays extended and records its own calls on its next forward.
+    """
+
+    def __reduce_ex__(self, protocol):
+        return (CallList, ())
+
+    def __deepcopy__(self, memo):
+        return CallList()
 
 
 @dataclass(eq=False)

@@ -18,7 +18,8 @@ class Extension:
     Args:
         fisher_type: ``"type-2"`` (exact GGN / Fisher), ``"mc"`` (Fisher with
             ``mc_samples`` sampled targets) or ``"empirical"`` (true-label gradients).
-        mc_samples: number of sampled targets per datum for ``"mc"``.
+        mc_samples: number of sampled targets per datum for ``"mc"`` (must be 1 for the
+            other fisher types).
     """
 
     savefield: ClassVar[str] = ""
@@ -37,6 +38,12 @@ class Extension:
         if int(mc_samples) < 1:
             raise ValueError(
                 f"curvlib: {type(self).__name__}(mc_samples={mc_samples}) must be >= 1."
+            )
+        if int(mc_samples) != 1 and fisher_type != "mc":
+            raise ValueError(
+                f"curvlib: {type(self).__name__}(fisher_type={fisher_type!r}, "
+                f"mc_samples={mc_samples}): mc_samples applies to fisher_type='mc' only; "
+                "leave it at 1 or use fisher_type='mc'."
             )
         self.fisher_type = fisher_type
         self.mc_samples = int(mc_samples)

@@ -150,6 +150,20 @@ class BatchGrad(Extension):
         reuse_buffers: overwrite the previous ``p.grad_batch`` in place when nothing else
             refers to it (see module docstring); ``False`` always allocates.
 
+    Exactly when a buffer is reused (:func:`reusable_buffer`): ``reuse_buffers=True`` and the
+    previous ``p.grad_batch`` is a plain ``torch.Tensor`` (no subclass, no ``requires_grad``)
+    with the new shape, dtype and device, contiguous, at storage offset 0 and spanning its
+    whole storage; the attribute ``p.grad_batch`` is the only Python reference to it (CPython
+    reference count, compared with that of a tensor held by one attribute, measured at
+    import); and no other tensor or array shares its storage -- no view, ``.numpy()`` array,
+    ``torch.from_numpy`` / DLPack alias (storage use count, ``torch._C._storage_Use_Count``:
+    the count PyTorch's own ``AccumulateGrad`` checks before accumulating into ``p.grad`` in
+    place). Not detected: a kept ``p.grad_batch.untyped_storage()`` object or raw
+    ``data_ptr()``. Otherwise a new tensor is allocated. No public PyTorch mechanism gives
+    this guarantee: on ``benchmarks/bench_batch_grad.py`` (MLP 784-256-128-10, N = 128, two
+    shared CPU threads) a step takes 77 ms with reuse and 229 ms without (BackPACK: 164 ms),
+    because a fresh 115 MiB tensor is page-faulted and zeroed by the kernel.
+
     Finiteness is checked on the (small) captured ``s`` and ``a`` instead of the result.
 
     Example:

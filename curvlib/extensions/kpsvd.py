@@ -44,11 +44,13 @@ side, as in ``p.kfac``), so ``sum_i kron(G_i, A_i)`` approximates the block of `
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from einops import rearrange
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from curvlib.engine.capture import LayerCapture, Source
 from curvlib.extensions.base import Extension
@@ -311,8 +313,9 @@ class KroneckerSVDExtension(Extension):
         if method not in METHODS:
             raise ValueError(f"curvlib: {type(self).__name__}(method={method!r}) is not one of {METHODS}.")
         self.method, self.maxiter, self.tol, self.warm_start = method, maxiter, tol, bool(warm_start)
-        #: id(param) -> last first factors ``[rank, d0, d0]`` (left singular vectors times sqrt(s))
-        self._warm: Dict[int, Tensor] = {}
+        #: param -> last first factors ``[rank, d0, d0]`` (left singular vectors times sqrt(s));
+        #: weak: an entry goes with its parameter and never aliases a new one with a recycled id
+        self._warm: WeakIdKeyDictionary = WeakIdKeyDictionary()
         #: id(param) -> number of products with ``R`` or ``R^T`` in the last call
         self.products: Dict[int, int] = {}
 
@@ -337,7 +340,7 @@ class KroneckerSVDExtension(Extension):
         # `guess`, or the identity (cold, cheaper than a product). A power step from the previous
         # *left* factors beats the previous *right* ones: those lie partly outside the span of the
         # new batch's activations.
-        prev = self._warm.get(id(p)) if self.warm_start else None
+        prev = self._warm.get(p) if self.warm_start else None
         if prev is not None and prev.shape[1] == block.d[0] and (prev.dtype, prev.device) == (p.dtype, p.device):
             v0 = torch.stack([rmv(Ui.reshape(-1)) for Ui in block.project(prev, 0)], 1)
         elif guess is not None:
@@ -353,7 +356,7 @@ class KroneckerSVDExtension(Extension):
         root = S.clamp_min(0).sqrt()[:, None, None]
         G, A = block.expand(U * root, 0), block.expand(V * root, 1)
         if self.warm_start:  # unnormalized is fine: only the direction is used
-            self._warm[id(p)] = G.detach()
+            self._warm[p] = G.detach()
         return [[g, a] for g, a in zip(G, A)]
 
     def weight_terms(
@@ -402,7 +405,9 @@ class KPSVD(KroneckerSVDExtension):
     Args:
         fisher_type: ``"type-2"`` (exact GGN), ``"mc"`` or ``"empirical"``.
         mc_samples: sampled targets per datum for ``"mc"``.
-        rank: number of Kronecker terms.
+        rank: number of Kronecker terms. A weight of shape ``[d0, d1]`` (flattened) has at most
+            ``min(d0^2, d1^2)`` terms, and that many represent its block exactly: a larger ``rank``
+            is clamped to it for that layer (warned once per layer shape), which is exact.
         method: ``"power"`` or ``"deflation"`` (the same routine: power iteration, later terms on
             the deflated rearrangement) or ``"lanczos"`` (Golub–Kahan–Lanczos bidiagonalization).
             Power iteration is cheapest for ``rank=1`` (the leading term is well separated: 3-5
@@ -451,6 +456,7 @@ class KPSVD(KroneckerSVDExtension):
         if int(rank) < 1:
             raise ValueError(f"curvlib: KPSVD(rank={rank}) must be >= 1.")
         self.rank = int(rank)
+        self._clamped: set = set()  # weight shapes whose rank clamp was announced
 
     def weight_terms(
         self, p: Tensor, capture: LayerCapture, block: RearrangedBlock, bias_block: Optional[Tensor]
@@ -459,7 +465,16 @@ class KPSVD(KroneckerSVDExtension):
         # side and is KFAC's G for T = 1: a left guess close to the leading left factor (with it,
         # power iteration typically converges in its first iteration).
         guess = bias_block if capture.act_side == "right" else None
-        return self._svd(p, block, self.rank, guess=guess)
+        most = min(block.d[0] ** 2, block.d[1] ** 2)
+        if self.rank > most and block.d not in self._clamped:
+            self._clamped.add(block.d)
+            warnings.warn(
+                f"curvlib: KPSVD(rank={self.rank}) exceeds the {most} Kronecker terms that "
+                f"represent the {block.d[0]}x{block.d[1]} weight block of {capture.module} "
+                f"exactly; it gets {most} terms (exact).",
+                stacklevel=2,
+            )
+        return self._svd(p, block, min(self.rank, most), guess=guess)
 
     def __repr__(self) -> str:
         return (

@@ -23,6 +23,11 @@ def check_groups(module: nn.Module) -> None:
         )
 
 
+def unbatched(module: nn.Module, x: Tensor) -> bool:
+    """An unbatched input ``[C, *S]`` (which torch's convolutions accept): a batch of one."""
+    return x.ndim == len(module.kernel_size) + 1
+
+
 class ConvAdapter(LayerAdapter):
     module_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
     act_side = "right"
@@ -30,9 +35,12 @@ class ConvAdapter(LayerAdapter):
     def check(self, module: nn.Module) -> None:
         check_groups(module)
 
+    def batch_size(self, module: nn.Module, x: Tensor) -> int:
+        return 1 if unbatched(module, x) else x.shape[0]
+
     def activations(self, module: nn.Module, x: Tensor) -> Tensor:
         return unfold(
-            x,
+            x.unsqueeze(0) if unbatched(module, x) else x,
             module.kernel_size,
             module.stride,
             module.dilation,
@@ -41,4 +49,6 @@ class ConvAdapter(LayerAdapter):
         )
 
     def weight_cotangents(self, module: nn.Module, g: Tensor, x: Tensor) -> Tensor:
+        if unbatched(module, x):
+            g = g.unsqueeze(1)
         return rearrange(g, "k n c ... -> k n (...) c")

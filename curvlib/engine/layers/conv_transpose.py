@@ -19,7 +19,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from curvlib.engine.layers.base import LayerAdapter
-from curvlib.engine.layers.conv import check_groups
+from curvlib.engine.layers.conv import check_groups, unbatched
 from curvlib.engine.unfold import unfold
 
 
@@ -35,10 +35,17 @@ class ConvTransposeAdapter(LayerAdapter):
                 "transposed convolutions support only 'zeros'."
             )
 
+    def batch_size(self, module: nn.Module, x: Tensor) -> int:
+        return 1 if unbatched(module, x) else x.shape[0]
+
     def activations(self, module: nn.Module, x: Tensor) -> Tensor:
+        if unbatched(module, x):
+            x = x.unsqueeze(0)
         return rearrange(x, "n c ... -> n (...) c")
 
     def weight_cotangents(self, module: nn.Module, g: Tensor, x: Tensor) -> Tensor:
+        if unbatched(module, x):
+            g, x = g.unsqueeze(1), x.unsqueeze(0)
         K, N = g.shape[:2]
         pad = tuple(p for p in reversed(module.padding) for _ in range(2))
         g = F.pad(g.flatten(0, 1), pad)
@@ -59,4 +66,6 @@ class ConvTransposeAdapter(LayerAdapter):
         return rearrange(patches, "(k n) t d -> k n t d", k=K, n=N)
 
     def bias_cotangents(self, module: nn.Module, g: Tensor, x: Tensor) -> Tensor:
+        if unbatched(module, x):
+            g = g.unsqueeze(1)
         return rearrange(g, "k n c ... -> k n (...) c")
