@@ -191,6 +191,8 @@ class HMP(Extension):
     """
 
     savefield = "hmp"
+    #: re-runs the whole objective: exact also when the forward couples the samples
+    coupled_samples = "exact"
 
     def __init__(self):
         super().__init__("type-2")
@@ -224,6 +226,11 @@ class HMP(Extension):
             raise RuntimeError(
                 f"curvlib: HMP needs the extended loss that {module} feeds: "
                 "loss_fn = curvlib.extend(torch.nn.CrossEntropyLoss()) (or MSELoss, ...)."
+            )
+        if len(capture.loss_calls) > 1:
+            raise NotImplementedError(
+                f"curvlib: HMP found {len(capture.loss_calls)} extended losses in one backward; "
+                "it re-evaluates one loss only. Use GGNMP, or one loss per backward."
             )
         lc = capture.loss_calls[-1]
         g = self._graph
