@@ -89,6 +89,8 @@ class curvature:
         self._roots: Dict[int, nn.Module] = {}
         self._coupling: Dict[int, list] = {}
         self._all_roots: Dict[int, nn.Module] = {}
+        #: uids of layer calls whose coupling probe leaked
+        self._leaks: Set[int] = set()
 
     # ----------------------------------------------------------------- context
     def __enter__(self) -> "curvature":
@@ -179,32 +181,65 @@ class curvature:
                     if (i, id(p)) not in self._written and field in p.__dict__:
                         delattr(p, field)
 
-    def _check_coupling(self, root: Optional[nn.Module]) -> None:
-        """Raise or warn (per extension) if ``root`` couples the samples of the batch."""
+    def _coupling_probe(self, calls: List[LayerCall], f: Tensor) -> Optional[Tensor]:
+        """On the first capture of a model (per training mode): one extra output cotangent,
+        nonzero on sample 0 only, back-propagated with the others; a layer whose cotangent
+        is nonzero on another sample has a coupling module downstream (generic detection of
+        what :mod:`curvlib.engine.coupling` does not know)."""
+        if f.ndim == 0 or f.shape[0] < 2:
+            return None
+        if all(e.coupled_samples == "exact" for e in self.extensions):
+            return None
+        new = False
+        for root in {id(c.root): c.root for c in calls if c.root is not None}.values():
+            modes = _PROBED.setdefault(root, set())
+            if root.training not in modes:
+                modes.add(root.training)
+                new = True
+        if not new:
+            return None
+        gen = torch.Generator().manual_seed(0)  # leaves the global random stream alone
+        v = torch.zeros((1,) + tuple(f.shape), dtype=f.dtype)
+        v[0, 0] = torch.rand(f.shape[1:], generator=gen, dtype=f.dtype) + 0.5
+        return v.to(f.device)
+
+    def _check_coupling(self, root: Optional[nn.Module], call: Optional[LayerCall] = None) -> None:
+        """Raise or warn (per extension) if ``root`` couples the samples of the batch (a known
+        coupling module, or the probe leaked at ``call``'s layer)."""
+        if call is not None and call.uid in self._leaks and root is not None:
+            name = next((n for n, m in root.named_modules() if m is call.module), type(call.module).__name__)
+            self._on_coupling(
+                root,
+                f"a module downstream of the layer '{name}' ({type(call.module).__name__}) of the "
+                f"extended model {type(root).__name__} (the output cotangent of one sample "
+                "reached the other samples there)",
+            )
         if root is None or id(root) in self._coupling:
             return
         found = self._coupling[id(root)] = coupling.coupling_modules(root)
         if not found:
             return
-        where = coupling.describe(root, found)
+        self._on_coupling(root, coupling.describe(root, found))
+
+    def _on_coupling(self, root: nn.Module, where: str) -> None:
         strict = [e for e in self.extensions if e.coupled_samples == "raise"]
         if strict:
             raise RuntimeError(
                 f"curvlib: {', '.join(type(e).__name__ for e in strict)} needs independent "
-                f"samples, but {where} couples the samples of the batch (batch statistics "
-                "in training mode): per-sample gradients and exact curvature blocks are then "
-                "not what this extension computes. Call model.eval() for the curvature "
-                "backward (BatchNorm then uses its running statistics), or use KFAC, which "
-                "treats the samples as independent (with a warning)."
+                f"samples, but {where} couples the samples of the batch (e.g. BatchNorm with "
+                "batch statistics in training mode): per-sample gradients and exact curvature "
+                "blocks are then not what this extension computes. Call model.eval() for the "
+                "curvature backward (BatchNorm then uses its running statistics), or use KFAC, "
+                "which treats the samples as independent (with a warning)."
             )
         loose = [e for e in self.extensions if e.coupled_samples == "warn"]
         if loose and root not in _WARNED_COUPLING:
             _WARNED_COUPLING.add(root)
             warnings.warn(
                 f"curvlib: {', '.join(type(e).__name__ for e in loose)} treats the samples "
-                f"as independent, but {where} couples them (batch statistics in training "
-                "mode); the result is the approximation with coupling ignored. Call "
-                "model.eval() for the curvature backward to avoid it.",
+                f"as independent, but {where} couples them (e.g. BatchNorm with batch "
+                "statistics in training mode); the result is the approximation with the "
+                "coupling ignored. Call model.eval() for the curvature backward to avoid it.",
                 stacklevel=2,
             )
 
@@ -236,11 +271,13 @@ class curvature:
                     S = S * math.sqrt(weight)
                 cots.append(S)
                 keys.append(src)
-        if not cots:
-            return
         finite_or_raise(cots, loss, "the loss curvature (model output)")
         calls = [c for c in state.TAPE.values() if c.output_edge is not None]
-        if not calls:
+        probe = self._coupling_probe(calls, f)
+        if probe is not None:
+            cots.append(probe)
+            keys.append(_PROBE)
+        if not cots or not calls:
             return
         sizes = [S.shape[0] for S in cots]
         state.IN_EXTRA_BACKWARD = True
@@ -267,6 +304,10 @@ class curvature:
             if g is None:
                 continue
             for key, part in zip(keys, g.split(sizes)):
+                if key is _PROBE:  # sample 0's output cotangent leaked into other samples?
+                    if part.shape[1] > 1 and bool(part[0, 1:].ne(0).any()):
+                        self._leaks.add(call.uid)
+                    continue
                 old = call.extra.get(key)
                 call.extra[key] = part if old is None else torch.cat([old, part])
 
@@ -298,7 +339,7 @@ class curvature:
         self._begin_backward()
         if call.root is not None:
             self._roots[id(call.root)] = self._all_roots[id(call.root)] = call.root
-        self._check_coupling(call.root)
+        self._check_coupling(call.root, call)
         if self.empirical_scale is None:
             if self.num_backwards > 1 and "empirical" in self.sources:
                 raise RuntimeError(
@@ -364,6 +405,10 @@ class curvature:
             self._written[(i, id(p))] = (p, b, count)
 
 
+#: key of the coupling probe among the extra cotangents
+_PROBE = object()
+#: model -> training modes in which the coupling probe ran
+_PROBED: "weakref.WeakKeyDictionary[nn.Module, Set[bool]]" = weakref.WeakKeyDictionary()
 #: models already warned about (coupled samples) / layers already warned about (no call)
 _WARNED_COUPLING: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 _WARNED_UNCALLED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()

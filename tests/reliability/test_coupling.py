@@ -144,3 +144,47 @@ def test_resnet_block_eval_mode_ggn_operator_is_exact():
     ext = GGNMP("type-2")
     backward(model, loss_fn, x, y, ext)
     torch.testing.assert_close(ext.operator().to_dense(), dense_ggn(model, loss_fn, x, y))
+
+
+class BatchCenter(nn.Module):
+    """A coupling module the engine does not know: centres over the batch."""
+
+    def forward(self, x):
+        return x - x.mean(0, keepdim=True)
+
+
+def centred(eval_mode=False):
+    torch.manual_seed(0)
+    model = extend(nn.Sequential(nn.Linear(4, 5), BatchCenter(), nn.Tanh(), nn.Linear(5, 3)))
+    model.train(not eval_mode)
+    return model, extend(nn.CrossEntropyLoss()), torch.randn(6, 4), torch.randint(0, 3, (6,))
+
+
+@pytest.mark.parametrize("eval_mode", [False, True])
+@pytest.mark.parametrize("make", [lambda: DiagGGN("type-2"), lambda: BatchGrad()], ids=["DiagGGN", "BatchGrad"])
+def test_probe_finds_unknown_coupling_on_first_capture(make, eval_mode):
+    """The generic probe (one extra cotangent on sample 0, first capture of a model per mode)
+    names the layer upstream of the coupling; the layer after it is fine."""
+    model, loss_fn, x, y = centred(eval_mode)
+    with pytest.raises(RuntimeError, match=r"(?s)downstream of the layer '0' \(Linear\)"):
+        backward(model, loss_fn, x, y, make())
+
+
+def test_probe_kfac_warns_and_results_unchanged():
+    model, loss_fn, x, y = centred()
+    with pytest.warns(UserWarning, match="downstream of the layer '0'"):
+        backward(model, loss_fn, x, y, KFAC("type-2"))
+    first = [f.clone() for f in model[0].weight.kfac]
+    backward(model, loss_fn, x, y, KFAC("type-2"))  # no probe on later captures
+    for a, b in zip(first, model[0].weight.kfac):
+        torch.testing.assert_close(a, b)
+
+
+def test_probe_silent_on_independent_samples():
+    """Guard: no leak, no warning for a per-sample model (the probe is exact zeros there)."""
+    torch.manual_seed(0)
+    model = extend(nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(27, 3)))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        backward(model, extend(nn.CrossEntropyLoss()), torch.randn(5, 2, 3, 3), torch.randint(0, 3, (5,)), DiagGGN(), BatchGrad())
+    assert coupling_warnings(rec) == []
