@@ -71,7 +71,7 @@ class curvature:
         self.sources: Set[Source] = set().union(*(e.sources() for e in extensions))
         self.num_captures = 0
         self.empirical_scale: Optional[float] = None
-        #: extended losses reached by backwards in this context (for extensions that
+        #: extended losses reached by the current backward (for extensions that
         #: re-evaluate the objective, e.g. HMP); cleared on exit
         self.loss_calls: List[LossCall] = []
         self._reset()
@@ -141,6 +141,7 @@ class curvature:
         self._in_backward = True
         self.num_backwards += 1
         self.empirical_scale = None
+        self.loss_calls = []
         self._kappas = []
         self._processed = weakref.WeakSet()
         self._roots = {}

@@ -22,7 +22,7 @@ entries than the captured ``a`` and ``s`` together. Biases keep ``x_{kn} = sum_t
 (``[K, N, D_out]``): ``C v = sum_{k,n} x (x^T v)``.
 
 Memory: the extension keeps the captured ``a`` (unfolded patches for convolutions) and
-``s`` of every layer (views, no copies) until its next backward.
+``s`` of every layer (views, no copies) until its next context.
 
 With ``fisher_type="type-2"`` the source is the exact loss-Hessian square root, so ``C`` is
 the GGN block of the loss and ``p.ggnmp`` equals BackPACK's ``GGNMP`` product (Dangel et
@@ -185,7 +185,8 @@ class GGNMP(Extension):
     """Block GGN / Fisher products ``p.ggnmp: [V, *p.shape] -> [V, *p.shape]``, and the
     whole-network operator :meth:`operator` (module docstring for the math).
 
-    Products are valid until the next backward inside a context with this extension.
+    Products are valid until the next context with this extension; several backwards in one
+    context (gradient accumulation) sum their products.
 
     Args:
         fisher_type: ``"type-2"`` (exact GGN of the loss; BackPACK's GGNMP), ``"mc"`` or

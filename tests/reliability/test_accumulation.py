@@ -148,10 +148,26 @@ def test_mc_accumulates_the_draws_of_every_micro_batch(make):
                 torch.testing.assert_close(acc[i][1], full[i][1])
 
 
-def test_hmp_raises_on_second_backward():
+@pytest.mark.parametrize("loss,reduction", [("ce", "mean"), ("mse", "sum")])
+def test_hmp_products_and_operator_sum_over_backwards(loss, reduction):
+    model, loss_fn, x, y = problem("mlp", loss, reduction)
+    refs = []
+    for run in (single, accumulated):
+        ext = HMP()
+        run(model, loss_fn, x, y, ext)
+        V = [torch.randn(2, *p.shape, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(model.parameters())]
+        refs.append(([p.hmp(v) for p, v in zip(model.parameters(), V)], ext.operator().to_dense()))
+    torch.testing.assert_close(refs[1], refs[0])
+
+
+class _LastOnly(DiagGGN):
+    accumulation = None  # an extension that cannot accumulate
+
+
+def test_extension_that_cannot_accumulate_raises_on_second_backward():
     model, loss_fn, x, y = problem()
-    with pytest.raises(RuntimeError, match="HMP cannot accumulate over several backward"):
-        accumulated(model, loss_fn, x, y, HMP())
+    with pytest.raises(RuntimeError, match="_LastOnly cannot accumulate over several backward"):
+        accumulated(model, loss_fn, x, y, _LastOnly())
 
 
 def test_empirical_without_extended_loss_raises_on_second_backward():
