@@ -77,7 +77,7 @@ class curvature:
         self._reset()
 
     def _reset(self) -> None:
-        #: index of the current (or last) backward in this context; -1 before the first
+        #: number of backwards that reached this context so far
         self.num_backwards = 0
         self._in_backward = False
         #: (extension index, id(param)) -> (param, backward index, count) of values written
