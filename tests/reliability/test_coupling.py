@@ -188,3 +188,22 @@ def test_probe_silent_on_independent_samples():
         warnings.simplefilter("always")
         backward(model, extend(nn.CrossEntropyLoss()), torch.randn(5, 2, 3, 3), torch.randint(0, 3, (5,)), DiagGGN(), BatchGrad())
     assert coupling_warnings(rec) == []
+
+
+def test_registered_coupling_type_raises_by_module_scan():
+    """``register_coupling``: a declared type is reported by name (no probe needed)."""
+    from curvlib.engine import coupling, register_coupling
+
+    class Declared(nn.Identity):
+        pass
+
+    register_coupling(Declared)
+    try:
+        torch.manual_seed(0)
+        model = extend(nn.Sequential(nn.Linear(4, 3), Declared()))
+        with pytest.raises(RuntimeError, match=r"'1' \(Declared\)"):
+            backward(model, extend(nn.CrossEntropyLoss()), torch.randn(5, 4), torch.randint(0, 3, (5,)), BatchGrad())
+        model.eval()  # the default predicate: training mode only
+        backward(model, extend(nn.CrossEntropyLoss()), torch.randn(5, 4), torch.randint(0, 3, (5,)), BatchGrad())
+    finally:
+        coupling._COUPLING.pop(Declared)
