@@ -11,7 +11,6 @@ from torch import nn
 
 from curvlib import curvature, extend
 from curvlib.extensions import KFAC, DiagGGN
-from tests.utils import param_slices
 
 pytestmark = pytest.mark.usefixtures("float64")
 
