@@ -16,6 +16,13 @@ re-runs the whole objective).
 Known coupling modules: every ``torch.nn.modules.batchnorm._BatchNorm`` (``BatchNorm1d/2d/3d``,
 ``SyncBatchNorm``, lazy variants, ``affine=False`` or not) that uses batch statistics, i.e. in
 training mode or without running statistics. :func:`register_coupling` adds a type.
+
+Generic probe (for couplings this module does not know): on the first capture of an extended
+model in each training mode, with an extended loss, the engine back-propagates one more output
+cotangent, nonzero on sample 0 only, with its batched extra cotangents; a layer whose cotangent
+is then nonzero on another sample has a coupling downstream and is treated as above (named in
+the message). It runs once per model and mode, so a coupling whose derivative vanishes at that
+moment (e.g. a zero-initialised scale) is missed; the module scan above runs on every capture.
 """
 from __future__ import annotations
 
