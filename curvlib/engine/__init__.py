@@ -1,6 +1,7 @@
 """Engine: hooks, captures, layer adapters and loss adapters (one backward pass)."""
 from curvlib.engine.capture import LayerCapture, source_key
 from curvlib.engine.context import curvature
+from curvlib.engine.coupling import is_coupling, register_coupling
 from curvlib.engine.hooks import extend
 from curvlib.engine.layers import LayerAdapter, adapter_for, register_adapter
 from curvlib.engine.losses import LossAdapter, loss_adapter_for
@@ -15,4 +16,6 @@ __all__ = [
     "register_adapter",
     "LossAdapter",
     "loss_adapter_for",
+    "register_coupling",
+    "is_coupling",
 ]

@@ -53,6 +53,8 @@ class LayerCapture:
             ``root_inputs`` the ``(args, kwargs)`` of that forward (tensors detached).
         loss_calls: the extended losses this context's backwards reached so far.
         order: increases with the forward order of layer calls.
+        backward: index of the ``backward`` call within the ``curvature`` context
+            (0, 1, ... for gradient accumulation over micro-batches).
     """
 
     def __init__(
@@ -66,6 +68,7 @@ class LayerCapture:
         root_inputs: Optional[Tuple[tuple, Dict[str, Any]]] = None,
         loss_calls: Optional[List[LossCall]] = None,
         order: int = 0,
+        backward: int = 0,
     ):
         if x.numel() == 0:
             raise ValueError(
@@ -83,6 +86,7 @@ class LayerCapture:
         self.root_inputs = root_inputs
         self.loss_calls = loss_calls or []
         self.order = order
+        self.backward = backward
         self._act: Optional[Tensor] = None
         self._cot: Dict[Source, Tensor] = {}
         self._bias_cot: Dict[Source, Tensor] = {}

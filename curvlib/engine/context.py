@@ -4,12 +4,12 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
-from typing import Dict, List, Optional, Set
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from curvlib.engine import state
+from curvlib.engine import coupling, state
 from curvlib.engine.capture import LayerCapture, Source, finite_or_raise
 from curvlib.engine.layers import adapter_for
 from curvlib.engine.losses import loss_adapter_for
@@ -45,6 +45,27 @@ class curvature:
       reduction ``"mean"`` or ``"sum"``) fed directly by the model output;
     - one backward per forward of the extended model (run them in pairs);
     - contexts cannot be nested.
+
+    Several ``backward`` calls in one context (gradient accumulation over micro-batches)
+    accumulate every quantity like ``p.grad``: with the micro-batch losses scaled as for
+    gradient accumulation (``loss_fn(model(x_i), y_i) * len(x_i) / N`` with
+    ``reduction="mean"``, unscaled with ``"sum"``) the result equals one backward on the
+    concatenated batch (``Extension.accumulate``); an extension that cannot accumulate
+    raises at the second backward.
+
+    Empirical Fisher: a sample's loss ``l_n`` enters the objective with the weight
+    ``kappa = w / N'`` (``w = d objective / d loss``, ``N'`` the loss's mean normalization,
+    1 for ``"sum"``); the empirical Fisher of that objective is
+    ``kappa sum_n grad l_n grad l_n^T``. It is linear in the objective like the GGN, so it
+    adds up over micro-batches; several extended losses in one backward must give the same
+    ``kappa`` (e.g. two means over the same number of terms), otherwise an error is raised.
+
+    On exit, the savefields of the context's extensions are removed from every parameter
+    of the extended models that got no value in it (frozen or unused parameters keep no
+    stale result). Samples coupled by the forward (BatchNorm in training mode, see
+    :mod:`curvlib.engine.coupling`) make exact and per-sample quantities raise and KFAC
+    warn. An extended layer of a model that took part in a backward but received no call
+    (e.g. ``nn.MultiheadAttention.out_proj``, used functionally) is warned about once.
 
     Example:
         >>> import torch
@@ -82,9 +103,26 @@ class curvature:
         self.sources: Set[Source] = set().union(*(e.sources() for e in extensions))
         self.num_captures = 0
         self.empirical_scale: Optional[float] = None
-        #: extended losses reached by backwards in this context (for extensions that
+        #: extended losses reached by the current backward (for extensions that
         #: re-evaluate the objective, e.g. HMP); cleared on exit
         self.loss_calls: List[LossCall] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        #: number of backwards that reached this context so far
+        self.num_backwards = 0
+        self._in_backward = False
+        #: (extension index, id(param)) -> (param, backward index, count) of values written
+        self._written: Dict[Tuple[int, int], Tuple[nn.Parameter, int, int]] = {}
+        #: per backward: sample weights kappa of the extended losses, processed modules,
+        #: models that took part, their coupling modules
+        self._kappas: List[Tuple[nn.Module, float]] = []
+        self._processed: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+        self._roots: Dict[int, nn.Module] = {}
+        self._coupling: Dict[int, list] = {}
+        self._all_roots: Dict[int, nn.Module] = {}
+        #: uids of layer calls whose coupling probe leaked
+        self._leaks: Set[int] = set()
 
     # ----------------------------------------------------------------- context
     def __enter__(self) -> "curvature":
@@ -94,6 +132,7 @@ class curvature:
         self.num_captures = 0
         self.empirical_scale = None
         self.loss_calls = []
+        self._reset()
         for ext in self.extensions:
             ext.begin()
         return self
@@ -103,8 +142,10 @@ class curvature:
         for call in state.TAPE.values():
             call.extra = {}
         self.loss_calls = []
+        self._in_backward = False
         if exc_type is not None:
             return
+        self._clear_stale()
         if self.num_captures == 0:
             raise RuntimeError(
                 "curvlib: no extended layer took part in a backward inside this curvature "
@@ -113,6 +154,127 @@ class curvature:
             )
         for ext in self.extensions:
             ext.finish()
+
+    # -------------------------------------------------------------- backwards
+    def _begin_backward(self) -> None:
+        """At the first hook of a backward: per-backward state, end-of-backward callback."""
+        if self._in_backward:
+            return
+        if self.num_backwards >= 1:
+            stuck = [e for e in self.extensions if e.accumulation is None]
+            if stuck:
+                raise RuntimeError(
+                    f"curvlib: {', '.join(type(e).__name__ for e in stuck)} cannot accumulate "
+                    "over several backward calls in one curvature context (gradient "
+                    "accumulation); its value would describe the last micro-batch only. Run "
+                    "one backward per `with curvature(...)` block, or one backward on the "
+                    "whole batch."
+                )
+        self._in_backward = True
+        self.num_backwards += 1
+        self.empirical_scale = None
+        self.loss_calls = []
+        self._kappas = []
+        self._processed = weakref.WeakSet()
+        self._roots = {}
+        self._coupling = {}
+        torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+
+    def _end_backward(self) -> None:
+        """After the backward: warn about adapted layers of the models that took part but
+        received no call (e.g. ``MultiheadAttention.out_proj``, called functionally)."""
+        self._in_backward = False
+        for root in self._roots.values():
+            for name, sub in root.named_modules():
+                if sub in self._processed or sub in _WARNED_UNCALLED or adapter_for(sub) is None:
+                    continue
+                if not any(p.requires_grad for p in sub.parameters(recurse=False)):
+                    continue
+                _WARNED_UNCALLED.add(sub)
+                warnings.warn(
+                    f"curvlib: the extended layer '{name}' ({type(sub).__name__}) of "
+                    f"{type(root).__name__} took part in no call during a curvature backward "
+                    "of its model, so its parameters get no curvature. A layer used through "
+                    "its parameters only (e.g. nn.MultiheadAttention's out_proj, applied by "
+                    "F.multi_head_attention_forward) is invisible to the hooks; a layer whose "
+                    "output does not reach the loss gets nothing either.",
+                    stacklevel=2,
+                )
+
+    def _clear_stale(self) -> None:
+        """Remove the owned savefields from parameters of extended models that got no value
+        in this context (frozen, unused, or from an earlier capture)."""
+        roots = list(state.EXTENDED) + list(self._all_roots.values())
+        for i, ext in enumerate(self.extensions):
+            field = ext.savefield
+            if not field:
+                continue
+            for root in roots:
+                for p in root.parameters():
+                    if (i, id(p)) not in self._written and field in p.__dict__:
+                        delattr(p, field)
+
+    def _coupling_probe(self, calls: List[LayerCall], f: Tensor) -> Optional[Tensor]:
+        """On the first capture of a model (per training mode): one extra output cotangent,
+        nonzero on sample 0 only, back-propagated with the others; a layer whose cotangent
+        is nonzero on another sample has a coupling module downstream (generic detection of
+        what :mod:`curvlib.engine.coupling` does not know)."""
+        if f.ndim == 0 or f.shape[0] < 2:
+            return None
+        if all(e.coupled_samples == "exact" for e in self.extensions):
+            return None
+        new = False
+        for root in {id(c.root): c.root for c in calls if c.root is not None}.values():
+            modes = _PROBED.setdefault(root, set())
+            if root.training not in modes:
+                modes.add(root.training)
+                new = True
+        if not new:
+            return None
+        gen = torch.Generator().manual_seed(0)  # leaves the global random stream alone
+        v = torch.zeros((1,) + tuple(f.shape), dtype=f.dtype)
+        v[0, 0] = torch.rand(f.shape[1:], generator=gen, dtype=f.dtype) + 0.5
+        return v.to(f.device)
+
+    def _check_coupling(self, root: Optional[nn.Module], call: Optional[LayerCall] = None) -> None:
+        """Raise or warn (per extension) if ``root`` couples the samples of the batch (a known
+        coupling module, or the probe leaked at ``call``'s layer)."""
+        if call is not None and call.uid in self._leaks and root is not None:
+            name = next((n for n, m in root.named_modules() if m is call.module), type(call.module).__name__)
+            self._on_coupling(
+                root,
+                f"a module downstream of the layer '{name}' ({type(call.module).__name__}) of the "
+                f"extended model {type(root).__name__} (the output cotangent of one sample "
+                "reached the other samples there)",
+            )
+        if root is None or id(root) in self._coupling:
+            return
+        found = self._coupling[id(root)] = coupling.coupling_modules(root)
+        if not found:
+            return
+        self._on_coupling(root, coupling.describe(root, found))
+
+    def _on_coupling(self, root: nn.Module, where: str) -> None:
+        strict = [e for e in self.extensions if e.coupled_samples == "raise"]
+        if strict:
+            raise RuntimeError(
+                f"curvlib: {', '.join(type(e).__name__ for e in strict)} needs independent "
+                f"samples, but {where} couples the samples of the batch (e.g. BatchNorm with "
+                "batch statistics in training mode): per-sample gradients and exact curvature "
+                "blocks are then not what this extension computes. Call model.eval() for the "
+                "curvature backward (BatchNorm then uses its running statistics), or use KFAC, "
+                "which treats the samples as independent (with a warning)."
+            )
+        loose = [e for e in self.extensions if e.coupled_samples == "warn"]
+        if loose and root not in _WARNED_COUPLING:
+            _WARNED_COUPLING.add(root)
+            warnings.warn(
+                f"curvlib: {', '.join(type(e).__name__ for e in loose)} treats the samples "
+                f"as independent, but {where} couples them (e.g. BatchNorm with batch "
+                "statistics in training mode); the result is the approximation with the "
+                "coupling ignored. Call model.eval() for the curvature backward to avoid it.",
+                stacklevel=2,
+            )
 
     # ------------------------------------------------------------------- loss
     def _process_loss(self, loss: nn.Module, f: Tensor, y: Optional[Tensor], w: Tensor) -> None:
@@ -130,9 +292,10 @@ class curvature:
                 f"curvlib: the loss {loss} must be reduced to a scalar that enters the "
                 "objective with a non-negative weight for curvature (GGN) to be defined."
             )
+        self._begin_backward()
         self.loss_calls.append(LossCall(loss, f, y, weight))
         with torch.no_grad():
-            self.empirical_scale = math.sqrt(adapter.normalization(loss, f, y))
+            self._set_empirical_scale(loss, weight / adapter.normalization(loss, f, y))
             cots: List[Tensor] = []
             keys: List[Source] = []
             for src in sorted(self.sources, key=str):
@@ -146,12 +309,14 @@ class curvature:
                     S = S * math.sqrt(weight)
                 cots.append(S)
                 keys.append(src)
-        if not cots:
-            return
         finite_or_raise(cots, loss, "the loss curvature (model output)")
         # (calls recorded inside a backward are recomputations: never reached from here)
         calls = [c for c in state.TAPE.values() if c.output_edge is not None and not c.in_backward]
-        if not calls:
+        probe = self._coupling_probe(calls, f)
+        if probe is not None:
+            cots.append(probe)
+            keys.append(_PROBE)
+        if not cots or not calls:
             return
         sizes = [S.shape[0] for S in cots]
         state.IN_EXTRA_BACKWARD = True
@@ -171,8 +336,29 @@ class curvature:
             if g is None:
                 continue
             for key, part in zip(keys, g.split(sizes)):
+                if key is _PROBE:  # sample 0's output cotangent leaked into other samples?
+                    if part.shape[1] > 1 and bool(part[0, 1:].ne(0).any()):
+                        self._leaks.add(call.uid)
+                    continue
                 old = call.extra.get(key)
                 call.extra[key] = part if old is None else torch.cat([old, part])
+
+    def _set_empirical_scale(self, loss: nn.Module, kappa: float) -> None:
+        """``sqrt(1 / kappa)``: the ``"empirical"`` source ``grad * scale`` then gives
+        ``sum_n s s^T = kappa sum_n grad l_n grad l_n^T`` (class docstring)."""
+        for other, k in self._kappas:
+            if "empirical" in self.sources and not math.isclose(k, kappa, rel_tol=1e-6):
+                raise ValueError(
+                    f"curvlib: fisher_type='empirical' with two extended losses in one "
+                    f"backward that weight a sample differently: {other} with "
+                    f"d objective/d loss / normalization = {k:.6g} and {loss} with {kappa:.6g}. "
+                    "The empirical Fisher kappa * sum_n grad l_n grad l_n^T needs one per-sample "
+                    "weight kappa. Use the same reduction and normalization for both losses "
+                    "(e.g. reduction='sum' and one overall scale), or fisher_type 'type-2' / "
+                    "'mc', which add up over losses."
+                )
+        self._kappas.append((loss, kappa))
+        self.empirical_scale = 1.0 / math.sqrt(kappa) if kappa > 0 else 0.0
 
     # ------------------------------------------------------------------ layer
     def _process_layer(self, call: LayerCall, grad: Tensor) -> None:
@@ -182,7 +368,18 @@ class curvature:
                 f"curvlib: {module} was called more than once in one forward pass of the "
                 "extended model; weight tying across calls is not supported yet."
             )
+        self._begin_backward()
+        if call.root is not None:
+            self._roots[id(call.root)] = self._all_roots[id(call.root)] = call.root
+        self._check_coupling(call.root, call)
         if self.empirical_scale is None:
+            if self.num_backwards > 1 and "empirical" in self.sources:
+                raise RuntimeError(
+                    "curvlib: fisher_type='empirical' over several backward calls in one "
+                    "curvature context needs the extended loss (its reduction and the "
+                    "micro-batch scaling define the empirical Fisher): loss_fn = "
+                    "curvlib.extend(torch.nn.CrossEntropyLoss()) (or MSELoss, ...)."
+                )
             # loss not extended: assume the mean over the batch dimension
             self.empirical_scale = math.sqrt(adapter_for(module).batch_size(module, call.input))
         raw: Dict[Source, Tensor] = dict(call.extra)
@@ -197,16 +394,56 @@ class curvature:
             root_inputs=call.root_inputs,
             loss_calls=list(self.loss_calls),
             order=call.uid,
+            backward=self.num_backwards - 1,
         )
         with torch.no_grad():
-            for ext in self.extensions:
-                for name, value in ext.compute(capture).items():
-                    if ext.check_finite:
-                        finite_or_raise(value, module, f"{ext.savefield} of the {name}")
-                    setattr(getattr(module, name), ext.savefield, value)
+            for i, ext in enumerate(self.extensions):
+                self._run_extension(i, ext, capture)
+        self._processed.add(module)
         state.TAPE.pop(call.uid, None)
         call.release()
         self.num_captures += 1
+
+    def _run_extension(self, i: int, ext: Any, capture: LayerCapture) -> None:
+        """``ext.compute`` and store, accumulating over the backwards of this context."""
+        b = capture.backward
+        earlier: Dict[str, Any] = {}
+        for name, p in capture.params.items():
+            prev = self._written.get((i, id(p)))
+            if prev is None:
+                continue
+            if prev[1] == b:
+                raise NotImplementedError(
+                    f"curvlib: {ext.savefield} of the {name} of {capture.module} was computed "
+                    "twice in one backward (the layer was reached through two calls); "
+                    "several calls of one layer per backward are not supported."
+                )
+            # taken off the parameter so that compute() does not reuse it as a buffer
+            earlier[name] = p.__dict__.pop(ext.savefield, None)
+        values = ext.compute(capture)
+        n = ext.count(capture) if earlier else 0
+        for name, value in values.items():
+            if ext.check_finite:
+                finite_or_raise(value, capture.module, f"{ext.savefield} of the {name}")
+            p = getattr(capture.module, name)
+            count = n
+            if name in earlier and earlier[name] is not None:
+                n_old = self._written[(i, id(p))][2]
+                value = ext.accumulate(capture, name, earlier[name], value, (n_old, n))
+                count = n_old + n
+            elif name not in earlier:
+                count = ext.count(capture)
+            setattr(p, ext.savefield, value)
+            self._written[(i, id(p))] = (p, b, count)
+
+
+#: key of the coupling probe among the extra cotangents
+_PROBE = object()
+#: model -> training modes in which the coupling probe ran
+_PROBED: "weakref.WeakKeyDictionary[nn.Module, Set[bool]]" = weakref.WeakKeyDictionary()
+#: models already warned about (coupled samples) / layers already warned about (no call)
+_WARNED_COUPLING: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_WARNED_UNCALLED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 #: extended models whose backward has no batching rule for some operation (e.g. the

@@ -1,7 +1,9 @@
 """Base class of curvature extensions: pure functions of a layer's captures."""
 from __future__ import annotations
 
-from typing import Any, ClassVar, Dict, Set
+from typing import Any, ClassVar, Dict, Optional, Set, Tuple
+
+import torch
 
 from curvlib.engine.capture import LayerCapture, Source, source_key
 
@@ -28,6 +30,17 @@ class Extension:
     #: whether the engine scans the results for NaN/Inf; an extension with large results
     #: (per-sample gradients) sets ``False`` and checks its (smaller) inputs itself
     check_finite: ClassVar[bool] = True
+    #: what the engine does when a sub-module of the extended model couples the samples of
+    #: the batch (BatchNorm in training mode, see :mod:`curvlib.engine.coupling`):
+    #: ``"raise"`` (quantities defined through per-sample gradients: exact blocks, products,
+    #: per-sample gradients), ``"warn"`` (an approximation that then treats the samples as
+    #: independent; warned once per model) or ``"exact"`` (unaffected)
+    coupled_samples: ClassVar[str] = "raise"
+    #: how the results of several ``backward`` calls in one ``curvature`` context combine
+    #: (gradient accumulation, see :meth:`accumulate`): ``"sum"``, ``"cat"`` (along dim 0),
+    #: ``"custom"`` (the subclass overrides :meth:`accumulate`) or ``None`` (cannot: the
+    #: engine raises at the second backward)
+    accumulation: ClassVar[Optional[str]] = None
 
     def __init__(self, fisher_type: str = "mc", mc_samples: int = 1):
         if fisher_type not in FISHER_TYPES:
@@ -66,5 +79,36 @@ class Extension:
     def finish(self) -> None:
         """Called when the context exits (whole-network quantities are built here)."""
 
+    # ------------------------------------------------------------ accumulation
+    def count(self, capture: LayerCapture) -> int:
+        """The weight of ``capture`` in :meth:`accumulate`'s ``counts`` (default: ``N``)."""
+        return capture.batch_size
+
+    def accumulate(
+        self, capture: LayerCapture, name: str, old: Any, new: Any, counts: Tuple[int, int]
+    ) -> Any:
+        """Combine ``param.<savefield>`` of the earlier backwards of this context (``old``,
+        from ``counts[0]`` samples, see :meth:`count`) with this backward's value ``new``
+        (``counts[1]``) for parameter ``name`` of ``capture``'s layer.
+
+        Contract: with the micro-batch losses scaled as for gradient accumulation (so that the
+        ``p.grad`` sum is the gradient of the whole batch), the result equals the value of one
+        backward on the concatenated batch.
+        """
+        if self.accumulation == "sum":
+            return _tree_add(old, new)
+        if self.accumulation == "cat":
+            return torch.cat([old, new])
+        raise NotImplementedError(
+            f"curvlib: {type(self).__name__} cannot accumulate over several backward calls."
+        )
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(fisher_type={self.fisher_type!r}, mc_samples={self.mc_samples})"
+
+
+def _tree_add(old: Any, new: Any) -> Any:
+    """``old + new`` for tensors and (nested) lists of tensors."""
+    if isinstance(old, (list, tuple)):
+        return type(old)(_tree_add(o, n) for o, n in zip(old, new))
+    return old + new

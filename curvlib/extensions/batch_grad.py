@@ -183,6 +183,8 @@ class BatchGrad(Extension):
     """
 
     savefield = "grad_batch"
+    #: several backwards in one context: the per-sample gradients of all micro-batches, in order
+    accumulation = "cat"
     #: the engine skips its NaN/Inf scan of the (large) result; compute() checks the inputs
     check_finite = False
 

@@ -21,7 +21,7 @@ them over the network (``F = U^T U``); ``for_woodbury=True`` multiplies by ``sqr
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, List
+from typing import Any, Dict, Iterable, List, Tuple
 
 import torch
 from einops import rearrange
@@ -83,6 +83,7 @@ class ExactBlockFisher(Extension):
     """
 
     savefield = "block_fisher"
+    accumulation = "sum"
 
     def compute(self, capture: LayerCapture) -> Dict[str, Any]:
         out, src = {}, self.source
@@ -149,6 +150,20 @@ class GradFactors(Extension):
     savefield = "grad_factors"
     #: the engine skips its NaN/Inf scan of the (large) result; compute() checks the inputs
     check_finite = False
+    accumulation = "custom"
+
+    def accumulate(self, capture: LayerCapture, name: str, old: Any, new: Any, counts: Tuple[int, int]) -> Any:
+        """Rows of all micro-batches, keeping the layout ``k * N + n`` over the total ``N``."""
+        n0, n1 = counts
+        K = old.shape[0] // n0
+        if new.shape[0] != K * n1:
+            raise ValueError(
+                f"curvlib: GradFactors of the {name} of {capture.module}: the backwards of this "
+                f"context have different numbers of columns per sample ({K} and "
+                f"{new.shape[0] // n1}); accumulate micro-batches of one fisher_type and shape."
+            )
+        rows = torch.cat([old.reshape(K, n0, -1), new.reshape(K, n1, -1)], dim=1)
+        return rows.reshape(K * (n0 + n1), *old.shape[1:])
 
     def __init__(self, fisher_type: str = "mc", mc_samples: int = 1, reuse_buffers: bool = True):
         super().__init__(fisher_type, mc_samples)

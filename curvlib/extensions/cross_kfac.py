@@ -89,10 +89,14 @@ class CrossKFAC(Extension):
 
     savefield = "cross_kfac"
     exact_type2 = False  # "reduce" KFAC uses the shared-column type-2 source
+    #: several backwards in one context: G_ij summed, A_ij weighted by the samples of each
+    #: backward (built in finish(), nothing is stored on the parameters)
+    accumulation = "custom"
 
     def __init__(self, fisher_type: str = "mc", mc_samples: int = 1):
         super().__init__(fisher_type, mc_samples)
-        self._records: List[Tuple[int, nn.Module, List[_Block]]] = []  # (forward order, layer, blocks)
+        # (backward, forward order, layer, blocks)
+        self._records: List[Tuple[int, int, nn.Module, List[_Block]]] = []
         self.modules: List[nn.Module] = []
         self.params: List[nn.Parameter] = []
         self.names: List[str] = []
@@ -111,20 +115,48 @@ class CrossKFAC(Extension):
             sb = capture.bias_cot(src)
             shared = "weight" in params and sb is capture.cot(src)
             blocks.append(_Block("bias", None, s if shared else sb.sum(2).flatten(0, 1), None))
-        self._records.append((capture.order, capture.module, blocks))
+        self._records.append((capture.backward, capture.order, capture.module, blocks))
         return {}
 
     def finish(self) -> None:
-        records, self._records = sorted(self._records, key=lambda r: r[0]), []
-        self.modules = [m for _, m, _ in records]
-        layer_blocks = [(li, m, b) for li, (_, m, bl) in enumerate(records) for b in bl]
+        records, self._records = self._records, []
+        backwards = sorted({r[0] for r in records})
+        per_backward = [sorted((r for r in records if r[0] == b), key=lambda r: r[1]) for b in backwards]
+        first = per_backward[0] if per_backward else []
+        self.modules = [m for _, _, m, _ in first]
+        for other in per_backward[1:]:
+            if [m for _, _, m, _ in other] != self.modules:
+                raise RuntimeError(
+                    "curvlib: CrossKFAC accumulates over the backwards of one curvature context "
+                    "only if every backward reaches the same extended layers in the same order."
+                )
+        layer_blocks = [(li, m, b) for li, (_, _, m, bl) in enumerate(first) for b in bl]
         self.params = [getattr(m, b.name) for _, m, b in layer_blocks]
         self.names = [f"{li}.{b.name}" for li, _, b in layer_blocks]
-        blocks = [b for _, _, b in layer_blocks]
-        self.act_sides = [b.side for b in blocks]
-        if not blocks:
+        self.act_sides = [b.side for _, _, b in layer_blocks]
+        if not layer_blocks:
             self.cross_factors = {}
             return
+        # G sums over backwards; A is a mean over samples: weight each backward by its N
+        G = A = None
+        N_total = 0
+        for recs in per_backward:
+            blocks = [b for _, _, _, bl in recs for b in bl]
+            G_b, A_b, N, rows = self._grams(blocks)
+            G = G_b if G is None else G + G_b
+            A = A_b if A is None else A + A_b
+            N_total += N
+        A = A.div_(N_total)
+        self.cross_factors = {
+            (i, j): (G[si, sj], A[ai, aj])
+            for i, (si, ai) in enumerate(rows)
+            for j, (sj, aj) in enumerate(rows)
+        }
+
+    @staticmethod
+    def _grams(blocks: List[_Block]) -> Tuple[Tensor, Tensor, int, List[Tuple[slice, slice]]]:
+        """Unnormalised Gram matrices ``S^T S`` and ``A_in^T A_in`` of one backward, its ``N``
+        and each block's (cotangent, activation) column ranges."""
         # one Gram matrix per side over all distinct vectors (a bias: a constant 1 column)
         s_vecs = list({id(b.s): b.s for b in blocks}.values())
         a_vecs = [b.a for b in blocks if b.a is not None]
@@ -137,16 +169,11 @@ class CrossKFAC(Extension):
                 "curvlib: CrossKFAC needs all extended layers to see the same batch in one "
                 f"backward (got mismatched row counts: {e})."
             ) from None
-        G, A = S.T @ S, (A_in.T @ A_in).div_(N)
         s_of = {id(v): sl for v, sl in zip(s_vecs, _slices(s_vecs))}
         a_sl = _slices(a_vecs)
         a_iter = iter(a_sl)
         rows = [(s_of[id(b.s)], a_sl[-1] if b.a is None else next(a_iter)) for b in blocks]
-        self.cross_factors = {
-            (i, j): (G[si, sj], A[ai, aj])
-            for i, (si, ai) in enumerate(rows)
-            for j, (sj, aj) in enumerate(rows)
-        }
+        return S.T @ S, A_in.T @ A_in, N, rows
 
     def nested(self) -> List[List[List[Tensor]]]:
         """``[i][j] = [F1, F2]`` with ``kron(F1, F2)`` the block of ``params[i].flatten(),

@@ -87,6 +87,7 @@ class DiagGGN(Extension):
     """
 
     savefield = "diag_ggn"
+    accumulation = "sum"
 
     def __init__(self, fisher_type: str = "type-2", mc_samples: int = 1):
         super().__init__(fisher_type, mc_samples)

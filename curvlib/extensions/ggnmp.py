@@ -22,7 +22,7 @@ entries than the captured ``a`` and ``s`` together. Biases keep ``x_{kn} = sum_t
 (``[K, N, D_out]``): ``C v = sum_{k,n} x (x^T v)``.
 
 Memory: the extension keeps the captured ``a`` (unfolded patches for convolutions) and
-``s`` of every layer (views, no copies) until its next backward.
+``s`` of every layer (views, no copies) until its next context.
 
 With ``fisher_type="type-2"`` the source is the exact loss-Hessian square root, so ``C`` is
 the GGN block of the loss and ``p.ggnmp`` equals BackPACK's ``GGNMP`` product (Dangel et
@@ -33,7 +33,7 @@ summed over layers (all layers share the ``(k, n)`` index: one batched backprop)
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from einops import rearrange
@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from curvlib.engine.capture import LayerCapture
 from curvlib.extensions.base import Extension
-from curvlib.extensions.operator import GGNOperator
+from curvlib.extensions.operator import GGNOperator, ParameterOperator, SumOperator
 
 MODES = ("auto", "factored", "materialized")
 
@@ -198,7 +198,8 @@ class GGNMP(Extension):
     the ``mc_samples`` draws.
     With ``"type-2"`` (the default) ``C`` is the exact GGN of the loss.
 
-    Products are valid until the next backward inside a context with this extension.
+    Products are valid until the next context with this extension; several backwards in one
+    context (gradient accumulation) sum their products.
 
     ``fisher_type="mc"`` and ``"type-2"`` need the loss to be extended
     (``loss_fn = curvlib.extend(torch.nn.CrossEntropyLoss())``); ``"empirical"`` works with a
@@ -232,42 +233,71 @@ class GGNMP(Extension):
 
     savefield = "ggnmp"
     exact_type2 = True
+    #: several backwards in one context: products and operator summed over them
+    accumulation = "custom"
 
     def __init__(self, fisher_type: str = "type-2", mc_samples: int = 1, mode: str = "auto"):
         super().__init__(fisher_type, mc_samples)
         if mode not in MODES:
             raise ValueError(f"curvlib: GGNMP(mode={mode!r}) is not one of {MODES}.")
         self.mode = mode
-        self._blocks: Dict[nn.Module, LayerFactors] = {}
+        #: one ``{layer: LayerFactors}`` per backward of the last context
+        self._backwards: List[Dict[nn.Module, LayerFactors]] = []
+
+    @property
+    def _blocks(self) -> Dict[nn.Module, LayerFactors]:
+        """The layer factors of the last backward."""
+        return self._backwards[-1] if self._backwards else {}
 
     def begin(self) -> None:
-        self._blocks = {}
+        self._backwards = []
 
     def compute(self, capture: LayerCapture) -> Dict[str, Any]:
         if not capture.params:
             return {}
         block = LayerFactors(capture, self.source, self.mode)
-        self._blocks[capture.module] = block
-        return {name: _BlockProduct(block, name) for name in block.params}
+        while len(self._backwards) <= capture.backward:
+            self._backwards.append({})
+        self._backwards[capture.backward][capture.module] = block
+        return {name: _BlockProduct([block], name) for name in block.params}
 
-    def operator(self) -> GGNOperator:
-        """The whole-network operator of the last backward: all extended parameters, in
-        forward order of the layers, weight before bias (``F.params``)."""
-        blocks = sorted(self._blocks.values(), key=lambda b: b.order)
-        return GGNOperator(blocks)
+    def accumulate(self, capture, name, old, new, counts):
+        """The block of the concatenated batch is the sum of the micro-batches' blocks."""
+        return _BlockProduct(old.blocks + new.blocks, name)
+
+    def operator(self) -> ParameterOperator:
+        """The whole-network operator of the last context: all extended parameters, in
+        forward order of the layers, weight before bias (``F.params``); with several
+        backwards in the context, the sum of their operators."""
+        ops = [
+            GGNOperator(sorted(blocks.values(), key=lambda b: b.order))
+            for blocks in self._backwards
+            if blocks
+        ]
+        if not ops:
+            return GGNOperator([])  # raises the "no layer factors" error
+        return ops[0] if len(ops) == 1 else SumOperator(ops)
 
 
 class _BlockProduct:
-    """``p.ggnmp``: ``V [B, *p.shape] -> C_pp V`` (the block of one parameter)."""
+    """``p.ggnmp``: ``V [B, *p.shape] -> C_pp V`` (the block of one parameter; summed over
+    the backwards of its context)."""
 
-    def __init__(self, block: LayerFactors, name: str):
-        self.block, self.name = block, name
+    def __init__(self, blocks: List[LayerFactors], name: str):
+        self.blocks, self.name = blocks, name
+
+    @property
+    def block(self) -> LayerFactors:
+        return self.blocks[-1]
 
     def __call__(self, V: Tensor) -> Tensor:
-        return self.block.product(self.name, V)
+        out = self.blocks[0].product(self.name, V)
+        for b in self.blocks[1:]:
+            out = out + b.product(self.name, V)
+        return out
 
     def __repr__(self) -> str:
-        return f"ggnmp({self.name} of {self.block.module})"
+        return f"ggnmp({self.name} of {self.blocks[0].module})"
 
 
 __all__ = ["GGNMP", "LayerFactors"]

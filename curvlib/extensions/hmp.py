@@ -18,9 +18,10 @@ and a block product ``H_pp V`` differentiates ``dL/dp`` w.r.t. ``p`` only.
 Assumptions (checked where possible, with an error naming the fix): the loss input is the
 output of one extended model (the re-run must reproduce it: no dropout in train mode, no
 other randomness); one extended loss per backward; parameters unchanged between the
-backward and the products (checked with their version counters). Parameters of layers
+backward and the products (checked with their version counters). Several backwards in one
+context (gradient accumulation) record one objective each; products sum over them. Parameters of layers
 without an adapter stay fixed. The graph is built lazily, held by the extension until its
-next backward in a context (or :meth:`HMP.release`), and never by the engine.
+next context (or :meth:`HMP.release`), and never by the engine.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from curvlib.engine.capture import LayerCapture
 from curvlib.engine.hooks import hooks_paused
 from curvlib.engine.records import LossCall
 from curvlib.extensions.base import Extension
-from curvlib.extensions.operator import ParameterOperator
+from curvlib.extensions.operator import ParameterOperator, SumOperator
 
 
 class HessianGraph:
@@ -209,11 +210,16 @@ class HMP(Extension):
     """
 
     savefield = "hmp"
+    #: re-runs the whole objective: exact also when the forward couples the samples
+    coupled_samples = "exact"
+    #: several backwards in one context: the Hessian of the sum of their objectives
+    accumulation = "custom"
 
     def __init__(self):
         super().__init__("type-2")
-        self._graph: Optional[HessianGraph] = None
-        self._layers: Dict[nn.Module, Tuple[int, List[nn.Parameter]]] = {}
+        #: one recorded objective per backward of the last context, with its layers
+        self._graphs: List[HessianGraph] = []
+        self._layers: List[Dict[nn.Module, Tuple[int, List[nn.Parameter]]]] = []
 
     def __repr__(self) -> str:
         return "HMP()"
@@ -221,15 +227,19 @@ class HMP(Extension):
     def sources(self):
         return {"grad"}  # no extra backward: HMP re-runs the objective itself
 
+    @property
+    def _graph(self) -> Optional[HessianGraph]:
+        """The recorded objective of the last backward."""
+        return self._graphs[-1] if self._graphs else None
+
     def begin(self) -> None:
         self.release()
 
     def release(self) -> None:
-        """Drop the recorded objective and its gradient graph."""
-        if self._graph is not None:
-            self._graph.release()
-        self._graph = None
-        self._layers = {}
+        """Drop the recorded objectives and their gradient graphs."""
+        for g in self._graphs:
+            g.release()
+        self._graphs, self._layers = [], []
 
     def compute(self, capture: LayerCapture) -> Dict[str, Any]:
         module = capture.module
@@ -243,13 +253,17 @@ class HMP(Extension):
                 f"curvlib: HMP needs the extended loss that {module} feeds: "
                 "loss_fn = curvlib.extend(torch.nn.CrossEntropyLoss()) (or MSELoss, ...)."
             )
+        if len(capture.loss_calls) > 1:
+            raise NotImplementedError(
+                f"curvlib: HMP found {len(capture.loss_calls)} extended losses in one backward; "
+                "it re-evaluates one loss only. Use GGNMP, or one loss per backward."
+            )
         lc = capture.loss_calls[-1]
-        g = self._graph
+        g = self._graphs[-1] if self._graphs else None
         if g is None or g.loss_call is not lc:  # a new backward: a new objective
-            if g is not None and self._layers:
-                g.release()
-            g = self._graph = HessianGraph(capture.root, capture.root_inputs, lc)
-            self._layers = {}
+            g = HessianGraph(capture.root, capture.root_inputs, lc)
+            self._graphs.append(g)
+            self._layers.append({})
         elif g.root is not capture.root:
             raise NotImplementedError(
                 f"curvlib: HMP found layers of two extended models ({type(g.root).__name__} "
@@ -259,27 +273,42 @@ class HMP(Extension):
         params = list(capture.params.values())
         for p in params:
             g.add(p)
-        self._layers[module] = (capture.order, params)
-        return {name: _BlockHMP(g, p) for name, p in capture.params.items()}
+        self._layers[-1][module] = (capture.order, params)
+        return {name: _BlockHMP([g], p) for name, p in capture.params.items()}
 
-    def operator(self) -> HessianOperator:
-        """The whole-network Hessian operator of the last backward."""
-        if self._graph is None or not self._layers:
+    def accumulate(self, capture, name, old, new, counts):
+        """The Hessian of the summed objectives of the backwards is the sum of theirs."""
+        return _BlockHMP(old.graphs + new.graphs, new.p)
+
+    def operator(self) -> ParameterOperator:
+        """The whole-network Hessian operator of the last context (summed over its backwards)."""
+        ops = []
+        for g, layers in zip(self._graphs, self._layers):
+            if layers:
+                order = sorted(layers.values(), key=lambda t: t[0])
+                ops.append(HessianOperator(g, [p for _, ps in order for p in ps]))
+        if not ops:
             raise RuntimeError(
                 "curvlib: HMP.operator() needs a loss.backward() inside `with curvature(ext):` first."
             )
-        layers = sorted(self._layers.values(), key=lambda t: t[0])
-        return HessianOperator(self._graph, [p for _, ps in layers for p in ps])
+        return ops[0] if len(ops) == 1 else SumOperator(ops)
 
 
 class _BlockHMP:
-    """``p.hmp``: ``V [B, *p.shape] -> H_pp V``."""
+    """``p.hmp``: ``V [B, *p.shape] -> H_pp V`` (summed over the backwards of its context)."""
 
-    def __init__(self, graph: HessianGraph, p: nn.Parameter):
-        self.graph, self.p = graph, p
+    def __init__(self, graphs: List[HessianGraph], p: nn.Parameter):
+        self.graphs, self.p = graphs, p
+
+    @property
+    def graph(self) -> HessianGraph:
+        return self.graphs[-1]
 
     def __call__(self, V: Tensor) -> Tensor:
-        return self.graph.block_product(self.p, V)
+        out = self.graphs[0].block_product(self.p, V)
+        for g in self.graphs[1:]:
+            out = out + g.block_product(self.p, V)
+        return out
 
 
 __all__ = ["HMP", "HessianOperator", "HessianGraph"]

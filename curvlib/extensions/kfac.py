@@ -15,7 +15,7 @@ convolution the activation side is the *first* factor (see its adapter).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Set
+from typing import Any, Dict, Optional, Set, Tuple
 
 import torch
 from torch import Tensor
@@ -117,6 +117,12 @@ class KFAC(Extension):
 
     savefield = "kfac"
     exact_type2 = False
+    accumulation = "custom"
+
+    @property
+    def coupled_samples(self) -> str:  # type: ignore[override]
+        # KFAC approximates anyway (warned once); the cross-layer factors need independent samples
+        return "raise" if self.cross is not None else "warn"
 
     def __init__(
         self,
@@ -141,6 +147,24 @@ class KFAC(Extension):
     def finish(self) -> None:
         if self.cross:
             self.cross.finish()
+
+    def count(self, capture: LayerCapture) -> int:
+        """Rows averaged in ``A``: ``N T`` (expand) or ``N`` (reduce)."""
+        if self.kfac_approx == "reduce" or "weight" not in capture.params:
+            return capture.batch_size
+        return capture.act().shape[:-1].numel()
+
+    def accumulate(self, capture: LayerCapture, name: str, old: Any, new: Any, counts: Tuple[int, int]) -> Any:
+        """``G`` adds up (the loss scaling is in ``s``); ``A`` is a mean over rows, so the
+        combined ``A`` weights each backward's by its row count."""
+        if name == "bias":
+            return [old[0] + new[0]]
+        n0, n1 = counts
+        ia = 1 if capture.act_side == "right" else 0
+        out = [None, None]
+        out[1 - ia] = old[1 - ia] + new[1 - ia]
+        out[ia] = (old[ia] * n0 + new[ia] * n1) / (n0 + n1)
+        return out
 
     def _cot_factor(self, s: Tensor) -> Tensor:
         if self.kfac_approx == "reduce":

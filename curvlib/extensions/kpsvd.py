@@ -49,7 +49,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from einops import rearrange
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from curvlib.engine.capture import LayerCapture, Source
@@ -278,6 +278,12 @@ def kronecker_svd(
     return U, S.to(dt), V
 
 
+def _full(x: Tuple[Tensor, Optional[Tensor]]) -> Tensor:
+    """Full coordinates of ``(coordinates, basis)`` vectors (``x = x_c Q^T``)."""
+    xc, Q = x
+    return xc if Q is None else xc @ Q.T
+
+
 def _cast(fn: Callable[[Tensor], Tensor], dt: torch.dtype) -> Callable[[Tensor], Tensor]:
     """``fn`` evaluated in ``dt``, input and output in the caller's dtype."""
     return lambda x: fn(x.to(dt)).to(x.dtype)
@@ -299,6 +305,9 @@ class KroneckerSVDExtension(Extension):
     dispatch, warm starts and term conventions. Subclasses implement :meth:`weight_terms`."""
 
     exact_type2 = True
+    #: several backwards in one context: the terms of the combined block (compute() joins the
+    #: captures of the earlier backwards, which are kept until the next context)
+    accumulation = "custom"
 
     def __init__(
         self,
@@ -318,6 +327,45 @@ class KroneckerSVDExtension(Extension):
         self._warm: WeakIdKeyDictionary = WeakIdKeyDictionary()
         #: id(param) -> number of products with ``R`` or ``R^T`` in the last call
         self.products: Dict[int, int] = {}
+        #: layer -> (backward, a, s, bias vectors) of this context, full coordinates
+        #: (compressed sides as (coordinates, basis)): to join later backwards to
+        self._joined: Dict[nn.Module, Tuple[int, Any, Any, Optional[Tensor]]] = {}
+
+    def begin(self) -> None:
+        self._joined = {}
+
+    def finish(self) -> None:
+        self._joined = {}
+
+    def accumulate(self, capture, name, old, new, counts):
+        """``new`` already is the result of the joined captures (see :meth:`compute`)."""
+        return new
+
+    def _join(self, capture: LayerCapture, a: Optional[Tensor], s: Optional[Tensor], xb: Optional[Tensor]):
+        """Concatenate this backward's samples with those of the earlier backwards of the
+        context (the block of the concatenated batch is the sum of the blocks)."""
+        prev = self._joined.get(capture.module)
+        if prev is not None and prev[0] < capture.backward:
+            _, pa, ps, pxb = prev
+            try:
+                if a is not None:
+                    a = torch.cat([_full(pa), a], dim=0)
+                    s = torch.cat([_full(ps), s], dim=1)
+                if xb is not None:
+                    xb = torch.cat([pxb, xb], dim=1)
+            except RuntimeError as e:
+                raise ValueError(
+                    f"curvlib: {type(self).__name__} accumulates the backwards of one curvature "
+                    f"context on {capture.module} by joining their samples, which needs the same "
+                    f"positions and columns per sample in every backward ({e})."
+                ) from None
+        return a, s, xb
+
+    def _keep(self, capture: LayerCapture, block: Optional["RearrangedBlock"], xb: Optional[Tensor]) -> None:
+        a = s = None
+        if block is not None:
+            a, s = (block.a, block.Qa), (block.s, block.Qs)
+        self._joined[capture.module] = (capture.backward, a, s, xb)
 
     def _svd(
         self,
@@ -367,15 +415,20 @@ class KroneckerSVDExtension(Extension):
 
     def compute(self, capture: LayerCapture) -> Dict[str, Any]:
         out: Dict[str, Any] = {}
-        params, bias_block = capture.params, None
-        if "bias" in params:  # exact block: a single term
-            xb = capture.per_sample_grads("bias", self.source)
-            bias_block = _gram(xb.reshape(-1, xb.shape[-1]))
+        params, bias_block, block = capture.params, None, None
+        xb = capture.per_sample_grads("bias", self.source) if "bias" in params else None
+        a = s = None
         if "weight" in params:
-            block = RearrangedBlock.from_capture(capture, self.source)
+            a, s = capture.act(), capture.cot(self.source)
+        a, s, xb = self._join(capture, a, s, xb)
+        if xb is not None:  # exact block: a single term
+            bias_block = _gram(xb.reshape(-1, xb.shape[-1]))
+        if a is not None:
+            block = RearrangedBlock(a, s, capture.act_side)
             out["weight"] = self.weight_terms(params["weight"], capture, block, bias_block)
         if bias_block is not None:
             out["bias"] = [[bias_block]]
+        self._keep(capture, block, xb)
         return out
 
 

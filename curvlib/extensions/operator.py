@@ -181,4 +181,28 @@ class GGNOperator(ParameterOperator):
         return [block.expand(name, c) for block, name in self._entries]
 
 
-__all__ = ["ParameterOperator", "GGNOperator", "FactorBlock"]
+class SumOperator(ParameterOperator):
+    """``sum_i C_i`` of operators over the same parameters (e.g. the GGN of several
+    micro-batches accumulated in one ``curvature`` context)."""
+
+    def __init__(self, operators: Sequence[ParameterOperator]):
+        operators = list(operators)
+        params = operators[0].params
+        for op in operators[1:]:
+            if len(op.params) != len(params) or any(p is not q for p, q in zip(op.params, params)):
+                raise RuntimeError(
+                    "curvlib: the backwards accumulated in one curvature context reached "
+                    "different extended parameters; the summed operator needs the same "
+                    "parameters in every backward."
+                )
+        super().__init__(params)
+        self.operators = operators
+
+    def matmat(self, V: List[Tensor]) -> List[Tensor]:
+        out = self.operators[0].matmat(V)
+        for op in self.operators[1:]:
+            out = [a + b for a, b in zip(out, op.matmat(V))]
+        return out
+
+
+__all__ = ["ParameterOperator", "GGNOperator", "FactorBlock", "SumOperator"]
