@@ -61,8 +61,8 @@ class curvature:
     ``kappa`` (e.g. two means over the same number of terms), otherwise an error is raised.
 
     On exit, the savefields of the context's extensions are removed from every parameter
-    of the extended models that got no value in it (frozen or unused parameters keep no
-    stale result). Samples coupled by the forward (BatchNorm in training mode, see
+    of the extended models that took part in it but got no value in it (frozen or unused
+    parameters keep no stale result; other models keep theirs). Samples coupled by the forward (BatchNorm in training mode, see
     :mod:`curvlib.engine.coupling`) make exact and per-sample quantities raise and KFAC
     warn. An extended layer of a model that took part in a backward but received no call
     (e.g. ``nn.MultiheadAttention.out_proj``, used functionally) is warned about once.
@@ -202,9 +202,11 @@ class curvature:
                 )
 
     def _clear_stale(self) -> None:
-        """Remove the owned savefields from parameters of extended models that got no value
-        in this context (frozen, unused, or from an earlier capture)."""
-        roots = list(state.EXTENDED) + list(self._all_roots.values())
+        """Remove the owned savefields from parameters of the extended models that took part
+        in this context but got no value in it (frozen, unused, or from an earlier capture).
+        Other models keep theirs: two models (a GAN's generator and discriminator, teacher
+        and student) can be captured in separate contexts and used together."""
+        roots = list(self._all_roots.values())
         for i, ext in enumerate(self.extensions):
             field = ext.savefield
             if not field:

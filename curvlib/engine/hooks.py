@@ -104,7 +104,6 @@ def extend(module: M) -> M:
         module.register_forward_pre_hook(_root_pre_hook, with_kwargs=True)
         module.register_forward_hook(_root_post_hook, always_call=True)
         setattr(module, _ROOT_FLAG, True)
-    state.EXTENDED.add(module)
     for name, sub in module.named_modules():
         adapter = adapter_for(sub)
         if adapter is not None:

@@ -26,7 +26,3 @@ IN_EXTRA_BACKWARD: bool = False
 #: ``True`` while an extension re-runs an extended model itself (e.g. HMP's functional
 #: forward): forward hooks record nothing and leave the tape alone
 HOOKS_PAUSED: bool = False
-
-#: every model passed to ``extend`` (weakly): a ``curvature`` context clears the savefields
-#: it owns on their parameters where it computed nothing (no stale values)
-EXTENDED: "weakref.WeakSet" = weakref.WeakSet()
