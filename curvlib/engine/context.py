@@ -223,6 +223,8 @@ class curvature:
         what :mod:`curvlib.engine.coupling` does not know)."""
         if f.ndim == 0 or f.shape[0] < 2:
             return None
+        if not any(_same_batch(c, f) for c in calls):
+            return None
         if all(e.coupled_samples == "exact" for e in self.extensions):
             return None
         new = False
@@ -339,7 +341,7 @@ class curvature:
                 continue
             for key, part in zip(keys, g.split(sizes)):
                 if key is _PROBE:  # sample 0's output cotangent leaked into other samples?
-                    if part.shape[1] > 1 and bool(part[0, 1:].ne(0).any()):
+                    if _same_batch(call, f) and bool(part[0, 1:].ne(0).any()):
                         self._leaks.add(call.uid)
                     continue
                 old = call.extra.get(key)
@@ -446,6 +448,16 @@ _PROBED: "weakref.WeakKeyDictionary[nn.Module, Set[bool]]" = weakref.WeakKeyDict
 #: models already warned about (coupled samples) / layers already warned about (no call)
 _WARNED_COUPLING: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 _WARNED_UNCALLED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def _same_batch(call: LayerCall, f: Tensor) -> bool:
+    """Whether the leading dimension of the loss input ``f`` is the batch of ``call``'s layer
+    (not so for an unbatched input, e.g. CE on ``[C]`` after a conv on ``[C_in, H, W]``, or
+    for a pending call of another model)."""
+    if call.input is None:
+        return False
+    n = adapter_for(call.module).batch_size(call.module, call.input)
+    return n == f.shape[0] and n > 1
 
 
 #: extended models whose backward has no batching rule for some operation (e.g. the
