@@ -28,9 +28,12 @@ class curvature:
     ``torch.autograd.grad(..., is_grads_batched=True)``, from the model output to every
     extended layer output, inside the same ``backward`` call; parameter gradients are
     not computed for them.
+
+    ``generator``: the ``torch.Generator`` that draws the ``"mc"`` targets (``None``: the
+    global RNG); an optimizer passes its own so that a checkpoint can restore the draws.
     """
 
-    def __init__(self, *extensions):
+    def __init__(self, *extensions, generator: Optional[torch.Generator] = None):
         for ext in extensions:  # duck-typed: the engine does not import the extensions
             if isinstance(ext, type) or not all(
                 hasattr(ext, a) for a in ("savefield", "check_finite", "sources", "compute", "begin", "finish")
@@ -45,6 +48,7 @@ class curvature:
                 "use one curvature context per configuration."
             )
         self.extensions = list(extensions)
+        self.generator = generator
         self.sources: Set[Source] = set().union(*(e.sources() for e in extensions))
         self.num_captures = 0
         self.empirical_scale: Optional[float] = None
@@ -100,7 +104,7 @@ class curvature:
                 if src in ("grad", "empirical"):
                     continue
                 if isinstance(src, tuple) and src[0] == "mc":
-                    S = adapter.mc_cotangents(loss, f, y, src[1])
+                    S = adapter.mc_cotangents(loss, f, y, src[1], self.generator)
                 else:
                     S = adapter.type2_cotangents(loss, f, y, exact=src == "type-2-exact")
                 if weight != 1.0:
