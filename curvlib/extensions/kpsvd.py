@@ -356,11 +356,11 @@ class KroneckerSVDExtension(Extension):
             self._warm[id(p)] = G.detach()
         return [[g, a] for g, a in zip(G, A)]
 
-    def warm_start(self, p: Tensor) -> Optional[Tensor]:
+    def warm_factors(self, p: Tensor) -> Optional[Tensor]:
         """The first factors ``[rank, d0, d0]`` the next call starts from for ``p`` (``None``: cold)."""
         return self._warm.get(id(p))
 
-    def set_warm_start(self, p: Tensor, G: Optional[Tensor]) -> None:
+    def set_warm_factors(self, p: Tensor, G: Optional[Tensor]) -> None:
         """Set (``None``: clear) ``p``'s warm start, e.g. from an optimizer checkpoint."""
         if G is None:
             self._warm.pop(id(p), None)
