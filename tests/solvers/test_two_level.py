@@ -186,8 +186,8 @@ def test_krylov_skips_a_layer_whose_first_vector_is_in_the_null_space():
     M = torch.randn(6, 6, dtype=torch.float64)
     F = torch.zeros(9, 9, dtype=torch.float64)
     F[:6, :6] = M @ M.T
-    P = torch.eye(3, dtype=torch.float64) - 1.0 / 3  # F[6:, 6:] annihilates the constant vector
-    F[6:, 6:] = P + 1e-17 * torch.randn(3, 3, dtype=torch.float64)
+    # F[6:, 6:] maps the constant vector to round-off-sized noise (not parallel to it)
+    F[6:, 6:] = 1e-15 * torch.tensor([[0.0, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=torch.float64)
 
     def mvp(xs):
         v = torch.cat([xs[0].reshape(-1), xs[1].reshape(-1)])
