@@ -189,11 +189,11 @@ class NaturalGradient(CurvatureOptimizer):
         grp = plan["groups"][gi]
         params, grads = grp["params"], grp["grads"]
         deltas = [deltas[id(p)] for p in params]
+        by_id = {id(p): d for p, d in zip(params, deltas)}
         cparams = [p for p in params if "curvature" in self.state[p]]
         cd_map = {}
         if cparams:
-            cds = curv.mvp(cparams, [self.state[p]["curvature"] for p in cparams],
-                           [deltas[params.index(p)] for p in cparams])
+            cds = curv.mvp(cparams, [self.state[p]["curvature"] for p in cparams], [by_id[id(p)] for p in cparams])
             cd_map = {id(p): c for p, c in zip(cparams, cds)}
         curv_deltas = [cd_map.get(id(p), torch.zeros_like(d)) for p, d in zip(params, deltas)]
         model = quadratic_model(grads, deltas, curv_deltas, float(group["damping"]))
