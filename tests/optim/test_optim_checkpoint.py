@@ -127,3 +127,20 @@ def test_failing_inverse_retries_with_larger_damping_and_says_so():
         opt.step()
     assert opt._groups[0]["inv_damping_used"] >= 1.0
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_non_finite_loss_from_closure_raises_and_changes_nothing():
+    model = mlp()
+    loss_fn = extend(nn.CrossEntropyLoss())
+    opt = make("kfac", "mc", model)
+    train(model, opt, 2)
+    params_before, state_before = snapshot(model, opt)
+    x, y = data(n=8, seed=2)
+    opt.zero_grad()
+    loss = loss_fn(model(x), y)
+    with opt.capture():
+        loss.backward()
+    with pytest.raises(FloatingPointError, match="loss"):
+        opt.step(lambda: torch.tensor(float("nan")))
+    params_after, state_after = snapshot(model, opt)
+    assert all(torch.equal(a, b) for a, b in zip(params_before, params_after)) and state_before == state_after
