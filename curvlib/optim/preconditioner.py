@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from curvlib.engine import curvature as curvature_context
-from curvlib.extensions import GGNMP, KFAC, KPSVD
+from curvlib.extensions import GGNMP, KFAC, KPSVD, SubBatch
+from curvlib.extensions.sub_batch import SubBatchSampler
 from curvlib.extensions.base import FISHER_TYPES
 from curvlib.optim import state as st
 from curvlib.optim.curvatures import Curvature, curvature_for, tree_leaves, tree_map
@@ -52,6 +53,7 @@ CORE_DEFAULTS: Dict[str, Any] = dict(
     T_cov_auto_tol=0.01,
     T_cov_max=64,
     ema_decay=0.95,
+    curvature_batch_fraction=1.0,
     kl_clip=None,
     coarse_space="nicolaides",
     krylov=False,
@@ -80,8 +82,8 @@ class _Capture:
                     p.__dict__.pop(ext.savefield, None)
                 warm = opt.state.get(p, {}).get("kpsvd_warm") if curv is not None else None
                 for ext in self.extensions:
-                    if isinstance(ext, KPSVD):
-                        ext.set_warm_factors(p, warm)
+                    if isinstance(_inner(ext), KPSVD):
+                        _inner(ext).set_warm_factors(p, warm)
         self.ctx.__enter__()
         return self.ctx
 
@@ -144,6 +146,8 @@ class CurvatureOptimizer(Optimizer):
             raise ValueError(f"{where}: ema_decay={g['ema_decay']!r} must be in [0, 1).")
         if g["kl_clip"] is not None and not g["kl_clip"] > 0:
             raise ValueError(f"{where}: kl_clip={g['kl_clip']!r} must be > 0 or None (no clipping).")
+        if not 0.0 < float(g["curvature_batch_fraction"]) <= 1.0:
+            raise ValueError(f"{where}: curvature_batch_fraction={g['curvature_batch_fraction']!r} must be in (0, 1].")
         if g["coarse_space"] not in COARSE_SPACES:
             raise ValueError(f"{where}: coarse_space={g['coarse_space']!r} is not one of {COARSE_SPACES}.")
         if curv is not None and curv.name.startswith("exact-ng") and g["damping"] <= 0:
@@ -185,11 +189,16 @@ class CurvatureOptimizer(Optimizer):
     def _extensions_due(self, k: int) -> List[Any]:
         exts: Dict[Any, Any] = {}
         by_field: Dict[str, Any] = {}
+        samplers: Dict[float, SubBatchSampler] = {}
         for gi, g in enumerate(self.param_groups):
             if not self._cov_due(gi, k):
                 continue
+            frac = float(g["curvature_batch_fraction"])
             for ext in curvature_for(g["curvature"]).extensions(g):
-                key = (type(ext), repr(ext), getattr(ext, "kfac_approx", None), getattr(ext, "cross", None) is not None)
+                key = (type(ext), repr(ext), getattr(ext, "kfac_approx", None), getattr(ext, "cross", None) is not None, frac)
+                if frac < 1.0:
+                    sampler = samplers.setdefault(frac, SubBatchSampler(frac, self._generator))
+                    ext = SubBatch(ext, frac, sampler=sampler)
                 if key in exts:
                     continue
                 other = by_field.get(ext.savefield)
@@ -301,12 +310,12 @@ class CurvatureOptimizer(Optimizer):
                         )
                 first = old is None or not _same_structure(old, new)
                 run = new if first or not curv.ema else curv.mix(old, new, float(group["ema_decay"]))
-                if not first:
+                if not first and group["T_cov"] == "auto":
                     num += sum(float((a - b).square().sum()) for a, b in zip(tree_leaves(run), tree_leaves(old)))
                     den += sum(float(b.square().sum()) for b in tree_leaves(old))
                 entry = pending.setdefault(p, {})
                 entry["curvature"] = run
-                for ext in exts:
+                for ext in map(_inner, exts):
                     if isinstance(ext, KPSVD) and ext.warm_factors(p) is not None:
                         entry["kpsvd_warm"] = ext.warm_factors(p)
                 has.append(True)
@@ -369,6 +378,7 @@ class CurvatureOptimizer(Optimizer):
         return out
 
     def _two_level_extras(self, group, exts) -> Dict[str, Any]:
+        exts = [_inner(e) for e in exts]
         ggn = [e for e in exts if isinstance(e, GGNMP)]
         if not ggn:
             raise RuntimeError(
@@ -430,6 +440,11 @@ class CurvatureOptimizer(Optimizer):
             self._groups = [dict(g) for g in extra["groups"]]
         self._solves = {}
         self._captured = None
+
+
+def _inner(ext):
+    """The extension a :class:`SubBatch` wraps (or ``ext`` itself)."""
+    return ext.inner if isinstance(ext, SubBatch) else ext
 
 
 def _same_structure(a, b) -> bool:

@@ -13,11 +13,11 @@ from tests.optim.common import data, mlp, train_step
 CURVES = ["kfac", "kpsvd", "deflation", "lanczos", "kfac-corrected", "diag", "exact-ng", "exact-ng-blocks", "two-level"]
 
 
-def make(curvature, fisher_type, model):
+def make(curvature, fisher_type, model, **kw):
     return NaturalGradient(
         model.parameters(), lr=0.05, curvature=curvature, fisher_type=fisher_type, mc_samples=2, damping=0.1,
         T_cov=2, T_inv=3, momentum=0.9, kl_clip=1e-2, seed=3,
-        ema_decay=0.0 if curvature.startswith("exact") else 0.9,
+        ema_decay=0.0 if curvature.startswith("exact") else 0.9, **kw,
     )
 
 
@@ -51,6 +51,24 @@ def test_resume_is_bit_identical(curvature, fisher_type):
     train(model2, opt2, 4, start=4)
     for a, b in zip(want, model2.parameters()):
         assert torch.equal(a, b.detach())
+
+
+@pytest.mark.parametrize("curvature", ["kfac", "kpsvd"])
+def test_resume_with_curvature_sub_batch_is_bit_identical(curvature):
+    model = mlp()
+    opt = make(curvature, "mc", model, curvature_batch_fraction=0.5)
+    train(model, opt, 4)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    train(model, opt, 4, start=4)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model2 = mlp(seed=5)
+    model2.load_state_dict(ckpt["model"])
+    opt2 = make(curvature, "mc", model2, curvature_batch_fraction=0.5)
+    opt2.load_state_dict(ckpt["opt"])
+    train(model2, opt2, 4, start=4)
+    assert all(torch.equal(a.detach(), b.detach()) for a, b in zip(model.parameters(), model2.parameters()))
 
 
 def test_callable_T_cov_is_saved_as_a_marker_and_kept_on_load():

@@ -143,3 +143,21 @@ def test_parameter_without_adapter_takes_the_plain_step():
     for p, b in zip(ln.parameters(), before[2:4]):
         torch.testing.assert_close(p.detach() - b, -LR * p.grad)
     assert not torch.allclose(model[0].weight.detach() - before[0], -LR * model[0].weight.grad)
+
+
+@pytest.mark.parametrize("name", ["kfac", "exact-ng-blocks"])
+def test_curvature_batch_fraction_uses_the_sub_batch(name):
+    """``curvature_batch_fraction=0.5``: ``C`` from half the samples (mean over them), ``g`` from all."""
+    model, loss_fn = mlp(), extend(nn.CrossEntropyLoss())
+    x, y = data(n=8)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = NaturalGradient(model.parameters(), lr=LR, curvature=name, fisher_type="type-2", damping=LAM,
+                          damping_mode="exact", ema_decay=0.0, curvature_batch_fraction=0.5, seed=0)
+    train_step(model, loss_fn, opt, x, y)
+    idx = opt._captured[1][0].sampler.index
+    assert idx.numel() == 4
+    ref = mlp()
+    C = reference_blocks(name, ref, loss_fn, x[idx], y[idx], "type-2")
+    for Cp, p, b in zip(C, model.parameters(), before):
+        want = -LR * torch.linalg.solve(Cp + LAM * torch.eye(Cp.shape[0]), p.grad.flatten())
+        torch.testing.assert_close((p.detach() - b).flatten(), want)
