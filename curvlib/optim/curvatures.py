@@ -30,7 +30,7 @@ factors of the latest curvature batch (a moving average of ``U^T U`` has no fixe
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence
+from typing import Any, Callable, ClassVar, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -54,12 +54,6 @@ def tree_leaves(tree: Value) -> List[Tensor]:
     if isinstance(tree, Tensor):
         return [tree]
     return [t for part in tree for t in tree_leaves(part)]
-
-
-def tree_structure_equal(a: Value, b: Value) -> bool:
-    if isinstance(a, Tensor) or isinstance(b, Tensor):
-        return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape
-    return len(a) == len(b) and all(tree_structure_equal(x, y) for x, y in zip(a, b))
 
 
 def _as_matrix(p: Tensor, v: Tensor) -> Tensor:

@@ -27,15 +27,15 @@ import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.optim import Optimizer
 
 from curvlib.engine import curvature as curvature_context
 from curvlib.extensions import GGNMP, KFAC, KPSVD, SubBatch
-from curvlib.extensions.sub_batch import SubBatchSampler
 from curvlib.extensions.base import FISHER_TYPES
+from curvlib.extensions.sub_batch import SubBatchSampler
 from curvlib.optim import state as st
-from curvlib.optim.curvatures import Curvature, curvature_for, tree_leaves, tree_map
+from curvlib.optim.curvatures import Curvature, curvature_for, tree_leaves
 from curvlib.optim.damping import robust_inverse
 from curvlib.solvers.two_level import COARSE_SPACES
 
@@ -109,6 +109,7 @@ class CurvatureOptimizer(Optimizer):
 
     def __init__(self, params, defaults: Dict[str, Any], seed: Optional[int] = None):
         self._groups: List[Dict[str, Any]] = []
+        self._ema_warned: set = set()  # (set before the groups are added)
         super().__init__(params, defaults)
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
@@ -154,19 +155,14 @@ class CurvatureOptimizer(Optimizer):
             raise ValueError(f"{where}: curvature={curv.name!r} needs damping > 0 (Woodbury identity).")
         if curv is not None and hasattr(curv, "rank"):
             curv.rank(g)
-        if curv is not None and not curv.ema and g["ema_decay"] > 0 and curv.name not in self._warned_ema():
-            self._warned_ema().add(curv.name)
+        if curv is not None and not curv.ema and g["ema_decay"] > 0 and curv.name not in self._ema_warned:
+            self._ema_warned.add(curv.name)
             warnings.warn(
                 f"curvlib.optim: curvature={curv.name!r} keeps the exact factors of the latest curvature "
                 "batch; ema_decay does not apply to it (set ema_decay=0 to silence this).",
                 UserWarning,
                 stacklevel=4,
             )
-
-    def _warned_ema(self) -> set:
-        if not hasattr(self, "_ema_warned"):
-            self._ema_warned: set = set()
-        return self._ema_warned
 
     def _name(self, gi: int, i: int, p: Tensor) -> str:
         names = self.param_groups[gi].get("param_names")

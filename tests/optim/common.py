@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from curvlib import extend
-from curvlib.optim import NaturalGradient
 from tests.utils import dense_ggn, param_slices, per_sample_grads
 
 

@@ -1,6 +1,5 @@
 """Hyper-parameters against hand-computed sequences: T_cov / T_inv counters, EMA, kl_clip,
 momenta, weight decays, schedulers, param groups, Preconditioner with Adam, errors."""
-import io
 import math
 
 import pytest
@@ -34,7 +33,7 @@ def test_T_cov_T_inv_counters_int_and_callable():
         opt.zero_grad()
         loss = loss_fn(model(x), y)
         ctx = opt.capture()
-        covs.append(not isinstance(ctx, type(__import__("contextlib").nullcontext())))
+        covs.append(type(ctx).__name__ == "_Capture")
         with ctx:
             loss.backward()
         before = opt._groups[0]["inv_updates"]
