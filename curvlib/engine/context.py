@@ -67,6 +67,9 @@ class curvature:
     warn. An extended layer of a model that took part in a backward but received no call
     (e.g. ``nn.MultiheadAttention.out_proj``, used functionally) is warned about once.
 
+    ``generator``: the ``torch.Generator`` that draws the ``"mc"`` targets (``None``: the
+    global RNG); an optimizer passes its own so that a checkpoint can restore the draws.
+
     Example:
         >>> import torch
         >>> from torch import nn
@@ -85,7 +88,7 @@ class curvature:
         ['KFAC', 'BatchGrad']
     """
 
-    def __init__(self, *extensions):
+    def __init__(self, *extensions, generator: Optional[torch.Generator] = None):
         for ext in extensions:  # duck-typed: the engine does not import the extensions
             if isinstance(ext, type) or not all(
                 hasattr(ext, a) for a in ("savefield", "check_finite", "sources", "compute", "begin", "finish")
@@ -100,6 +103,7 @@ class curvature:
                 "use one curvature context per configuration."
             )
         self.extensions = list(extensions)
+        self.generator = generator
         self.sources: Set[Source] = set().union(*(e.sources() for e in extensions))
         self.num_captures = 0
         self.empirical_scale: Optional[float] = None
@@ -306,7 +310,7 @@ class curvature:
                 if src in ("grad", "empirical"):
                     continue
                 if isinstance(src, tuple) and src[0] == "mc":
-                    S = adapter.mc_cotangents(loss, f, y, src[1])
+                    S = adapter.mc_cotangents(loss, f, y, src[1], self.generator)
                 else:
                     S = adapter.type2_cotangents(loss, f, y, exact=src == "type-2-exact")
                 if weight != 1.0:

@@ -54,8 +54,9 @@ class LossAdapter:
         """Unscaled shared-column square root ``[C, *f.shape]`` of the loss Hessian."""
         raise NotImplementedError
 
-    def sample_gradients(self, f: Tensor, y: Tensor, m: int) -> Tensor:
-        """``[m, *f.shape]`` gradients ``d l(f, y~) / df`` for ``m`` sampled targets."""
+    def sample_gradients(self, f: Tensor, y: Tensor, m: int, generator: Optional[torch.Generator] = None) -> Tensor:
+        """``[m, *f.shape]`` gradients ``d l(f, y~) / df`` for ``m`` sampled targets, drawn
+        with ``generator`` (``None``: the global RNG)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ public
@@ -71,9 +72,11 @@ class LossAdapter:
         S = self._scale(loss, f, y, self.sqrt_hessian(f, y), 1.0)
         return spread_over_positions(S, self.class_dim % f.ndim) if exact else S
 
-    def mc_cotangents(self, loss: nn.Module, f: Tensor, y: Tensor, m: int) -> Tensor:
+    def mc_cotangents(
+        self, loss: nn.Module, f: Tensor, y: Tensor, m: int, generator: Optional[torch.Generator] = None
+    ) -> Tensor:
         """Scaled gradients for ``m`` targets sampled from the model, ``[m, *f.shape]``."""
-        return self._scale(loss, f, y, self.sample_gradients(f, y, m), float(m))
+        return self._scale(loss, f, y, self.sample_gradients(f, y, m, generator), float(m))
 
 
 def spread_over_positions(S: Tensor, class_dim: int) -> Tensor:
@@ -166,11 +169,11 @@ class CrossEntropyAdapter(LossAdapter):
         # -> [C-1, *f.shape]
         return S.movedim(-1, 0).movedim(-1, cd + 1)
 
-    def sample_gradients(self, f, y, m):
+    def sample_gradients(self, f, y, m, generator=None):
         cd = self._cdim(f)
         p = self._probs(f)
         flat = p.movedim(cd, -1).reshape(-1, p.shape[cd])
-        draws = torch.multinomial(flat, m, replacement=True)  # [P, m]
+        draws = torch.multinomial(flat, m, replacement=True, generator=generator)  # [P, m]
         draws = draws.T.reshape(m, *p.movedim(cd, -1).shape[:-1])
         return p.unsqueeze(0) - _one_hot(draws, p.shape[cd], 1 + cd, f.dtype)
 
@@ -201,8 +204,8 @@ class NLLAdapter(CrossEntropyAdapter):
         p = self._probs(f)
         return p.sqrt().movedim(cd, 0).unsqueeze(1 + cd) * _class_eye(f, cd)
 
-    def sample_gradients(self, f, y, m):
-        g = super().sample_gradients(f, y, m)
+    def sample_gradients(self, f, y, m, generator=None):
+        g = super().sample_gradients(f, y, m, generator)
         return g - self._probs(f).unsqueeze(0)  # d(-f[y])/df = -e_y
 
 
@@ -227,9 +230,9 @@ class MSEAdapter(_ElementwiseAdapter):
     def _diag_sqrt(self, f):
         return torch.full_like(f, math.sqrt(2.0))
 
-    def sample_gradients(self, f, y, m):
+    def sample_gradients(self, f, y, m, generator=None):
         # y~ = f + eps / sqrt(2)  =>  d (f - y~)^2 / df = -sqrt(2) eps
-        return math.sqrt(2.0) * torch.randn(m, *f.shape, dtype=f.dtype, device=f.device)
+        return math.sqrt(2.0) * torch.randn(m, *f.shape, dtype=f.dtype, device=f.device, generator=generator)
 
 
 class BCEWithLogitsAdapter(_ElementwiseAdapter):
@@ -248,9 +251,9 @@ class BCEWithLogitsAdapter(_ElementwiseAdapter):
         s = f.sigmoid()
         return (s * (1 - s)).sqrt()
 
-    def sample_gradients(self, f, y, m):
+    def sample_gradients(self, f, y, m, generator=None):
         s = f.sigmoid()
-        draws = torch.bernoulli(s.unsqueeze(0).expand(m, *s.shape))
+        draws = torch.bernoulli(s.unsqueeze(0).expand(m, *s.shape), generator=generator)
         return s.unsqueeze(0) - draws
 
 

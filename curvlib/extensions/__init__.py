@@ -12,6 +12,7 @@
 | :class:`BatchGrad` | ``grad_batch`` | per-sample gradients (BackPACK scaling) |
 | :class:`DiagGGN` | ``diag_ggn`` | diagonal of the curvature |
 | :class:`CrossKFAC` | (``ext.cross_factors``) | cross-layer factors ``G_ij``, ``A_ij`` |
+| :class:`SubBatch` | (the wrapped one's) | any of the above on a random fraction of the batch |
 """
 from curvlib.extensions.base import Extension
 from curvlib.extensions.batch_grad import BatchGrad
@@ -24,6 +25,7 @@ from curvlib.extensions.kfac import KFAC
 from curvlib.extensions.kfac_corrected import KFACCorrected
 from curvlib.extensions.kpsvd import KPSVD
 from curvlib.extensions.operator import GGNOperator, ParameterOperator
+from curvlib.extensions.sub_batch import SubBatch
 
 __all__ = [
     "Extension",
@@ -41,4 +43,5 @@ __all__ = [
     "CrossKFAC",
     "ParameterOperator",
     "GGNOperator",
+    "SubBatch",
 ]

@@ -407,6 +407,17 @@ class KroneckerSVDExtension(Extension):
             self._warm[p] = G.detach()
         return [[g, a] for g, a in zip(G, A)]
 
+    def warm_factors(self, p: Tensor) -> Optional[Tensor]:
+        """The first factors ``[rank, d0, d0]`` the next call starts from for ``p`` (``None``: cold)."""
+        return self._warm.get(p)
+
+    def set_warm_factors(self, p: Tensor, G: Optional[Tensor]) -> None:
+        """Set (``None``: clear) ``p``'s warm start, e.g. from an optimizer checkpoint."""
+        if G is None:
+            self._warm.pop(p, None)
+        else:
+            self._warm[p] = G
+
     def weight_terms(
         self, p: Tensor, capture: LayerCapture, block: RearrangedBlock, bias_block: Optional[Tensor]
     ) -> List[List[Tensor]]:

@@ -243,13 +243,16 @@ def coarse_basis(
         _fisher_columns(basis, first, fisher_mvp, batched)
         blocks = [basis.fisher_products[c][l] for c, l in enumerate(layers)]
     new_layers, new_vectors, new_fp = [], [], []
+    # a layer whose first vector F maps to (numerically) zero gets no Krylov vector: relative to the
+    # largest product, not its own norm, or round-off noise would be normalized into a column
+    scale = max(float(torch.linalg.vector_norm(b)) for b in blocks)
     for c, l in enumerate(layers):
         z1 = basis.vectors[c]
         new_layers.append(l), new_vectors.append(z1), new_fp.append(basis.fisher_products[c])
         w = blocks[c] - (blocks[c] * z1).sum() * z1
         w = w - (w * z1).sum() * z1
         nrm = float(torch.linalg.vector_norm(w))
-        if nrm > 1e-10 * max(float(torch.linalg.vector_norm(blocks[c])), 1e-300):
+        if nrm > 1e-10 * max(scale, 1e-300):
             new_layers.append(l), new_vectors.append(w / nrm), new_fp.append(None)
     return CoarseBasis(shapes, new_layers, new_vectors, new_fp)
 

@@ -177,3 +177,23 @@ def test_errors(problem):
     neg = lambda xs: [-t for t in problem["fisher_mvp"](xs)]
     with pytest.raises(ValueError, match="coarse matrix .* not positive definite"):
         two_level_direction(problem["g"], problem["precond"], neg, LAM)
+
+
+def test_krylov_skips_a_layer_whose_first_vector_is_in_the_null_space():
+    """Softmax outputs: the constant vector on the last layer is in the GGN's null space; its
+    Krylov vector would be normalized round-off noise and must be left out."""
+    torch.manual_seed(0)
+    M = torch.randn(6, 6, dtype=torch.float64)
+    F = torch.zeros(9, 9, dtype=torch.float64)
+    F[:6, :6] = M @ M.T
+    # F[6:, 6:] maps the constant vector to round-off-sized noise (not parallel to it)
+    F[6:, 6:] = 1e-15 * torch.tensor([[0.0, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=torch.float64)
+
+    def mvp(xs):
+        v = torch.cat([xs[0].reshape(-1), xs[1].reshape(-1)])
+        o = F @ v
+        return [o[:6].reshape(3, 2), o[6:]]
+
+    g = [torch.randn(3, 2, dtype=torch.float64), torch.randn(3, dtype=torch.float64)]
+    basis = coarse_basis(g, "nicolaides", krylov=True, fisher_mvp=mvp)
+    assert basis.layers == [0, 0, 1]

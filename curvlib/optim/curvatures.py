@@ -1,0 +1,341 @@
+r"""One small class per curvature of :class:`~curvlib.optim.NaturalGradient`.
+
+Each class says which extension(s) the curvature needs (:meth:`Curvature.extensions`), how a
+parameter's new curvature is read from its savefield (:meth:`Curvature.read`), how the running
+curvature mixes with it (:meth:`Curvature.mix`, an exponential moving average), how the damped
+inverse is built from it (:meth:`Curvature.inverse`, a :class:`Solve` over the group's
+parameters) and how the curvature multiplies a vector (:meth:`Curvature.mvp`, for the quadratic
+model of Levenberg–Marquardt damping).
+
+A curvature value (``C`` below) is what the optimizer stores per parameter: a tensor or a
+(nested) list of tensors, so that ``state_dict()`` stays loadable with ``weights_only=True``.
+
+| name | C per parameter | inverse (``curvlib.solvers``) | paper |
+|---|---|---|---|
+| ``kfac`` | ``[G, A]`` / ``[G]`` | :class:`KroneckerInverse` | Martens & Grosse 2015 |
+| ``kpsvd`` | ``[[G1, A1], ...]`` rank 1 | :class:`KroneckerInverse` | Koroko et al. 2022 |
+| ``kfac-corrected`` | ``[[G, A], [S, R]]`` | :class:`KroneckerInverse` (2 terms) | Koroko et al. 2022 |
+| ``deflation`` | rank-2 KPSVD, power + deflation | :class:`KroneckerInverse` (2 terms) | Koroko et al. 2022 |
+| ``lanczos`` | rank-2 KPSVD, Golub–Kahan | :class:`KroneckerInverse` (2 terms) | Koroko et al. 2022 |
+| ``two-level`` | ``[G, A]`` + coarse correction | :func:`two_level_direction` | Tselepidis et al. 2020; Koroko et al. 2023 |
+| ``exact-ng`` | per-sample factors ``U_p`` | :func:`woodbury_solve` (whole group) | Ren & Goldfarb 2019 |
+| ``exact-ng-blocks`` | per-sample factors ``U_p`` | :func:`woodbury_solve_blocks` | Ren & Goldfarb 2019 |
+| ``diag`` | ``diag(C_p)`` | ``1 / (d + λ)`` | (diagonal GGN, e.g. BackPACK) |
+
+Kronecker curvatures mix factor by factor (``G <- β G + (1-β) G_new``, the same for ``A``), as
+Martens & Grosse §5 do; ``diag`` mixes the diagonal. ``exact-ng`` / ``exact-ng-blocks`` keep the
+factors of the latest curvature batch (a moving average of ``U^T U`` has no fixed-size factor):
+``ema_decay`` does not apply to them (the optimizer says so once).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, ClassVar, Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from curvlib.extensions import DiagGGN, GGNMP, GradFactors, KFAC, KFACCorrected, KPSVD
+from curvlib.extensions.base import Extension
+from curvlib.solvers import KroneckerInverse, two_level_direction, woodbury_solve, woodbury_solve_blocks
+
+Value = Any  # a tensor or a nested list of tensors
+
+
+def tree_map(fn: Callable[..., Tensor], *trees: Value) -> Value:
+    """Apply ``fn`` leaf-wise to tensors in equally nested lists."""
+    first = trees[0]
+    if isinstance(first, Tensor):
+        return fn(*trees)
+    return [tree_map(fn, *parts) for parts in zip(*trees)]
+
+
+def tree_leaves(tree: Value) -> List[Tensor]:
+    if isinstance(tree, Tensor):
+        return [tree]
+    return [t for part in tree for t in tree_leaves(part)]
+
+
+def _as_matrix(p: Tensor, v: Tensor) -> Tensor:
+    """``v`` (shaped like ``p``) as ``[p.shape[0], -1]`` for a weight, unchanged for a vector."""
+    return v.reshape(p.shape[0], -1) if p.ndim > 1 else v
+
+
+class Solve:
+    """The damped inverse of a group's curvature: ``solve(grads) -> directions``.
+
+    ``grads``: parameter-shaped tensors (the group's parameters with curvature, in order);
+    ``extras``: per-step quantities (``"operator"`` for two-level on capture steps).
+    """
+
+    def __init__(self, fn: Callable[[List[Tensor], Dict[str, Any]], List[Tensor]]):
+        self.fn = fn
+
+    def __call__(self, grads: List[Tensor], extras: Optional[Dict[str, Any]] = None) -> List[Tensor]:
+        return self.fn(grads, extras or {})
+
+
+class Curvature:
+    """Base class (see the module docstring)."""
+
+    name: ClassVar[str] = ""
+    #: the damping is shared between two Kronecker factors (``damping_mode="pi"`` applies)
+    kronecker: ClassVar[bool] = False
+    #: the running curvature is a moving average (``ema_decay`` applies)
+    ema: ClassVar[bool] = True
+    #: the attribute the curvature's main extension writes on each parameter
+    savefield: ClassVar[str] = ""
+
+    def extensions(self, group: Dict[str, Any]) -> List[Extension]:
+        raise NotImplementedError
+
+    def read(self, p: nn.Parameter, group: Dict[str, Any]) -> Optional[Value]:
+        """``p``'s new curvature from its savefield (``None``: the layer has no adapter)."""
+        value = p.__dict__.get(self.savefield)
+        return None if value is None else self.convert(p, value)
+
+    def convert(self, p: nn.Parameter, value: Value) -> Value:
+        return value
+
+    def mix(self, old: Value, new: Value, decay: float) -> Value:
+        """``decay * old + (1 - decay) * new``, out of place."""
+        return tree_map(lambda a, b: a.mul(decay).add_(b, alpha=1.0 - decay), old, new)
+
+    def inverse(
+        self, params: List[nn.Parameter], curvs: List[Value], damping: float, damping_mode: str, group: Dict[str, Any]
+    ) -> Solve:
+        raise NotImplementedError
+
+    def mvp(self, params: List[nn.Parameter], curvs: List[Value], vs: List[Tensor]) -> List[Tensor]:
+        """``C v`` (undamped) for parameter-shaped ``vs``."""
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------- Kronecker family
+
+
+def _terms(value: Value) -> List[List[Tensor]]:
+    """``[G, A]`` / ``[G]`` / ``[[G1, A1], ...]`` -> list of terms."""
+    return [value] if isinstance(value[0], Tensor) else value
+
+
+class KroneckerCurvature(Curvature):
+    """Curvatures given as sums of Kronecker products, inverted by :class:`KroneckerInverse`."""
+
+    kronecker = True
+
+    def inverse(self, params, curvs, damping, damping_mode, group):
+        invs = [KroneckerInverse(_terms(c), damping, damping_mode) for c in curvs]
+
+        def fn(grads, extras):
+            return [P(_as_matrix(p, g)).reshape(p.shape) for P, p, g in zip(invs, params, grads)]
+
+        return Solve(fn)
+
+    def mvp(self, params, curvs, vs):
+        out = []
+        for p, c, v in zip(params, curvs, vs):
+            V = _as_matrix(p, v)
+            y = torch.zeros_like(V)
+            for t in _terms(c):
+                y = y + (t[0] @ V if len(t) == 1 else t[0] @ V @ t[1])
+            out.append(y.reshape(p.shape))
+        return out
+
+
+class KFACCurvature(KroneckerCurvature):
+    """``kfac``: ``C_p = kron(G, A)`` (Martens & Grosse 2015)."""
+
+    name = "kfac"
+    savefield = "kfac"
+
+    def extensions(self, group):
+        return [KFAC(group["fisher_type"], group["mc_samples"], group["kfac_approx"])]
+
+
+class KPSVDCurvature(KroneckerCurvature):
+    """``kpsvd`` / ``deflation`` / ``lanczos``: ``C_p = sum_i kron(G_i, A_i)``, the best
+    rank-``rank`` Kronecker approximation of the exact block (Koroko et al. 2022)."""
+
+    savefield = "kpsvd"
+
+    def __init__(self, name: str, method: str, rank: int):
+        self.name, self.method, self.default_rank = name, method, rank
+
+    def rank(self, group) -> int:
+        r = group.get("rank")
+        r = self.default_rank if r is None else int(r)
+        if not 1 <= r <= 2:
+            raise ValueError(
+                f"curvlib.optim: curvature={self.name!r} with rank={r}: the Kronecker inverse handles one "
+                "or two terms; use rank=1 or rank=2."
+            )
+        return r
+
+    def extensions(self, group):
+        return [KPSVD(group["fisher_type"], group["mc_samples"], rank=self.rank(group), method=self.method)]
+
+
+class KFACCorrectedCurvature(KroneckerCurvature):
+    """``kfac-corrected``: ``C_p = kron(G, A) + kron(S, R)`` (Koroko et al. 2022)."""
+
+    name = "kfac-corrected"
+    savefield = "kfac_corrected"
+
+    def extensions(self, group):
+        return [KFACCorrected(group["fisher_type"], group["mc_samples"], group["kfac_approx"])]
+
+
+class TwoLevelCurvature(KFACCurvature):
+    """``two-level``: KFAC plus a coarse correction with the exact whole-network curvature
+    products of the capture step (Tselepidis, Kohler & Orvieto 2020; Koroko et al. 2023).
+
+    The coarse correction needs the operator of the current batch, which exists only on
+    curvature-update steps; steps in between take the one-level KFAC direction.
+    """
+
+    name = "two-level"
+
+    def extensions(self, group):
+        tps = group["coarse_space"] == "tpselepedis"
+        kfac = KFAC(group["fisher_type"], group["mc_samples"], group["kfac_approx"], cross_layer=tps)
+        return [kfac, GGNMP(group["fisher_type"], group["mc_samples"])]
+
+    def inverse(self, params, curvs, damping, damping_mode, group):
+        one_level = super().inverse(params, curvs, damping, damping_mode, group)
+        space, krylov = group["coarse_space"], bool(group["krylov"])
+
+        def fn(grads, extras):
+            op = extras.get("operator")
+            if op is None:
+                return one_level(grads)
+            index = {id(q): i for i, q in enumerate(op.params)}
+            missing = [tuple(p.shape) for p in params if id(p) not in index]
+            if missing:
+                raise RuntimeError(
+                    f"curvlib.optim: two-level: parameters of shapes {missing} are not in the whole-network "
+                    "operator; put only parameters of extended layers in a two-level group."
+                )
+            pos = [index[id(p)] for p in params]
+
+            def fisher_mvp(xs):  # the group's block of the whole-network operator, batched
+                B = xs[0].shape[0]
+                full = [torch.zeros(B, *q.shape, dtype=xs[0].dtype, device=xs[0].device) for q in op.params]
+                for i, x in zip(pos, xs):
+                    full[i] = x
+                out = op.matmat(full)
+                return [out[i] for i in pos]
+
+            cross = None
+            if space == "tpselepedis":
+                ck = extras["cross"]
+                cindex = {id(q): i for i, q in enumerate(ck.params)}
+                nested = ck.nested()
+                cpos = [cindex[id(p)] for p in params]
+                cross = [[nested[i][j] for j in cpos] for i in cpos]
+            d, _ = two_level_direction(
+                list(grads), lambda gs: one_level(gs), fisher_mvp, damping,
+                coarse_space=space, krylov=krylov, factors=list(curvs), cross_factors=cross,
+                coarse_damping=group["coarse_damping"], batched=True,
+            )
+            return d
+
+        return Solve(fn)
+
+
+# ---------------------------------------------------------------- diagonal and exact
+
+
+class DiagCurvature(Curvature):
+    """``diag``: ``C_p = diag(F_p)`` of the chosen fisher_type; ``(d + λ)^-1 g``."""
+
+    name = "diag"
+    savefield = "diag_ggn"
+
+    def extensions(self, group):
+        return [DiagGGN(group["fisher_type"], group["mc_samples"])]
+
+    def inverse(self, params, curvs, damping, damping_mode, group):
+        bad = [tuple(p.shape) for p, d in zip(params, curvs) if bool((d + damping <= 0).any())]
+        if bad:
+            raise ValueError(f"non-SPD curvature: diagonal + damping has a non-positive entry (shapes {bad}).")
+        inv = [1.0 / (d + damping) for d in curvs]
+        return Solve(lambda grads, extras: [g * w for g, w in zip(grads, inv)])
+
+    def mvp(self, params, curvs, vs):
+        return [d * v for d, v in zip(curvs, vs)]
+
+
+class ExactNGCurvature(Curvature):
+    """``exact-ng`` (whole group) / ``exact-ng-blocks`` (per parameter): the exact damped
+    natural gradient ``(F + λ I)^-1 g`` by Woodbury on the per-sample gradient factors
+    (``F = U^T U``, Ren & Goldfarb 2019)."""
+
+    ema = False
+    savefield = "grad_factors"
+
+    def __init__(self, name: str, blocks: bool):
+        self.name, self.blocks = name, blocks
+
+    def extensions(self, group):
+        return [GradFactors(group["fisher_type"], group["mc_samples"], reuse_buffers=False)]
+
+    def mix(self, old, new, decay):
+        return new
+
+    def inverse(self, params, curvs, damping, damping_mode, group):
+        if damping <= 0:
+            raise ValueError(f"curvlib.optim: curvature={self.name!r} needs damping > 0 (Woodbury), got {damping}.")
+        Us = [U.reshape(U.shape[0], -1) for U in curvs]
+        m = Us[0].shape[0]
+        # woodbury convention F = U^T U / m
+        Us = [U * math.sqrt(m) for U in Us]
+        if self.blocks:
+            return Solve(lambda grads, extras: woodbury_solve_blocks(Us, list(grads), damping))
+        U = torch.cat(Us, dim=1)
+        sizes = [p.numel() for p in params]
+
+        def fn(grads, extras):
+            g = torch.cat([t.reshape(-1) for t in grads])
+            d = woodbury_solve(U, g, damping)
+            return [t.reshape(p.shape) for t, p in zip(d.split(sizes), params)]
+
+        return Solve(fn)
+
+    def mvp(self, params, curvs, vs):
+        Us = [U.reshape(U.shape[0], -1) for U in curvs]
+        if self.blocks:
+            return [(U.T @ (U @ v.reshape(-1))).reshape(v.shape) for U, v in zip(Us, vs)]
+        c = sum(U @ v.reshape(-1) for U, v in zip(Us, vs))
+        return [(U.T @ c).reshape(v.shape) for U, v in zip(Us, vs)]
+
+
+CURVATURES: Dict[str, Curvature] = {
+    c.name: c
+    for c in (
+        KFACCurvature(),
+        KPSVDCurvature("kpsvd", "power", 1),
+        KPSVDCurvature("deflation", "deflation", 2),
+        KPSVDCurvature("lanczos", "lanczos", 2),
+        KFACCorrectedCurvature(),
+        TwoLevelCurvature(),
+        DiagCurvature(),
+        ExactNGCurvature("exact-ng", blocks=False),
+        ExactNGCurvature("exact-ng-blocks", blocks=True),
+    )
+}
+
+
+def curvature_for(name: Optional[str]) -> Optional[Curvature]:
+    """The :class:`Curvature` called ``name`` (``None``: plain momentum SGD)."""
+    if name is None:
+        return None
+    if name not in CURVATURES:
+        raise ValueError(
+            f"curvlib.optim: unknown curvature {name!r}; use one of {sorted(CURVATURES)} or None "
+            "(plain momentum SGD for the group)."
+        )
+    return CURVATURES[name]
+
+
+__all__ = ["Curvature", "CURVATURES", "curvature_for", "Solve", "tree_map", "tree_leaves"]

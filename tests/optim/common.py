@@ -1,0 +1,42 @@
+"""Shared helpers of the optimizer tests: a small extended MLP, one step, dense references."""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from torch import nn
+
+from curvlib import extend
+from tests.utils import dense_ggn, param_slices, per_sample_grads
+
+
+def mlp(seed: int = 0, bias: bool = True) -> nn.Module:
+    torch.manual_seed(seed)
+    return extend(nn.Sequential(nn.Linear(4, 5, bias=bias), nn.Tanh(), nn.Linear(5, 3, bias=bias)))
+
+
+def data(n: int = 6, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def train_step(model, loss_fn, opt, x, y):
+    opt.zero_grad()
+    loss = loss_fn(model(x), y)
+    with opt.capture():
+        loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def dense_curvature(model, loss_fn, x, y, fisher_type: str) -> torch.Tensor:
+    """The whole-network curvature ``[P, P]`` (type-2: GGN; empirical: mean of grad grad^T)."""
+    if fisher_type == "type-2":
+        return dense_ggn(model, loss_fn, x, y)
+    psg = per_sample_grads(model, loss_fn, x, y)
+    U = torch.cat([g.flatten(1) for g in psg.values()], dim=1)
+    return U.T @ U / x.shape[0]
+
+
+def blocks(F: torch.Tensor, model) -> List[torch.Tensor]:
+    return [F[s, s] for s in param_slices(model)]
