@@ -130,17 +130,12 @@ class NaturalGradient(CurvatureOptimizer):
                         "parameters and optimizer state are unchanged. Skip this batch."
                     )
             plan = self._directions()
-            updates = self._updates(plan)
         except BaseException:
             self._fail()
             raise
-        deltas = {
-            id(p): updates[p][0] - p for gi in lm_groups for p in plan["groups"][gi]["params"]
-        }
-        # ---- commit: nothing below raises on finite inputs
-        for p, (new_p, new_state) in updates.items():
-            self.state[p].update(new_state)
-            p.copy_(new_p)
+        # ---- commit: every quantity is finite; the in-place updates below do not raise
+        lm_ids = {id(p) for gi in lm_groups for p in plan["groups"][gi]["params"]}
+        deltas = self._apply(plan, lm_ids)
         self._commit_state(plan)
         self._step += 1
         if lm_groups:
@@ -149,38 +144,39 @@ class NaturalGradient(CurvatureOptimizer):
                 self._adapt_damping(gi, plan, deltas, float(loss_before), loss_after)
         return loss_before
 
-    def _updates(self, plan: Dict[str, Any]) -> Dict[Tensor, Any]:
-        """New parameter values and per-parameter step state (no side effects)."""
-        out: Dict[Tensor, Any] = {}
+    def _apply(self, plan: Dict[str, Any], keep_delta: set) -> Dict[int, Tensor]:
+        """Momentum / Adam state and parameters, in place; returns the updates of the
+        parameters in ``keep_delta`` (ids), for Levenberg–Marquardt."""
+        deltas: Dict[int, Tensor] = {}
         for group, grp in zip(self.param_groups, plan["groups"]):
             lr, mu, wd = float(group["lr"]), float(group["momentum"]), float(group["weight_decay"])
             for p, d in zip(grp["params"], grp["dirs"]):
-                s = self.state.get(p, {})
-                new: Dict[str, Any] = {}
+                s = self.state[p]
                 if group["momentum_type"] == "adam":
                     b2 = float(group["beta2"])
                     t = int(s.get("adam_step", 0)) + 1
-                    m = d * (1 - mu) if "exp_avg" not in s else s["exp_avg"] * mu + d * (1 - mu)
-                    v = d * d * (1 - b2) if "exp_avg_sq" not in s else s["exp_avg_sq"] * b2 + d * d * (1 - b2)
-                    new.update(exp_avg=m, exp_avg_sq=v, adam_step=t)
-                    upd = (m / (1 - mu**t)) / ((v / (1 - b2**t)).sqrt() + group["eps"])
+                    if "exp_avg" not in s:
+                        s["exp_avg"], s["exp_avg_sq"] = torch.zeros_like(d), torch.zeros_like(d)
+                    m, v = s["exp_avg"], s["exp_avg_sq"]
+                    m.mul_(mu).add_(d, alpha=1 - mu)
+                    v.mul_(b2).addcmul_(d, d, value=1 - b2)
+                    s["adam_step"] = t
+                    upd = (m / (1 - mu**t)).div_((v / (1 - b2**t)).sqrt_().add_(group["eps"]))
                 elif mu:
-                    buf = d.clone() if "momentum_buffer" not in s else s["momentum_buffer"] * mu + d
-                    new["momentum_buffer"] = buf
-                    upd = buf
+                    if "momentum_buffer" not in s:
+                        s["momentum_buffer"] = d.clone()
+                    else:
+                        s["momentum_buffer"].mul_(mu).add_(d)
+                    upd = s["momentum_buffer"]
                 else:
                     upd = d
-                base = p.detach()
+                old = p.detach().clone() if id(p) in keep_delta else None
                 if wd and group["weight_decay_mode"] == "decoupled":
-                    base = base * (1 - lr * wd)
-                new_p = base - lr * upd
-                if not bool(torch.isfinite(new_p).all()):
-                    raise FloatingPointError(
-                        "curvlib.optim: the update of a parameter is NaN or Inf; the step was not taken and "
-                        "state is unchanged. Lower the learning rate or increase damping."
-                    )
-                out[p] = (new_p, new)
-        return out
+                    p.mul_(1 - lr * wd)
+                p.add_(upd, alpha=-lr)
+                if old is not None:
+                    deltas[id(p)] = p.detach() - old
+        return deltas
 
     def _adapt_damping(self, gi: int, plan, deltas, h0: float, h1: float) -> None:
         """Levenberg–Marquardt: ``rho = (h1 - h0) / M(Δ)`` (Martens & Grosse §6.5)."""

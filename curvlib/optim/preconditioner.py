@@ -62,7 +62,9 @@ CORE_DEFAULTS: Dict[str, Any] = dict(
 
 
 def _finite(t: Tensor) -> bool:
-    return bool(torch.isfinite(t).all())
+    """One reduction: a tensor with a NaN or Inf entry has a non-finite sum (an overflowing
+    sum of finite entries is checked element-wise)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 class _Capture:
