@@ -127,6 +127,15 @@ class LayerCapture:
             self._act = self.adapter.activations(self.module, self.x)
         return self._act
 
+    def act_rows(self) -> int:
+        """``N T``: the rows of :meth:`act` (without forming it where the adapter knows)."""
+        n = self.adapter.act_count(self.module, self.x)
+        return self.act().shape[:-1].numel() if n is None else n
+
+    def act_factor(self, kfac_approx: str) -> Optional[Tensor]:
+        """The adapter's structured KFAC activation factor (e.g. 1-D), or ``None``."""
+        return self.adapter.act_factor(self.module, self.x, kfac_approx)
+
     def cot(self, source: Source) -> Tensor:
         """Weight cotangent-side vectors ``[K, N, T, D_s]`` of ``source``."""
         if source not in self._cot:
@@ -154,7 +163,11 @@ class LayerCapture:
         p = self.params[name]
         if name == "bias":
             return self.bias_cot(source).sum(2).reshape(-1, self.batch_size, *p.shape)
-        s, a = self.cot(source), self.act()
+        s = self.cot(source)
+        out = s.new_empty(s.shape[0], s.shape[1], *p.shape)
+        if self.adapter.per_sample_weight(self.module, s, self.x, out) is not None:
+            return out
+        a = self.act()
         eq = "knts,nta->knsa" if self.act_side == "right" else "knts,nta->knas"
         X = torch.einsum(eq, s, a)
         return X.reshape(X.shape[0], X.shape[1], *p.shape)

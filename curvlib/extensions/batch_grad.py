@@ -131,11 +131,13 @@ def per_sample_into(
             out = sb.new_empty(shape)
         torch.sum(sb, dim=2, out=out.view(sb.shape[0], sb.shape[1], -1))
         return out
-    s, a = capture.cot(source), capture.act()
+    s = capture.cot(source)
     shape = (s.shape[0] * s.shape[1], *p.shape)
     if out is None:
         out = s.new_empty(shape)
-    return outer_sum(s, a, capture.act_side, out)
+    if capture.adapter.per_sample_weight(capture.module, s, capture.x, out) is not None:
+        return out  # structured activations (Embedding: a scatter of s)
+    return outer_sum(s, capture.act(), capture.act_side, out)
 
 
 class BatchGrad(Extension):
@@ -204,7 +206,7 @@ class BatchGrad(Extension):
         for name, p in capture.params.items():
             v = capture.bias_cot("grad") if name == "bias" else capture.cot("grad")
             finite_or_raise(v, capture.module, f"the output gradient ({name})")
-            if name == "weight":
+            if name == "weight" and capture.x.is_floating_point():
                 finite_or_raise(capture.act(), capture.module, "the layer input")
             shape = (capture.batch_size, *p.shape)
             buf = reusable_buffer(p, self.savefield, shape, v) if self.reuse_buffers else None

@@ -174,7 +174,7 @@ class GradFactors(Extension):
         for name, p in capture.params.items():
             v = capture.bias_cot(src) if name == "bias" else capture.cot(src)
             finite_or_raise(v, capture.module, f"the {src!r} cotangents ({name})")
-            if name == "weight":
+            if name == "weight" and capture.x.is_floating_point():
                 finite_or_raise(capture.act(), capture.module, "the layer input")
             shape = (v.shape[0] * v.shape[1], *p.shape)
             buf = reusable_buffer(p, self.savefield, shape, v) if self.reuse_buffers else None

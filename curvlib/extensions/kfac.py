@@ -152,7 +152,7 @@ class KFAC(Extension):
         """Rows averaged in ``A``: ``N T`` (expand) or ``N`` (reduce)."""
         if self.kfac_approx == "reduce" or "weight" not in capture.params:
             return capture.batch_size
-        return capture.act().shape[:-1].numel()
+        return capture.act_rows()
 
     def accumulate(self, capture: LayerCapture, name: str, old: Any, new: Any, counts: Tuple[int, int]) -> Any:
         """``G`` adds up (the loss scaling is in ``s``); ``A`` is a mean over rows, so the
@@ -181,7 +181,9 @@ class KFAC(Extension):
         G = None
         if "weight" in params:
             G = self._cot_factor(capture.cot(src))
-            A = self._act_factor(capture.act())
+            A = capture.act_factor(self.kfac_approx)  # structured (Embedding: 1-D)
+            if A is None:
+                A = self._act_factor(capture.act())
             out["weight"] = [G, A] if capture.act_side == "right" else [A, G]
         if "bias" in params:
             sb = capture.bias_cot(src)

@@ -8,6 +8,7 @@ from torch import nn
 from curvlib.engine.layers.base import LayerAdapter
 from curvlib.engine.layers.conv import ConvAdapter
 from curvlib.engine.layers.conv_transpose import ConvTransposeAdapter
+from curvlib.engine.layers.embedding import EmbeddingAdapter
 from curvlib.engine.layers.linear import LinearAdapter
 
 ADAPTERS: Dict[Type[nn.Module], LayerAdapter] = {}
@@ -19,7 +20,7 @@ def register_adapter(adapter: LayerAdapter) -> None:
         ADAPTERS[t] = adapter
 
 
-for _a in (LinearAdapter(), ConvAdapter(), ConvTransposeAdapter()):
+for _a in (LinearAdapter(), ConvAdapter(), ConvTransposeAdapter(), EmbeddingAdapter()):
     register_adapter(_a)
 
 

@@ -13,7 +13,7 @@ transposed convolutions). Every extension is written against this description on
 """
 from __future__ import annotations
 
-from typing import ClassVar, Tuple, Type
+from typing import ClassVar, Optional, Tuple, Type
 
 from torch import Tensor, nn
 
@@ -38,6 +38,21 @@ class LayerAdapter:
     def weight_cotangents(self, module: nn.Module, g: Tensor, x: Tensor) -> Tensor:
         """``g`` of shape ``[K, *output.shape]`` -> ``s`` of shape ``[K, N, T, D_s]``."""
         raise NotImplementedError
+
+    def act_count(self, module: nn.Module, x: Tensor) -> Optional[int]:
+        """Rows ``N T`` of :meth:`activations`, if known without forming them (else ``None``)."""
+        return None
+
+    def act_factor(self, module: nn.Module, x: Tensor, kfac_approx: str) -> Optional[Tensor]:
+        """A structured KFAC activation factor (e.g. 1-D diagonal) computed without the dense
+        activations, or ``None`` for the generic ``a^T a`` (see :mod:`curvlib.extensions.kfac`)."""
+        return None
+
+    def per_sample_weight(self, module: nn.Module, s: Tensor, x: Tensor, out: Tensor) -> Optional[Tensor]:
+        """Per-sample weight gradients from ``s`` ``[K, N, T, D_s]`` written to ``out``
+        (contiguous, ``K N`` times the weight) without the dense activations, or ``None``
+        for the generic ``sum_t s a^T``."""
+        return None
 
     def bias_cotangents(self, module: nn.Module, g: Tensor, x: Tensor) -> Tensor:
         """``g`` of shape ``[K, *output.shape]`` -> ``s'`` of shape ``[K, N, T', D_out]``."""
