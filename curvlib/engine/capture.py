@@ -105,6 +105,11 @@ class LayerCapture:
                 out[name] = p
         return out
 
+    def summed(self, name: str) -> bool:
+        """Whether parameter ``name`` has per-sample gradients ``sum_t s'_{n,t}`` (a bias, or
+        an elementwise scale of a norm layer) rather than ``sum_t s a^T``."""
+        return name == "bias" or name in self.adapter.summed_params
+
     def has(self, source: Source) -> bool:
         return source == "empirical" and "grad" in self.raw or source in self.raw
 
@@ -154,6 +159,16 @@ class LayerCapture:
             )
         return self._bias_cot[source]
 
+    def sum_cot(self, name: str, source: Source) -> Tensor:
+        """Cotangent vectors ``[K, N, T', *]`` of a summed parameter (:meth:`summed`): its
+        per-sample gradient is their sum over ``T'``."""
+        if name == "bias":
+            return self.bias_cot(source)
+        key = (name, source)
+        if key not in self._bias_cot:
+            self._bias_cot[key] = self.adapter.param_cotangents(self.module, name, self._raw(source), self.x)
+        return self._bias_cot[key]
+
     def per_sample_grads(self, name: str, source: Source) -> Tensor:
         """Per-sample gradients ``[K, N, *p.shape]`` of parameter ``name``.
 
@@ -161,8 +176,8 @@ class LayerCapture:
         layers), ``sum_t s'_{k,n,t}`` for the bias.
         """
         p = self.params[name]
-        if name == "bias":
-            return self.bias_cot(source).sum(2).reshape(-1, self.batch_size, *p.shape)
+        if self.summed(name):
+            return self.sum_cot(name, source).sum(2).reshape(-1, self.batch_size, *p.shape)
         s = self.cot(source)
         out = s.new_empty(s.shape[0], s.shape[1], *p.shape)
         if self.adapter.per_sample_weight(self.module, s, self.x, out) is not None:

@@ -150,14 +150,14 @@ class KFAC(Extension):
 
     def count(self, capture: LayerCapture) -> int:
         """Rows averaged in ``A``: ``N T`` (expand) or ``N`` (reduce)."""
-        if self.kfac_approx == "reduce" or "weight" not in capture.params:
+        if self.kfac_approx == "reduce" or "weight" not in capture.params or capture.summed("weight"):
             return capture.batch_size
         return capture.act_rows()
 
     def accumulate(self, capture: LayerCapture, name: str, old: Any, new: Any, counts: Tuple[int, int]) -> Any:
         """``G`` adds up (the loss scaling is in ``s``); ``A`` is a mean over rows, so the
         combined ``A`` weights each backward's by its row count."""
-        if name == "bias":
+        if capture.summed(name):
             return [old[0] + new[0]]
         n0, n1 = counts
         ia = 1 if capture.act_side == "right" else 0
@@ -179,7 +179,17 @@ class KFAC(Extension):
     def compute(self, capture: LayerCapture) -> Dict[str, Any]:
         params, src, out = capture.params, self.source, {}
         G = None
-        if "weight" in params:
+        if capture.adapter.summed_params:  # norm layers: exact blocks sum x x^T, x = sum_t s
+            if self.cross:
+                raise NotImplementedError(
+                    f"curvlib: KFAC(cross_layer=True) does not support {capture.module} yet (a "
+                    "norm layer has no Kronecker factors to cross); use cross_layer=False or "
+                    "leave the layer's parameters out (requires_grad=False)."
+                )
+            for name in params:
+                out[name] = [_gram_rows(capture.sum_cot(name, src).sum(2))]
+            return out
+        if "weight" in params and not capture.summed("weight"):
             G = self._cot_factor(capture.cot(src))
             A = capture.act_factor(self.kfac_approx)  # structured (Embedding: 1-D)
             if A is None:

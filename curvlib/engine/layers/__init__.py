@@ -10,6 +10,7 @@ from curvlib.engine.layers.conv import ConvAdapter
 from curvlib.engine.layers.conv_transpose import ConvTransposeAdapter
 from curvlib.engine.layers.embedding import EmbeddingAdapter
 from curvlib.engine.layers.linear import LinearAdapter
+from curvlib.engine.layers.norm import BatchNormAdapter, GroupNormAdapter, LayerNormAdapter, RMSNormAdapter
 
 ADAPTERS: Dict[Type[nn.Module], LayerAdapter] = {}
 
@@ -20,7 +21,10 @@ def register_adapter(adapter: LayerAdapter) -> None:
         ADAPTERS[t] = adapter
 
 
-for _a in (LinearAdapter(), ConvAdapter(), ConvTransposeAdapter(), EmbeddingAdapter()):
+for _a in (
+    LinearAdapter(), ConvAdapter(), ConvTransposeAdapter(), EmbeddingAdapter(),
+    LayerNormAdapter(), RMSNormAdapter(), GroupNormAdapter(), BatchNormAdapter(),
+):
     register_adapter(_a)
 
 

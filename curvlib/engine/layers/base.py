@@ -24,6 +24,10 @@ class LayerAdapter:
     module_types: ClassVar[Tuple[Type[nn.Module], ...]] = ()
     #: ``"right"``: weight viewed as ``[D_s, D_a]``; ``"left"``: as ``[D_a, D_s]``
     act_side: ClassVar[str] = "right"
+    #: parameters besides ``bias`` whose per-sample gradient is ``sum_t s'_{n,t}`` of
+    #: :meth:`param_cotangents` (elementwise scales of norm layers): they get the exact block
+    #: ``[G]`` as a bias does, and no activation side
+    summed_params: ClassVar[Tuple[str, ...]] = ()
 
     def check(self, module: nn.Module) -> None:
         """Raise ``NotImplementedError`` naming the module for unsupported settings."""
@@ -53,6 +57,10 @@ class LayerAdapter:
         (contiguous, ``K N`` times the weight) without the dense activations, or ``None``
         for the generic ``sum_t s a^T``."""
         return None
+
+    def param_cotangents(self, module: nn.Module, name: str, g: Tensor, x: Tensor) -> Tensor:
+        """For ``name`` in :attr:`summed_params`: ``g`` ``[K, *output.shape]`` -> ``[K, N, T', numel]``."""
+        raise NotImplementedError
 
     def bias_cotangents(self, module: nn.Module, g: Tensor, x: Tensor) -> Tensor:
         """``g`` of shape ``[K, *output.shape]`` -> ``s'`` of shape ``[K, N, T', D_out]``."""
