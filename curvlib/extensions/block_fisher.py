@@ -92,6 +92,9 @@ class ExactBlockFisher(Extension):
                 b = capture.sum_cot(name, src).sum(2)
                 b = b.reshape(-1, b.shape[-1])
                 out[name] = b.T @ b
+            elif capture.adapter.blocks(capture.module) > 1:  # grouped: from per-sample gradients
+                U = capture.per_sample_grads(name, src).flatten(2).flatten(0, 1)
+                out[name] = U.T @ U
             else:
                 out[name] = _weight_block(capture.cot(src), capture.act(), capture.act_side)
         return out

@@ -43,6 +43,12 @@ class LayerAdapter:
         """``g`` of shape ``[K, *output.shape]`` -> ``s`` of shape ``[K, N, T, D_s]``."""
         raise NotImplementedError
 
+    def blocks(self, module: nn.Module) -> int:
+        """``B``: the weight is block-diagonal over ``B`` groups (grouped convolutions):
+        output rows ``[b m, (b+1) m)`` use only activation entries ``[b n, (b+1) n)``, and
+        ``p.kfac = [G [B, m, m], A [B, n, n]]`` (DESIGN.md §2). ``1``: one dense pair."""
+        return 1
+
     def act_count(self, module: nn.Module, x: Tensor) -> Optional[int]:
         """Rows ``N T`` of :meth:`activations`, if known without forming them (else ``None``)."""
         return None
