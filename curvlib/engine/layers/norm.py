@@ -9,7 +9,11 @@ the parameter) of per-position vectors, as for a bias::
 
 and every extension gives them the *exact* curvature block (``p.kfac = [G]``,
 ``G = sum_{k,n} x_{k,n} x_{k,n}^T`` of the per-sample gradients ``x``, dense ``[C, C]``; DESIGN.md
-§2). ``xhat`` is recomputed from the captured input with the statistics the forward used:
+§2). Exact for the extension's source: KFAC's ``"type-2"`` source shares the loss-Hessian
+columns over the loss's own output positions (curvlinops' KFAC convention), so for a loss on
+per-position outputs (sequence models) KFAC's ``[G]`` is that estimate, while
+``ExactBlockFisher`` / ``GGNMP`` / ``DiagGGN`` give the exact GGN block. KPSVD gives the exact
+block as its single term ``[[C]]``; ``KFAC(cross_layer=True)`` refuses these layers. ``xhat`` is recomputed from the captured input with the statistics the forward used:
 per sample (LayerNorm, RMSNorm, GroupNorm), the running statistics (BatchNorm in eval mode) or
 the batch statistics (BatchNorm in training mode, where the samples are coupled: exact
 quantities raise and KFAC warns, see :mod:`curvlib.engine.coupling`).
