@@ -105,6 +105,11 @@ class LayerCapture:
                 out[name] = p
         return out
 
+    def summed(self, name: str) -> bool:
+        """Whether parameter ``name`` has per-sample gradients ``sum_t s'_{n,t}`` (a bias, or
+        an elementwise scale of a norm layer) rather than ``sum_t s a^T``."""
+        return name == "bias" or name in self.adapter.summed_params
+
     def has(self, source: Source) -> bool:
         return source == "empirical" and "grad" in self.raw or source in self.raw
 
@@ -127,6 +132,15 @@ class LayerCapture:
             self._act = self.adapter.activations(self.module, self.x)
         return self._act
 
+    def act_rows(self) -> int:
+        """``N T``: the rows of :meth:`act` (without forming it where the adapter knows)."""
+        n = self.adapter.act_count(self.module, self.x)
+        return self.act().shape[:-1].numel() if n is None else n
+
+    def act_factor(self, kfac_approx: str) -> Optional[Tensor]:
+        """The adapter's structured KFAC activation factor (e.g. 1-D), or ``None``."""
+        return self.adapter.act_factor(self.module, self.x, kfac_approx)
+
     def cot(self, source: Source) -> Tensor:
         """Weight cotangent-side vectors ``[K, N, T, D_s]`` of ``source``."""
         if source not in self._cot:
@@ -145,6 +159,16 @@ class LayerCapture:
             )
         return self._bias_cot[source]
 
+    def sum_cot(self, name: str, source: Source) -> Tensor:
+        """Cotangent vectors ``[K, N, T', *]`` of a summed parameter (:meth:`summed`): its
+        per-sample gradient is their sum over ``T'``."""
+        if name == "bias":
+            return self.bias_cot(source)
+        key = (name, source)
+        if key not in self._bias_cot:
+            self._bias_cot[key] = self.adapter.param_cotangents(self.module, name, self._raw(source), self.x)
+        return self._bias_cot[key]
+
     def per_sample_grads(self, name: str, source: Source) -> Tensor:
         """Per-sample gradients ``[K, N, *p.shape]`` of parameter ``name``.
 
@@ -152,9 +176,13 @@ class LayerCapture:
         layers), ``sum_t s'_{k,n,t}`` for the bias.
         """
         p = self.params[name]
-        if name == "bias":
-            return self.bias_cot(source).sum(2).reshape(-1, self.batch_size, *p.shape)
-        s, a = self.cot(source), self.act()
+        if self.summed(name):
+            return self.sum_cot(name, source).sum(2).reshape(-1, self.batch_size, *p.shape)
+        s = self.cot(source)
+        out = s.new_empty(s.shape[0], s.shape[1], *p.shape)
+        if self.adapter.per_sample_weight(self.module, s, self.x, out) is not None:
+            return out
+        a = self.act()
         eq = "knts,nta->knsa" if self.act_side == "right" else "knts,nta->knas"
         X = torch.einsum(eq, s, a)
         return X.reshape(X.shape[0], X.shape[1], *p.shape)

@@ -124,18 +124,20 @@ def per_sample_into(
     """Per-sample gradients ``[K * N, *p.shape]`` of parameter ``name`` for ``source``
     (rows ``k * N + n``), written into ``out`` if given (contiguous, that shape)."""
     p = capture.params[name]
-    if name == "bias":
-        sb = capture.bias_cot(source)
+    if capture.summed(name):
+        sb = capture.sum_cot(name, source)
         shape = (sb.shape[0] * sb.shape[1], *p.shape)
         if out is None:
             out = sb.new_empty(shape)
         torch.sum(sb, dim=2, out=out.view(sb.shape[0], sb.shape[1], -1))
         return out
-    s, a = capture.cot(source), capture.act()
+    s = capture.cot(source)
     shape = (s.shape[0] * s.shape[1], *p.shape)
     if out is None:
         out = s.new_empty(shape)
-    return outer_sum(s, a, capture.act_side, out)
+    if capture.adapter.per_sample_weight(capture.module, s, capture.x, out) is not None:
+        return out  # structured activations (Embedding: a scatter of s)
+    return outer_sum(s, capture.act(), capture.act_side, out)
 
 
 class BatchGrad(Extension):
@@ -202,9 +204,9 @@ class BatchGrad(Extension):
     def compute(self, capture: LayerCapture) -> Dict[str, Any]:
         out = {}
         for name, p in capture.params.items():
-            v = capture.bias_cot("grad") if name == "bias" else capture.cot("grad")
+            v = capture.sum_cot(name, "grad") if capture.summed(name) else capture.cot("grad")
             finite_or_raise(v, capture.module, f"the output gradient ({name})")
-            if name == "weight":
+            if not capture.summed(name) and capture.x.is_floating_point():
                 finite_or_raise(capture.act(), capture.module, "the layer input")
             shape = (capture.batch_size, *p.shape)
             buf = reusable_buffer(p, self.savefield, shape, v) if self.reuse_buffers else None

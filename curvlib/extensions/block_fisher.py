@@ -88,10 +88,13 @@ class ExactBlockFisher(Extension):
     def compute(self, capture: LayerCapture) -> Dict[str, Any]:
         out, src = {}, self.source
         for name in capture.params:
-            if name == "bias":
-                b = capture.bias_cot(src).sum(2)
+            if capture.summed(name):
+                b = capture.sum_cot(name, src).sum(2)
                 b = b.reshape(-1, b.shape[-1])
                 out[name] = b.T @ b
+            elif capture.adapter.blocks(capture.module) > 1:  # grouped: from per-sample gradients
+                U = capture.per_sample_grads(name, src).flatten(2).flatten(0, 1)
+                out[name] = U.T @ U
             else:
                 out[name] = _weight_block(capture.cot(src), capture.act(), capture.act_side)
         return out
@@ -172,9 +175,9 @@ class GradFactors(Extension):
     def compute(self, capture: LayerCapture) -> Dict[str, Any]:
         out, src = {}, self.source
         for name, p in capture.params.items():
-            v = capture.bias_cot(src) if name == "bias" else capture.cot(src)
+            v = capture.sum_cot(name, src) if capture.summed(name) else capture.cot(src)
             finite_or_raise(v, capture.module, f"the {src!r} cotangents ({name})")
-            if name == "weight":
+            if not capture.summed(name) and capture.x.is_floating_point():
                 finite_or_raise(capture.act(), capture.module, "the layer input")
             shape = (v.shape[0] * v.shape[1], *p.shape)
             buf = reusable_buffer(p, self.savefield, shape, v) if self.reuse_buffers else None

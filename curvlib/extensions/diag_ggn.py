@@ -95,7 +95,11 @@ class DiagGGN(Extension):
     def compute(self, capture: LayerCapture) -> Dict[str, Any]:
         params, src, out = capture.params, self.source, {}
         s2 = None
-        if "weight" in params:
+        if "weight" in params and capture.summed("weight"):
+            out["weight"] = capture.sum_cot("weight", src).sum(2).square().sum((0, 1)).reshape(params["weight"].shape)
+        elif "weight" in params and capture.adapter.blocks(capture.module) > 1:  # grouped conv
+            out["weight"] = capture.per_sample_grads("weight", src).square().sum((0, 1))
+        elif "weight" in params:
             s = capture.cot(src)
             if s.shape[2] == 1:
                 s2 = _sum_k_squares(s)

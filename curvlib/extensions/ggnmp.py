@@ -87,10 +87,15 @@ class LayerFactors:
         self.a: Optional[Tensor] = None
         self.s: Optional[Tensor] = None
         self.xb: Optional[Tensor] = None
+        self.xw: Optional[Tensor] = None  # a summed weight (norm-layer scale): like a bias
         self.X: Optional[Tensor] = None
         self._products = 0
         K = None
-        if "weight" in self.params:
+        if "weight" in self.params and capture.summed("weight"):
+            xw = capture.sum_cot("weight", source).sum(2)  # [K, N, numel]
+            K = xw.shape[0]
+            self.xw = xw.reshape(-1, xw.shape[-1])
+        elif "weight" in self.params:
             self.a = capture.act()
             self.s = capture.cot(source)
             K, _, self.T, self.D_s = self.s.shape
@@ -100,7 +105,10 @@ class LayerFactors:
             K = xb.shape[0]
             self.xb = xb.reshape(-1, xb.shape[-1])
         self.num_columns = K
-        if mode == "materialized" and self.s is not None:
+        if self.s is not None and capture.adapter.blocks(capture.module) > 1:
+            # grouped convolution: the per-sample gradients are not one outer product sum
+            self.X = capture.per_sample_grads("weight", source).flatten(2).flatten(0, 1)
+        elif mode == "materialized" and self.s is not None:
             self._materialize()
 
     # ------------------------------------------------------------ weight helpers
@@ -157,17 +165,19 @@ class LayerFactors:
     # ------------------------------------------------------------------ public
     def inner(self, name: str, V: Tensor) -> Tensor:
         """``c[k, n, b] = <X_{k,n}, V_b>`` for ``V`` of shape ``[B, *p.shape]`` -> ``[K, N, B]``."""
-        if name == "weight":
+        if name == "weight" and self.xw is None:
             return self._weight_inner(V)
         B = V.shape[0]
-        return (self.xb @ V.reshape(B, -1).T).reshape(-1, self.batch_size, B)
+        x = self.xw if name == "weight" else self.xb
+        return (x @ V.reshape(B, -1).T).reshape(-1, self.batch_size, B)
 
     def expand(self, name: str, c: Tensor) -> Tensor:
         """``sum_{k,n} c[k, n, b] X_{k,n}`` -> ``[B, *p.shape]``."""
-        if name == "weight":
+        if name == "weight" and self.xw is None:
             return self._weight_expand(c)
         B = c.shape[-1]
-        return (c.reshape(-1, B).T @ self.xb).reshape(B, *self.params["bias"].shape)
+        x = self.xw if name == "weight" else self.xb
+        return (c.reshape(-1, B).T @ x).reshape(B, *self.params[name].shape)
 
     def product(self, name: str, V: Tensor) -> Tensor:
         """Block product ``[B, *p.shape] -> [B, *p.shape]``."""

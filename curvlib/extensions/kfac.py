@@ -60,6 +60,13 @@ def _gram_rows(x: Tensor) -> Tensor:
     return _gram(x.reshape(-1, x.shape[-1]))
 
 
+def _block_gram(x: Tensor, blocks: int) -> Tensor:
+    """``[B, m, m]``: the Gram matrices of the ``B`` contiguous slices of the last dimension
+    of ``x`` ``[..., B m]`` (grouped convolutions: each group's own factor)."""
+    xr = x.reshape(-1, blocks, x.shape[-1] // blocks)
+    return torch.einsum("rbi,rbj->bij", xr, xr)
+
+
 class KFAC(Extension):
     """Kronecker factors ``p.kfac = [G, A]`` per weight, ``[G]`` per bias.
 
@@ -150,14 +157,14 @@ class KFAC(Extension):
 
     def count(self, capture: LayerCapture) -> int:
         """Rows averaged in ``A``: ``N T`` (expand) or ``N`` (reduce)."""
-        if self.kfac_approx == "reduce" or "weight" not in capture.params:
+        if self.kfac_approx == "reduce" or "weight" not in capture.params or capture.summed("weight"):
             return capture.batch_size
-        return capture.act().shape[:-1].numel()
+        return capture.act_rows()
 
     def accumulate(self, capture: LayerCapture, name: str, old: Any, new: Any, counts: Tuple[int, int]) -> Any:
         """``G`` adds up (the loss scaling is in ``s``); ``A`` is a mean over rows, so the
         combined ``A`` weights each backward's by its row count."""
-        if name == "bias":
+        if capture.summed(name):
             return [old[0] + new[0]]
         n0, n1 = counts
         ia = 1 if capture.act_side == "right" else 0
@@ -166,28 +173,47 @@ class KFAC(Extension):
         out[ia] = (old[ia] * n0 + new[ia] * n1) / (n0 + n1)
         return out
 
-    def _cot_factor(self, s: Tensor) -> Tensor:
+    def _cot_factor(self, s: Tensor, blocks: int = 1) -> Tensor:
         if self.kfac_approx == "reduce":
             s = s.sum(2)
-        return _gram_rows(s)
+        return _gram_rows(s) if blocks == 1 else _block_gram(s, blocks)
 
-    def _act_factor(self, a: Tensor) -> Tensor:
+    def _act_factor(self, a: Tensor, blocks: int = 1) -> Tensor:
         if self.kfac_approx == "reduce":
             a = a.mean(1)
-        return _gram_rows(a).div_(a.shape[:-1].numel())
+        rows = a.shape[:-1].numel()
+        return (_gram_rows(a) if blocks == 1 else _block_gram(a, blocks)).div_(rows)
 
     def compute(self, capture: LayerCapture) -> Dict[str, Any]:
         params, src, out = capture.params, self.source, {}
         G = None
-        if "weight" in params:
-            G = self._cot_factor(capture.cot(src))
-            A = self._act_factor(capture.act())
+        if capture.adapter.summed_params:  # norm layers: exact blocks sum x x^T, x = sum_t s
+            if self.cross:
+                raise NotImplementedError(
+                    f"curvlib: KFAC(cross_layer=True) does not support {capture.module} yet (a "
+                    "norm layer has no Kronecker factors to cross); use cross_layer=False or "
+                    "leave the layer's parameters out (requires_grad=False)."
+                )
+            for name in params:
+                out[name] = [_gram_rows(capture.sum_cot(name, src).sum(2))]
+            return out
+        if "weight" in params and not capture.summed("weight"):
+            B = capture.adapter.blocks(capture.module)  # grouped convolutions: block form
+            G = self._cot_factor(capture.cot(src), B)
+            A = capture.act_factor(self.kfac_approx)  # structured (Embedding: 1-D)
+            if A is None:
+                A = self._act_factor(capture.act(), B)
             out["weight"] = [G, A] if capture.act_side == "right" else [A, G]
         if "bias" in params:
             sb = capture.bias_cot(src)
-            if G is None or sb is not capture.cot(src):
+            if G is None or G.dim() == 3 or sb is not capture.cot(src):
                 G = self._cot_factor(sb)
             out["bias"] = [G]
         if self.cross:
+            if capture.adapter.blocks(capture.module) > 1:
+                raise NotImplementedError(
+                    f"curvlib: KFAC(cross_layer=True) does not support the grouped {capture.module} "
+                    "yet; use cross_layer=False."
+                )
             self.cross.compute(capture)
         return out

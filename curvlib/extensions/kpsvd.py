@@ -418,6 +418,21 @@ class KroneckerSVDExtension(Extension):
         else:
             self._warm[p] = G
 
+    def _summed_blocks(self, capture: LayerCapture) -> Dict[str, Any]:
+        """``[[C_p]]`` with ``C_p`` the exact block of each parameter of a layer without an
+        activation side (norm layers): its best Kronecker approximation is itself. The
+        per-sample gradients of all its parameters are joined over backwards as a bias's."""
+        params = capture.params
+        xs = [capture.per_sample_grads(n, self.source).flatten(2) for n in params]
+        _, _, x = self._join(capture, None, None, torch.cat(xs, dim=-1))
+        self._keep(capture, None, x)
+        F = _gram(x.reshape(-1, x.shape[-1]))
+        out, i = {}, 0
+        for name, p in params.items():
+            out[name] = [[F[i : i + p.numel(), i : i + p.numel()].clone()]]
+            i += p.numel()
+        return out
+
     def weight_terms(
         self, p: Tensor, capture: LayerCapture, block: RearrangedBlock, bias_block: Optional[Tensor]
     ) -> List[List[Tensor]]:
@@ -427,6 +442,14 @@ class KroneckerSVDExtension(Extension):
     def compute(self, capture: LayerCapture) -> Dict[str, Any]:
         out: Dict[str, Any] = {}
         params, bias_block, block = capture.params, None, None
+        if capture.adapter.summed_params:  # norm layers: exact blocks, one term each
+            return self._summed_blocks(capture)
+        if "weight" in params and capture.adapter.blocks(capture.module) > 1:
+            raise NotImplementedError(
+                f"curvlib: {type(self).__name__} does not support the grouped {capture.module} "
+                "yet (its block is block-diagonal over groups, not one Kronecker rearrangement); "
+                "use KFAC (block form) or ExactBlockFisher for it."
+            )
         xb = capture.per_sample_grads("bias", self.source) if "bias" in params else None
         a = s = None
         if "weight" in params:

@@ -12,6 +12,13 @@ Inverted matrices (``λ = damping``):
       curvature", §6.3), i.e. ``Y = (G + √λ/π I)^-1 V (A + π√λ I)^-1``.
 * bias terms ``[[G]]`` (or several one-factor terms ``[[G1], [G2]]``): ``sum_i G_i + λ I``
   (both modes; there is no second factor to share the damping with).
+* factor forms (DESIGN.md §2), one term or bias terms: a **1-D** factor ``[m]`` is the diagonal
+  matrix ``diag(F)`` (e.g. an Embedding's token frequencies): its eigendecomposition is itself,
+  no ``m x m`` matrix is formed; factors with a **leading block dimension** ``G [B, m, m]``,
+  ``A [B, n, n]`` mean ``blockdiag_b(kron(G[b], A[b]))`` over ``B`` consecutive slices of
+  ``vec(V)``, i.e. ``V [out, in] = [B m, n]`` is viewed ``[B, m, n]`` and each block is inverted
+  as one term (batched eigendecompositions; ``"pi"`` uses one ``π_b`` per block). A bias factor
+  may be 1-D or ``[B, m, m]`` likewise (``V [B m]``). Two-term sums need dense 2-D factors.
 * two terms ``[[G1, A1], [G2, A2]]`` (KPSVD / deflation / Lanczos rank-2 approximations,
   Koroko et al. 2022, "Efficient approximations of the Fisher matrix in neural networks using
   Kronecker product singular value decomposition"):
@@ -65,9 +72,10 @@ def _normalize_terms(terms) -> List[List[Tensor]]:
         if not 1 <= len(t) <= 2 or not all(isinstance(f, Tensor) for f in t):
             raise ValueError(f"KroneckerInverse: term {i} must be [G, A] or [G] (tensors), got {len(t)} entries.")
         for name, f in zip("GA", t):
-            if f.dim() != 2 or f.shape[0] != f.shape[1]:
+            if not (f.dim() == 1 or (f.dim() in (2, 3) and f.shape[-1] == f.shape[-2])):
                 raise ValueError(
-                    f"KroneckerInverse: factor {name}{i + 1} must be a square matrix, got shape {tuple(f.shape)}."
+                    f"KroneckerInverse: factor {name}{i + 1} must be a square matrix [m, m], a diagonal "
+                    f"[m] or a block form [B, m, m], got shape {tuple(f.shape)}."
                 )
             check_finite(f, f"Kronecker factor {name}{i + 1}", "the curvature factors must be finite")
         out.append(t)
@@ -121,6 +129,18 @@ class KroneckerInverse:
         if len(dtypes) != 1:
             raise ValueError(f"KroneckerInverse: all factors must share one dtype, got {sorted(map(str, dtypes))}.")
         self.pi: Optional[float] = None
+        self.blocks: Optional[int] = None
+        ndims = [f.dim() for t in self.terms for f in t]
+        if (len(self.terms) > 1 and nf == {2}) and any(d != 2 for d in ndims):
+            raise ValueError(
+                "KroneckerInverse: two-term sums need dense 2-D factors; diagonal (1-D) and block "
+                f"([B, m, m]) factors are supported for one term or bias terms, got dims {ndims}."
+            )
+        if nf == {2} and (3 in ndims) and ndims != [3, 3]:
+            raise ValueError(
+                "KroneckerInverse: a block-form term needs both factors [B, m, m] and [B, n, n], "
+                f"got dims {ndims}."
+            )
         if nf == {1}:
             self._setup_bias()
         elif len(self.terms) == 1:
@@ -135,21 +155,33 @@ class KroneckerInverse:
         return self
 
     def _setup_bias(self) -> None:
-        out = self.terms[0][0].shape[0]
-        if any(t[0].shape[0] != out for t in self.terms):
-            raise ValueError("KroneckerInverse: all bias factors G_i must have the same size.")
+        if len({tuple(t[0].shape) for t in self.terms}) != 1:
+            raise ValueError("KroneckerInverse: all bias factors G_i must have the same shape.")
         self.kind = "bias"
         G = sum(t[0] for t in self.terms)
-        lg, self._Qg = safe_eigh(G, "bias factor G")
+        lg, self._Qg = _eig(G, "bias factor G")
+        if G.dim() == 3:
+            self.blocks = G.shape[0]
         denom = lg + self.damping
         self._check_spd(denom, "G + damping*I")
         self._W = 1.0 / denom
-        self.out_dim, self.in_dim = out, None
+        self.out_dim, self.in_dim = lg.numel(), None
 
     @staticmethod
-    def _pi(G: Tensor, A: Tensor, which: str) -> float:
-        trG = float(torch.diagonal(G).sum()) / G.shape[0]
-        trA = float(torch.diagonal(A).sum()) / A.shape[0]
+    def _pi(G: Tensor, A: Tensor, which: str):
+        """``sqrt((tr A / dim A) / (tr G / dim G))``; a tensor ``[B]`` for block factors."""
+        if G.dim() == 3:
+            trG = torch.diagonal(G, dim1=-2, dim2=-1).mean(-1)
+            trA = torch.diagonal(A, dim1=-2, dim2=-1).mean(-1)
+            if not (bool((trG > 0).all()) and bool((trA > 0).all())):
+                raise ValueError(
+                    f"damping_mode='pi' needs positive mean traces of every block of {which} (got "
+                    f"min tr G/dim={float(trG.min()):.3g}, min tr A/dim={float(trA.min()):.3g}); "
+                    "use damping_mode='exact'."
+                )
+            return (trA / trG).sqrt()
+        trG = float(_diag(G).sum()) / G.shape[0]
+        trA = float(_diag(A).sum()) / A.shape[0]
         if not (trG > 0 and trA > 0):
             raise ValueError(
                 f"damping_mode='pi' needs positive mean traces of {which} (got tr G/dim={trG:.3g}, "
@@ -160,24 +192,32 @@ class KroneckerInverse:
     def _setup_one(self) -> None:
         G, A = self.terms[0]
         self.kind = "kron1"
-        self.out_dim, self.in_dim = G.shape[0], A.shape[0]
+        if G.dim() == 3:
+            if A.shape[0] != G.shape[0]:
+                raise ValueError(
+                    f"KroneckerInverse: block factors G {tuple(G.shape)} and A {tuple(A.shape)} "
+                    "must have the same number of blocks."
+                )
+            self.blocks = G.shape[0]
+            self.out_dim, self.in_dim = G.shape[0] * G.shape[1], A.shape[-1]
+        else:
+            self.out_dim, self.in_dim = G.shape[0], A.shape[0]
         lam = self.damping
+        lg, self._Qg = _eig(G, "Kronecker factor G")
+        la, self._Qa = _eig(A, "Kronecker factor A")
         if self.damping_mode == "exact":
-            lg, self._Qg = safe_eigh(G, "Kronecker factor G")
-            la, self._Qa = safe_eigh(A, "Kronecker factor A")
-            denom = lg[:, None] * la[None, :] + lam
+            denom = lg[..., :, None] * la[..., None, :] + lam
             self._check_spd(denom, "kron(G, A) + damping*I")
         else:
             self.pi = self._pi(G, A, "G and A")
-            cg_, ca = math.sqrt(lam) / self.pi, self.pi * math.sqrt(lam)
-            lg, self._Qg = safe_eigh(G, "Kronecker factor G")
-            la, self._Qa = safe_eigh(A, "Kronecker factor A")
+            pi = self.pi[:, None] if isinstance(self.pi, Tensor) else self.pi
+            cg_, ca = math.sqrt(lam) / pi, pi * math.sqrt(lam)
             self._check_spd(lg + cg_, "G + sqrt(damping)/pi*I")
             self._check_spd(la + ca, "A + pi*sqrt(damping)*I")
-            denom = (lg + cg_)[:, None] * (la + ca)[None, :]
+            denom = (lg + cg_)[..., :, None] * (la + ca)[..., None, :]
             # the weights are separable: apply the two inverse factors, two matmuls instead of four
-            self._Ginv = (self._Qg / (lg + cg_)[None, :]) @ self._Qg.T
-            self._Ainv = (self._Qa / (la + ca)[None, :]) @ self._Qa.T
+            self._Ginv = _inverse_from_eig(lg + cg_, self._Qg)
+            self._Ainv = _inverse_from_eig(la + ca, self._Qa)
         self._W = 1.0 / denom
 
     @staticmethod
@@ -251,13 +291,32 @@ class KroneckerInverse:
         check_finite(V, "KroneckerInverse input V")
 
     def _apply_structured(self, V: Tensor) -> Tensor:
+        if self.blocks is not None:  # block form: [*, B m, n] viewed [*, B, m, n]
+            shape = V.shape
+            tail = (self.blocks, -1) if self.kind == "bias" else (self.blocks, -1, self.in_dim)
+            V = V.reshape(*shape[: V.dim() - (1 if self.kind == "bias" else 2)], *tail)
+            return self._apply_dense_or_diag(V).reshape(shape)
+        return self._apply_dense_or_diag(V)
+
+    def _apply_dense_or_diag(self, V: Tensor) -> Tensor:
         if self.kind == "bias":
             Q = self._Qg
+            if Q is None:
+                return V * self._W
+            if self.blocks is not None:
+                V = V.unsqueeze(-2)
+                return (((V @ Q) * self._W.unsqueeze(-2)) @ Q.mT).squeeze(-2)
             return ((V @ Q) * self._W) @ Q.T
         if self.kind == "kron1" and self.damping_mode == "pi":
-            return self._Ginv @ V @ self._Ainv
+            return _right(_left(self._Ginv, V), self._Ainv)
         Qg, Qa = self._Qg, self._Qa
-        return Qg @ ((Qg.T @ V @ Qa) * self._W) @ Qa.T
+        if Qg is not None and Qa is not None and self.blocks is None:
+            return Qg @ ((Qg.T @ V @ Qa) * self._W) @ Qa.T
+        T = V if Qg is None else Qg.mT @ V
+        T = T if Qa is None else T @ Qa
+        T = T * self._W
+        T = T if Qa is None else T @ Qa.mT
+        return T if Qg is None else Qg @ T
 
     def _kron2_matvec(self, V: Tensor) -> Tensor:
         (G1, A1), (G2, A2) = self.terms
@@ -301,12 +360,21 @@ class KroneckerInverse:
         """The dense matrix that ``P`` inverts (``[out*in, out*in]``, row-major vec); small sizes only."""
         lam = self.damping
         if self.kind == "bias":
-            G = sum(t[0] for t in self.terms)
+            G = _dense(sum(t[0] for t in self.terms))
             return G + lam * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
         n = self.out_dim * self.in_dim
         eye = torch.eye(n, dtype=self._W.dtype, device=self._W.device)
-        if self.kind == "kron1":
+        if self.kind == "kron1" and self.blocks is not None:
             G, A = self.terms[0]
+            if self.damping_mode == "exact":
+                return torch.block_diag(*[torch.kron(g, a) for g, a in zip(G, A)]) + lam * eye
+            s, pis = math.sqrt(lam), self.pi.tolist()
+            return torch.block_diag(*[
+                torch.kron(g + s / p * torch.eye(g.shape[0], dtype=g.dtype), a + s * p * torch.eye(a.shape[0], dtype=a.dtype))
+                for g, a, p in zip(G, A, pis)
+            ])
+        if self.kind == "kron1":
+            G, A = map(_dense, self.terms[0])
             if self.damping_mode == "exact":
                 return torch.kron(G, A) + lam * eye
             s = math.sqrt(lam)
@@ -325,3 +393,40 @@ class KroneckerInverse:
             f"KroneckerInverse(kind={self.kind}, {dims}, terms={len(self.terms)}, "
             f"damping={self.damping:g}, damping_mode={self.damping_mode!r})"
         )
+
+
+# ---------------------------------------------------------------------- factor forms
+def _eig(F: Tensor, name: str):
+    """``(eigenvalues, eigenvectors)`` of a factor: ``(F, None)`` for a 1-D (diagonal) one
+    (no matrix formed), batched ``safe_eigh`` for ``[B, m, m]``."""
+    if F.dim() == 1:
+        return F, None
+    return safe_eigh(F, name)
+
+
+def _diag(F: Tensor) -> Tensor:
+    return F if F.dim() == 1 else torch.diagonal(F, dim1=-2, dim2=-1)
+
+
+def _dense(F: Tensor) -> Tensor:
+    """The dense matrix of a factor (tests / :meth:`KroneckerInverse.damped_matrix`)."""
+    if F.dim() == 3:
+        return torch.block_diag(*F)
+    return torch.diag(F) if F.dim() == 1 else F
+
+
+def _inverse_from_eig(lam: Tensor, Q: Optional[Tensor]) -> Tensor:
+    """``Q diag(1/lam) Q^T`` (``[..., m, m]``), or the 1-D ``1/lam`` for a diagonal factor."""
+    if Q is None:
+        return 1.0 / lam
+    return (Q / lam[..., None, :]) @ Q.mT
+
+
+def _left(M: Tensor, V: Tensor) -> Tensor:
+    """``M V`` for a matrix or diagonal (1-D) ``M``."""
+    return M[:, None] * V if M.dim() == 1 else M @ V
+
+
+def _right(V: Tensor, M: Tensor) -> Tensor:
+    """``V M`` for a matrix or diagonal (1-D) ``M``."""
+    return V * M if M.dim() == 1 else V @ M

@@ -8,13 +8,13 @@ from curvlib.extensions import KFAC
 
 
 def test_layer_without_adapter_warns_with_its_name():
-    with pytest.warns(UserWarning, match="'1'.*BatchNorm1d.*no layer adapter"):
-        extend(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)))
+    with pytest.warns(UserWarning, match="'1'.*PReLU.*no layer adapter"):
+        extend(nn.Sequential(nn.Linear(3, 3), nn.PReLU(3)))
 
 
-def test_grouped_convolution_is_refused_at_extend():
+def test_grouped_transposed_convolution_is_refused_at_extend():
     with pytest.raises(NotImplementedError, match="groups=2"):
-        extend(nn.Sequential(nn.Conv2d(2, 4, 3, groups=2)))
+        extend(nn.Sequential(nn.ConvTranspose2d(2, 4, 3, groups=2)))
 
 
 def test_unsupported_loss_is_refused():

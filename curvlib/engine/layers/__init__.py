@@ -8,7 +8,9 @@ from torch import nn
 from curvlib.engine.layers.base import LayerAdapter
 from curvlib.engine.layers.conv import ConvAdapter
 from curvlib.engine.layers.conv_transpose import ConvTransposeAdapter
+from curvlib.engine.layers.embedding import EmbeddingAdapter
 from curvlib.engine.layers.linear import LinearAdapter
+from curvlib.engine.layers.norm import BatchNormAdapter, GroupNormAdapter, LayerNormAdapter, RMSNormAdapter
 
 ADAPTERS: Dict[Type[nn.Module], LayerAdapter] = {}
 
@@ -19,7 +21,10 @@ def register_adapter(adapter: LayerAdapter) -> None:
         ADAPTERS[t] = adapter
 
 
-for _a in (LinearAdapter(), ConvAdapter(), ConvTransposeAdapter()):
+for _a in (
+    LinearAdapter(), ConvAdapter(), ConvTransposeAdapter(), EmbeddingAdapter(),
+    LayerNormAdapter(), RMSNormAdapter(), GroupNormAdapter(), BatchNormAdapter(),
+):
     register_adapter(_a)
 
 

@@ -13,7 +13,7 @@ transposed convolutions). Every extension is written against this description on
 """
 from __future__ import annotations
 
-from typing import ClassVar, Tuple, Type
+from typing import ClassVar, Optional, Tuple, Type
 
 from torch import Tensor, nn
 
@@ -24,6 +24,10 @@ class LayerAdapter:
     module_types: ClassVar[Tuple[Type[nn.Module], ...]] = ()
     #: ``"right"``: weight viewed as ``[D_s, D_a]``; ``"left"``: as ``[D_a, D_s]``
     act_side: ClassVar[str] = "right"
+    #: parameters besides ``bias`` whose per-sample gradient is ``sum_t s'_{n,t}`` of
+    #: :meth:`param_cotangents` (elementwise scales of norm layers): they get the exact block
+    #: ``[G]`` as a bias does, and no activation side
+    summed_params: ClassVar[Tuple[str, ...]] = ()
 
     def check(self, module: nn.Module) -> None:
         """Raise ``NotImplementedError`` naming the module for unsupported settings."""
@@ -37,6 +41,31 @@ class LayerAdapter:
 
     def weight_cotangents(self, module: nn.Module, g: Tensor, x: Tensor) -> Tensor:
         """``g`` of shape ``[K, *output.shape]`` -> ``s`` of shape ``[K, N, T, D_s]``."""
+        raise NotImplementedError
+
+    def blocks(self, module: nn.Module) -> int:
+        """``B``: the weight is block-diagonal over ``B`` groups (grouped convolutions):
+        output rows ``[b m, (b+1) m)`` use only activation entries ``[b n, (b+1) n)``, and
+        ``p.kfac = [G [B, m, m], A [B, n, n]]`` (DESIGN.md §2). ``1``: one dense pair."""
+        return 1
+
+    def act_count(self, module: nn.Module, x: Tensor) -> Optional[int]:
+        """Rows ``N T`` of :meth:`activations`, if known without forming them (else ``None``)."""
+        return None
+
+    def act_factor(self, module: nn.Module, x: Tensor, kfac_approx: str) -> Optional[Tensor]:
+        """A structured KFAC activation factor (e.g. 1-D diagonal) computed without the dense
+        activations, or ``None`` for the generic ``a^T a`` (see :mod:`curvlib.extensions.kfac`)."""
+        return None
+
+    def per_sample_weight(self, module: nn.Module, s: Tensor, x: Tensor, out: Tensor) -> Optional[Tensor]:
+        """Per-sample weight gradients from ``s`` ``[K, N, T, D_s]`` written to ``out``
+        (contiguous, ``K N`` times the weight) without the dense activations, or ``None``
+        for the generic ``sum_t s a^T``."""
+        return None
+
+    def param_cotangents(self, module: nn.Module, name: str, g: Tensor, x: Tensor) -> Tensor:
+        """For ``name`` in :attr:`summed_params`: ``g`` ``[K, *output.shape]`` -> ``[K, N, T', numel]``."""
         raise NotImplementedError
 
     def bias_cotangents(self, module: nn.Module, g: Tensor, x: Tensor) -> Tensor:

@@ -1,5 +1,13 @@
-"""Convolutions ``Conv1d/2d/3d`` (groups = 1), any stride, padding (incl. "same"),
-dilation and padding mode.
+"""Convolutions ``Conv1d/2d/3d``, any stride, padding (incl. "same"), dilation, padding
+mode and ``groups``.
+
+Grouped / depthwise convolutions (``groups = B > 1``): group ``b`` maps input channels
+``[b C_in/B, (b+1) C_in/B)`` to output channels ``[b C_out/B, (b+1) C_out/B)`` with weight rows
+``[b C_out/B, (b+1) C_out/B)``; the unfolded patches are channel-major, so its activation
+entries are the contiguous slice ``[b n, (b+1) n)``, ``n = C_in/B prod(k)``. KFAC gives the
+block form ``p.kfac = [G [B, m, m], A [B, n, n]]``, each pair that of the group as a separate
+convolution; per-sample gradients are ``X_n[b] = sum_t s_{n,t,b} a_{n,t,b}^T`` (one batched
+einsum), and the exact extensions use them (cross-group terms included).
 
 Weight ``[C_out, C_in, *k]`` viewed as ``[C_out, C_in * prod(k)]``; ``a`` = unfolded
 input patches (one per output position), ``s`` = output gradient per output position
@@ -8,6 +16,7 @@ convolution layers").
 """
 from __future__ import annotations
 
+import torch
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -16,6 +25,7 @@ from curvlib.engine.unfold import unfold
 
 
 def check_groups(module: nn.Module) -> None:
+    """Refusal for layers without grouped support (transposed convolutions)."""
     if module.groups != 1:
         raise NotImplementedError(
             f"curvlib: {module} has groups={module.groups}; only groups=1 is supported "
@@ -32,8 +42,22 @@ class ConvAdapter(LayerAdapter):
     module_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
     act_side = "right"
 
-    def check(self, module: nn.Module) -> None:
-        check_groups(module)
+    def blocks(self, module: nn.Module) -> int:
+        return module.groups
+
+    def per_sample_weight(self, module: nn.Module, s: Tensor, x: Tensor, out: Tensor):
+        B = module.groups
+        if B == 1:
+            return None
+        a = self.activations(module, x)
+        K, N = s.shape[:2]
+        X = torch.einsum(
+            "kntbo,ntbi->knboi",
+            rearrange(s, "k n t (b o) -> k n t b o", b=B),
+            rearrange(a, "n t (b i) -> n t b i", b=B),
+        )
+        out.view(X.shape).copy_(X)
+        return out
 
     def batch_size(self, module: nn.Module, x: Tensor) -> int:
         return 1 if unbatched(module, x) else x.shape[0]
