@@ -82,6 +82,8 @@ _SCALAR_MUL = {Tensor.mul, Tensor.__mul__, Tensor.__rmul__, torch.mul, Tensor.di
 class _ActBackward(Function):
     """``(x, g) -> φ'(x) g``, whose backward uses the modified residual ``m(φ''(x) g)``."""
 
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(x, g, derivs, modify, backpack):
         return derivs(x)[0] * g
@@ -103,6 +105,8 @@ class _ActBackward(Function):
 
 class _Activation(Function):
     """``y = φ(x)``; backward ``φ'(x) g`` through :class:`_ActBackward`."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(x, fn, derivs, modify, backpack):
