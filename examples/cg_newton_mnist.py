@@ -84,7 +84,7 @@ def train(method: str, data, args, bar=None) -> Dict[str, List[float]]:
         else:
             loss.backward()
         opt.step()
-        hist["loss"].append(float(loss))
+        hist["loss"].append(loss.item())
         hist["acc"].append(float((out.argmax(1) == y).float().mean()))
         if isinstance(opt, CGNewton):
             hist["cg_iters"].append(sum(e["iterations"] for e in opt.last_cg))
