@@ -196,8 +196,24 @@ class PCHMP(HMP):
             (``PCHMPBase.modified_residual_mat_prod`` multiplies ``hessian_diagonal``, which already
             holds ``φ'' δ``, by ``δ`` again); equal to BackPACK's products to round-off.
 
-    Like :class:`HMP`, it needs the extended loss and re-runs the model once (deterministic model).
-    Block products only: :meth:`operator` raises (the PCH is defined block by block).
+    ``p.pchmp(V)`` maps ``V`` of shape ``[B, *p.shape]`` to ``P_pp V`` of shape ``[B, *p.shape]``,
+    ``P_pp`` the PSD PCH block of ``p``. Scaling: that of the loss as the user reduced it (mean:
+    of the mean over the batch), as for :class:`HMP`. Like :class:`HMP`, it needs the extended
+    loss and re-runs the model once (deterministic model). Block products only: :meth:`operator`
+    raises (the PCH is defined block by block).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from curvlib import extend, curvature
+        >>> from curvlib.extensions import PCHMP
+        >>> model = extend(nn.Sequential(nn.Linear(4, 3), nn.Sigmoid(), nn.Linear(3, 2)))
+        >>> loss_fn = extend(nn.CrossEntropyLoss())
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+        >>> with curvature(PCHMP(modify="abs")):
+        ...     loss_fn(model(x), y).backward()
+        >>> model[0].weight.pchmp(torch.randn(5, 3, 4)).shape  # 5 vectors shaped like the weight
+        torch.Size([5, 3, 4])
     """
 
     savefield = "pchmp"
