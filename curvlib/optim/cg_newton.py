@@ -29,8 +29,8 @@ the last step.
 
 Options: ``warm_start=True`` starts CG from the previous direction (Martens 2010, §4.5);
 ``precondition="kfac"`` preconditions CG with the damped KFAC inverse
-``(G + sqrt(λ) I)^-1 ⊗ (A + sqrt(λ) I)^-1``-style (:class:`~curvlib.solvers.KroneckerInverse`,
-``damping_mode="exact"``) of the same batch, block by block.
+``(kron(G, A) + λ I)^-1`` of the same batch (type-2 factors, :class:`~curvlib.solvers.KroneckerInverse`
+with ``damping_mode="exact"``), block by block; it changes the CG path, not the solution.
 """
 from __future__ import annotations
 
