@@ -7,6 +7,7 @@
 | :class:`KFACCorrected` | ``kfac_corrected`` | KFAC term + best Kronecker fit of the residual |
 | :class:`GGNMP` | ``ggnmp`` | block curvature products; ``ext.operator()`` for the whole network |
 | :class:`HMP` | ``hmp`` | exact Hessian block products; ``ext.operator()`` for the whole network |
+| :class:`PCHMP` | ``pchmp`` | positive-curvature Hessian block products (BDA-PCH) |
 | :class:`ExactBlockFisher` | ``block_fisher`` | dense curvature block |
 | :class:`GradFactors` | ``grad_factors`` | per-sample (per-class) gradient factors, ``F = U^T U`` |
 | :class:`BatchGrad` | ``grad_batch`` | per-sample gradients (BackPACK scaling) |
@@ -24,6 +25,7 @@ from curvlib.extensions.hmp import HMP
 from curvlib.extensions.kfac import KFAC
 from curvlib.extensions.kfac_corrected import KFACCorrected
 from curvlib.extensions.kpsvd import KPSVD
+from curvlib.extensions.pchmp import PCHMP
 from curvlib.extensions.operator import GGNOperator, ParameterOperator
 from curvlib.extensions.sub_batch import SubBatch
 
@@ -34,6 +36,7 @@ __all__ = [
     "KFACCorrected",
     "GGNMP",
     "HMP",
+    "PCHMP",
     "ExactBlockFisher",
     "GradFactors",
     "grad_factor_blocks",

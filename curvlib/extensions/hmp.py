@@ -217,6 +217,8 @@ class HMP(Extension):
 
     def __init__(self):
         super().__init__("type-2")
+        #: builds the recorded objective of a backward (a subclass may re-define the products)
+        self.graph_class = HessianGraph
         #: one recorded objective per backward of the last context, with its layers
         self._graphs: List[HessianGraph] = []
         self._layers: List[Dict[nn.Module, Tuple[int, List[nn.Parameter]]]] = []
@@ -261,7 +263,7 @@ class HMP(Extension):
         lc = capture.loss_calls[-1]
         g = self._graphs[-1] if self._graphs else None
         if g is None or g.loss_call is not lc:  # a new backward: a new objective
-            g = HessianGraph(capture.root, capture.root_inputs, lc)
+            g = self.graph_class(capture.root, capture.root_inputs, lc)
             self._graphs.append(g)
             self._layers.append({})
         elif g.root is not capture.root:

@@ -23,24 +23,30 @@ class CGInfo(int):
     ``maxiter``. Edge case: an initial guess (``x0``, or ``0`` when ``x0`` is None) that already
     satisfies the stopping rule also gives ``0`` (with ``x = x0``); tell the two apart with
     ``info.converged``. Attributes: ``converged`` (bool), ``iterations`` (int, iterations run),
-    ``residual_norm`` (float, ``||b - A x||`` of the recursive residual).
+    ``residual_norm`` (float, ``||b - A x||`` of the recursive residual), ``negative_curvature``
+    (bool: some system met ``p^T A p <= 0`` and stopped there, ``negative_curvature="stop"``).
     """
 
     converged: bool
     iterations: int
     residual_norm: float
+    negative_curvature: bool
 
-    def __new__(cls, value: int, converged: bool, iterations: int, residual_norm: float):
+    def __new__(
+        cls, value: int, converged: bool, iterations: int, residual_norm: float, negative_curvature: bool = False
+    ):
         obj = super().__new__(cls, value)
         obj.converged = converged
         obj.iterations = iterations
         obj.residual_norm = residual_norm
+        obj.negative_curvature = negative_curvature
         return obj
 
     def __repr__(self) -> str:
+        neg = ", negative_curvature=True" if self.negative_curvature else ""
         return (
             f"CGInfo({int(self)}, converged={self.converged}, iterations={self.iterations}, "
-            f"residual_norm={self.residual_norm:.3g})"
+            f"residual_norm={self.residual_norm:.3g}{neg})"
         )
 
 
@@ -54,6 +60,7 @@ def cg(
     M: Optional[Callable[[TensorOrList], TensorOrList]] = None,
     *,
     batch_dims: int = 0,
+    negative_curvature: str = "raise",
 ) -> Tuple[TensorOrList, CGInfo]:
     r"""Solve ``A x = b`` for symmetric positive definite ``A``.
 
@@ -72,6 +79,12 @@ def cg(
             ``X -> G X A`` on ``[B, out, in]``). Each system has its own CG scalars and stopping
             rule, and stays fixed once it satisfies it, so the result equals one ``cg`` call per
             system up to round-off.
+        negative_curvature: what to do when a search direction has ``p^T A p <= 0`` (``A`` is
+            not positive definite, e.g. a damped Hessian): ``"raise"`` (default) a ValueError;
+            ``"stop"``: stop that system and return its current iterate (truncated Newton,
+            Nocedal & Wright, "Numerical Optimization", Alg. 7.1), or ``b`` itself when this
+            happens at the first iteration from a zero start (the steepest-descent direction);
+            ``info.negative_curvature`` is then True and ``info == 0`` (not converged).
 
     Returns:
         ``(x, info)``: ``x`` shaped like ``b``; ``info`` a :class:`CGInfo` (an ``int``): iterations
@@ -134,12 +147,27 @@ def cg(
 
     z, rz = apply_m(r, active, 0)
     p = z.clone()
+    stopped = torch.zeros_like(active)  # systems stopped on negative curvature
+    start_zero = x0 is None
+
+    def finish(x: Tensor, it: int, value: int, converged: bool) -> Tuple[TensorOrList, CGInfo]:
+        if bool(stopped.any()):
+            return s.unflatten(x), CGInfo(0, False, it, float(rnorm.max()), True)
+        return s.unflatten(x), CGInfo(value, converged, it, float(rnorm.max()))
+
     for it in range(1, maxiter + 1):
         Ap = matvec(p)
         check_finite(Ap, "cg: operator output A(p)", "the operator A returned NaN/Inf")
         pAp = rowdot(p, Ap)
         bad = active & ~(pAp > 0)
-        if bool(bad.any()):
+        if bool(bad.any()) and negative_curvature == "stop":
+            if it == 1 and start_zero:
+                x = torch.where(bad[:, None], bv, x)
+            stopped = stopped | bad
+            active = active & ~bad
+            if not bool(active.any()):
+                return finish(x, it, 0, False)
+        elif bool(bad.any()):
             raise ValueError(
                 f"cg: non-SPD curvature, p^T A p = {float(pAp[bad][0]):.3g} <= 0 at iteration {it}; A must be "
                 "symmetric positive definite — add damping (e.g. A + λI) or use a PSD curvature (GGN/Fisher)."
@@ -148,10 +176,10 @@ def cg(
         x = x + alpha * p
         r = r - alpha * Ap
         rnorm = rownorm(r)
-        active = rnorm > thresh
+        active = (rnorm > thresh) & ~stopped
         if not bool(active.any()):
-            return s.unflatten(x), CGInfo(it, True, it, float(rnorm.max()))
+            return finish(x, it, it, True)
         z, rz_new = apply_m(r, active, it)
         p = z + masked_ratio(rz_new, rz, active)[:, None] * p
         rz = rz_new
-    return s.unflatten(x), CGInfo(0, False, maxiter, float(rnorm.max()))
+    return finish(x, maxiter, 0, False)

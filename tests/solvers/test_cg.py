@@ -134,3 +134,26 @@ def test_batched_errors(gen, spd):
     with pytest.raises(ValueError, match="non-SPD curvature"):  # only the second system is indefinite
         M = torch.stack([A, -A])
         cg(lambda X: (M @ X[..., None])[..., 0], torch.ones(2, 3, dtype=torch.float64), batch_dims=1)
+
+
+def test_negative_curvature_stop_reports_and_returns_iterate():
+    """Indefinite A: 'raise' (default) refuses; 'stop' returns b at a first-iteration stop and
+    the CG iterate reached so far otherwise, with info.negative_curvature."""
+    A = torch.diag(torch.tensor([3.0, 2.0, -1.0], dtype=torch.float64))
+    b = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)  # first direction has p^T A p < 0
+    with pytest.raises(ValueError, match="non-SPD"):
+        cg(lambda v: A @ v, b)
+    x, info = cg(lambda v: A @ v, b, negative_curvature="stop")
+    assert info.negative_curvature and not info.converged and int(info) == 0
+    assert torch.equal(x, b)
+    b2 = torch.tensor([1.0, 1.0, 0.3], dtype=torch.float64)  # positive at first, negative later
+    x2, info2 = cg(lambda v: A @ v, b2, negative_curvature="stop", tol=1e-14, atol=0.0)
+    assert info2.negative_curvature and info2.iterations >= 2
+    r0 = b2 @ b2 / (b2 @ A @ b2)  # the first iterate (Cauchy point) lowers the quadratic model
+    q = lambda v: 0.5 * v @ A @ v - b2 @ v
+    assert q(x2) <= q(r0 * b2) + 1e-12
+    # SPD systems are unaffected
+    S = torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
+    x3, info3 = cg(lambda v: S @ v, b2, negative_curvature="stop", tol=1e-14, atol=0.0)
+    assert info3.converged and not info3.negative_curvature
+    torch.testing.assert_close(x3, torch.linalg.solve(S, b2))

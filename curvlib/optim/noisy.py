@@ -1,0 +1,154 @@
+r"""``NoisyNaturalGradient``: variational inference with a Gaussian posterior whose precision is
+the curvature (noisy K-FAC, Zhang et al. 2018, "Noisy natural gradient as variational
+inference"; with ``curvature="diag"``: VOGN, Khan et al. 2018).
+
+The posterior over the weights is ``N(μ, Σ)`` with ``μ`` the parameters and
+
+    Σ = s² (C + λ I)^-1,     λ = kl_weight · prior_precision / dataset_size,   s² = kl_weight / dataset_size
+
+``C`` the running curvature (EMA, of the mean loss over the batch: the optimizer's ``kfac`` or
+``diag`` curvature). A step is the natural-gradient step of :class:`NaturalGradient` with
+``damping = λ`` (``damping_mode="exact"``) and ``weight_decay = λ`` (the prior's gradient),
+taken at the mean with the gradient evaluated at a weight sample::
+
+    μ <- μ - lr (C + λ I)^-1 (∇ loss(w) + λ μ),     w ~ N(μ, Σ)
+
+For a Gaussian likelihood written as ``loss = NLL / dataset_size`` (MSE: ``σ² = 1/2``) and the
+exact curvature, the fixed point is the exact posterior: mean and covariance
+``(dataset_size C + prior_precision I)^-1`` (kl_weight = 1; Bayesian linear regression).
+
+Usage (the backward must run inside ``sample()``: the weights are restored on exit)::
+
+    opt = NoisyNaturalGradient(model.parameters(), lr=0.1, dataset_size=len(data), prior_precision=1.0)
+    with opt.sample():
+        loss = loss_fn(model(x), y)
+        with opt.capture():
+            loss.backward()
+    opt.step()
+    probs = opt.predict(lambda x: model(x).softmax(-1), x, samples=10)
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Iterator, List, Optional
+
+import torch
+from torch import Tensor
+
+from curvlib.optim.natural_gradient import NaturalGradient
+
+#: hyper-parameters that the variational model fixes
+_FIXED = ("damping", "damping_mode", "weight_decay", "weight_decay_mode", "adaptive_damping")
+
+
+class NoisyNaturalGradient(NaturalGradient):
+    """Noisy natural gradient / VOGN (module docstring).
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate.
+        dataset_size: ``N``, the number of training examples (the loss is a mean over a batch).
+        prior_precision: precision ``α`` of the Gaussian prior ``N(0, α^-1 I)``.
+        kl_weight: weight of the KL term (1: the ELBO; < 1 tempers the posterior).
+        mc_samples: MC targets per datum of ``fisher_type="mc"``.
+        curvature: ``"kfac"`` (noisy K-FAC) or ``"diag"`` (VOGN).
+        **hyper: other :class:`NaturalGradient` hyper-parameters (fisher_type, ema_decay, T_cov,
+            T_inv, momentum, ...); damping and weight decay are fixed by the prior.
+    """
+
+    def __init__(
+        self, params, lr: float, dataset_size: int, prior_precision: float, kl_weight: float = 1.0,
+        mc_samples: int = 1, curvature: str = "kfac", seed: Optional[int] = None, **hyper: Any,
+    ):
+        where = "curvlib.optim.NoisyNaturalGradient"
+        if not (isinstance(dataset_size, int) and dataset_size >= 1):
+            raise ValueError(f"{where}: dataset_size={dataset_size!r} must be an int >= 1.")
+        for name, v in (("prior_precision", prior_precision), ("kl_weight", kl_weight)):
+            if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
+                raise ValueError(f"{where}: {name}={v!r} must be a finite number > 0.")
+        if curvature not in ("kfac", "diag"):
+            raise ValueError(f"{where}: curvature={curvature!r}; use 'kfac' (noisy K-FAC) or 'diag' (VOGN).")
+        fixed = sorted(set(hyper) & set(_FIXED))
+        if fixed:
+            raise TypeError(
+                f"{where}: {fixed} are fixed by the prior (damping = weight decay = kl_weight * "
+                "prior_precision / dataset_size); change prior_precision or kl_weight instead."
+            )
+        self.dataset_size, self.prior_precision, self.kl_weight = dataset_size, float(prior_precision), float(kl_weight)
+        lam = self.kl_weight * self.prior_precision / dataset_size
+        self.noise_scale = math.sqrt(self.kl_weight / dataset_size)
+        super().__init__(
+            params, lr, seed=seed, curvature=curvature, mc_samples=mc_samples, damping=lam,
+            damping_mode="exact", weight_decay=lam, weight_decay_mode="l2", **hyper,
+        )
+
+    @property
+    def intrinsic_damping(self) -> float:
+        """``λ = kl_weight · prior_precision / dataset_size``."""
+        return self.kl_weight * self.prior_precision / self.dataset_size
+
+    # ------------------------------------------------------------------ posterior
+    def _noise(self, p: Tensor, eps: Tensor) -> Tensor:
+        """``s (C_p + λ I)^-1/2 ε`` for ``ε`` shaped like ``p`` (prior-like ``s / sqrt(λ)`` before
+        the first curvature)."""
+        lam, s = self.intrinsic_damping, self.noise_scale
+        c = self.state.get(p, {}).get("curvature")
+        if c is None:
+            return eps * (s / math.sqrt(lam))
+        if isinstance(c, Tensor):  # diag
+            return eps * s / (c + lam).clamp_min(lam).sqrt()
+        if any(f.ndim != 2 for f in c):
+            raise NotImplementedError(
+                "curvlib.optim.NoisyNaturalGradient: sampling supports plain Kronecker factors [G, A] / [G] "
+                f"(got factor shapes {[tuple(f.shape) for f in c]}); use curvature='diag' for this layer."
+            )
+        dg, Qg = torch.linalg.eigh(c[0])
+        dg = dg.clamp_min(0)
+        if len(c) == 1:
+            return s * Qg @ ((Qg.T @ eps) / (dg + lam).sqrt())
+        da, Qa = torch.linalg.eigh(c[1])
+        E = eps.reshape(p.shape[0], -1)
+        W = (dg[:, None] * da.clamp_min(0)[None, :] + lam).sqrt()
+        return (s * Qg @ ((Qg.T @ E @ Qa) / W) @ Qa.T).reshape(p.shape)
+
+    def covariance(self, p: Tensor) -> Tensor:
+        """The dense posterior covariance ``[p.numel(), p.numel()]`` of ``p`` (small layers only)."""
+        n = p.numel()
+        E = torch.eye(n, dtype=p.dtype, device=p.device)
+        cols = [self._noise(p, E[i].reshape(p.shape)).flatten() for i in range(n)]
+        R = torch.stack(cols, dim=1)  # Σ^{1/2} (symmetric)
+        return R @ R.T
+
+    @contextlib.contextmanager
+    def sample(self) -> Iterator[None]:
+        """Evaluate the model at ``w ~ N(μ, Σ)`` inside the block (draws from the optimizer's
+        generator); the means are restored on exit, the gradients (at ``w``) are kept."""
+        params: List[Tensor] = [p for g in self.param_groups for p in g["params"]]
+        means = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p in params:
+                eps = torch.randn(p.shape, generator=self._generator, dtype=p.dtype, device="cpu").to(p.device)
+                p.add_(self._noise(p, eps))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, m in zip(params, means):
+                    p.copy_(m)
+
+    @torch.no_grad()
+    def predict(self, fn: Callable[[Tensor], Tensor], x: Tensor, samples: int = 10) -> Tensor:
+        """``(1/S) sum_s fn(x)`` at ``S`` posterior samples; ``fn`` returns probabilities
+        (e.g. ``lambda x: model(x).softmax(-1)``)."""
+        if samples < 1:
+            raise ValueError(f"curvlib.optim.NoisyNaturalGradient.predict: samples={samples!r} must be >= 1.")
+        total = None
+        for _ in range(samples):
+            with self.sample():
+                out = fn(x)
+            total = out if total is None else total + out
+        return total / samples
+
+
+__all__ = ["NoisyNaturalGradient"]
