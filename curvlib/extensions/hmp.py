@@ -25,7 +25,8 @@ next context (or :meth:`HMP.release`), and never by the engine.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+import contextlib
+from typing import Any, ContextManager, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -82,12 +83,18 @@ class HessianGraph:
         state = {n: by_id.get(id(p), p.detach()) for n, p in root.named_parameters()}
         state.update({n: b.clone() for n, b in root.named_buffers()})
         with torch.enable_grad(), hooks_paused():
-            f = functional_call(root, state, args, kwargs)
+            with self._graph_mode():
+                f = functional_call(root, state, args, kwargs)
+                L = lc.module(f, lc.y) * lc.weight
             self._check_output(f)
-            L = lc.module(f, lc.y) * lc.weight
             grads = torch.autograd.grad(L, leaves, create_graph=True, allow_unused=True)
         self._leaves = leaves
         self._grads = [torch.zeros_like(l) if g is None else g for g, l in zip(grads, leaves)]
+
+    def _graph_mode(self) -> ContextManager:
+        """The context the forward is re-run in (subclasses change how the graph is built,
+        e.g. the PCH's modified activations)."""
+        return contextlib.nullcontext()
 
     def _check_output(self, f: Any) -> None:
         ref = self.loss_call.f

@@ -25,16 +25,14 @@ it exactly, the default ``"paper"`` follows Chen et al.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
-from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
-from curvlib.engine.hooks import hooks_paused
 from curvlib.extensions.hmp import HMP, HessianGraph
 from curvlib.extensions.operator import ParameterOperator
 
@@ -167,21 +165,8 @@ class PCHGraph(HessianGraph):
     modify = "abs"
     backpack = False
 
-    def _build(self) -> None:
-        self._check_unchanged()
-        root, (args, kwargs), lc = self.root, self.root_inputs, self.loss_call
-        leaves = [p.detach().requires_grad_(True) for p in self.params]
-        by_id = {id(p): leaf for p, leaf in zip(self.params, leaves)}
-        state = {n: by_id.get(id(p), p.detach()) for n, p in root.named_parameters()}
-        state.update({n: b.clone() for n, b in root.named_buffers()})
-        with torch.enable_grad(), hooks_paused():
-            with _PCHMode(self.modify, self.backpack):
-                f = functional_call(root, state, args, kwargs)
-                L = lc.module(f, lc.y) * lc.weight
-            self._check_output(f)
-            grads = torch.autograd.grad(L, leaves, create_graph=True, allow_unused=True)
-        self._leaves = leaves
-        self._grads = [torch.zeros_like(l) if g is None else g for g, l in zip(grads, leaves)]
+    def _graph_mode(self):
+        return _PCHMode(self.modify, self.backpack)
 
 
 class PCHMP(HMP):
