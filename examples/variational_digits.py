@@ -98,6 +98,7 @@ def train(method: str, data, batches, args, progress) -> Dict[str, object]:
         model, loss_fn = extend(model), extend(nn.CrossEntropyLoss())
         opt = NoisyNaturalGradient(
             model.parameters(), lr=hp["lr"], dataset_size=len(ytr), prior_precision=hp["prior_precision"],
+            kl_weight=hp.get("kl_weight", 1.0),
             curvature="kfac" if method == "nng-kfac" else "diag", seed=args.seed,
         )
     else:
