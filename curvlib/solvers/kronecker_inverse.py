@@ -128,6 +128,7 @@ class KroneckerInverse:
         dtypes = {f.dtype for t in self.terms for f in t}
         if len(dtypes) != 1:
             raise ValueError(f"KroneckerInverse: all factors must share one dtype, got {sorted(map(str, dtypes))}.")
+        self.dtype: torch.dtype = dtypes.pop()
         self.pi: Optional[float] = None
         self.blocks: Optional[int] = None
         ndims = [f.dim() for t in self.terms for f in t]
@@ -203,40 +204,35 @@ class KroneckerInverse:
         else:
             self.out_dim, self.in_dim = G.shape[0], A.shape[0]
         lam = self.damping
-        if self.damping_mode == "pi" and self._setup_pi_cholesky(G, A):
-            return
-        lg, self._Qg = _eig(G, "Kronecker factor G")
-        la, self._Qa = _eig(A, "Kronecker factor A")
         if self.damping_mode == "exact":
+            lg, self._Qg = _eig(G, "Kronecker factor G")
+            la, self._Qa = _eig(A, "Kronecker factor A")
             denom = lg[..., :, None] * la[..., None, :] + lam
             self._check_spd(denom, "kron(G, A) + damping*I")
-        else:
-            self.pi = self._pi(G, A, "G and A")
-            pi = self.pi[:, None] if isinstance(self.pi, Tensor) else self.pi
-            cg_, ca = math.sqrt(lam) / pi, pi * math.sqrt(lam)
-            self._check_spd(lg + cg_, "G + sqrt(damping)/pi*I")
-            self._check_spd(la + ca, "A + pi*sqrt(damping)*I")
-            denom = (lg + cg_)[..., :, None] * (la + ca)[..., None, :]
-            # the weights are separable: apply the two inverse factors, two matmuls instead of four
-            self._Ginv = _inverse_from_eig(lg + cg_, self._Qg)
-            self._Ainv = _inverse_from_eig(la + ca, self._Qa)
-        self._W = 1.0 / denom
-
-    def _setup_pi_cholesky(self, G: Tensor, A: Tensor) -> bool:
-        """``"pi"`` mode needs no eigendecomposition: ``(G + sqrt(l)/pi I)^-1`` and
-        ``(A + pi sqrt(l) I)^-1`` by Cholesky (about 4x faster than ``eigh`` for a 784 x 784
-        factor on CPU). Returns ``False`` (the caller takes the ``eigh`` path, which falls back
-        to float64 and reports a non-SPD factor) when a Cholesky factorization fails."""
+            self._W = 1.0 / denom
+            return
+        # "pi": the weights are separable, so P(V) = Ginv V Ainv (two matmuls) with the damped
+        # factor inverses, by Cholesky (about 4x faster than eigh for a 784 x 784 factor on CPU);
+        # eigh only when a Cholesky factorization fails (it falls back to float64 and reports a
+        # non-SPD factor)
         self.pi = self._pi(G, A, "G and A")
-        pi = self.pi[:, None, None] if isinstance(self.pi, Tensor) else self.pi
-        root = math.sqrt(self.damping)
-        Ginv = _damped_inverse(G, root / pi)
-        Ainv = _damped_inverse(A, pi * root) if Ginv is not None else None
-        if Ginv is None or Ainv is None:
-            return False
-        self._Ginv, self._Ainv, self._Qg, self._Qa = Ginv, Ainv, None, None
-        self._W = torch.ones((), dtype=Ginv.dtype, device=Ginv.device)  # dtype carrier only
-        return True
+        pi = self.pi[:, None] if isinstance(self.pi, Tensor) else self.pi
+        cg_, ca = math.sqrt(lam) / pi, pi * math.sqrt(lam)
+        self._Qg = self._Qa = None
+        if G.dim() == 3:  # block shifts [B, 1] -> [B, 1, 1] for matrices
+            self._Ginv = _damped_inverse(G, cg_[..., None])
+            self._Ainv = _damped_inverse(A, ca[..., None]) if self._Ginv is not None else None
+        else:
+            self._Ginv = _damped_inverse(G, cg_)
+            self._Ainv = _damped_inverse(A, ca) if self._Ginv is not None else None
+        if self._Ginv is not None and self._Ainv is not None:
+            return
+        lg, Qg = _eig(G, "Kronecker factor G")
+        la, Qa = _eig(A, "Kronecker factor A")
+        self._check_spd(lg + cg_, "G + sqrt(damping)/pi*I")
+        self._check_spd(la + ca, "A + pi*sqrt(damping)*I")
+        self._Ginv = _inverse_from_eig(lg + cg_, Qg)
+        self._Ainv = _inverse_from_eig(la + ca, Qa)
 
     @staticmethod
     def _generalized(B: Tensor, C: Tensor, nameB: str, nameC: str):
@@ -342,7 +338,7 @@ class KroneckerInverse:
 
     def __call__(self, V: Tensor) -> Tensor:
         self._check_v(V)
-        V = V.to(self._W.dtype)
+        V = V.to(self.dtype)
         if self.kind == "kron2" and self.damping_mode == "exact":
             return self._pcg(V)
         return self._apply_structured(V)
@@ -381,7 +377,7 @@ class KroneckerInverse:
             G = _dense(sum(t[0] for t in self.terms))
             return G + lam * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
         n = self.out_dim * self.in_dim
-        eye = torch.eye(n, dtype=self._W.dtype, device=self._W.device)
+        eye = torch.eye(n, dtype=self.dtype, device=self.terms[0][0].device)
         if self.kind == "kron1" and self.blocks is not None:
             G, A = self.terms[0]
             if self.damping_mode == "exact":
