@@ -429,18 +429,16 @@ class curvature:
             # taken off the parameter so that compute() does not reuse it as a buffer
             earlier[name] = p.__dict__.pop(ext.savefield, None)
         values = ext.compute(capture)
-        n = ext.count(capture) if earlier else 0
+        n = ext.count(capture)
         for name, value in values.items():
             if ext.check_finite:
                 finite_or_raise(value, capture.module, f"{ext.savefield} of the {name}")
             p = getattr(capture.module, name)
             count = n
-            if name in earlier and earlier[name] is not None:
+            if earlier.get(name) is not None:
                 n_old = self._written[(i, id(p))][2]
                 value = ext.accumulate(capture, name, earlier[name], value, (n_old, n))
                 count = n_old + n
-            elif name not in earlier:
-                count = ext.count(capture)
             setattr(p, ext.savefield, value)
             self._written[(i, id(p))] = (p, b, count)
 
