@@ -135,7 +135,7 @@ def per_sample_into(
     shape = (s.shape[0] * s.shape[1], *p.shape)
     if out is None:
         out = s.new_empty(shape)
-    if capture.adapter.per_sample_weight(capture.module, s, capture.x, out) is not None:
+    if capture.structured_weight(s, out) is not None:
         return out  # structured activations (Embedding: a scatter of s)
     return outer_sum(s, capture.act(), capture.act_side, out)
 
@@ -206,7 +206,7 @@ class BatchGrad(Extension):
         for name, p in capture.params.items():
             v = capture.sum_cot(name, "grad") if capture.summed(name) else capture.cot("grad")
             finite_or_raise(v, capture.module, f"the output gradient ({name})")
-            if not capture.summed(name) and capture.x.is_floating_point():
+            if not capture.summed(name) and capture.float_input:
                 finite_or_raise(capture.act(), capture.module, "the layer input")
             shape = (capture.batch_size, *p.shape)
             buf = reusable_buffer(p, self.savefield, shape, v) if self.reuse_buffers else None

@@ -12,6 +12,21 @@ Grosse & Martens 2016; Eschenhagen et al. 2023 for expand/reduce). On Linear lay
 ``fisher_type="type-2"`` these are BackPACK's KFLR factors; on Linear and Conv layers
 ``kron(G, A)`` equals curvlinops' ``KFACLinearOperator`` block. For a transposed
 convolution the activation side is the *first* factor (see its adapter).
+
+A layer called ``C`` times before one backward (shared weights, unrolled recurrences, a GAN's
+discriminator on real and fake data; DESIGN.md §2) has its calls summed as positions:
+
+    expand:  A = 1/(sum_c N_c T_c) sum_{c,n,t} a a^T     G = sum_{c,k,n,t} s s^T
+    reduce:  A = 1/(sum_c N_c) sum_{c,n} abar_c abar_c^T  G = sum_{c,k,n} sbar_c sbar_c^T
+
+i.e. expand equals one call on the inputs stacked along a position dimension, and reduce
+reduces within each call (as curvlinops reduces each call of a shared module) and then treats
+the calls as positions. Both use one Gram matrix per call (a loop over the calls of one layer,
+no copy of the stacked inputs); the calls may have different batch sizes. curvlinops'
+``KFACLinearOperator`` hooks on a shared module *sum* ``A`` over the calls instead of averaging
+(its ``A`` is ``C`` times this one for calls of equal size): this one is the stacked-position
+convention of expand, under which the shared weight is a weight-sharing layer like a
+convolution.
 """
 from __future__ import annotations
 
@@ -156,9 +171,10 @@ class KFAC(Extension):
             self.cross.finish()
 
     def count(self, capture: LayerCapture) -> int:
-        """Rows averaged in ``A``: ``N T`` (expand) or ``N`` (reduce)."""
+        """Rows averaged in ``A``: ``N T`` (expand) or ``N`` (reduce), summed over the calls
+        of a layer called several times (the calls are positions)."""
         if self.kfac_approx == "reduce" or "weight" not in capture.params or capture.summed("weight"):
-            return capture.batch_size
+            return sum(c.batch_size for c in capture.calls)
         return capture.act_rows()
 
     def accumulate(self, capture: LayerCapture, name: str, old: Any, new: Any, counts: Tuple[int, int]) -> Any:
@@ -197,18 +213,37 @@ class KFAC(Extension):
             for name in params:
                 out[name] = [_gram_rows(capture.sum_cot(name, src).sum(2))]
             return out
-        if "weight" in params and not capture.summed("weight"):
-            B = capture.adapter.blocks(capture.module)  # grouped convolutions: block form
-            G = self._cot_factor(capture.cot(src), B)
-            A = capture.act_factor(self.kfac_approx)  # structured (Embedding: 1-D)
-            if A is None:
-                A = self._act_factor(capture.act(), B)
+        calls = capture.calls
+        if len(calls) > 1 and self.cross:
+            raise NotImplementedError(
+                f"curvlib: KFAC(cross_layer=True) does not support {capture.module}, which was "
+                f"called {len(calls)} times before one backward; use cross_layer=False."
+            )
+        Gw: list = []
+        Gb: list = []
+        A, rows = None, 0
+        for c in calls:  # one call, or the calls of a shared layer as extra positions
+            Gc = None
+            if "weight" in params and not capture.summed("weight"):
+                B = c.adapter.blocks(c.module)  # grouped convolutions: block form
+                Gc = self._cot_factor(c.cot(src), B)
+                Gw.append(Gc)
+                Ac = c.act_factor(self.kfac_approx)  # structured (Embedding: 1-D)
+                if Ac is None:
+                    Ac = self._act_factor(c.act(), B)
+                n = c.batch_size if self.kfac_approx == "reduce" else c.act_rows()
+                A = Ac if A is None else A * (rows / (rows + n)) + Ac * (n / (rows + n))
+                rows += n
+            if "bias" in params:
+                sb = c.bias_cot(src)
+                if Gc is None or Gc.dim() == 3 or sb is not c.cot(src):
+                    Gc = self._cot_factor(sb)
+                Gb.append(Gc)
+        if Gw:
+            G = Gw[0] if len(Gw) == 1 else torch.stack(Gw).sum(0)
             out["weight"] = [G, A] if capture.act_side == "right" else [A, G]
-        if "bias" in params:
-            sb = capture.bias_cot(src)
-            if G is None or G.dim() == 3 or sb is not capture.cot(src):
-                G = self._cot_factor(sb)
-            out["bias"] = [G]
+        if Gb:
+            out["bias"] = [Gb[0] if len(Gb) == 1 else torch.stack(Gb).sum(0)]
         if self.cross:
             if capture.adapter.blocks(capture.module) > 1:
                 raise NotImplementedError(
