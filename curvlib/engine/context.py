@@ -43,7 +43,10 @@ class curvature:
     - ``fisher_type="mc"`` / ``"type-2"`` (and ``HMP``) need an extended loss
       (``extend(torch.nn.CrossEntropyLoss())``, ``NLLLoss``, ``MSELoss``, ``BCEWithLogitsLoss``;
       reduction ``"mean"`` or ``"sum"``) fed directly by the model output;
-    - one backward per forward of the extended model (run them in pairs);
+    - one backward through each forward of the extended model; several forwards before one
+      backward are fine, and a layer called several times before one backward (shared
+      weights, an unrolled loop, a GAN's discriminator on real and fake data) gets the
+      quantities of all its calls summed as positions (:class:`~curvlib.engine.capture.SharedCapture`);
     - contexts cannot be nested.
 
     Several ``backward`` calls in one context (gradient accumulation over micro-batches)

@@ -208,9 +208,6 @@ def _layer_forward_hook(module: nn.Module, inputs, output) -> None:
         _demote_all(calls or ())
         calls = CallList()
         setattr(owner, _CALLS, calls)
-    for other in calls:
-        if other.module is module:
-            other.repeated = call.repeated = True
     calls.append(call)
     state.TAPE[call.uid] = call
     live = state.CALLS_OF.get(module)

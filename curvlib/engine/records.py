@@ -34,8 +34,6 @@ class LayerCall:
     output_edge: object
     output_shape: torch.Size
     extra: Dict[object, Tensor] = field(default_factory=dict)
-    #: the same module was called more than once in one forward of its model
-    repeated: bool = False
     #: the model ran another forward before this call was back-propagated: the call is
     #: then owned by its own autograd graph (``hooks._demote``), not by the model, and
     #: ``output_edge`` is found again from the loss (``context._demoted_edges``)

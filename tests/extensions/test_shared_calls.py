@@ -158,7 +158,37 @@ class GANCase(Case):
         return (r + k).reshape(N) / N
 
 
-CASES = {"shared_mlp": MLPCase, "unrolled_rnn": RNNCase, "gan": GANCase}
+class ConvGANCase(GANCase):
+    """A convolutional discriminator on real and fake images."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = extend(nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(32, 1)))
+        self.real, self.fake = torch.randn(N, 1, 4, 4), torch.randn(N, 1, 4, 4) + 0.5
+
+
+class SharedEmbedding(nn.Module):
+    """One embedding on two token sequences (a structured per-sample rule per call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.out = nn.Embedding(7, 3), nn.Linear(3, 3)
+
+    def forward(self, x):  # [N, 2, T] tokens
+        return self.out(torch.tanh(self.emb(x[:, 0]).mean(1) + self.emb(x[:, 1]).mean(1)))
+
+
+class EmbeddingCase(MLPCase):
+    def __init__(self):
+        self.model = extend(SharedEmbedding())
+        self.loss_fn = extend(nn.CrossEntropyLoss())
+        self.x, self.y = torch.randint(0, 7, (N, 2, 3)), torch.randint(0, 3, (N,))
+
+
+CASES = {
+    "shared_mlp": MLPCase, "unrolled_rnn": RNNCase, "gan": GANCase, "conv_gan": ConvGANCase,
+    "embedding": EmbeddingCase,
+}
 
 
 def slices(model):
@@ -225,7 +255,8 @@ def test_empirical_fisher_blocks(case):
 def test_kpsvd_and_kfac_corrected_against_the_rearranged_dense_block(case):
     c = CASES[case]()
     run(c, KPSVD(fisher_type="type-2", rank=1, method="lanczos"), KFAC(fisher_type="type-2"))
-    kfac = {n: [t.clone() for t in p.kfac] for n, p in c.model.named_parameters()}
+    # (a 1-D factor, Embedding's token frequencies, is a diagonal matrix)
+    kfac = {n: [t.diag() if t.ndim == 1 else t.clone() for t in p.kfac] for n, p in c.model.named_parameters()}
     run(c, KFACCorrected(fisher_type="type-2"))
     F = c.dense_ggn()
     sl = slices(c.model)
@@ -234,7 +265,7 @@ def test_kpsvd_and_kfac_corrected_against_the_rearranged_dense_block(case):
         if p.ndim == 1:
             torch.testing.assert_close(p.kpsvd[0][0], blk)
             continue
-        d0, d1 = p.shape
+        d0, d1 = p.shape[0], p[0].numel()
         U, S, Vh = torch.linalg.svd(rearranged(blk, d0, d1))
         best = torch.kron(S[0] * U[:, 0].reshape(d0, d0), Vh[0].reshape(d1, d1))
         (G, A), = p.kpsvd
