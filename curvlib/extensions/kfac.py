@@ -21,8 +21,10 @@ discriminator on real and fake data; DESIGN.md §2) has its calls summed as posi
 
 i.e. expand equals one call on the inputs stacked along a position dimension, and reduce
 reduces within each call (as curvlinops reduces each call of a shared module) and then treats
-the calls as positions. Both use one Gram matrix per call (a loop over the calls of one layer,
-no copy of the stacked inputs); the calls may have different batch sizes. curvlinops'
+the calls as positions. Both are one Gram matrix of the stacked vectors (the calls
+concatenated along the position axis, one matmul: faster than one per call for many small
+calls); with a structured factor (Embedding) or calls of different batch sizes, which KFAC
+accepts, the factors are combined call by call (a loop over the calls of one layer). curvlinops'
 ``KFACLinearOperator`` hooks on a shared module *sum* ``A`` over the calls instead of averaging
 (its ``A`` is ``C`` times this one for calls of equal size): this one is the stacked-position
 convention of expand, under which the shared weight is a weight-sharing layer like a
@@ -36,6 +38,7 @@ import torch
 from torch import Tensor
 
 from curvlib.engine.capture import LayerCapture, Source
+from curvlib.engine.layers.base import LayerAdapter
 from curvlib.extensions.base import Extension
 from curvlib.extensions.cross_kfac import CrossKFAC
 
@@ -200,6 +203,38 @@ class KFAC(Extension):
         rows = a.shape[:-1].numel()
         return (_gram_rows(a) if blocks == 1 else _block_gram(a, blocks)).div_(rows)
 
+    def _stackable(self, capture: LayerCapture) -> bool:
+        """Whether the calls of a shared layer can be stacked as positions (one batch size,
+        no structured activation factor); otherwise the factors are combined call by call."""
+        if type(capture.adapter).act_factor is not LayerAdapter.act_factor:
+            return False
+        return len({c.batch_size for c in capture.calls}) == 1
+
+    def _stacked_factors(self, capture: LayerCapture) -> Tuple[list, list, Optional[Tensor]]:
+        """``([G_weight], [G_bias], A)`` of a shared layer from its calls stacked as positions:
+        expand concatenates the positions of all calls; reduce first reduces each call (mean of
+        ``a``, sum of ``s`` over its positions) and stacks the calls."""
+        params, src, calls = capture.params, self.source, capture.calls
+        reduce = self.kfac_approx == "reduce"
+
+        def stacked_cot(get):  # [K, N, positions, D]
+            return torch.stack([get(c).sum(2) for c in calls], 2) if reduce else get(capture)
+
+        Gw, Gb, A, G = [], [], None, None
+        if "weight" in params and not capture.summed("weight"):
+            B = capture.adapter.blocks(capture.module)
+            s = stacked_cot(lambda c: c.cot(src))
+            a = torch.stack([c.act().mean(1) for c in calls], 1) if reduce else capture.act()
+            G = _gram_rows(s) if B == 1 else _block_gram(s, B)
+            A = (_gram_rows(a) if B == 1 else _block_gram(a, B)).div_(a.shape[:-1].numel())
+            Gw.append(G)
+        if "bias" in params:
+            shared = type(capture.adapter).bias_cotangents is LayerAdapter.bias_cotangents
+            if G is None or G.dim() == 3 or not shared:
+                G = _gram_rows(stacked_cot(lambda c: c.bias_cot(src)))
+            Gb.append(G)
+        return Gw, Gb, A
+
     def compute(self, capture: LayerCapture) -> Dict[str, Any]:
         params, src, out = capture.params, self.source, {}
         G = None
@@ -217,12 +252,16 @@ class KFAC(Extension):
         if len(calls) > 1 and self.cross:
             raise NotImplementedError(
                 f"curvlib: KFAC(cross_layer=True) does not support {capture.module}, which was "
-                f"called {len(calls)} times before one backward; use cross_layer=False."
+                f"called {len(calls)} times before one backward (the cross-layer factors need "
+                "one reduced vector per layer and sample); use cross_layer=False."
             )
         Gw: list = []
         Gb: list = []
         A, rows = None, 0
-        for c in calls:  # one call, or the calls of a shared layer as extra positions
+        if len(calls) > 1 and self._stackable(capture):  # the calls as positions, one Gram each
+            calls = []
+            Gw, Gb, A = self._stacked_factors(capture)
+        for c in calls:  # one call, or the calls of a shared layer one at a time
             Gc = None
             if "weight" in params and not capture.summed("weight"):
                 B = c.adapter.blocks(c.module)  # grouped convolutions: block form

@@ -390,3 +390,12 @@ def test_a_discarded_forward_is_freed_with_its_graph():
     del out
     gc.collect()
     assert ref() is None
+
+
+def test_refusals_name_the_layer():
+    """Cross-layer KFAC and KFACCorrected(reduce) refuse a shared layer with a clear error."""
+    c = MLPCase()
+    with pytest.raises(NotImplementedError, match=r"Linear\(in_features=5, out_features=5.*called 2 times"):
+        run(c, KFAC(fisher_type="type-2", cross_layer=True))
+    with pytest.raises(NotImplementedError, match="kfac_approx='expand'"):
+        run(c, KFACCorrected(fisher_type="type-2", kfac_approx="reduce"))
