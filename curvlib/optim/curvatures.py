@@ -121,11 +121,15 @@ class Curvature:
         """The :class:`Solve` of per-parameter inverses ``parts`` (``Solve.parts``)."""
         raise NotImplementedError(f"curvlib.optim: curvature={self.name!r} has no per-parameter inverses.")
 
-    def inverse_cost(self, value: Value) -> float:
-        """Estimated cost of one parameter's inverse (flops up to a constant; for sharding)."""
-        # eigh / Cholesky of an m x m factor ~ m^3, B blocks [B, m, m] ~ B m^3, a diagonal ~ m
-        return float(sum(t.shape[:-2].numel() * t.shape[-1] ** 3 if t.dim() >= 2 else t.numel()
-                         for t in tree_leaves(value)))
+    def inverse_cost(self, value: Value, damping_mode: str) -> float:
+        """Estimated cost of one parameter's inverse, for sharding: ``m^3`` per ``m x m``
+        factor (``B m^3`` for ``[B, m, m]``, ``m`` for a diagonal), times 5 where the inverse
+        needs an eigendecomposition instead of a Cholesky factorization (measured on CPU:
+        ``eigh`` takes 2-6x ``cholesky`` + ``cholesky_inverse`` for m = 256..784)."""
+        eig = isinstance(value, list) and (damping_mode == "exact" or len(_terms(value)[0]) == 1)
+        return (5.0 if eig else 1.0) * float(sum(
+            t.shape[:-2].numel() * t.shape[-1] ** 3 if t.dim() >= 2 else t.numel() for t in tree_leaves(value)
+        ))
 
 
 # ---------------------------------------------------------------- Kronecker family

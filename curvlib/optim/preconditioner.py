@@ -344,7 +344,7 @@ class CurvatureOptimizer(Optimizer):
             terms = [value] if isinstance(value[0], Tensor) else value
             return [[t.to(dtype) for t in term] for term in terms]
 
-        costs = [curv.inverse_cost(c) for c in sources]
+        costs = [curv.inverse_cost(c, mode) for c in sources]
         parts, used = self._dp.sharded_inverses(build, sources, costs, terms_of)
         return curv.solve_from_parts(params, parts), used
 

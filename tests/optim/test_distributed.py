@@ -221,7 +221,23 @@ def _case_checkpoint(rank, tmp):
     assert torch.equal(p, q)
 
 
-CASES = [_case_matches_one_process, _case_preconditioner, _case_cg_newton, _case_non_finite, _case_checkpoint]
+def _case_example(rank, tmp):
+    """examples/distributed_mnist.py, briefly, in the spawned group (as torchrun would run it)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "distributed_mnist.py"
+    spec = importlib.util.spec_from_file_location("distributed_mnist", path)
+    ex = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ex)
+    res = ex.run(ex.parse_args(["--steps", "3", "--batch-size", "32", "--inv-every", "2", "--check-sync"]))
+    assert res["world"] == 2 and len(res["losses"]) == 3 and all(l == l for l in res["losses"])
+    # CNN: 8 parameters, inverses at steps 0 and 2, each built on one rank
+    assert sum(res["inverses_per_rank"]) == 16 and min(res["inverses_per_rank"]) > 0
+    assert res["bucket_bytes"] > 0 and res["grad_bytes"] > 0
+
+
+CASES = [_case_example, _case_matches_one_process, _case_preconditioner, _case_cg_newton, _case_non_finite, _case_checkpoint]
 
 
 def _worker(rank, tmp, names):
