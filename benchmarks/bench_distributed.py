@@ -59,7 +59,7 @@ def _worker(rank, world, tmp, steps, out):
         model = make_model()
         if method == "kfac":
             model = extend(model)
-            opt = NaturalGradient(model.parameters(), lr=0.01, curvature="kfac", fisher_type="mc", damping=1e-3,
+            opt = NaturalGradient(model.parameters(), lr=0.01, curvature="kfac", fisher_type="mc", damping=1e-1, kl_clip=1e-3,
                                   T_inv=10, momentum=0.9, seed=0, process_group="auto" if world > 1 else None)
             loss_fn = extend(nn.CrossEntropyLoss())
         else:
@@ -103,7 +103,7 @@ def _worker(rank, world, tmp, steps, out):
             params = [p for p in model.parameters()]
             values = [opt.state[p]["curvature"] for p in params]
             t0 = time.perf_counter()
-            curv.inverse(params, values, 1e-3, "pi", opt.param_groups[0])
+            curv.inverse(params, values, 1e-1, "pi", opt.param_groups[0])
             r["inv_unsharded"] = time.perf_counter() - t0
             builds = max(1, opt._groups[0]["inv_updates"] - 1)  # builds in the timed steps (T_inv=10)
             if world > 1:

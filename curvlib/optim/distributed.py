@@ -181,6 +181,8 @@ class DataParallel:
         self.world = dist.get_world_size(group)
         self.ranks = [dist.get_global_rank(group, r) for r in range(self.world)]
         self.check_sync = bool(check_sync)
+        #: where the group's collectives want their tensors (NCCL: the current GPU)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
         self.stats: Dict[str, float] = dict(inverses=0, allreduce_bytes=0, broadcast_bytes=0, comm_seconds=0.0, inverse_seconds=0.0)
         self.last: Dict[str, Any] = {}
 
@@ -207,7 +209,7 @@ class DataParallel:
         """The mean over ranks of a number (a loss; ``None`` stays ``None`` on every rank)."""
         if value is None:
             return None
-        t = torch.tensor([float(value)], dtype=torch.float64)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
         return float(self._all_reduce(t)) / self.world
 
     def seed(self, gen: torch.Generator, source: torch.Generator) -> None:
@@ -225,7 +227,7 @@ class DataParallel:
         v = torch.zeros(self.world + 6, dtype=torch.float64)
         v[self.rank] = float(bad)
         v[self.world:] = torch.tensor([layout, -layout, gsum, -gsum, psum, -psum], dtype=torch.float64)
-        self._all_reduce(v, dist.ReduceOp.MAX)
+        v = self._all_reduce(v.to(self.device), dist.ReduceOp.MAX).cpu()
         flags = [r for r in range(self.world) if v[r] > 0]
         if flags:
             raise FloatingPointError(
@@ -345,7 +347,7 @@ class DataParallel:
                 if r == self.rank:
                     flat = torch.cat([t.reshape(-1) for i, _, _ in items for t in mine[i][1] if t.dtype == dtype])
                 else:
-                    flat = torch.empty(sum(sizes), dtype=dtype)
+                    flat = torch.empty(sum(sizes), dtype=dtype, device=self.device)
                 t0 = time.perf_counter()
                 dist.broadcast(flat, src=self.ranks[r], group=self.group)
                 self.stats["comm_seconds"] += time.perf_counter() - t0

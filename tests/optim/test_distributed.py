@@ -119,6 +119,38 @@ def _case_matches_one_process(rank, tmp):
         assert last["bucket_bytes"] > 0 and last["grads_synced"] == ddp
 
 
+def _case_factor_scaling(rank, tmp):
+    """Unequal local batches (3 and 5 samples): A is the concatenated batch's (weighted by rows,
+    here samples x 16 conv positions), G the mean of the ranks' G (the curvature of the averaged
+    loss), not their sum."""
+    from curvlib import curvature
+    from curvlib.extensions import KFAC
+
+    x, y = _batches(1)[0]
+    sl = [slice(0, 3), slice(3, 8)]
+    model = _net()
+    opt = NaturalGradient(model.parameters(), lr=0.0, fisher_type="type-2", damping=1.0, process_group="auto")
+    loss_fn = extend(nn.CrossEntropyLoss())
+    opt.zero_grad()
+    with opt.capture():
+        loss_fn(model(x[sl[rank]]), y[sl[rank]]).backward()
+    opt.step()
+    got = {n: [t.clone() for t in opt.state[p]["curvature"]] for n, p in model.named_parameters()}
+
+    def factors(xs, ys):
+        ref = _net()
+        with curvature(KFAC("type-2")):
+            loss_fn(ref(xs), ys).backward()
+        return {n: p.kfac for n, p in ref.named_parameters()}
+
+    whole, parts = factors(x, y), [factors(x[s], y[s]) for s in sl]
+    for name in ("0.weight", "3.weight", "5.weight"):
+        G, A = got[name]
+        assert torch.allclose(A, whole[name][1], rtol=1e-12, atol=1e-14), name
+        assert torch.allclose(G, (parts[0][name][0] + parts[1][name][0]) / 2, rtol=1e-12, atol=1e-14), name
+    assert torch.allclose(got["5.bias"][0], (parts[0]["5.bias"][0] + parts[1]["5.bias"][0]) / 2, rtol=1e-12)
+
+
 def _case_preconditioner(rank, tmp):
     batches = _batches(3, seed=5)
     out = []
@@ -237,7 +269,7 @@ def _case_example(rank, tmp):
     assert res["bucket_bytes"] > 0 and res["grad_bytes"] > 0
 
 
-CASES = [_case_example, _case_matches_one_process, _case_preconditioner, _case_cg_newton, _case_non_finite, _case_checkpoint]
+CASES = [_case_example, _case_matches_one_process, _case_factor_scaling, _case_preconditioner, _case_cg_newton, _case_non_finite, _case_checkpoint]
 
 
 def _worker(rank, tmp, names):
