@@ -149,6 +149,17 @@ def _case_factor_scaling(rank, tmp):
         assert torch.allclose(A, whole[name][1], rtol=1e-12, atol=1e-14), name
         assert torch.allclose(G, (parts[0][name][0] + parts[1][name][0]) / 2, rtol=1e-12, atol=1e-14), name
     assert torch.allclose(got["5.bias"][0], (parts[0]["5.bias"][0] + parts[1]["5.bias"][0]) / 2, rtol=1e-12)
+    # "mc" in distribution: with many targets per datum (drawn per rank) G approaches type-2's
+    model = _net()
+    opt = NaturalGradient(model.parameters(), lr=0.0, fisher_type="mc", mc_samples=4000, damping=1.0, seed=5)
+    opt.zero_grad()
+    with opt.capture():
+        loss_fn(model(x[sl[rank]]), y[sl[rank]]).backward()
+    opt.step()
+    for name, p in model.named_parameters():
+        if name.endswith("weight"):
+            G, want = opt.state[p]["curvature"][0], (parts[0][name][0] + parts[1][name][0]) / 2
+            assert float((G - want).norm() / want.norm()) < 0.1, name
 
 
 def _case_preconditioner(rank, tmp):
