@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 #: bytes of the largest layer output per chunk of columns (module docstring)
-CHUNK_BYTES = 16 * 2**20
+CHUNK_BYTES = 8 * 2**20
 
 #: extended models whose backward has no batching rule for some operation (e.g. the
 #: ``out=`` kernels of ``torch.compile``d graphs): their cotangents go one at a time

@@ -32,10 +32,10 @@ class curvature:
     layer it reaches gets ``p.<savefield>`` for each of its parameters that require gradients
     (``p.kfac``, ``p.grad_batch``, ...: see each extension's docstring for shapes and scaling).
     When an extension needs ``"mc"`` or ``"type-2"`` cotangents, the engine generates them at the
-    (extended) loss and back-propagates all of them at once, batched with
-    ``torch.autograd.grad(..., is_grads_batched=True)``, from the model output to every
-    extended layer output, inside the same ``backward`` call; parameter gradients are
-    not computed for them.
+    (extended) loss and back-propagates them, in batched chunks
+    (:mod:`curvlib.engine.columns`), from the model output to every extended layer output,
+    inside the same ``backward`` call; parameter gradients are not computed for them.
+    Extensions that share a ``fisher_type`` share the columns (one back-propagation).
 
     Requirements (each violation raises an error that says what to do):
 
