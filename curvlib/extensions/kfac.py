@@ -161,11 +161,15 @@ class KFAC(Extension):
             raise ValueError(f"curvlib: KFAC(kfac_approx={kfac_approx!r}) is not one of {KFAC_APPROX}.")
         self.kfac_approx = kfac_approx
         self.cross: Optional[CrossKFAC] = CrossKFAC(fisher_type, mc_samples) if cross_layer else None
+        #: id(weight) -> index of its activation factor ``A`` in ``p.kfac`` (1 for ``[G, A]``,
+        #: 0 for ``[A, G]``); ``A`` is a mean over rows, the other factors carry the loss scaling
+        self.act_index: Dict[int, int] = {}
 
     def sources(self) -> Set[Source]:
         return super().sources() | (self.cross.sources() if self.cross else set())
 
     def begin(self) -> None:
+        self.act_index = {}
         if self.cross:
             self.cross.begin()
 
@@ -281,6 +285,7 @@ class KFAC(Extension):
         if Gw:
             G = Gw[0] if len(Gw) == 1 else torch.stack(Gw).sum(0)
             out["weight"] = [G, A] if capture.act_side == "right" else [A, G]
+            self.act_index[id(params["weight"])] = 1 if capture.act_side == "right" else 0
         if Gb:
             out["bias"] = [Gb[0] if len(Gb) == 1 else torch.stack(Gb).sum(0)]
         if self.cross:
