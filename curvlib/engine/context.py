@@ -371,6 +371,15 @@ class curvature:
         keys: List[Source] = []
         derived: Dict[Source, Tuple[Source, int]] = {}
         sources = set(self.sources) - {"grad", "empirical"}
+        poisoned = False
+        if sources and not bool(torch.isfinite(f).all()):
+            # sampling (torch.multinomial / bernoulli) fails on NaN with a torch error of its
+            # own: raise the engine's error here, or (check_finite=False, the distributed
+            # optimizer's mode) build the columns from a finite stand-in and poison them, so
+            # that the non-finite value reaches the captures and every rank raises in step()
+            if self.check_finite:
+                finite_or_raise(f, loss, "the model output (the loss input)")
+            f, poisoned = torch.nan_to_num(f, nan=0.0, posinf=0.0, neginf=0.0), True
         if {"type-2", "type-2-exact"} <= sources:
             derived["type-2"] = ("type-2-exact", adapter.type2_positions(f))
             sources.discard("type-2")
@@ -381,7 +390,7 @@ class curvature:
                 S = adapter.type2_cotangents(loss, f, y, exact=src == "type-2-exact")
             if weight != 1.0:
                 S = S * math.sqrt(weight)
-            cots.append(S)
+            cots.append(torch.full_like(S, float("nan")) if poisoned else S)
             keys.append(src)
         return cots, keys, derived
 
