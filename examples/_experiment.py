@@ -266,7 +266,10 @@ def run_experiment(
         runs.append(train_run(m, methods[m], make_model, step_loss, evaluate, batches, args.seed,
                               progress=not args.no_progress))
     table = results_table(runs, methods, metric_name, reference, paper, metric_fmt)
-    header = f"{title}\n\nbatch {args.batch_size}, {args.epochs} epochs, seed {args.seed}, {args.threads} threads\n\n"
+    steps = f" (at most {args.max_steps} steps each)" if args.max_steps else ""
+    subset = f", first {args.subset} training samples" if args.subset else ""
+    header = (f"{title}\n\nbatch {args.batch_size}, {args.epochs} epochs{steps}{subset}, seed {args.seed}, "
+              f"{args.threads} threads\n\n")
     write_csv(runs, os.path.join(args.out, f"{name}.csv"))
     save_png(runs, os.path.join(args.out, f"{name}.png"), f"{title} (batch {args.batch_size}, seed {args.seed})")
     with open(os.path.join(args.out, f"{name}.md"), "w") as f:
