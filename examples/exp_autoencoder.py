@@ -89,7 +89,7 @@ def methods() -> Dict[str, E.Method]:
 
 
 def parse_args(argv: Optional[List[str]] = None):
-    return E.parser(__doc__.splitlines()[0], list(methods()), epochs=4, batch_size=BATCH).parse_args(argv)
+    return E.parser(__doc__.splitlines()[0], list(methods()), epochs=2, batch_size=BATCH).parse_args(argv)
 
 
 def run(args) -> Dict[str, E.Run]:
