@@ -407,7 +407,8 @@ class curvature:
         with torch.no_grad():
             for i, ext in enumerate(self.extensions):
                 self._run_extension(i, ext, capture)
-        self._processed.add(module)
+        # a part of a composite layer (attention's projections) counts for its owner
+        self._processed.add(module if isinstance(module, nn.Module) else module.owner)
         state.TAPE.pop(call.uid, None)
         call.release()
         self.num_captures += 1
