@@ -333,3 +333,26 @@ def test_no_grad_forward_is_not_intercepted():
     with torch.no_grad():
         o, _ = att(x, x, x)
     assert not getattr(att, "_curvlib_calls", None)
+
+
+def test_hessian_products_through_attention():
+    """HMP re-runs attention through the math kernel (the fused CPU one has no double backward)."""
+    from curvlib.extensions import HMP
+
+    net = Net("self")
+    plain = copy.deepcopy(net)
+    x, y = data()
+    loss_fn = extend(nn.CrossEntropyLoss())
+    extend(net)
+    hmp = HMP()
+    with curvature(hmp):
+        loss_fn(net(x), y).backward()
+    params = dict(plain.named_parameters())
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):  # forward-over-reverse needs the math kernel too
+        H = torch.func.hessian(lambda p: nn.CrossEntropyLoss()(torch.func.functional_call(plain, p, (x,)), y))(params)
+    W = net.att.in_proj_weight
+    Hw = H["att.in_proj_weight"]["att.in_proj_weight"].reshape(W.numel(), W.numel())
+    V = torch.randn(2, *W.shape)
+    torch.testing.assert_close(W.hmp(V), (V.reshape(2, -1) @ Hw).reshape(V.shape))
