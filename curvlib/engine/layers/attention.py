@@ -83,7 +83,7 @@ class Projection:
         return hash((id(self.owner), self.name))
 
     def __repr__(self) -> str:
-        return f"{self.owner}.{self.name}"
+        return f"{type(self.owner).__name__}.{self.name}"
 
 
 class ProjectionAdapter(LinearAdapter):
