@@ -62,8 +62,9 @@ def extend(module: M) -> M:
     For a model, every sub-layer with an adapter (Linear, ConvNd and ConvTransposeNd incl.
     grouped, Embedding, LayerNorm, RMSNorm, GroupNorm, BatchNormNd, MultiheadAttention; the table
     ``curvlib.engine.layers.ADAPTERS``) is hooked (attention, which applies its parameters
-    functionally, records its projections through its adapter's interception); a sub-module that owns parameters but has no
-    adapter gets a warning naming it (its parameters get no curvature), and a layer an adapter
+    functionally, records its projections through its adapter's interception); a sub-module
+    that owns parameters but has no adapter gets a warning naming it (its parameters get no
+    curvature), and a layer an adapter
     refuses (e.g. a configuration it does not support) raises here, naming it. For a loss
     (CrossEntropyLoss, NLLLoss, MSELoss, BCEWithLogitsLoss) the loss value is hooked so that
     ``fisher_type="mc"`` and ``"type-2"`` can back-propagate the loss's curvature; another
