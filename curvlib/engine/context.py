@@ -66,7 +66,8 @@ class curvature:
     parameters keep no stale result; other models keep theirs). Samples coupled by the forward (BatchNorm in training mode, see
     :mod:`curvlib.engine.coupling`) make exact and per-sample quantities raise and KFAC
     warn. An extended layer of a model that took part in a backward but received no call
-    (e.g. ``nn.MultiheadAttention.out_proj``, used functionally) is warned about once.
+    (e.g. its output does not reach the loss, or it is used through its parameters only) is
+    warned about once.
 
     ``generator``: the ``torch.Generator`` that draws the ``"mc"`` targets (``None``: the
     global RNG); an optimizer passes its own so that a checkpoint can restore the draws.
@@ -200,7 +201,7 @@ class curvature:
 
     def _end_backward(self) -> None:
         """After the backward: warn about adapted layers of the models that took part but
-        received no call (e.g. ``MultiheadAttention.out_proj``, called functionally)."""
+        received no call (unused, or applied functionally through its parameters)."""
         self._in_backward = False
         for root in self._roots.values():
             for name, sub in root.named_modules():
@@ -213,9 +214,9 @@ class curvature:
                     f"curvlib: the extended layer '{name}' ({type(sub).__name__}) of "
                     f"{type(root).__name__} took part in no call during a curvature backward "
                     "of its model, so its parameters get no curvature. A layer used through "
-                    "its parameters only (e.g. nn.MultiheadAttention's out_proj, applied by "
-                    "F.multi_head_attention_forward) is invisible to the hooks; a layer whose "
-                    "output does not reach the loss gets nothing either.",
+                    "its parameters only (e.g. a weight passed to a functional call) is invisible "
+                    "to the hooks; a layer whose output does not reach the loss gets nothing "
+                    "either.",
                     stacklevel=2,
                 )
 
@@ -450,7 +451,8 @@ class curvature:
         with torch.no_grad():
             for i, ext in enumerate(self.extensions):
                 self._run_extension(i, ext, capture)
-        self._processed.add(module)
+        # a part of a composite layer (attention's projections) counts for its owner
+        self._processed.add(module if isinstance(module, nn.Module) else module.owner)
         state.TAPE.pop(call.uid, None)
         call.release()
         self.num_captures += 1

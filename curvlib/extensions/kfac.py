@@ -202,7 +202,7 @@ class KFAC(Extension):
                 out[name] = [_gram_rows(capture.sum_cot(name, src).sum(2))]
             return out
         if "weight" in params and not capture.summed("weight"):
-            B = capture.adapter.blocks(capture.module)  # grouped convolutions: block form
+            B = capture.adapter.blocks(capture.module)  # block form (grouped conv, attention)
             G = self._cot_factor(capture.cot(src), B)
             A = capture.act_factor(self.kfac_approx)  # structured (Embedding: 1-D)
             if A is None:
@@ -211,11 +211,12 @@ class KFAC(Extension):
             self.act_index[id(params["weight"])] = 1 if capture.act_side == "right" else 0
         if "bias" in params:
             sb = capture.bias_cot(src)
-            if G is None or G.dim() == 3 or sb is not capture.cot(src):
-                G = self._cot_factor(sb)
+            Bb = capture.adapter.bias_blocks(capture.module)  # block form (attention's in_proj_bias)
+            if G is None or sb is not capture.cot(src) or B != Bb:
+                G = self._cot_factor(sb, Bb)
             out["bias"] = [G]
         if self.cross:
-            if capture.adapter.blocks(capture.module) > 1:
+            if capture.adapter.blocks(capture.module) > 1 or capture.adapter.bias_blocks(capture.module) > 1:
                 raise NotImplementedError(
                     f"curvlib: KFAC(cross_layer=True) does not support the grouped {capture.module} "
                     "yet; use cross_layer=False."
