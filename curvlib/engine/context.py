@@ -69,7 +69,8 @@ class curvature:
     parameters keep no stale result; other models keep theirs). Samples coupled by the forward (BatchNorm in training mode, see
     :mod:`curvlib.engine.coupling`) make exact and per-sample quantities raise and KFAC
     warn. An extended layer of a model that took part in a backward but received no call
-    (e.g. ``nn.MultiheadAttention.out_proj``, used functionally) is warned about once.
+    (e.g. its output does not reach the loss, or it is used through its parameters only) is
+    warned about once.
 
     ``generator``: the ``torch.Generator`` that draws the ``"mc"`` targets (``None``: the
     global RNG); an optimizer passes its own so that a checkpoint can restore the draws.
@@ -207,8 +208,8 @@ class curvature:
     def _end_backward(self) -> None:
         """After the backward: process the layers whose calls were not all reached (a call
         of a forward this backward does not reach); warn about adapted layers of the models
-        that took part but received no call (e.g. ``MultiheadAttention.out_proj``, called
-        functionally)."""
+        that took part but received no call (unused, or applied functionally through its
+        parameters)."""
         while self._pending:
             self._run_group(next(iter(self._pending)))
         self._in_backward = False
@@ -223,9 +224,9 @@ class curvature:
                     f"curvlib: the extended layer '{name}' ({type(sub).__name__}) of "
                     f"{type(root).__name__} took part in no call during a curvature backward "
                     "of its model, so its parameters get no curvature. A layer used through "
-                    "its parameters only (e.g. nn.MultiheadAttention's out_proj, applied by "
-                    "F.multi_head_attention_forward) is invisible to the hooks; a layer whose "
-                    "output does not reach the loss gets nothing either.",
+                    "its parameters only (e.g. a weight passed to a functional call) is invisible "
+                    "to the hooks; a layer whose output does not reach the loss gets nothing "
+                    "either.",
                     stacklevel=2,
                 )
 
@@ -408,6 +409,15 @@ class curvature:
         keys: List[Source] = []
         derived: Dict[Source, Tuple[Source, int]] = {}
         sources = set(self.sources) - {"grad", "empirical"}
+        poisoned = False
+        if sources and not bool(torch.isfinite(f).all()):
+            # sampling (torch.multinomial / bernoulli) fails on NaN with a torch error of its
+            # own: raise the engine's error here, or (check_finite=False, the distributed
+            # optimizer's mode) build the columns from a finite stand-in and poison them, so
+            # that the non-finite value reaches the captures and every rank raises in step()
+            if self.check_finite:
+                finite_or_raise(f, loss, "the model output (the loss input)")
+            f, poisoned = torch.nan_to_num(f, nan=0.0, posinf=0.0, neginf=0.0), True
         if {"type-2", "type-2-exact"} <= sources:
             derived["type-2"] = ("type-2-exact", adapter.type2_positions(f))
             sources.discard("type-2")
@@ -418,7 +428,7 @@ class curvature:
                 S = adapter.type2_cotangents(loss, f, y, exact=src == "type-2-exact")
             if weight != 1.0:
                 S = S * math.sqrt(weight)
-            cots.append(S)
+            cots.append(torch.full_like(S, float("nan")) if poisoned else S)
             keys.append(src)
         return cots, keys, derived
 
@@ -477,7 +487,7 @@ class curvature:
         state.TAPE.pop(call.uid, None)
         call.release()
         self._pending.setdefault(module, []).append(capture)
-        others = state.CALLS_OF.get(module, ())
+        others = state.CALLS_OF.get(module, ()) if isinstance(module, nn.Module) else ()
         if any(c.live and c.in_backward == call.in_backward for c in others):
             return  # another call of this layer is still to come (shared weights)
         self._run_group(module)
@@ -489,7 +499,8 @@ class curvature:
         with torch.no_grad():
             for i, ext in enumerate(self.extensions):
                 self._run_extension(i, ext, capture)
-        self._processed.add(module)
+        # a part of a composite layer (attention's projections) counts for its owner
+        self._processed.add(module if isinstance(module, nn.Module) else module.owner)
         self.num_captures += 1
 
     def _run_extension(self, i: int, ext: Any, capture: LayerCapture) -> None:

@@ -92,7 +92,7 @@ class ExactBlockFisher(Extension):
                 b = capture.sum_cot(name, src).sum(2)
                 b = b.reshape(-1, b.shape[-1])
                 out[name] = b.T @ b
-            elif capture.adapter.blocks(capture.module) > 1:  # grouped: from per-sample gradients
+            elif capture.adapter.grouped(capture.module):  # grouped: from per-sample gradients
                 U = capture.per_sample_grads(name, src).flatten(2).flatten(0, 1)
                 out[name] = U.T @ U
             else:

@@ -97,7 +97,7 @@ class DiagGGN(Extension):
         s2 = None
         if "weight" in params and capture.summed("weight"):
             out["weight"] = capture.sum_cot("weight", src).sum(2).square().sum((0, 1)).reshape(params["weight"].shape)
-        elif "weight" in params and capture.adapter.blocks(capture.module) > 1:  # grouped conv
+        elif "weight" in params and capture.adapter.grouped(capture.module):  # grouped conv
             out["weight"] = capture.per_sample_grads("weight", src).square().sum((0, 1))
         elif "weight" in params:
             s = capture.cot(src)

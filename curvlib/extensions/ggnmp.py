@@ -105,7 +105,7 @@ class LayerFactors:
             K = xb.shape[0]
             self.xb = xb.reshape(-1, xb.shape[-1])
         self.num_columns = K
-        if self.s is not None and capture.adapter.blocks(capture.module) > 1:
+        if self.s is not None and capture.adapter.grouped(capture.module):
             # grouped convolution: the per-sample gradients are not one outer product sum
             self.X = capture.per_sample_grads("weight", source).flatten(2).flatten(0, 1)
         elif mode == "materialized" and self.s is not None:

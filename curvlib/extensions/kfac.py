@@ -234,8 +234,10 @@ class KFAC(Extension):
             Gw.append(G)
         if "bias" in params:
             shared = type(capture.adapter).bias_cotangents is LayerAdapter.bias_cotangents
-            if G is None or G.dim() == 3 or not shared:
-                G = _gram_rows(stacked_cot(lambda c: c.bias_cot(src)))
+            Bb = capture.adapter.bias_blocks(capture.module)
+            if G is None or G.dim() == 3 or not shared or Bb != 1:
+                sb = stacked_cot(lambda c: c.bias_cot(src))
+                G = _gram_rows(sb) if Bb == 1 else _block_gram(sb, Bb)
             Gb.append(G)
         return Gw, Gb, A
 
@@ -266,9 +268,9 @@ class KFAC(Extension):
             calls = []
             Gw, Gb, A = self._stacked_factors(capture)
         for c in calls:  # one call, or the calls of a shared layer one at a time
-            Gc = None
+            Gc, B = None, 1
             if "weight" in params and not capture.summed("weight"):
-                B = c.adapter.blocks(c.module)  # grouped convolutions: block form
+                B = c.adapter.blocks(c.module)  # block form (grouped conv, attention)
                 Gc = self._cot_factor(c.cot(src), B)
                 Gw.append(Gc)
                 Ac = c.act_factor(self.kfac_approx)  # structured (Embedding: 1-D)
@@ -279,8 +281,9 @@ class KFAC(Extension):
                 rows += n
             if "bias" in params:
                 sb = c.bias_cot(src)
-                if Gc is None or Gc.dim() == 3 or sb is not c.cot(src):
-                    Gc = self._cot_factor(sb)
+                Bb = c.adapter.bias_blocks(c.module)  # block form (attention's in_proj_bias)
+                if Gc is None or sb is not c.cot(src) or B != Bb:
+                    Gc = self._cot_factor(sb, Bb)
                 Gb.append(Gc)
         if Gw:
             G = Gw[0] if len(Gw) == 1 else torch.stack(Gw).sum(0)
@@ -289,7 +292,7 @@ class KFAC(Extension):
         if Gb:
             out["bias"] = [Gb[0] if len(Gb) == 1 else torch.stack(Gb).sum(0)]
         if self.cross:
-            if capture.adapter.blocks(capture.module) > 1:
+            if capture.adapter.blocks(capture.module) > 1 or capture.adapter.bias_blocks(capture.module) > 1:
                 raise NotImplementedError(
                     f"curvlib: KFAC(cross_layer=True) does not support the grouped {capture.module} "
                     "yet; use cross_layer=False."

@@ -444,7 +444,7 @@ class KroneckerSVDExtension(Extension):
         params, bias_block, block = capture.params, None, None
         if capture.adapter.summed_params:  # norm layers: exact blocks, one term each
             return self._summed_blocks(capture)
-        if "weight" in params and capture.adapter.blocks(capture.module) > 1:
+        if "weight" in params and capture.adapter.grouped(capture.module):
             raise NotImplementedError(
                 f"curvlib: {type(self).__name__} does not support the grouped {capture.module} "
                 "yet (its block is block-diagonal over groups, not one Kronecker rearrangement); "
