@@ -143,11 +143,15 @@ class KFAC(Extension):
             raise ValueError(f"curvlib: KFAC(kfac_approx={kfac_approx!r}) is not one of {KFAC_APPROX}.")
         self.kfac_approx = kfac_approx
         self.cross: Optional[CrossKFAC] = CrossKFAC(fisher_type, mc_samples) if cross_layer else None
+        #: id(weight) -> index of its activation factor ``A`` in ``p.kfac`` (1 for ``[G, A]``,
+        #: 0 for ``[A, G]``); ``A`` is a mean over rows, the other factors carry the loss scaling
+        self.act_index: Dict[int, int] = {}
 
     def sources(self) -> Set[Source]:
         return super().sources() | (self.cross.sources() if self.cross else set())
 
     def begin(self) -> None:
+        self.act_index = {}
         if self.cross:
             self.cross.begin()
 
@@ -204,6 +208,7 @@ class KFAC(Extension):
             if A is None:
                 A = self._act_factor(capture.act(), B)
             out["weight"] = [G, A] if capture.act_side == "right" else [A, G]
+            self.act_index[id(params["weight"])] = 1 if capture.act_side == "right" else 0
         if "bias" in params:
             sb = capture.bias_cot(src)
             if G is None or G.dim() == 3 or sb is not capture.cot(src):
