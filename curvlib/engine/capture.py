@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlib.engine.layers.base import LayerAdapter
-from curvlib.engine.records import LossCall
+from curvlib.engine.records import LossCall, Objective
 
 Source = Hashable
 
@@ -168,6 +168,29 @@ class LayerCapture:
         if key not in self._bias_cot:
             self._bias_cot[key] = self.adapter.param_cotangents(self.module, name, self._raw(source), self.x)
         return self._bias_cot[key]
+
+    def objective(self, who: str = "HMP") -> Objective:
+        """The objective of this backward as one record (root model, its inputs, the loss).
+
+        Raises (naming ``who``, the extension that needs it) if the layer was not called inside
+        an extended model's forward, or the backward reached no extended loss or several.
+        """
+        if self.root is None or self.root_inputs is None:
+            raise RuntimeError(
+                f"curvlib: {who} needs {self.module} to be called inside the forward of an extended "
+                "model: model = curvlib.extend(model); loss_fn(model(x), y).backward()."
+            )
+        if not self.loss_calls:
+            raise RuntimeError(
+                f"curvlib: {who} needs the extended loss that {self.module} feeds: "
+                "loss_fn = curvlib.extend(torch.nn.CrossEntropyLoss()) (or MSELoss, ...)."
+            )
+        if len(self.loss_calls) > 1:
+            raise NotImplementedError(
+                f"curvlib: {who} found {len(self.loss_calls)} extended losses in one backward; "
+                "it re-evaluates one loss only. Use GGNMP, or one loss per backward."
+            )
+        return Objective(self.root, self.root_inputs, self.loss_calls[-1])
 
     def per_sample_grads(self, name: str, source: Source) -> Tensor:
         """Per-sample gradients ``[K, N, *p.shape]`` of parameter ``name``.
