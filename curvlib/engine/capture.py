@@ -22,6 +22,7 @@ from typing import Any, Dict, Hashable, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from curvlib.engine import factors
 from curvlib.engine.layers.base import LayerAdapter
 from curvlib.engine.records import LossCall, Objective
 
@@ -94,6 +95,11 @@ class LayerCapture:
     @property
     def act_side(self) -> str:
         return self.adapter.act_side
+
+    @property
+    def orientation(self) -> "factors.Orientation":
+        """The weight's :class:`~curvlib.engine.factors.Orientation` (which side ``a`` is on)."""
+        return factors.orientation(self.adapter.act_side)
 
     @property
     def params(self) -> Dict[str, nn.Parameter]:
@@ -198,17 +204,8 @@ class LayerCapture:
         ``X_{k,n} = sum_t s_{k,n,t} a_{n,t}^T`` (or its transpose for left-side
         layers), ``sum_t s'_{k,n,t}`` for the bias.
         """
-        p = self.params[name]
-        if self.summed(name):
-            return self.sum_cot(name, source).sum(2).reshape(-1, self.batch_size, *p.shape)
-        s = self.cot(source)
-        out = s.new_empty(s.shape[0], s.shape[1], *p.shape)
-        if self.adapter.per_sample_weight(self.module, s, self.x, out) is not None:
-            return out
-        a = self.act()
-        eq = "knts,nta->knsa" if self.act_side == "right" else "knts,nta->knas"
-        X = torch.einsum(eq, s, a)
-        return X.reshape(X.shape[0], X.shape[1], *p.shape)
+        X = factors.per_sample_grads(self, name, source)
+        return X.view(-1, self.batch_size, *X.shape[1:])
 
 
 def in_param_dtype(
