@@ -52,8 +52,8 @@ from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from curvlib.engine.capture import LayerCapture, Source
+from curvlib.engine.factors import Orientation, gram, has_summed_params, orientation, structure
 from curvlib.extensions.base import Extension
-from curvlib.extensions.kfac import _gram
 from curvlib.solvers.kronecker_svd import METHODS, kronecker_svd
 
 FORMS = ("auto", "factored", "grads")
@@ -102,17 +102,17 @@ class RearrangedBlock:
     Args:
         a: activation vectors ``[N, T, D_a]``.
         s: cotangent vectors ``[K, N, T, D_s]``.
-        act_side: ``"right"`` or ``"left"`` (which side of the weight ``a`` is on).
+        act_side: ``"right"`` or ``"left"`` (which side of the weight ``a`` is on), or the
+            :class:`~curvlib.engine.factors.Orientation`.
         form: ``"auto"`` (cheaper by flop count), ``"factored"`` or ``"grads"``.
         compress: compress a side to the span of its vectors when that halves it or better.
     """
 
-    def __init__(self, a: Tensor, s: Tensor, act_side: str = "right", form: str = "auto", compress: bool = True):
+    def __init__(self, a: Tensor, s: Tensor, act_side: str | Orientation = "right", form: str = "auto", compress: bool = True):
         if form not in FORMS:
             raise ValueError(f"curvlib: RearrangedBlock(form={form!r}) is not one of {FORMS}.")
-        if act_side not in ("right", "left"):
-            raise ValueError(f"curvlib: act_side must be 'right' or 'left', got {act_side!r}.")
-        self.act_side = act_side
+        self.orientation = o = orientation(act_side)  # raises for a bad act_side
+        self.act_side = o.act_side
         self.K, self.N, self.T = s.shape[0], s.shape[1], s.shape[2]
         Da, Ds = a.shape[-1], s.shape[-1]
         self.Qa: Optional[Tensor] = None
@@ -123,8 +123,8 @@ class RearrangedBlock:
         self.a, self.s = a, s
         da, ds = a.shape[-1], s.shape[-1]
         # d: full sizes, r: working sizes, ordered (first factor = p.shape[0], second)
-        self.d = (Ds, Da) if act_side == "right" else (Da, Ds)
-        self.r = (ds, da) if act_side == "right" else (da, ds)
+        self.d = tuple(o.pair(Ds, Da))
+        self.r = tuple(o.pair(ds, da))
         N, T, M = self.N, self.T, self.K * self.N
         self.flops = {
             "factored": N * T * da * (da + T) + M * T * ds * (ds + T),
@@ -133,13 +133,12 @@ class RearrangedBlock:
         self.form = min(self.flops, key=self.flops.get) if form == "auto" else form
         self.X: Optional[Tensor] = None
         if self.form == "grads":
-            eq = "knts,nta->knsa" if act_side == "right" else "knts,nta->knas"
-            self.X = rearrange(torch.einsum(eq, s, a), "k n i j -> (k n) i j")
+            self.X = rearrange(torch.einsum(o.outer_equation, s, a), "k n i j -> (k n) i j")
 
     @classmethod
     def from_capture(cls, capture: LayerCapture, source: Source, **kw: Any) -> "RearrangedBlock":
         """The rearranged block of ``capture``'s weight for curvature ``source``."""
-        return cls(capture.act(), capture.cot(source), capture.act_side, **kw)
+        return cls(capture.act(), capture.cot(source), capture.orientation, **kw)
 
     @property
     def shape(self) -> Tuple[int, int]:
@@ -158,25 +157,24 @@ class RearrangedBlock:
         V = v.reshape(self.r[1], self.r[1])
         if self.X is not None:
             return torch.einsum("jac,jdc->ad", self.X @ V, self.X).reshape(-1)
-        return self._product(V, "act" if self.act_side == "right" else "cot").reshape(-1)
+        return self._product(V, self.orientation.side(1)).reshape(-1)
 
     def rmatvec(self, u: Tensor) -> Tensor:
         """``R^T u``: flat ``U`` [r0^2] -> flat ``sum_j X_j^T U X_j`` [r1^2]."""
         U = u.reshape(self.r[0], self.r[0])
         if self.X is not None:
             return torch.einsum("jab,jad->bd", self.X, U @ self.X).reshape(-1)
-        return self._product(U, "cot" if self.act_side == "right" else "act").reshape(-1)
+        return self._product(U, self.orientation.side(0)).reshape(-1)
 
     def rmatvec_identity(self) -> Tensor:
         """``R^T vec(I) = sum_j X_j^T X_j`` (flat [r1^2]), cheaper than a general product: the
         cold start of the power iteration (one power step from ``U = I``)."""
         if self.X is not None:
             return torch.einsum("jab,jad->bd", self.X, self.X).reshape(-1)
-        return self._product(None, "cot" if self.act_side == "right" else "act").reshape(-1)
+        return self._product(None, self.orientation.side(0)).reshape(-1)
 
     def _basis(self, i: int) -> Optional[Tensor]:
-        first_is_cot = self.act_side == "right"
-        return self.Qs if (i == 0) == first_is_cot else self.Qa
+        return self.Qs if self.orientation.side(i) == "cot" else self.Qa
 
     def expand(self, M: Tensor, i: int) -> Tensor:
         """Working ``[..., r_i, r_i]`` -> full ``[..., d_i, d_i]`` coordinates (``Q M Q^T``)."""
@@ -332,7 +330,7 @@ class KroneckerSVDExtension(Extension):
         xs = [capture.per_sample_grads(n, self.source).flatten(2) for n in params]
         _, _, x = self._join(capture, None, None, torch.cat(xs, dim=-1))
         self._keep(capture, None, x)
-        F = _gram(x.reshape(-1, x.shape[-1]))
+        F = gram(x.reshape(-1, x.shape[-1]))
         out, i = {}, 0
         for name, p in params.items():
             out[name] = [[F[i : i + p.numel(), i : i + p.numel()].clone()]]
@@ -348,9 +346,9 @@ class KroneckerSVDExtension(Extension):
     def compute(self, capture: LayerCapture) -> Dict[str, Any]:
         out: Dict[str, Any] = {}
         params, bias_block, block = capture.params, None, None
-        if capture.adapter.summed_params:  # norm layers: exact blocks, one term each
+        if has_summed_params(capture):  # norm layers: exact blocks, one term each
             return self._summed_blocks(capture)
-        if "weight" in params and capture.adapter.blocks(capture.module) > 1:
+        if "weight" in params and structure(capture).kind == "blocks":
             raise NotImplementedError(
                 f"curvlib: {type(self).__name__} does not support the grouped {capture.module} "
                 "yet (its block is block-diagonal over groups, not one Kronecker rearrangement); "
@@ -362,9 +360,9 @@ class KroneckerSVDExtension(Extension):
             a, s = capture.act(), capture.cot(self.source)
         a, s, xb = self._join(capture, a, s, xb)
         if xb is not None:  # exact block: a single term
-            bias_block = _gram(xb.reshape(-1, xb.shape[-1]))
+            bias_block = gram(xb.reshape(-1, xb.shape[-1]))
         if a is not None:
-            block = RearrangedBlock(a, s, capture.act_side)
+            block = RearrangedBlock(a, s, capture.orientation)
             out["weight"] = self.weight_terms(params["weight"], capture, block, bias_block)
         if bias_block is not None:
             out["bias"] = [[bias_block]]
@@ -457,7 +455,7 @@ class KPSVD(KroneckerSVDExtension):
         # For Linear/Conv the bias block sum_j (sum_t s_jt)(sum_t s_jt)^T is over the first factor's
         # side and is KFAC's G for T = 1: a left guess close to the leading left factor (with it,
         # power iteration typically converges in its first iteration).
-        guess = bias_block if capture.act_side == "right" else None
+        guess = capture.orientation.pair(bias_block, None)[0]  # only when it is over the first factor
         most = min(block.d[0] ** 2, block.d[1] ** 2)
         if self.rank > most and block.d not in self._clamped:
             self._clamped.add(block.d)
