@@ -81,3 +81,17 @@ def violations(pkg: Path, layer: str) -> List[str]:
 def test_imports_point_one_way(layer):
     bad = violations(PKG, layer)
     assert not bad, bad
+
+
+def test_only_optim_distributed_imports_torch_distributed():
+    """Communication stays in ``curvlib/optim/distributed.py``: the engine, the extensions, the
+    solvers and the other optimizer modules are single-process code."""
+    bad = [
+        f"{path.relative_to(PKG)}:{line} imports {name}"
+        for path in sorted(PKG.rglob("*.py"))
+        if path.relative_to(PKG).as_posix() != "optim/distributed.py"
+        for name, line in imported_modules(path)
+        if name == "torch.distributed" or name.startswith("torch.distributed.")
+        or name.startswith("torch.nn.parallel")
+    ]
+    assert not bad, bad

@@ -71,6 +71,11 @@ class curvature:
     ``generator``: the ``torch.Generator`` that draws the ``"mc"`` targets (``None``: the
     global RNG); an optimizer passes its own so that a checkpoint can restore the draws.
 
+    ``check_finite``: raise ``FloatingPointError`` at the first NaN / Inf in a captured quantity
+    (default). ``False`` stores non-finite values as they are, for a caller that checks them
+    itself (a data-parallel optimizer must fail on every process in the same step, not inside
+    one process's backward).
+
     Example:
         >>> import torch
         >>> from torch import nn
@@ -89,7 +94,7 @@ class curvature:
         ['KFAC', 'BatchGrad']
     """
 
-    def __init__(self, *extensions, generator: Optional[torch.Generator] = None):
+    def __init__(self, *extensions, generator: Optional[torch.Generator] = None, check_finite: bool = True):
         for ext in extensions:  # the engine's contract; it does not import the extensions
             if not isinstance(ext, Extension):
                 raise TypeError(
@@ -103,6 +108,7 @@ class curvature:
             )
         self.extensions = list(extensions)
         self.generator = generator
+        self.check_finite = bool(check_finite)
         self.sources: Set[Source] = set().union(*(e.sources() for e in extensions))
         self.num_captures = 0
         self.empirical_scale: Optional[float] = None
@@ -157,6 +163,13 @@ class curvature:
             )
         for ext in self.extensions:
             ext.finish()
+
+    def counts(self, ext: Any) -> Dict[int, int]:
+        """Rows behind each value ``ext`` wrote in this context (``ext.count`` summed over the
+        backwards), by ``id(param)``: the weights that combine row means across batches
+        (e.g. the ``A`` factors of several processes)."""
+        i = next(j for j, e in enumerate(self.extensions) if e is ext)
+        return {pid: c for (j, pid), (_, _, c) in self._written.items() if j == i}
 
     # -------------------------------------------------------------- backwards
     def _begin_backward(self) -> None:
@@ -318,7 +331,8 @@ class curvature:
                     S = S * math.sqrt(weight)
                 cots.append(S)
                 keys.append(src)
-        finite_or_raise(cots, loss, "the loss curvature (model output)")
+        if self.check_finite:
+            finite_or_raise(cots, loss, "the loss curvature (model output)")
         # (calls recorded inside a backward are recomputations: never reached from here)
         calls = [c for c in state.TAPE.values() if c.output_edge is not None and not c.in_backward]
         probe = self._coupling_probe(calls, f)
@@ -434,7 +448,7 @@ class curvature:
         values = ext.compute(capture)
         n = ext.count(capture)
         for name, value in values.items():
-            if ext.check_finite:
+            if ext.check_finite and self.check_finite:
                 finite_or_raise(value, capture.module, f"{ext.savefield} of the {name}")
             p = getattr(capture.module, name)
             count = n

@@ -100,11 +100,15 @@ class KFAC(Extension):
             raise ValueError(f"curvlib: KFAC(kfac_approx={kfac_approx!r}) is not one of {KFAC_APPROX}.")
         self.kfac_approx = kfac_approx
         self.cross: Optional[CrossKFAC] = CrossKFAC(fisher_type, mc_samples) if cross_layer else None
+        #: id(weight) -> index of its activation factor ``A`` in ``p.kfac`` (1 for ``[G, A]``,
+        #: 0 for ``[A, G]``); ``A`` is a mean over rows, the other factors carry the loss scaling
+        self.act_index: Dict[int, int] = {}
 
     def sources(self) -> Set[Source]:
         return super().sources() | (self.cross.sources() if self.cross else set())
 
     def begin(self) -> None:
+        self.act_index = {}
         if self.cross:
             self.cross.begin()
 
@@ -145,6 +149,7 @@ class KFAC(Extension):
             # dense, diagonal-times-dense (Embedding: 1-D A) or block form (grouped convolutions)
             G, A = factors.kfac_weight_factors(capture, src, self.kfac_approx)
             out["weight"] = capture.orientation.pair(G, A)
+            self.act_index[id(params["weight"])] = capture.orientation.act_index
         if "bias" in params:
             sb = capture.bias_cot(src)
             if G is None or G.dim() == 3 or sb is not capture.cot(src):

@@ -69,7 +69,7 @@ class _CGCapture(_Capture):
 
     def __enter__(self):
         opt = self.opt
-        opt._gen_before = st.generator_state(opt._generator)
+        self._begin()
         for group in opt.param_groups:
             for p in group["params"]:
                 for ext in self.extensions:
@@ -108,7 +108,10 @@ class CGNewton(CurvatureOptimizer):
         seed: seed of the generator for MC targets (``fisher_type="mc"``), saved in the state.
     """
 
-    def __init__(self, params, lr: float, seed: Optional[int] = None, **hyper: Any):
+    def __init__(
+        self, params, lr: float, seed: Optional[int] = None, *, process_group: Any = "auto",
+        check_sync: bool = False, **hyper: Any,
+    ):
         if not (isinstance(lr, (int, float)) and lr >= 0):
             raise ValueError(f"curvlib.optim.CGNewton: lr={lr!r} must be a number >= 0.")
         unknown = set(hyper) - set(CG_DEFAULTS)
@@ -120,7 +123,7 @@ class CGNewton(CurvatureOptimizer):
         defaults = dict(CG_DEFAULTS, lr=lr)
         defaults.update(hyper)
         self.last_cg: List[Dict[str, Any]] = []
-        super().__init__(params, defaults, seed)
+        super().__init__(params, defaults, seed, process_group=process_group, check_sync=check_sync)
 
     # ------------------------------------------------------------------ validation
     def _validate(self, g: Dict[str, Any], gi: int) -> None:
@@ -147,6 +150,44 @@ class CGNewton(CurvatureOptimizer):
                 f"{where}: the positive-curvature Hessian is defined block by block (Chen et al.; "
                 "BackPACK's PCHMP); use block_diagonal=True, or curvature='ggn' for a whole-network system."
             )
+
+    def _check_distributed(self, g: Dict[str, Any], gi: int) -> None:
+        if g["curvature"].startswith("pch"):
+            raise NotImplementedError(
+                f"curvlib.optim.CGNewton: param group {gi}: curvature={g['curvature']!r} cannot run "
+                "data-parallel: the positive-curvature Hessian modifies each batch's blocks (not linear in "
+                "the batch). Use 'ggn' or 'hessian' with torch.distributed, or process_group=None."
+            )
+
+    def _curvature_entries(self, k: int):
+        """Data-parallel: the KFAC factors of ``precondition="kfac"`` (averaged like
+        NaturalGradient's); the curvature products themselves are all-reduced in each CG iteration."""
+        kf = next((e for e in self._captured[1] if isinstance(e, KFAC)), None)
+        if kf is None:
+            return []
+        counts = self._capture_ctx.counts(kf)
+        out = []
+        for g in self.param_groups:
+            if g["precondition"] != "kfac":
+                continue
+            for p in g["params"]:
+                value = p.__dict__.get("kfac") if p.grad is not None else None
+                if value is not None:
+                    out.append((p, "kfac", value, self._roles("kfac", p, value, kf), counts.get(id(p), 1), True))
+        return out
+
+    def _averaged(self, A: Callable) -> Callable:
+        """Data-parallel: ``v -> 1/W sum_r C_r v``, the product of the loss whose gradient the
+        optimizer averages (one all-reduce per product; every rank runs the same CG iterations)."""
+        dp = self._dp
+        if dp is None:
+            return A
+
+        def apply(v):
+            out = A(v)
+            return dp.mean(list(out)) if isinstance(out, (list, tuple)) else dp.mean([out])[0]
+
+        return apply
 
     # ------------------------------------------------------------------ capture
     def _extensions(self, group: Dict[str, Any]) -> List[Any]:
@@ -224,6 +265,8 @@ class CGNewton(CurvatureOptimizer):
     def _plan(self):
         """New parameter values, state entries and CG log, computed without side effects."""
         exts = self._captured[1]
+        if self._dp is not None:
+            self._sync(self._curvature_entries(self._step))
         new_params: Dict[Tensor, Tensor] = {}
         new_state: Dict[Tensor, Dict[str, Any]] = {}
         log: List[Dict[str, Any]] = []
@@ -252,7 +295,7 @@ class CGNewton(CurvatureOptimizer):
                     if prod is None:
                         self._warn_plain(n, group["curvature"])
                         continue
-                    A = _damped(lambda v, prod=prod: prod(v.unsqueeze(0)).squeeze(0), lam)
+                    A = _damped(self._averaged(lambda v, prod=prod: prod(v.unsqueeze(0)).squeeze(0)), lam)
                     M = _kfac_inverse(p, lam) if kfac else None
                     d, info = self._solve(A, g, [p], M, group, n)
                     dirs[p] = d
@@ -265,7 +308,7 @@ class CGNewton(CurvatureOptimizer):
                     if not any(p is q for q in inside):
                         self._warn_plain(n, group["curvature"])
                 if inside:
-                    A = _damped(_restricted(op, inside), lam)
+                    A = _damped(self._averaged(_restricted(op, inside)), lam)
                     gs = [p.grad for p in inside]
                     Ms = [_kfac_inverse(p, lam) for p in inside] if kfac else None
                     M = (lambda vs: [m(v) for m, v in zip(Ms, vs)]) if kfac else None

@@ -68,7 +68,7 @@ def _cast_back(solve: Solve, params) -> Solve:
         out = solve([g.double() for g in grads], extras)
         return [d.to(g.dtype) for d, g in zip(out, grads)]
 
-    return Solve(fn)
+    return Solve(fn, solve.parts)  # the float64 parts: directions are cast by the optimizer
 
 
 def levenberg_marquardt(

@@ -63,11 +63,20 @@ class NaturalGradient(CurvatureOptimizer):
             keyword argument below, ``curvature=None`` for a plain momentum-SGD group).
         lr: learning rate.
         seed: seed of the optimizer's ``torch.Generator`` (MC targets); ``None``: drawn once from
-            the global RNG. The generator's state is part of ``state_dict()``.
+            the global RNG. The generator's state is part of ``state_dict()``. Data-parallel: give
+            every rank the same seed (the state must be identical on all ranks).
+        process_group: ``"auto"`` (the default group when ``torch.distributed`` is initialized),
+            a ``ProcessGroup``, or ``None`` (single process); data-parallel training is described
+            in :mod:`curvlib.optim.distributed`.
+        check_sync: data-parallel: compare a parameter checksum across ranks at every step and
+            raise if they drifted apart (one more number in an all-reduce that runs anyway).
         **hyper: :data:`~curvlib.optim.preconditioner.CORE_DEFAULTS` and :data:`STEP_DEFAULTS`.
     """
 
-    def __init__(self, params, lr: float, seed: Optional[int] = None, **hyper: Any):
+    def __init__(
+        self, params, lr: float, seed: Optional[int] = None, *, process_group: Any = "auto",
+        check_sync: bool = False, **hyper: Any,
+    ):
         if not (isinstance(lr, (int, float)) and lr >= 0):
             raise ValueError(f"curvlib.optim.NaturalGradient: lr={lr!r} must be a number >= 0.")
         allowed = set(CORE_DEFAULTS) | set(STEP_DEFAULTS)
@@ -79,7 +88,7 @@ class NaturalGradient(CurvatureOptimizer):
             )
         defaults = dict(CORE_DEFAULTS, **STEP_DEFAULTS, lr=lr)
         defaults.update(hyper)
-        super().__init__(params, defaults, seed)
+        super().__init__(params, defaults, seed, process_group=process_group, check_sync=check_sync)
 
     def _validate(self, g: Dict[str, Any], gi: int) -> None:
         super()._validate(g, gi)
@@ -124,6 +133,8 @@ class NaturalGradient(CurvatureOptimizer):
             loss_before = None
             if closure is not None:
                 loss_before = closure()
+                if self._dp is not None:  # the concatenated batch's loss, the same on every rank
+                    loss_before = self._dp.mean_scalar(loss_before)
                 if loss_before is not None and not math.isfinite(float(loss_before)):
                     raise FloatingPointError(
                         "curvlib.optim: the loss (closure) is NaN or Inf; the step was not taken and "
@@ -140,6 +151,8 @@ class NaturalGradient(CurvatureOptimizer):
         self._step += 1
         if lm_groups:
             loss_after = float(closure())
+            if self._dp is not None:
+                loss_after = self._dp.mean_scalar(loss_after)
             for gi in lm_groups:
                 self._adapt_damping(gi, plan, deltas, float(loss_before), loss_after)
         return loss_before

@@ -37,6 +37,7 @@ from curvlib.extensions.sub_batch import SubBatchSampler
 from curvlib.optim import state as st
 from curvlib.optim.curvatures import Curvature, curvature_for, tree_leaves
 from curvlib.optim.damping import robust_inverse
+from curvlib.optim.distributed import AUTO, LOSS, ROWS, data_parallel
 from curvlib.solvers.two_level import COARSE_SPACES
 
 #: hyper-parameters of the preconditioning core and their defaults
@@ -72,11 +73,20 @@ class _Capture:
 
     def __init__(self, opt: "CurvatureOptimizer", extensions: List[Any], step: int):
         self.opt, self.extensions, self.step = opt, extensions, step
-        self.ctx = curvature_context(*extensions, generator=opt._generator)
+        # data-parallel: MC targets from a generator seeded per rank (from the shared generator)
+        self.gen = opt._generator if opt._dp is None else torch.Generator()
+        # data-parallel: non-finite captures are stored, and step() fails on every rank at once
+        self.ctx = curvature_context(*extensions, generator=self.gen, check_finite=opt._dp is None)
+
+    def _begin(self) -> None:
+        opt = self.opt
+        opt._gen_before = st.generator_state(opt._generator)
+        if opt._dp is not None:
+            opt._dp.seed(self.gen, opt._generator)
 
     def __enter__(self):
         opt = self.opt
-        opt._gen_before = st.generator_state(opt._generator)
+        self._begin()
         for group in opt.param_groups:
             curv = curvature_for(group["curvature"])
             for p in group["params"]:
@@ -99,6 +109,7 @@ class _Capture:
             self.opt._restore_generator()
             return False
         self.opt._captured = (self.step, self.extensions)
+        self.opt._capture_ctx = self.ctx
         return False
 
 
@@ -109,10 +120,20 @@ class CurvatureOptimizer(Optimizer):
     :meth:`_commit` with what it returned.
     """
 
-    def __init__(self, params, defaults: Dict[str, Any], seed: Optional[int] = None):
+    def __init__(
+        self, params, defaults: Dict[str, Any], seed: Optional[int] = None, process_group: Any = AUTO,
+        check_sync: bool = False,
+    ):
         self._groups: List[Dict[str, Any]] = []
         self._ema_warned: set = set()  # (set before the groups are added)
+        self._dp = None
         super().__init__(params, defaults)
+        #: the data-parallel helper (:mod:`curvlib.optim.distributed`), None in one process
+        self._dp = data_parallel(process_group, check_sync)
+        if self._dp is not None:
+            for gi, g in enumerate(self.param_groups):
+                self._check_distributed(g, gi)
+        self._capture_ctx: Any = None
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         self._generator = torch.Generator().manual_seed(int(seed))
@@ -126,7 +147,26 @@ class CurvatureOptimizer(Optimizer):
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         super().add_param_group(param_group)
         self._validate(self.param_groups[-1], len(self.param_groups) - 1)
+        if self._dp is not None:
+            self._check_distributed(self.param_groups[-1], len(self.param_groups) - 1)
         self._groups.append(st.new_group_state())
+
+    @property
+    def distributed(self):
+        """The :class:`~curvlib.optim.distributed.DataParallel` helper (rank, world size, the
+        communication ``stats`` and the ``last`` step's bytes), or ``None`` in one process."""
+        return self._dp
+
+    def _check_distributed(self, g: Dict[str, Any], gi: int) -> None:
+        curv = curvature_for(g["curvature"])
+        if curv is not None and not curv.distributed:
+            raise NotImplementedError(
+                f"curvlib.optim: param group {gi}: curvature={curv.name!r} cannot run data-parallel yet: "
+                "the curvature of the concatenated batch is not a combination of the per-process ones "
+                "(a best Kronecker approximation, a whole-network operator or per-sample factors). Use "
+                "curvature='kfac' or 'diag' with torch.distributed, or process_group=None to run each "
+                "process on its own."
+            )
 
     def _validate(self, g: Dict[str, Any], gi: int) -> None:
         where = f"curvlib.optim: param group {gi}"
@@ -235,13 +275,89 @@ class CurvatureOptimizer(Optimizer):
     def _grad(self, group: Dict[str, Any], p: Tensor) -> Tensor:
         return p.grad
 
+    # ------------------------------------------------------------------ data-parallel
+    def _roles(self, name: str, p: Tensor, value: Any, ext: Any) -> List[str]:
+        """:data:`LOSS` / :data:`ROWS` per leaf of ``p``'s captured curvature (distributed.py)."""
+        if not isinstance(value, list) or len(value) == 1:
+            return [LOSS]
+        ia = getattr(ext, "act_index", {}).get(id(p))
+        if ia is None:
+            raise RuntimeError(
+                f"curvlib.optim: cannot tell which factor of the captured {name!r} curvature of a "
+                f"parameter of shape {tuple(p.shape)} is the activation factor A; data-parallel averaging "
+                "needs it."
+            )
+        return [ROWS if i == ia else LOSS for i in range(len(value))]
+
+    def _curvature_entries(self, k: int) -> List[Tuple[Tensor, str, Any, List[str], int, bool]]:
+        """This step's captured curvature to average: ``(p, savefield, value, roles, rows, sym)``."""
+        if self._captured is None or self._captured[0] != k:
+            return []
+        out = []
+        exts = self._captured[1]
+        for gi, group in enumerate(self.param_groups):
+            if not self._cov_due(gi, k):
+                continue
+            curv = curvature_for(group["curvature"])
+            ext = next((e for e in exts if e.savefield == curv.savefield), None)
+            counts = self._capture_ctx.counts(ext) if ext is not None else {}
+            for p in group["params"]:
+                value = p.__dict__.get(curv.savefield) if p.grad is not None else None
+                if value is None:
+                    continue
+                roles = self._roles(curv.name, p, value, _inner(ext))
+                out.append((p, curv.savefield, value, roles, counts.get(id(p), 1), curv.name != "diag"))
+        return out
+
+    def _sync(self, entries: List[Tuple[Tensor, str, Any, List[str], int, bool]]) -> None:
+        """Data-parallel: agree on failures, then average the gradients (when not synchronized
+        by DDP) and the captured curvature ``entries`` in one bucket, in place (p.grad and the
+        savefields); see :mod:`curvlib.optim.distributed`."""
+        dp, k = self._dp, self._step
+        params = [p for g in self.param_groups for p in g["params"]]
+        with_grad = [p for p in params if p.grad is not None]
+        bad = any(not _finite(p.grad) for p in with_grad) or any(
+            not _finite(t) for e in entries for t in tree_leaves(e[2])
+        )
+        layout = sum(p.grad.numel() for p in with_grad) + sum(t.numel() for e in entries for t in tree_leaves(e[2]))
+        synced = dp.agree(k, bad, layout, [p.grad for p in with_grad], params)
+        grads, values = dp.reduce([p.grad for p in with_grad], [e[2:] for e in entries], not synced)
+        if not synced:
+            for p, g in zip(with_grad, grads):
+                p.grad.copy_(g)
+        for e, v in zip(entries, values):
+            setattr(e[0], e[1], v)
+
+    def _build_inverse(self, curv: Curvature, params, sources, lam: float, mode: str, group, where: str):
+        """``robust_inverse``; data-parallel: each parameter's inverse built on one rank (by
+        cost) and broadcast."""
+        if self._dp is None:
+            return robust_inverse(curv, params, sources, lam, mode, group, where)
+
+        def build(i):
+            solve, used = robust_inverse(curv, [params[i]], [sources[i]], lam, mode, group, where)
+            return solve.parts[0], used
+
+        def terms_of(value, dtype):
+            if not isinstance(value, list):
+                return None
+            terms = [value] if isinstance(value[0], Tensor) else value
+            return [[t.to(dtype) for t in term] for term in terms]
+
+        costs = [curv.inverse_cost(c, mode) for c in sources]
+        parts, used = self._dp.sharded_inverses(build, sources, costs, terms_of)
+        return curv.solve_from_parts(params, parts), used
+
     def _directions(self) -> Dict[str, Any]:
-        """Everything the step needs, computed without changing any state.
+        """Everything the step needs, computed without changing any optimizer state
+        (data-parallel: after averaging the gradients and captured curvature across ranks).
 
         Returns ``{"groups": [...], "state": {p: {key: value}}, "groups_state": [...]}``; each group
         entry has ``params``, ``grads`` and ``dirs`` (lists, parameters with a gradient).
         """
         k = self._step
+        if self._dp is not None:
+            self._sync(self._curvature_entries(k))
         captured = self._captured is not None and self._captured[0] == k
         pending: Dict[Tensor, Dict[str, Any]] = {}
         new_groups = [dict(s) for s in self._groups]
@@ -362,7 +478,7 @@ class CurvatureOptimizer(Optimizer):
             else:  # same curvature snapshot, new damping / mode, or rebuilt after load_state_dict
                 sources = snapshot
                 lam_build = gs["inv_damping_used"] if same_setup and gs["inv_damping_used"] else lam
-            solve, used = robust_inverse(curv, cparams, sources, lam_build, mode, group, f"param group {gi}")
+            solve, used = self._build_inverse(curv, cparams, sources, lam_build, mode, group, f"param group {gi}")
             new_solves[gi] = (key, solve)
             for p, c in zip(cparams, sources):
                 pending.setdefault(p, {})["inverse_of"] = c
@@ -472,18 +588,23 @@ class Preconditioner(CurvatureOptimizer):
         optimizer: the optimizer that applies the directions; ``kl_clip`` reads each parameter's
             ``lr`` from it at every step (so a scheduler can never leave the two out of sync).
         seed: seed of the optimizer's ``torch.Generator`` for MC targets (saved in the state).
+        process_group, check_sync: data-parallel training (:class:`NaturalGradient`,
+            :mod:`curvlib.optim.distributed`).
         **hyper: see :data:`CORE_DEFAULTS` and the README (curvature, fisher_type, mc_samples,
             kfac_approx, rank, damping, damping_mode, T_cov, T_inv, ema_decay, kl_clip,
             coarse_space, krylov, coarse_damping).
     """
 
-    def __init__(self, params, optimizer: Optional[Optimizer] = None, seed: Optional[int] = None, **hyper: Any):
+    def __init__(
+        self, params, optimizer: Optional[Optimizer] = None, seed: Optional[int] = None, *,
+        process_group: Any = AUTO, check_sync: bool = False, **hyper: Any,
+    ):
         unknown = set(hyper) - set(CORE_DEFAULTS)
         if unknown:
             raise TypeError(f"curvlib.optim.Preconditioner: unknown arguments {sorted(unknown)}.")
         defaults = dict(CORE_DEFAULTS, **hyper)
         self.optimizer = optimizer
-        super().__init__(params, defaults, seed)
+        super().__init__(params, defaults, seed, process_group=process_group, check_sync=check_sync)
         if optimizer is None and any(g["kl_clip"] is not None for g in self.param_groups):
             raise ValueError(
                 "curvlib.optim.Preconditioner: kl_clip needs the learning rate; pass the optimizer that "
