@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from curvlib.engine import coupling, state
 from curvlib.engine.capture import LayerCapture, Source, finite_or_raise
 from curvlib.engine.extension import Extension
+from curvlib.engine.columns import backprop_columns
 from curvlib.engine.layers import adapter_for
 from curvlib.engine.losses import loss_adapter_for
 from curvlib.engine.records import LayerCall, LossCall
@@ -32,10 +33,10 @@ class curvature:
     layer it reaches gets ``p.<savefield>`` for each of its parameters that require gradients
     (``p.kfac``, ``p.grad_batch``, ...: see each extension's docstring for shapes and scaling).
     When an extension needs ``"mc"`` or ``"type-2"`` cotangents, the engine generates them at the
-    (extended) loss and back-propagates all of them at once, batched with
-    ``torch.autograd.grad(..., is_grads_batched=True)``, from the model output to every
-    extended layer output, inside the same ``backward`` call; parameter gradients are
-    not computed for them.
+    (extended) loss and back-propagates them, in batched chunks
+    (:mod:`curvlib.engine.columns`), from the model output to every extended layer output,
+    inside the same ``backward`` call; parameter gradients are not computed for them.
+    Extensions that share a ``fisher_type`` share the columns (one back-propagation).
 
     Requirements (each violation raises an error that says what to do):
 
@@ -66,7 +67,8 @@ class curvature:
     parameters keep no stale result; other models keep theirs). Samples coupled by the forward (BatchNorm in training mode, see
     :mod:`curvlib.engine.coupling`) make exact and per-sample quantities raise and KFAC
     warn. An extended layer of a model that took part in a backward but received no call
-    (e.g. ``nn.MultiheadAttention.out_proj``, used functionally) is warned about once.
+    (e.g. its output does not reach the loss, or it is used through its parameters only) is
+    warned about once.
 
     ``generator``: the ``torch.Generator`` that draws the ``"mc"`` targets (``None``: the
     global RNG); an optimizer passes its own so that a checkpoint can restore the draws.
@@ -198,7 +200,7 @@ class curvature:
 
     def _end_backward(self) -> None:
         """After the backward: warn about adapted layers of the models that took part but
-        received no call (e.g. ``MultiheadAttention.out_proj``, called functionally)."""
+        received no call (unused, or applied functionally through its parameters)."""
         self._in_backward = False
         for root in self._roots.values():
             for name, sub in root.named_modules():
@@ -211,9 +213,9 @@ class curvature:
                     f"curvlib: the extended layer '{name}' ({type(sub).__name__}) of "
                     f"{type(root).__name__} took part in no call during a curvature backward "
                     "of its model, so its parameters get no curvature. A layer used through "
-                    "its parameters only (e.g. nn.MultiheadAttention's out_proj, applied by "
-                    "F.multi_head_attention_forward) is invisible to the hooks; a layer whose "
-                    "output does not reach the loss gets nothing either.",
+                    "its parameters only (e.g. a weight passed to a functional call) is invisible "
+                    "to the hooks; a layer whose output does not reach the loss gets nothing "
+                    "either.",
                     stacklevel=2,
                 )
 
@@ -318,19 +320,7 @@ class curvature:
         self.loss_calls.append(LossCall(loss, f, y, weight))
         with torch.no_grad():
             self._set_empirical_scale(loss, weight / adapter.normalization(loss, f, y))
-            cots: List[Tensor] = []
-            keys: List[Source] = []
-            for src in sorted(self.sources, key=str):
-                if src in ("grad", "empirical"):
-                    continue
-                if isinstance(src, tuple) and src[0] == "mc":
-                    S = adapter.mc_cotangents(loss, f, y, src[1], self.generator)
-                else:
-                    S = adapter.type2_cotangents(loss, f, y, exact=src == "type-2-exact")
-                if weight != 1.0:
-                    S = S * math.sqrt(weight)
-                cots.append(S)
-                keys.append(src)
+            cots, keys, derived = self._columns(adapter, loss, f, y, weight)
         if self.check_finite:
             finite_or_raise(cots, loss, "the loss curvature (model output)")
         # (calls recorded inside a backward are recomputations: never reached from here)
@@ -344,27 +334,67 @@ class curvature:
         sizes = [S.shape[0] for S in cots]
         state.IN_EXTRA_BACKWARD = True
         try:
-            V = torch.cat(cots)
-            edges = [c.output_edge for c in calls]
-            if V.shape[0] == 1:  # a single cotangent needs no batching
-                grads = torch.autograd.grad(
-                    f_graph, edges, V[0], retain_graph=True, allow_unused=True
-                )
-                grads = [None if g is None else g.unsqueeze(0) for g in grads]
-            else:
-                grads = _batched_grad(f_graph, edges, V, calls)
+            roots = [c.root if c.root is not None else c.module for c in calls]
+            grads = backprop_columns(
+                f_graph, [c.output_edge for c in calls], torch.cat(cots), roots,
+                [c.output_shape for c in calls],
+            )
         finally:
             state.IN_EXTRA_BACKWARD = False
         for call, g in zip(calls, grads):
             if g is None:
                 continue
-            for key, part in zip(keys, g.split(sizes)):
+            parts = dict(zip(keys, g.split(sizes)))
+            for key, (base, P) in derived.items():  # shared columns = sums of spread ones
+                parts[key] = parts[base].unflatten(0, (-1, P)).sum(1) if P > 1 else parts[base]
+            for key, part in parts.items():
                 if key is _PROBE:  # sample 0's output cotangent leaked into other samples?
                     if _same_batch(call, f) and bool(part[0, 1:].ne(0).any()):
                         self._leaks.add(call.uid)
                     continue
                 old = call.extra.get(key)
                 call.extra[key] = part if old is None else torch.cat([old, part])
+
+    def _columns(self, adapter, loss: nn.Module, f: Tensor, y: Optional[Tensor], weight: float):
+        """The loss's cotangent columns to back-propagate, one block per source, and the
+        sources derived from them without a backward of their own (canonical sources).
+
+        ``"type-2"`` (columns shared over the output positions) and ``"type-2-exact"`` (one
+        column per class and position) are the same columns when the output has one
+        position per sample (``[N, C]``); with ``P`` positions the shared column ``k`` is
+        the sum of the exact columns ``(k, p)`` over ``p``, and so is its back-propagation
+        (the backward is linear in the cotangent). Both requested (e.g. ``KFAC`` and
+        ``DiagGGN``, both ``fisher_type="type-2"``): only the exact columns are
+        back-propagated, ``"type-2"`` is summed from them.
+
+        Returns ``(cotangents, keys, derived)`` with ``derived``: key -> (base key, P).
+        """
+        cots: List[Tensor] = []
+        keys: List[Source] = []
+        derived: Dict[Source, Tuple[Source, int]] = {}
+        sources = set(self.sources) - {"grad", "empirical"}
+        poisoned = False
+        if sources and not bool(torch.isfinite(f).all()):
+            # sampling (torch.multinomial / bernoulli) fails on NaN with a torch error of its
+            # own: raise the engine's error here, or (check_finite=False, the distributed
+            # optimizer's mode) build the columns from a finite stand-in and poison them, so
+            # that the non-finite value reaches the captures and every rank raises in step()
+            if self.check_finite:
+                finite_or_raise(f, loss, "the model output (the loss input)")
+            f, poisoned = torch.nan_to_num(f, nan=0.0, posinf=0.0, neginf=0.0), True
+        if {"type-2", "type-2-exact"} <= sources:
+            derived["type-2"] = ("type-2-exact", adapter.type2_positions(f))
+            sources.discard("type-2")
+        for src in sorted(sources, key=str):
+            if isinstance(src, tuple) and src[0] == "mc":
+                S = adapter.mc_cotangents(loss, f, y, src[1], self.generator)
+            else:
+                S = adapter.type2_cotangents(loss, f, y, exact=src == "type-2-exact")
+            if weight != 1.0:
+                S = S * math.sqrt(weight)
+            cots.append(torch.full_like(S, float("nan")) if poisoned else S)
+            keys.append(src)
+        return cots, keys, derived
 
     def _set_empirical_scale(self, loss: nn.Module, kappa: float) -> None:
         """``sqrt(1 / kappa)``: the ``"empirical"`` source ``grad * scale`` then gives
@@ -424,7 +454,8 @@ class curvature:
         with torch.no_grad():
             for i, ext in enumerate(self.extensions):
                 self._run_extension(i, ext, capture)
-        self._processed.add(module)
+        # a part of a composite layer (attention's projections) counts for its owner
+        self._processed.add(module if isinstance(module, nn.Module) else module.owner)
         state.TAPE.pop(call.uid, None)
         call.release()
         self.num_captures += 1
@@ -477,48 +508,6 @@ def _same_batch(call: LayerCall, f: Tensor) -> bool:
         return False
     n = adapter_for(call.module).batch_size(call.module, call.input)
     return n == f.shape[0] and n > 1
-
-
-#: extended models whose backward has no batching rule for some operation (e.g. the
-#: ``out=`` kernels of ``torch.compile``d graphs): their cotangents go one at a time
-_NO_BATCHING: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
-
-
-def _batched_grad(f: Tensor, edges: list, V: Tensor, calls: List[LayerCall]) -> tuple:
-    """``torch.autograd.grad`` of ``f`` w.r.t. ``edges`` for the ``V.shape[0]`` cotangents ``V``.
-
-    One batched call (``is_grads_batched=True``, vmap over the backward graph). Where a
-    backward operation has no batching rule (a ``torch.compile``d model: its compiled
-    backward calls ``aten::mm.out``), falls back to one call per cotangent, with the same
-    results (warns once; remembered per extended model).
-    """
-    roots = [c.root if c.root is not None else c.module for c in calls]
-    batched = not any(r in _NO_BATCHING for r in roots)
-    if batched:
-        try:
-            return torch.autograd.grad(
-                f, edges, grad_outputs=V, retain_graph=True, allow_unused=True,
-                is_grads_batched=True,
-            )
-        except RuntimeError as e:
-            if "atching rule" not in str(e) and "vmap" not in str(e):
-                raise
-            warnings.warn(
-                "curvlib: the backward graph of this model cannot be batched over the "
-                f"{V.shape[0]} curvature cotangents (torch: {str(e).splitlines()[0]}); "
-                "back-propagating them one at a time instead (same result, slower). "
-                "This happens for torch.compile'd models with fisher_type 'type-2' or "
-                "mc_samples > 1.",
-                stacklevel=2,
-            )
-    cols = [
-        torch.autograd.grad(f, edges, grad_outputs=v, retain_graph=True, allow_unused=True)
-        for v in V
-    ]
-    grads = tuple(None if gs[0] is None else torch.stack(gs) for gs in zip(*cols))
-    if batched:  # remember the models this backward reached (not unrelated pending calls)
-        _NO_BATCHING.update(r for r, g in zip(roots, grads) if g is not None)
-    return grads
 
 
 __all__ = ["curvature"]

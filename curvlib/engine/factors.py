@@ -310,6 +310,9 @@ class BlockStructure:
     kind: str
     blocks: int = 1
     orientation: Optional[Orientation] = None
+    #: the activations are in the grouped layout (grouped convolutions: block ``b`` uses only its
+    #: slice of ``a``), so the per-sample gradients are not one ``sum_t s a^T``
+    grouped: bool = False
 
     @property
     def summed(self) -> bool:
@@ -323,12 +326,13 @@ class BlockStructure:
 
 def structure(capture: "LayerCapture", name: str = "weight") -> BlockStructure:
     """The :class:`BlockStructure` of parameter ``name`` of ``capture``'s layer."""
-    if capture.summed(name):
-        return BlockStructure("summed")
+    if capture.summed(name):  # a bias may be in the block form too (attention's in_proj_bias)
+        B = capture.adapter.bias_blocks(capture.module) if name == "bias" else 1
+        return BlockStructure("summed", B)
     orient = capture.orientation
     B = capture.adapter.blocks(capture.module)
     if B > 1:
-        return BlockStructure("blocks", B, orient)
+        return BlockStructure("blocks", B, orient, capture.adapter.grouped(capture.module))
     if type(capture.adapter).act_factor is not LayerAdapter.act_factor:
         return BlockStructure("diagonal", 1, orient)
     return BlockStructure("kronecker", 1, orient)

@@ -59,10 +59,12 @@ def extend(module: M) -> M:
     Returns:
         ``module`` itself, so ``model = extend(model)`` and ``extend(model)`` are the same.
 
-    For a model, every sub-layer with an adapter (Linear, ConvNd incl. grouped, ConvTransposeNd,
-    Embedding, LayerNorm, RMSNorm, GroupNorm, BatchNormNd; the table
-    ``curvlib.engine.layers.ADAPTERS``) is hooked; a sub-module that owns parameters but has no
-    adapter gets a warning naming it (its parameters get no curvature), and a layer an adapter
+    For a model, every sub-layer with an adapter (Linear, ConvNd and ConvTransposeNd incl.
+    grouped, Embedding, LayerNorm, RMSNorm, GroupNorm, BatchNormNd, MultiheadAttention; the table
+    ``curvlib.engine.layers.ADAPTERS``) is hooked (attention, which applies its parameters
+    functionally, records its projections through its adapter's interception); a sub-module
+    that owns parameters but has no adapter gets a warning naming it (its parameters get no
+    curvature), and a layer an adapter
     refuses (e.g. a configuration it does not support) raises here, naming it. For a loss
     (CrossEntropyLoss, NLLLoss, MSELoss, BCEWithLogitsLoss) the loss value is hooked so that
     ``fisher_type="mc"`` and ``"type-2"`` can back-propagate the loss's curvature; another
@@ -110,7 +112,11 @@ def extend(module: M) -> M:
         if adapter is not None:
             adapter.check(sub)
             if not getattr(sub, _FLAG, False):
-                sub.register_forward_hook(_layer_forward_hook)
+                if adapter.composite:
+                    sub.register_forward_pre_hook(_composite_pre_hook)
+                    sub.register_forward_hook(_composite_post_hook, always_call=True)
+                else:
+                    sub.register_forward_hook(_layer_forward_hook)
                 setattr(sub, _FLAG, True)
         elif any(p.requires_grad for p in sub.parameters(recurse=False)):
             warnings.warn(
@@ -147,11 +153,17 @@ def _root_post_hook(root: nn.Module, inputs, output) -> None:
 
 
 def _layer_forward_hook(module: nn.Module, inputs, output) -> None:
+    if not inputs or not isinstance(inputs[0], Tensor):
+        return
+    record_call(module, inputs[0], output)
+
+
+def record_call(module, x: Tensor, output) -> None:
+    """Record one call of an extended layer (or of a part of a composite layer, see
+    :meth:`~curvlib.engine.layers.base.LayerAdapter.intercept`): input ``x`` and ``output``."""
     if state.HOOKS_PAUSED:
         return
     if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
-        return
-    if not inputs or not isinstance(inputs[0], Tensor):
         return
     in_backward = _in_backward()
     if in_backward and state.IN_EXTRA_BACKWARD:
@@ -160,7 +172,7 @@ def _layer_forward_hook(module: nn.Module, inputs, output) -> None:
     call = LayerCall(
         module=module,
         root=root,
-        input=inputs[0].detach(),
+        input=x.detach(),
         output_edge=torch.autograd.graph.get_gradient_edge(output),
         output_shape=output.shape,
         root_inputs=root_inputs,
@@ -181,6 +193,26 @@ def _layer_forward_hook(module: nn.Module, inputs, output) -> None:
     calls.append(call)
     state.TAPE[call.uid] = call
     output.register_hook(functools.partial(_layer_output_hook, weakref.ref(call), module))
+
+
+#: interceptions of the composite layers whose forward is running (innermost last)
+_INTERCEPTS: List[Any] = []
+
+
+def _composite_pre_hook(module: nn.Module, args) -> None:
+    """A composite layer (``nn.MultiheadAttention``) applies its parameters functionally: its
+    adapter's interception records the parts while its forward runs."""
+    if state.HOOKS_PAUSED or not torch.is_grad_enabled():
+        return
+    cm = adapter_for(module).intercept(module, record_call)
+    cm.__enter__()
+    _INTERCEPTS.append((module, cm))
+
+
+def _composite_post_hook(module: nn.Module, args, output) -> None:
+    # always called (also when the forward raised): leave the interception of this forward
+    if _INTERCEPTS and _INTERCEPTS[-1][0] is module:
+        _INTERCEPTS.pop()[1].__exit__(None, None, None)
 
 
 def _layer_output_hook(ref: "weakref.ref[LayerCall]", module: nn.Module, grad: Tensor):

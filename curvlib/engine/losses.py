@@ -72,6 +72,13 @@ class LossAdapter:
         S = self._scale(loss, f, y, self.sqrt_hessian(f, y), 1.0)
         return spread_over_positions(S, self.class_dim % f.ndim) if exact else S
 
+    def type2_positions(self, f: Tensor) -> int:
+        """``P``: the output positions per sample, over which ``type2_cotangents(exact=True)``
+        spreads each shared column (``K = C P``; the shared column is the sum of its ``P``
+        spread columns)."""
+        cd = self.class_dim % f.ndim
+        return math.prod(s for d, s in enumerate(f.shape[1:], start=1) if d != cd)
+
     def mc_cotangents(
         self, loss: nn.Module, f: Tensor, y: Tensor, m: int, generator: Optional[torch.Generator] = None
     ) -> Tensor:

@@ -92,7 +92,7 @@ class ExactBlockFisher(Extension):
                 b = capture.sum_cot(name, src).sum(2)
                 b = b.reshape(-1, b.shape[-1])
                 out[name] = b.T @ b
-            elif form.kind == "blocks":  # grouped: from per-sample gradients
+            elif form.grouped:  # grouped: from per-sample gradients
                 U = capture.per_sample_grads(name, src).flatten(2).flatten(0, 1)
                 out[name] = U.T @ U
             else:

@@ -106,7 +106,7 @@ class LayerFactors:
             K = xb.shape[0]
             self.xb = xb.reshape(-1, xb.shape[-1])
         self.num_columns = K
-        if self.s is not None and structure(capture).kind == "blocks":
+        if self.s is not None and structure(capture).grouped:
             # grouped convolution: the per-sample gradients are not one outer product sum
             self.X = per_sample_grads(capture, "weight", source).flatten(1)
         elif mode == "materialized" and self.s is not None:

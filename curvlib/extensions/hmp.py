@@ -31,6 +31,7 @@ from typing import Any, ContextManager, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvlib.engine.capture import LayerCapture
 from curvlib.engine.hooks import hooks_paused
@@ -92,7 +93,8 @@ class HessianGraph:
         by_id = {id(p): leaf for p, leaf in zip(self.params, leaves)}
         state = {n: by_id.get(id(p), p.detach()) for n, p in root.named_parameters()}
         state.update({n: b.clone() for n, b in root.named_buffers()})
-        with torch.enable_grad(), hooks_paused():
+        # attention through the math kernel: the fused CPU kernel has no double backward
+        with torch.enable_grad(), hooks_paused(), sdpa_kernel(SDPBackend.MATH):
             with self._graph_mode():
                 f = functional_call(root, state, args, kwargs)
                 L = lc.module(f, lc.y) * lc.weight

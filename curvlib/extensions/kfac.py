@@ -146,17 +146,19 @@ class KFAC(Extension):
                 out[name] = [factors.kfac_summed_factor(capture, name, src)]
             return out
         if "weight" in params and not capture.summed("weight"):
-            # dense, diagonal-times-dense (Embedding: 1-D A) or block form (grouped convolutions)
+            # dense, diagonal-times-dense (Embedding: 1-D A) or block form (grouped conv, attention)
+            B = structure(capture).blocks
             G, A = factors.kfac_weight_factors(capture, src, self.kfac_approx)
             out["weight"] = capture.orientation.pair(G, A)
             self.act_index[id(params["weight"])] = capture.orientation.act_index
         if "bias" in params:
             sb = capture.bias_cot(src)
-            if G is None or G.dim() == 3 or sb is not capture.cot(src):
-                G = factors.kfac_cot_factor(sb, self.kfac_approx)
+            Bb = structure(capture, "bias").blocks  # block form (attention's in_proj_bias)
+            if G is None or sb is not capture.cot(src) or B != Bb:
+                G = factors.kfac_cot_factor(sb, self.kfac_approx, Bb)
             out["bias"] = [G]
         if self.cross:
-            if structure(capture).kind == "blocks":
+            if structure(capture).kind == "blocks" or structure(capture, "bias").blocks > 1:
                 raise NotImplementedError(
                     f"curvlib: KFAC(cross_layer=True) does not support the grouped {capture.module} "
                     "yet; use cross_layer=False."

@@ -348,7 +348,7 @@ class KroneckerSVDExtension(Extension):
         params, bias_block, block = capture.params, None, None
         if has_summed_params(capture):  # norm layers: exact blocks, one term each
             return self._summed_blocks(capture)
-        if "weight" in params and structure(capture).kind == "blocks":
+        if "weight" in params and structure(capture).grouped:
             raise NotImplementedError(
                 f"curvlib: {type(self).__name__} does not support the grouped {capture.module} "
                 "yet (its block is block-diagonal over groups, not one Kronecker rearrangement); "

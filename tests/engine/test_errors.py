@@ -12,11 +12,6 @@ def test_layer_without_adapter_warns_with_its_name():
         extend(nn.Sequential(nn.Linear(3, 3), nn.PReLU(3)))
 
 
-def test_grouped_transposed_convolution_is_refused_at_extend():
-    with pytest.raises(NotImplementedError, match="groups=2"):
-        extend(nn.Sequential(nn.ConvTranspose2d(2, 4, 3, groups=2)))
-
-
 def test_unsupported_loss_is_refused():
     with pytest.raises(NotImplementedError, match="L1Loss"):
         extend(nn.L1Loss())

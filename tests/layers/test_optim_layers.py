@@ -26,7 +26,7 @@ class Net(nn.Module):
 
 def dense(factors):
     if len(factors) == 1:
-        return factors[0]
+        return torch.block_diag(*factors[0]) if factors[0].dim() == 3 else factors[0]
     F1, F2 = factors
     if F1.dim() == 3:
         return torch.block_diag(*[torch.kron(a, b) for a, b in zip(F1, F2)])
@@ -34,9 +34,27 @@ def dense(factors):
     return torch.kron(as_mat(F1), as_mat(F2))
 
 
-def test_kfac_step_on_embedding_norm_and_grouped_conv():
-    model, loss_fn = extend(Net()), extend(nn.CrossEntropyLoss())
-    x, y = torch.randint(0, 11, (5, 6)), torch.randint(0, 3, (5,))
+class AttentionNet(nn.Module):
+    """Cross-attention (in_proj in the block form, in_proj_bias [G [3, E, E]]) and a grouped
+    transposed convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.att = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.convt = nn.ConvTranspose1d(4, 6, 2, groups=2)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, z):
+        q, m = z[:, :3], z[:, 3:]
+        h = self.att(q, m, m, need_weights=False)[0].transpose(1, 2)
+        return self.head(torch.tanh(self.convt(h)).mean(-1))
+
+
+@pytest.mark.parametrize("make", [Net, AttentionNet])
+def test_kfac_step_on_embedding_norm_and_grouped_conv(make):
+    model, loss_fn = extend(make()), extend(nn.CrossEntropyLoss())
+    x = torch.randint(0, 11, (5, 6)) if make is Net else torch.randn(5, 7, 4)
+    y = torch.randint(0, 3, (5,))
     before = [p.detach().clone() for p in model.parameters()]
     opt = NaturalGradient(model.parameters(), lr=LR, curvature="kfac", fisher_type="type-2", damping=LAM,
                           damping_mode="exact", T_cov=1, T_inv=1, kl_clip=None, momentum=0.0, weight_decay=0.0)
@@ -51,4 +69,7 @@ def test_kfac_step_on_embedding_norm_and_grouped_conv():
         forms[tuple(f.dim() for f in p.kfac)] = True
         step = torch.linalg.solve(C + LAM * torch.eye(C.shape[0]), p.grad.flatten())
         torch.testing.assert_close((p.detach() - b).flatten(), -LR * step)
-    assert (1, 2) in forms and (3, 3) in forms  # the diagonal and the block form took part
+    if make is Net:
+        assert (1, 2) in forms and (3, 3) in forms  # the diagonal and the block form took part
+    else:
+        assert (3, 3) in forms and (3,) in forms  # block-form weights and the in_proj_bias

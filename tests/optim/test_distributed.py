@@ -228,6 +228,18 @@ def _case_non_finite(rank, tmp):
         nn.CrossEntropyLoss()(model2(xb), yl).backward()
     with pytest.raises(FloatingPointError, match=r"rank\(s\) \[0\] of 2"):
         opt2.step()
+    # mc: NaN logits on rank 1 alone used to fail inside its own backward (torch.multinomial)
+    # while rank 0 waited in step(); now both raise in step()
+    model4 = _net()
+    opt4 = NaturalGradient(model4.parameters(), lr=0.1, fisher_type="mc", **HYPER)
+    xm = xl.clone()
+    if rank == 1:
+        xm[0, 0, 0, 0] = float("nan")
+    opt4.zero_grad()
+    with opt4.capture():
+        loss_fn(model4(xm), yl).backward()
+    with pytest.raises(FloatingPointError, match=r"rank\(s\) \[1\] of 2"):
+        opt4.step()
     # the next batch trains on both ranks (no deadlock)
     _train(model, opt, _batches(1, seed=9), rank=rank, ddp=ddp)
     # check_sync catches parameters that drifted apart

@@ -1,6 +1,7 @@
 """An adapted layer that takes part in no call during a captured backward gets no curvature:
-warned once per layer (issue 7, item 6; ``nn.MultiheadAttention.out_proj`` is applied by
-``F.multi_head_attention_forward``, never called as a module)."""
+warned once per layer (issue 7, item 6). ``nn.MultiheadAttention.out_proj``, applied by
+``F.multi_head_attention_forward`` and never called as a module, is recorded by the attention
+adapter (issue 8): no warning for it."""
 import warnings
 
 import pytest
@@ -28,13 +29,12 @@ def transformer():
     return model, extend(nn.CrossEntropyLoss()), torch.randn(4, 5, 4), torch.randint(0, 3, (4,))
 
 
-def test_multihead_attention_out_proj_is_warned_once():
+def test_multihead_attention_out_proj_is_not_warned_and_gets_curvature():
     model, loss_fn, x, y = transformer()
-    msgs = run(model, loss_fn, x, y)
-    assert len(msgs) == 1 and "'enc.self_attn.out_proj'" in msgs[0]
-    assert not hasattr(model.enc.self_attn.out_proj.weight, "kfac")
-    assert hasattr(model.enc.linear1.weight, "kfac")
-    assert run(model, loss_fn, x, y) == []  # once per layer
+    assert run(model, loss_fn, x, y) == []
+    att = model.enc.self_attn
+    for p in (att.out_proj.weight, att.out_proj.bias, att.in_proj_weight, att.in_proj_bias, model.enc.linear1.weight):
+        assert hasattr(p, "kfac")
 
 
 def test_layer_not_reaching_the_loss_is_warned():
@@ -49,8 +49,10 @@ def test_layer_not_reaching_the_loss_is_warned():
             return self.used(x)
 
     model = extend(Unused())
-    msgs = run(model, extend(nn.CrossEntropyLoss()), torch.randn(5, 4), torch.randint(0, 3, (5,)))
+    loss_fn, x, y = extend(nn.CrossEntropyLoss()), torch.randn(5, 4), torch.randint(0, 3, (5,))
+    msgs = run(model, loss_fn, x, y)
     assert len(msgs) == 1 and "'spare'" in msgs[0]
+    assert run(model, loss_fn, x, y) == []  # once per layer
 
 
 def test_no_warning_when_every_layer_is_called():

@@ -5,6 +5,7 @@ from typing import Dict, Optional, Type
 
 from torch import nn
 
+from curvlib.engine.layers.attention import MultiheadAttentionAdapter, ProjectionAdapter
 from curvlib.engine.layers.base import LayerAdapter
 from curvlib.engine.layers.conv import ConvAdapter
 from curvlib.engine.layers.conv_transpose import ConvTransposeAdapter
@@ -24,6 +25,7 @@ def register_adapter(adapter: LayerAdapter) -> None:
 for _a in (
     LinearAdapter(), ConvAdapter(), ConvTransposeAdapter(), EmbeddingAdapter(),
     LayerNormAdapter(), RMSNormAdapter(), GroupNormAdapter(), BatchNormAdapter(),
+    MultiheadAttentionAdapter(), ProjectionAdapter(),
 ):
     register_adapter(_a)
 

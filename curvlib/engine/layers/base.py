@@ -46,10 +46,34 @@ class LayerAdapter:
         raise NotImplementedError
 
     def blocks(self, module: nn.Module) -> int:
-        """``B``: the weight is block-diagonal over ``B`` groups (grouped convolutions):
-        output rows ``[b m, (b+1) m)`` use only activation entries ``[b n, (b+1) n)``, and
-        ``p.kfac = [G [B, m, m], A [B, n, n]]`` (DESIGN.md §2). ``1``: one dense pair."""
+        """``B``: KFAC gives the weight in the block form ``p.kfac = [G [B, m, m], A [B, n, n]]``
+        (DESIGN.md §2) over ``B`` slices of the weight's rows; ``1``: one dense pair. The
+        cotangent side ``s`` is ``[.., B m]`` with slice ``b`` belonging to block ``b``; the
+        activation side is laid out as :meth:`grouped` says."""
         return 1
+
+    def grouped(self, module: nn.Module) -> bool:
+        """Whether the activations are in the *grouped* layout (grouped convolutions): ``a`` is
+        ``[N, T, B n]`` and block ``b`` uses only the slice ``[b n, (b+1) n)``, so that the
+        per-sample gradient is not the plain ``sum_t s a^T`` (:meth:`per_sample_weight` and the
+        extensions' grouped paths apply). ``False`` with ``B > 1``: ``a`` is ``[N, T, n]`` shared
+        by all blocks (the weight is an ordinary ``[B m, n]`` matrix, e.g. the stacked q/k/v
+        projections of attention) and :meth:`act_factor` must give the ``[B, n, n]`` factor."""
+        return self.blocks(module) > 1
+
+    def bias_blocks(self, module: nn.Module) -> int:
+        """``B`` of the bias factor ``p.kfac = [G [B, m, m]]`` (``1``: dense ``[G]``)."""
+        return 1
+
+    #: composite layers (``nn.MultiheadAttention``) apply their parameters functionally: instead
+    #: of one forward hook, :meth:`intercept` gives the context manager that records their parts
+    composite: ClassVar[bool] = False
+
+    def intercept(self, module: nn.Module, record):
+        """For :attr:`composite` adapters: a context manager active during ``module``'s forward
+        that calls ``record(part, x, y)`` for every linear part (``part`` a layer-like object
+        with its own adapter, ``x`` its input ``[N, ...]``, ``y`` its output in the graph)."""
+        raise NotImplementedError
 
     def act_count(self, module: nn.Module, x: Tensor) -> Optional[int]:
         """Rows ``N T`` of :meth:`activations`, if known without forming them (else ``None``)."""

@@ -24,13 +24,19 @@ from curvlib.engine.layers.base import LayerAdapter
 from curvlib.engine.unfold import unfold
 
 
-def check_groups(module: nn.Module) -> None:
-    """Refusal for layers without grouped support (transposed convolutions)."""
-    if module.groups != 1:
-        raise NotImplementedError(
-            f"curvlib: {module} has groups={module.groups}; only groups=1 is supported "
-            "for convolutions. Replace it by a groups=1 layer or leave it out of extend()."
-        )
+def grouped_per_sample(s: Tensor, a: Tensor, B: int, act_side: str, out: Tensor) -> Tensor:
+    """Per-sample gradients of a grouped weight written to ``out``: ``X_{k,n}[b] = sum_t
+    s_{k,n,t,b} a_{n,t,b}^T`` (``act_side="right"``, weight rows ``[B m, n]``) or its transpose
+    ``sum_t a s^T`` (``"left"``, rows ``[B n, m]``), one batched einsum; ``s [K, N, T, B m]``,
+    ``a [N, T, B n]`` in the grouped layout (slice ``b`` of the last dimension is group ``b``)."""
+    eq = "kntbo,ntbi->knboi" if act_side == "right" else "kntbo,ntbi->knbio"
+    X = torch.einsum(
+        eq,
+        rearrange(s, "k n t (b o) -> k n t b o", b=B),
+        rearrange(a, "n t (b i) -> n t b i", b=B),
+    )
+    out.view(X.shape).copy_(X)
+    return out
 
 
 def unbatched(module: nn.Module, x: Tensor) -> bool:
@@ -46,18 +52,9 @@ class ConvAdapter(LayerAdapter):
         return module.groups
 
     def per_sample_weight(self, module: nn.Module, s: Tensor, x: Tensor, out: Tensor):
-        B = module.groups
-        if B == 1:
+        if module.groups == 1:
             return None
-        a = self.activations(module, x)
-        K, N = s.shape[:2]
-        X = torch.einsum(
-            "kntbo,ntbi->knboi",
-            rearrange(s, "k n t (b o) -> k n t b o", b=B),
-            rearrange(a, "n t (b i) -> n t b i", b=B),
-        )
-        out.view(X.shape).copy_(X)
-        return out
+        return grouped_per_sample(s, self.activations(module, x), module.groups, "right", out)
 
     def batch_size(self, module: nn.Module, x: Tensor) -> int:
         return 1 if unbatched(module, x) else x.shape[0]

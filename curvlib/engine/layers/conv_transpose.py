@@ -1,4 +1,4 @@
-"""Transposed convolutions ``ConvTranspose1d/2d/3d`` (groups = 1).
+"""Transposed convolutions ``ConvTranspose1d/2d/3d``, incl. grouped / depthwise ones.
 
 ``y[o] = sum_{i, k: o = i*stride - pad + k*dil} W[:, :, k]^T x[i]``, hence for weight
 ``[C_in, C_out, *k]`` viewed as ``[C_in, C_out * prod(k)]``:
@@ -11,6 +11,15 @@ stride, padding and dilation. So the activation side is the *left* factor here: 
 second (``C_out*prod(k)`` squared) from the output gradients, which keeps
 ``torch.kron(G, A)`` the curvature block of ``p.flatten()``. The bias gradient sums the
 output gradient over output positions.
+
+Grouped (``groups = B > 1``): group ``b`` maps input channels ``[b C_in/B, (b+1) C_in/B)`` to
+output channels ``[b C_out/B, (b+1) C_out/B)`` with the weight rows ``[b C_in/B, (b+1) C_in/B)``
+(weight ``[C_in, C_out/B, *k]``). Both sides are channel-major, so group ``b`` owns the slices
+``b`` of ``a`` (``C_in/B`` entries) and of the output-gradient patches (``C_out/B prod(k)``):
+KFAC gives the block form ``p.kfac = [A [B, n, n], G [B, m, m]]`` (activation side first, as for
+``groups = 1``), each pair that of the group as a separate transposed convolution, and the
+per-sample gradients are ``X_n[b] = sum_i x_{n,i,b} unfold(g_n)_{i,b}^T`` (one batched einsum),
+which the exact extensions use (cross-group terms included). The bias keeps its dense ``[G]``.
 """
 from __future__ import annotations
 
@@ -19,7 +28,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from curvlib.engine.layers.base import LayerAdapter
-from curvlib.engine.layers.conv import check_groups, unbatched
+from curvlib.engine.layers.conv import grouped_per_sample, unbatched
 from curvlib.engine.unfold import unfold
 
 
@@ -27,8 +36,15 @@ class ConvTransposeAdapter(LayerAdapter):
     module_types = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
     act_side = "left"
 
+    def blocks(self, module: nn.Module) -> int:
+        return module.groups
+
+    def per_sample_weight(self, module: nn.Module, s: Tensor, x: Tensor, out: Tensor):
+        if module.groups == 1:
+            return None
+        return grouped_per_sample(s, self.activations(module, x), module.groups, "left", out)
+
     def check(self, module: nn.Module) -> None:
-        check_groups(module)
         if module.padding_mode != "zeros":
             raise NotImplementedError(
                 f"curvlib: {module} uses padding_mode={module.padding_mode!r}; "

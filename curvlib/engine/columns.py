@@ -1,0 +1,125 @@
+"""Back-propagation of the curvature columns from the loss input to the layer outputs.
+
+For ``K`` output cotangents ``V [K, *f.shape]`` (the loss-Hessian square root for
+``"type-2"``, sampled gradients for ``"mc"``) the engine needs ``J_l^T V_k`` at every
+extended layer output ``l``: ``K`` vector-Jacobian products through the recorded graph,
+one result ``[K, *output_l.shape]`` per layer.
+
+How (measured on CPU, torch 2.13, ``benchmarks/bench_kfac.py`` and
+``benchmarks/bench_cg_newton.py``; see the README's benchmark section):
+
+- ``torch.autograd.grad(..., is_grads_batched=True)`` runs the backward graph once on
+  batched cotangents (torch's *legacy* vmap). For small activations (MLPs) that beats one
+  backward per column: fewer, larger kernels. For large activations (convolutions) it loses:
+  every backward op then streams ``K`` times the activation through memory instead of
+  working in cache, some ops have slow broadcasting kernels (``threshold_backward`` of
+  ReLU), and some have no batching rule at all and are looped inside the batched call
+  anyway (``max_pool2d_with_indices_backward``: one kernel, zero-fill and a final copy
+  per column).
+- So the columns go in *chunks* of at most :data:`CHUNK_BYTES` bytes of the largest layer
+  output per chunk (``chunk = CHUNK_BYTES // (bytes of one column there)``, at least 1): all
+  ``K`` at once for an MLP, a few at a time for a CNN. This also bounds the memory the
+  backward's intermediates take (a chunk's, not all ``K`` columns'); the results are
+  written into one preallocated ``[K, ...]`` tensor per layer (no final concatenation).
+- A model whose backward cannot be batched at all (``torch.compile``: ``aten::mm.out``
+  has no batching rule) goes one column at a time (warned once, remembered per model).
+
+Alternatives measured and not taken: ``torch.func.vmap`` over ``torch.autograd.grad``
+(better batching rules, but slower than the legacy path on these models: extra copies),
+and re-running the forward with the batch enlarged to ``K N`` (one backward, but ``K``
+forwards: 3-4x slower on the CNNs).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from typing import List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+#: bytes of the largest layer output per chunk of columns (module docstring)
+CHUNK_BYTES = 8 * 2**20
+
+#: extended models whose backward has no batching rule for some operation (e.g. the
+#: ``out=`` kernels of ``torch.compile``d graphs): their cotangents go one at a time
+_NO_BATCHING: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def column_chunk(V: Tensor, shapes: Sequence[Sequence[int]]) -> int:
+    """Columns per batched backward: ``CHUNK_BYTES`` over the bytes of one column of the
+    largest of ``V``'s own column and the layer outputs ``shapes`` (at least 1)."""
+    per_column = max([math.prod(V.shape[1:])] + [math.prod(s) for s in shapes]) * V.element_size()
+    return max(1, CHUNK_BYTES // max(per_column, 1))
+
+
+def backprop_columns(
+    f: Tensor, edges: list, V: Tensor, roots: List[nn.Module], shapes: Sequence[Sequence[int]]
+) -> tuple:
+    """``torch.autograd.grad`` of ``f`` w.r.t. ``edges`` for the ``V.shape[0]`` cotangents
+    ``V``: one ``[K, *shape]`` tensor per edge (``None`` where ``f`` does not depend on it).
+
+    Args:
+        f: the loss input (with its graph); ``V`` ``[K, *f.shape]``.
+        edges: gradient edges of the layer outputs; ``shapes`` their shapes.
+        roots: the extended model (or layer) of each edge, for the no-batching memory.
+
+    The graph is retained. Chunks and fallback: module docstring.
+    """
+    K = V.shape[0]
+    batched = K > 1 and not any(r in _NO_BATCHING for r in roots)
+    chunk = column_chunk(V, shapes) if batched else 1
+    out: List[Optional[Tensor]] = [None] * len(edges)
+    reached = [False] * len(edges)
+    fell_back = False
+    start = 0
+    while start < K:
+        Vc = V[start : start + chunk]
+        grads = None
+        if Vc.shape[0] > 1:
+            grads = _try_batched(f, edges, Vc, roots)
+            if grads is None:  # no batching rule: one column at a time from here on
+                chunk, fell_back = 1, True
+                continue
+        else:
+            grads = torch.autograd.grad(f, edges, Vc[0], retain_graph=True, allow_unused=True)
+            grads = [None if g is None else g.unsqueeze(0) for g in grads]
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            reached[i] = True
+            if out[i] is None:
+                if g.shape[0] == K:  # everything in one chunk: no copy
+                    out[i] = g
+                    continue
+                out[i] = g.new_empty((K,) + tuple(g.shape[1:]))
+            out[i][start : start + g.shape[0]] = g
+        start += Vc.shape[0]
+    if fell_back:  # fell back: remember the models it reached
+        _NO_BATCHING.update(r for r, hit in zip(roots, reached) if hit)
+    return tuple(out)
+
+
+def _try_batched(f: Tensor, edges: list, Vc: Tensor, roots: List[nn.Module]) -> Optional[tuple]:
+    """One batched backward (``is_grads_batched``); ``None`` (warned once) where an
+    operation of the backward has no batching rule (a ``torch.compile``d model: its
+    compiled backward calls ``aten::mm.out``)."""
+    try:
+        return torch.autograd.grad(
+            f, edges, grad_outputs=Vc, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+    except RuntimeError as e:
+        if "atching rule" not in str(e) and "vmap" not in str(e):
+            raise
+        warnings.warn(
+            "curvlib: the backward graph of this model cannot be batched over the "
+            f"curvature cotangents (torch: {str(e).splitlines()[0]}); back-propagating them "
+            "one at a time instead (same result, slower). This happens for torch.compile'd "
+            "models with fisher_type 'type-2' or mc_samples > 1.",
+            stacklevel=3,
+        )
+        return None
+
+
+__all__ = ["backprop_columns", "column_chunk", "CHUNK_BYTES"]
