@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from curvlib.engine import coupling, state
 from curvlib.engine.capture import LayerCapture, Source, finite_or_raise
+from curvlib.engine.extension import Extension
 from curvlib.engine.columns import backprop_columns
 from curvlib.engine.layers import adapter_for
 from curvlib.engine.losses import loss_adapter_for
@@ -96,10 +97,8 @@ class curvature:
     """
 
     def __init__(self, *extensions, generator: Optional[torch.Generator] = None, check_finite: bool = True):
-        for ext in extensions:  # duck-typed: the engine does not import the extensions
-            if isinstance(ext, type) or not all(
-                hasattr(ext, a) for a in ("savefield", "check_finite", "sources", "compute", "begin", "finish")
-            ):
+        for ext in extensions:  # the engine's contract; it does not import the extensions
+            if not isinstance(ext, Extension):
                 raise TypeError(
                     f"curvlib.curvature expects extension instances (e.g. KFAC()), got {ext!r}."
                 )
@@ -300,7 +299,9 @@ class curvature:
             )
 
     # ------------------------------------------------------------------- loss
-    def _process_loss(self, loss: nn.Module, f: Tensor, y: Optional[Tensor], w: Tensor) -> None:
+    def process_loss(self, loss: nn.Module, f: Tensor, y: Optional[Tensor], w: Tensor) -> None:
+        """The backward reached the extended ``loss`` (input ``f``, target ``y``, ``w = d
+        objective / d loss``): back-propagate the curvature cotangents to the pending layer calls."""
         adapter = loss_adapter_for(loss)
         adapter.check(loss)
         if f.numel() == 0:
@@ -413,7 +414,9 @@ class curvature:
         self.empirical_scale = 1.0 / math.sqrt(kappa) if kappa > 0 else 0.0
 
     # ------------------------------------------------------------------ layer
-    def _process_layer(self, call: LayerCall, grad: Tensor) -> None:
+    def process_layer(self, call: LayerCall, grad: Tensor) -> None:
+        """The backward reached the output of ``call``'s layer with gradient ``grad``: run the
+        extensions on its capture."""
         module = call.module
         if call.repeated:
             raise NotImplementedError(
@@ -457,7 +460,7 @@ class curvature:
         call.release()
         self.num_captures += 1
 
-    def _run_extension(self, i: int, ext: Any, capture: LayerCapture) -> None:
+    def _run_extension(self, i: int, ext: Extension, capture: LayerCapture) -> None:
         """``ext.compute`` and store, accumulating over the backwards of this context."""
         b = capture.backward
         earlier: Dict[str, Any] = {}

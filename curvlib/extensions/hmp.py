@@ -35,7 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvlib.engine.capture import LayerCapture
 from curvlib.engine.hooks import hooks_paused
-from curvlib.engine.records import LossCall
+from curvlib.engine.records import LossCall, Objective
 from curvlib.extensions.base import Extension
 from curvlib.extensions.operator import ParameterOperator, SumOperator
 
@@ -44,18 +44,28 @@ class HessianGraph:
     """The gradient of one recorded objective, built with ``create_graph=True`` on demand.
 
     Args:
-        root: the extended model; ``root_inputs``: ``(args, kwargs)`` of its forward.
-        loss_call: the extended loss reached by the backward (module, input, target, weight).
+        objective: the recorded objective (the extended model, the ``(args, kwargs)`` of its
+            forward, and the extended loss reached by the backward: module, input, target, weight).
     """
 
-    def __init__(self, root: nn.Module, root_inputs: Tuple[tuple, Dict[str, Any]], loss_call: LossCall):
-        self.root = root
-        self.root_inputs = root_inputs
-        self.loss_call = loss_call
+    def __init__(self, objective: Objective):
+        self.objective = objective
         self.params: List[nn.Parameter] = []  # parameters with Hessian products
         self._versions: List[int] = []
         self._leaves: Optional[List[Tensor]] = None
         self._grads: Optional[List[Tensor]] = None
+
+    @property
+    def root(self) -> nn.Module:
+        return self.objective.root
+
+    @property
+    def root_inputs(self) -> Tuple[tuple, Dict[str, Any]]:
+        return self.objective.inputs
+
+    @property
+    def loss_call(self) -> LossCall:
+        return self.objective.loss
 
     def add(self, p: nn.Parameter) -> None:
         if not any(p is q for q in self.params):
@@ -254,31 +264,16 @@ class HMP(Extension):
 
     def compute(self, capture: LayerCapture) -> Dict[str, Any]:
         module = capture.module
-        if capture.root is None or capture.root_inputs is None:
-            raise RuntimeError(
-                f"curvlib: HMP needs {module} to be called inside the forward of an extended "
-                "model: model = curvlib.extend(model); loss_fn(model(x), y).backward()."
-            )
-        if not capture.loss_calls:
-            raise RuntimeError(
-                f"curvlib: HMP needs the extended loss that {module} feeds: "
-                "loss_fn = curvlib.extend(torch.nn.CrossEntropyLoss()) (or MSELoss, ...)."
-            )
-        if len(capture.loss_calls) > 1:
-            raise NotImplementedError(
-                f"curvlib: HMP found {len(capture.loss_calls)} extended losses in one backward; "
-                "it re-evaluates one loss only. Use GGNMP, or one loss per backward."
-            )
-        lc = capture.loss_calls[-1]
+        obj = capture.objective("HMP")
         g = self._graphs[-1] if self._graphs else None
-        if g is None or g.loss_call is not lc:  # a new backward: a new objective
-            g = self.graph_class(capture.root, capture.root_inputs, lc)
+        if g is None or g.loss_call is not obj.loss:  # a new backward: a new objective
+            g = self.graph_class(obj)
             self._graphs.append(g)
             self._layers.append({})
-        elif g.root is not capture.root:
+        elif g.root is not obj.root:
             raise NotImplementedError(
                 f"curvlib: HMP found layers of two extended models ({type(g.root).__name__} "
-                f"and {type(capture.root).__name__}) in one backward; extend only the "
+                f"and {type(obj.root).__name__}) in one backward; extend only the "
                 "outermost model whose output feeds the loss."
             )
         params = list(capture.params.values())
