@@ -1,4 +1,5 @@
-"""Independent references for the tests: dense quantities from ``torch.func``."""
+"""Independent references for the tests: dense quantities from ``torch.func`` and curvlinops;
+and the one-backward helper :func:`run`. The models are in :mod:`tests.zoo`."""
 from __future__ import annotations
 
 from typing import Dict, List
@@ -6,6 +7,8 @@ from typing import Dict, List
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, hessian, jacrev, vmap
+
+from curvlib import curvature
 
 
 def per_sample_grads(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor) -> Dict[str, Tensor]:
@@ -36,3 +39,46 @@ def param_slices(model: nn.Module) -> List[slice]:
         out.append(slice(i, i + p.numel()))
         i += p.numel()
     return out
+
+
+def run(model, loss_fn, x, y, *exts):
+    loss = loss_fn(model(x), y)
+    with curvature(*exts):
+        loss.backward()
+
+
+def close(a, b, scale, rtol=1e-6):
+    torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * float(scale))
+
+
+def dense_ef(model, loss_fn, x, y):
+    from curvlinops import EFLinearOperator
+
+    params = list(model.parameters())
+    E = EFLinearOperator(model, loss_fn, params, [(x, y)], check_deterministic=False)
+    return E @ torch.eye(E.shape[1])
+
+
+def curvlinops_blocks(model, loss_fn, x, y, **kw):
+    from curvlinops import KFACLinearOperator
+
+    params = list(model.parameters())
+    K = KFACLinearOperator(model, loss_fn, params, [(x, y)], check_deterministic=False, **kw)
+    D = sum(p.numel() for p in params)
+    dense = K @ torch.eye(D)
+    return [dense[s, s] for s in param_slices(model)]
+
+
+def exact_blocks(model, loss_fn, x, y, fisher_type):
+    """Dense curvature blocks, one per parameter (p.flatten() order)."""
+    if fisher_type == "type-2":
+        F = dense_ggn(model, loss_fn, x, y)
+        return [F[sl, sl] for sl in param_slices(model)]
+    psg = per_sample_grads(model, loss_fn, x, y)
+    scale = 1 / x.shape[0] if loss_fn.reduction == "mean" else 1.0
+    return [scale * g.flatten(1).T @ g.flatten(1) for g in psg.values()]
+
+
+def rearrange_dense(F, d0, d1):
+    """Van Loan rearrangement: R[(i,k),(a,b)] = F[(i,a),(k,b)], so kron(U, V) <-> vec(U) vec(V)^T."""
+    return F.reshape(d0, d1, d0, d1).permute(0, 2, 1, 3).reshape(d0 * d0, d1 * d1)

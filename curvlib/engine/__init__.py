@@ -2,6 +2,7 @@
 from curvlib.engine.capture import LayerCapture, source_key
 from curvlib.engine.context import curvature
 from curvlib.engine.coupling import is_coupling, register_coupling
+from curvlib.engine.extension import Extension
 from curvlib.engine.hooks import extend
 from curvlib.engine.layers import LayerAdapter, adapter_for, register_adapter
 from curvlib.engine.losses import LossAdapter, loss_adapter_for
@@ -10,6 +11,7 @@ __all__ = [
     "extend",
     "curvature",
     "LayerCapture",
+    "Extension",
     "source_key",
     "LayerAdapter",
     "adapter_for",

@@ -22,8 +22,9 @@ from typing import Any, Dict, Hashable, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from curvlib.engine import factors
 from curvlib.engine.layers.base import LayerAdapter
-from curvlib.engine.records import LossCall
+from curvlib.engine.records import LossCall, Objective
 
 Source = Hashable
 
@@ -94,6 +95,11 @@ class LayerCapture:
     @property
     def act_side(self) -> str:
         return self.adapter.act_side
+
+    @property
+    def orientation(self) -> "factors.Orientation":
+        """The weight's :class:`~curvlib.engine.factors.Orientation` (which side ``a`` is on)."""
+        return factors.orientation(self.adapter.act_side)
 
     @property
     def params(self) -> Dict[str, nn.Parameter]:
@@ -195,23 +201,34 @@ class LayerCapture:
             self._bias_cot[key] = self.adapter.param_cotangents(self.module, name, self._raw(source), self.x)
         return self._bias_cot[key]
 
+    def objective(self, who: str = "HMP") -> Objective:
+        """The objective of this backward as one record (root model, its inputs, the loss).
+
+        Raises (naming ``who``, the extension that needs it) if the layer was not called inside
+        an extended model's forward, or the backward reached no extended loss. With several
+        extended losses (a GAN's two terms) the record holds the first; :attr:`loss_calls` has
+        them all.
+        """
+        if self.root is None or self.root_inputs is None:
+            raise RuntimeError(
+                f"curvlib: {who} needs {self.module} to be called inside the forward of an extended "
+                "model: model = curvlib.extend(model); loss_fn(model(x), y).backward()."
+            )
+        if not self.loss_calls:
+            raise RuntimeError(
+                f"curvlib: {who} needs the extended loss that {self.module} feeds: "
+                "loss_fn = curvlib.extend(torch.nn.CrossEntropyLoss()) (or MSELoss, ...)."
+            )
+        return Objective(self.root, self.root_inputs, self.loss_calls[0])
+
     def per_sample_grads(self, name: str, source: Source) -> Tensor:
         """Per-sample gradients ``[K, N, *p.shape]`` of parameter ``name``.
 
         ``X_{k,n} = sum_t s_{k,n,t} a_{n,t}^T`` (or its transpose for left-side
         layers), ``sum_t s'_{k,n,t}`` for the bias.
         """
-        p = self.params[name]
-        if self.summed(name):
-            return self.sum_cot(name, source).sum(2).reshape(-1, self.batch_size, *p.shape)
-        s = self.cot(source)
-        out = s.new_empty(s.shape[0], s.shape[1], *p.shape)
-        if self.structured_weight(s, out) is not None:
-            return out
-        a = self.act()
-        eq = "knts,nta->knsa" if self.act_side == "right" else "knts,nta->knas"
-        X = torch.einsum(eq, s, a)
-        return X.reshape(X.shape[0], X.shape[1], *p.shape)
+        X = factors.per_sample_grads(self, name, source)
+        return X.view(-1, self.batch_size, *X.shape[1:])
 
 
 class SharedCapture(LayerCapture):
@@ -232,7 +249,7 @@ class SharedCapture(LayerCapture):
     over rows, works from :attr:`calls` without them).
 
     The cotangent columns ``k`` of the calls are aligned by the engine: a column of a loss that
-    does not reach a call is zero there (``curvature._process_loss``), so a GAN's two losses
+    does not reach a call is zero there (``curvature.process_loss``), so a GAN's two losses
     give ``K_real + K_fake`` columns on both calls.
 
     Attributes:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from curvlib.engine import coupling, state
 from curvlib.engine.capture import LayerCapture, SharedCapture, Source, finite_or_raise
+from curvlib.engine.extension import Extension
 from curvlib.engine.columns import backprop_columns
 from curvlib.engine.layers import adapter_for
 from curvlib.engine.losses import loss_adapter_for
@@ -99,10 +100,8 @@ class curvature:
     """
 
     def __init__(self, *extensions, generator: Optional[torch.Generator] = None, check_finite: bool = True):
-        for ext in extensions:  # duck-typed: the engine does not import the extensions
-            if isinstance(ext, type) or not all(
-                hasattr(ext, a) for a in ("savefield", "check_finite", "sources", "compute", "begin", "finish")
-            ):
+        for ext in extensions:  # the engine's contract; it does not import the extensions
+            if not isinstance(ext, Extension):
                 raise TypeError(
                     f"curvlib.curvature expects extension instances (e.g. KFAC()), got {ext!r}."
                 )
@@ -310,7 +309,9 @@ class curvature:
             )
 
     # ------------------------------------------------------------------- loss
-    def _process_loss(self, loss: nn.Module, f: Tensor, y: Optional[Tensor], w: Tensor) -> None:
+    def process_loss(self, loss: nn.Module, f: Tensor, y: Optional[Tensor], w: Tensor) -> None:
+        """The backward reached the extended ``loss`` (input ``f``, target ``y``, ``w = d
+        objective / d loss``): back-propagate the curvature cotangents to the pending layer calls."""
         adapter = loss_adapter_for(loss)
         adapter.check(loss)
         if f.numel() == 0:
@@ -450,7 +451,7 @@ class curvature:
         self.empirical_scale = 1.0 / math.sqrt(kappa) if kappa > 0 else 0.0
 
     # ------------------------------------------------------------------ layer
-    def _process_layer(self, call: LayerCall, grad: Tensor) -> None:
+    def process_layer(self, call: LayerCall, grad: Tensor) -> None:
         """The backward reached ``call``'s output: capture it, and run the extensions on the
         layer once all of its live calls are captured (several calls of one layer before
         one backward are combined as positions, :class:`SharedCapture`; a call this backward
@@ -503,7 +504,7 @@ class curvature:
         self._processed.add(module if isinstance(module, nn.Module) else module.owner)
         self.num_captures += 1
 
-    def _run_extension(self, i: int, ext: Any, capture: LayerCapture) -> None:
+    def _run_extension(self, i: int, ext: Extension, capture: LayerCapture) -> None:
         """``ext.compute`` and store, accumulating over the backwards of this context."""
         b = capture.backward
         earlier: Dict[str, Any] = {}

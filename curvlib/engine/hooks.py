@@ -276,7 +276,7 @@ def _layer_output_hook(ref: "weakref.ref[LayerCall]", module: nn.Module, grad: T
             "checkpoint(..., use_reentrant=False) (supported for every fisher_type), or "
             "fisher_type='empirical' / BatchGrad, which work with reentrant checkpointing."
         )
-    ctx._process_layer(call, grad)
+    ctx.process_layer(call, grad)
     return None
 
 
@@ -301,5 +301,5 @@ def _loss_output_hook(loss: nn.Module, holder: list, grad: Tensor):
     holder.clear()
     ctx = state.ACTIVE
     if ctx is not None:
-        ctx._process_loss(loss, f, y, grad)
+        ctx.process_loss(loss, f, y, grad)
     return None

@@ -87,3 +87,19 @@ class LossCall:
     f: Tensor
     y: Optional[Tensor]
     weight: float
+
+
+@dataclass(eq=False)
+class Objective:
+    """What one backward differentiated, as a record for extensions that re-evaluate it (HMP):
+    ``weight * loss.module(root(*args, **kwargs), loss.y)``.
+
+    Attributes:
+        root: the extended model whose output fed the loss.
+        inputs: ``(args, kwargs)`` of that forward call (tensors detached).
+        loss: the extended loss reached by the backward (module, input, target, weight).
+    """
+
+    root: nn.Module
+    inputs: Tuple[tuple, Dict[str, Any]]
+    loss: LossCall

@@ -1,4 +1,8 @@
-"""Base class of curvature extensions: pure functions of a layer's captures."""
+"""Base class of curvature extensions: pure functions of a layer's captures.
+
+Implements the engine's contract :class:`curvlib.engine.extension.Extension` with the
+``fisher_type`` vocabulary and default accumulation.
+"""
 from __future__ import annotations
 
 from typing import Any, ClassVar, Dict, Optional, Set, Tuple
@@ -6,11 +10,12 @@ from typing import Any, ClassVar, Dict, Optional, Set, Tuple
 import torch
 
 from curvlib.engine.capture import LayerCapture, Source, source_key
+from curvlib.engine.extension import Extension as EngineExtension
 
 FISHER_TYPES = ("type-2", "mc", "empirical")
 
 
-class Extension:
+class Extension(EngineExtension):
     """A quantity computed from the captures of every extended layer.
 
     Subclasses set :attr:`savefield` and implement :meth:`compute`, which returns
@@ -74,7 +79,7 @@ class Extension:
         """Called when a ``curvature`` context is entered."""
 
     def compute(self, capture: LayerCapture) -> Dict[str, Any]:
-        raise NotImplementedError
+        raise NotImplementedError(f"curvlib: {type(self).__name__} does not implement compute().")
 
     def finish(self) -> None:
         """Called when the context exits (whole-network quantities are built here)."""

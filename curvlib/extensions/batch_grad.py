@@ -21,12 +21,13 @@ memory, see :func:`reusable_buffer`): results a user kept are not touched.
 from __future__ import annotations
 
 import sys
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from curvlib.engine.capture import LayerCapture, Source, finite_or_raise
+from curvlib.engine.factors import outer_sum, per_sample_grads
 from curvlib.extensions.base import Extension
 
 
@@ -83,61 +84,6 @@ def reusable_buffer(param: nn.Parameter, savefield: str, shape: Sequence[int], l
     ):
         return param.__dict__[savefield]
     return like.new_empty(shape)
-
-
-def outer_sum(s: Tensor, a: Tensor, act_side: str, out: Tensor) -> Tensor:
-    """Per-sample weight gradients ``X_{k,n} = sum_t s_{k,n,t} a_{n,t}^T`` written to ``out``.
-
-    Args:
-        s: cotangent side ``[K, N, T, D_s]``; a: activation side ``[N, T, D_a]``.
-        act_side: ``"right"`` (``X`` is ``[D_s, D_a]``) or ``"left"`` (``X^T``: ``[D_a, D_s]``).
-        out: contiguous, ``K * N * D_s * D_a`` entries (any shape with leading ``K * N``).
-
-    Returns ``out``. ``T = 1``: one broadcasting multiply; ``T > 1``: one (broadcast) matmul.
-    """
-    K, N, T, Ds = s.shape
-    Da = a.shape[-1]
-    right = act_side == "right"
-    X = out.view(K, N, Ds, Da) if right else out.view(K, N, Da, Ds)
-    if T == 1:
-        s1, a1 = s[:, :, 0], a[:, 0]  # [K, N, D_s], [N, D_a]
-        if right:
-            torch.mul(s1[..., :, None], a1[None, :, None, :], out=X)
-        else:
-            torch.mul(a1[None, :, :, None], s1[..., None, :], out=X)
-    elif K == 1:
-        if right:
-            torch.bmm(s[0].transpose(1, 2), a, out=X[0])
-        else:
-            torch.bmm(a.transpose(1, 2), s[0], out=X[0])
-    else:
-        if right:
-            torch.matmul(s.transpose(-1, -2), a, out=X)
-        else:
-            torch.matmul(a.transpose(-1, -2), s, out=X)
-    return out
-
-
-def per_sample_into(
-    capture: LayerCapture, name: str, source: Source, out: Optional[Tensor] = None
-) -> Tensor:
-    """Per-sample gradients ``[K * N, *p.shape]`` of parameter ``name`` for ``source``
-    (rows ``k * N + n``), written into ``out`` if given (contiguous, that shape)."""
-    p = capture.params[name]
-    if capture.summed(name):
-        sb = capture.sum_cot(name, source)
-        shape = (sb.shape[0] * sb.shape[1], *p.shape)
-        if out is None:
-            out = sb.new_empty(shape)
-        torch.sum(sb, dim=2, out=out.view(sb.shape[0], sb.shape[1], -1))
-        return out
-    s = capture.cot(source)
-    shape = (s.shape[0] * s.shape[1], *p.shape)
-    if out is None:
-        out = s.new_empty(shape)
-    if capture.structured_weight(s, out) is not None:
-        return out  # structured activations (Embedding: a scatter of s)
-    return outer_sum(s, capture.act(), capture.act_side, out)
 
 
 class BatchGrad(Extension):
@@ -210,11 +156,15 @@ class BatchGrad(Extension):
                 finite_or_raise(capture.act(), capture.module, "the layer input")
             shape = (capture.batch_size, *p.shape)
             buf = reusable_buffer(p, self.savefield, shape, v) if self.reuse_buffers else None
-            out[name] = per_sample_into(capture, name, "grad", buf)
+            out[name] = per_sample_grads(capture, name, "grad", buf)
         return out
 
     def __repr__(self) -> str:
         return f"BatchGrad(reuse_buffers={self.reuse_buffers})"
 
+
+#: the per-sample gradient assembly lives in the engine (:mod:`curvlib.engine.factors`);
+#: re-exported under its former names
+per_sample_into = per_sample_grads
 
 __all__ = ["BatchGrad", "outer_sum", "per_sample_into", "reusable_buffer"]

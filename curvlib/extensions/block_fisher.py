@@ -10,7 +10,7 @@ Block (``ExactBlockFisher``, ``p.block_fisher`` ``[p.numel(), p.numel()]``):
 - ``T = 1`` and ``K >= 2`` (type-2 with several classes, mc with several samples): with
   ``X = s a^T``, ``F = sum_n S_n ⊗ (a_n a_n^T)``, ``S_n = sum_k s_kn s_kn^T``: one matmul
   ``[D_s^2, N] @ [N, D_a^2]`` (``N`` instead of ``K N`` rows) and one permutation.
-- otherwise: ``U^T U``, one matmul, ``U`` formed with :func:`~curvlib.extensions.batch_grad.outer_sum`.
+- otherwise: ``U^T U``, one matmul, ``U`` formed with :func:`~curvlib.engine.factors.outer_sum`.
 
 Factors (``GradFactors``, ``p.grad_factors`` ``[K*N, *p.shape]``, row ``k*N + n``) for the
 exact natural gradient by Woodbury (Ren & Goldfarb 2019): :func:`stack_grad_factors` stacks
@@ -24,15 +24,15 @@ import math
 from typing import Any, Dict, Iterable, List, Tuple
 
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 
 from curvlib.engine.capture import LayerCapture, finite_or_raise
 from curvlib.extensions.base import Extension
-from curvlib.extensions.batch_grad import outer_sum, per_sample_into, reusable_buffer
+from curvlib.engine.factors import Orientation, outer_sum, per_sample_grads, structure
+from curvlib.extensions.batch_grad import reusable_buffer
 
 
-def _weight_block(s: Tensor, a: Tensor, act_side: str) -> Tensor:
+def _weight_block(s: Tensor, a: Tensor, orient: Orientation) -> Tensor:
     """``sum_{k,n} vec(X_kn) vec(X_kn)^T`` for ``X_kn = sum_t s_knt a_nt^T`` (or its transpose)."""
     K, N, T, Ds = s.shape
     Da = a.shape[-1]
@@ -41,9 +41,8 @@ def _weight_block(s: Tensor, a: Tensor, act_side: str) -> Tensor:
         S = torch.einsum("kni,knj->nij", s1, s1).reshape(N, Ds * Ds)
         A = torch.einsum("ni,nj->nij", a1, a1).reshape(N, Da * Da)
         B = (S.T @ A).view(Ds, Ds, Da, Da)
-        eq = "i j k l -> (i k) (j l)" if act_side == "right" else "i j k l -> (k i) (l j)"
-        return rearrange(B, eq)
-    U = outer_sum(s, a, act_side, s.new_empty(K * N, Ds * Da))
+        return orient.block_of_grams(B)
+    U = outer_sum(s, a, orient, s.new_empty(K * N, Ds * Da))
     return U.T @ U
 
 
@@ -88,15 +87,16 @@ class ExactBlockFisher(Extension):
     def compute(self, capture: LayerCapture) -> Dict[str, Any]:
         out, src = {}, self.source
         for name in capture.params:
-            if capture.summed(name):
+            form = structure(capture, name)
+            if form.summed:
                 b = capture.sum_cot(name, src).sum(2)
                 b = b.reshape(-1, b.shape[-1])
                 out[name] = b.T @ b
-            elif capture.adapter.grouped(capture.module):  # grouped: from per-sample gradients
+            elif form.grouped:  # grouped: from per-sample gradients
                 U = capture.per_sample_grads(name, src).flatten(2).flatten(0, 1)
                 out[name] = U.T @ U
             else:
-                out[name] = _weight_block(capture.cot(src), capture.act(), capture.act_side)
+                out[name] = _weight_block(capture.cot(src), capture.act(), capture.orientation)
         return out
 
 
@@ -181,7 +181,7 @@ class GradFactors(Extension):
                 finite_or_raise(capture.act(), capture.module, "the layer input")
             shape = (v.shape[0] * v.shape[1], *p.shape)
             buf = reusable_buffer(p, self.savefield, shape, v) if self.reuse_buffers else None
-            out[name] = per_sample_into(capture, name, src, buf)
+            out[name] = per_sample_grads(capture, name, src, buf)
         return out
 
 

@@ -33,12 +33,13 @@ import torch
 from torch import Tensor, nn
 
 from curvlib.engine.capture import LayerCapture
+from curvlib.engine.factors import Orientation, common_orientation
 from curvlib.extensions.base import Extension
 
 
 class _Block(NamedTuple):
     name: str  # "weight" | "bias"
-    side: Optional[str]  # act_side of a weight, None for a bias
+    orientation: Optional[Orientation]  # of a weight; None for a bias
     s: Tensor  # sbar [K*N, D_s] (the same tensor for a weight and a bias that share it)
     a: Optional[Tensor]  # abar [N, D_a]; None: the constant 1 of a bias
 
@@ -101,6 +102,7 @@ class CrossKFAC(Extension):
         self.params: List[nn.Parameter] = []
         self.names: List[str] = []
         self.act_sides: List[Optional[str]] = []
+        self.orientations: List[Optional[Orientation]] = []
         self.cross_factors: Dict[Tuple[int, int], Tuple[Tensor, Tensor]] = {}
 
     def begin(self) -> None:
@@ -116,7 +118,7 @@ class CrossKFAC(Extension):
         src, params, blocks = self.source, capture.params, []
         if "weight" in params:
             s = capture.cot(src).sum(2).flatten(0, 1)
-            blocks.append(_Block("weight", capture.act_side, s, capture.act().mean(1)))
+            blocks.append(_Block("weight", capture.orientation, s, capture.act().mean(1)))
         if "bias" in params:
             sb = capture.bias_cot(src)
             shared = "weight" in params and sb is capture.cot(src)
@@ -139,7 +141,8 @@ class CrossKFAC(Extension):
         layer_blocks = [(li, m, b) for li, (_, _, m, bl) in enumerate(first) for b in bl]
         self.params = [getattr(m, b.name) for _, m, b in layer_blocks]
         self.names = [f"{li}.{b.name}" for li, _, b in layer_blocks]
-        self.act_sides = [b.side for _, _, b in layer_blocks]
+        self.orientations = [b.orientation for _, _, b in layer_blocks]
+        self.act_sides = [None if o is None else o.act_side for o in self.orientations]
         if not layer_blocks:
             self.cross_factors = {}
             return
@@ -187,12 +190,12 @@ class CrossKFAC(Extension):
         ``[A, G]`` when a transposed-convolution weight is involved (a bias, ``vec = 1 ⊗ s =
         s ⊗ 1``, pairs either way)."""
         out = []
-        for i, si in enumerate(self.act_sides):
+        for i, oi in enumerate(self.orientations):
             row = []
-            for j, sj in enumerate(self.act_sides):
+            for j, oj in enumerate(self.orientations):
                 G, A = self.cross_factors[(i, j)]
-                sides = {si, sj} - {None}
-                if sides == {"right", "left"}:
+                o = common_orientation(oi, oj)
+                if o is None:
                     raise NotImplementedError(
                         f"curvlib: CrossKFAC.nested: the pair ({self.names[i]}, {self.names[j]}) "
                         "mixes a transposed-convolution weight with a Linear/Conv weight; its "
@@ -200,7 +203,7 @@ class CrossKFAC(Extension):
                         "directly (for a left-side j: F_ij vec(Z_j) = vec(G_ij Z_j^T A_ij^T)) "
                         "or leave the transposed convolution out of extend()."
                     )
-                row.append([A, G] if sides == {"left"} else [G, A])
+                row.append(o.pair(G, A))
             out.append(row)
         return out
 

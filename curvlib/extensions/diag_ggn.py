@@ -24,11 +24,12 @@ import torch
 from torch import Tensor
 
 from curvlib.engine.capture import LayerCapture
+from curvlib.engine.factors import Orientation, structure
 from curvlib.extensions.base import Extension
 
 
-def _diag_weight(s: Tensor, a: Tensor, act_side: str, s2: Optional[Tensor] = None) -> Tensor:
-    """``sum_{k,n} X_{k,n}^2`` ``[D_s, D_a]`` (``[D_a, D_s]`` for ``act_side="left"``).
+def _diag_weight(s: Tensor, a: Tensor, orient: Orientation, s2: Optional[Tensor] = None) -> Tensor:
+    """``sum_{k,n} X_{k,n}^2`` in the weight's orientation (``[D_s, D_a]`` or ``[D_a, D_s]``).
 
     ``s2``: ``sum_k s^2`` ``[N, D_s]`` if already computed (``T = 1`` only)."""
     K, N, T, Ds = s.shape
@@ -44,7 +45,7 @@ def _diag_weight(s: Tensor, a: Tensor, act_side: str, s2: Optional[Tensor] = Non
     else:
         X = torch.matmul(s.transpose(-1, -2), a)  # [K, N, D_s, D_a]
         D = X.square_().sum((0, 1))
-    return D if act_side == "right" else D.T
+    return orient.from_cot_act(D)
 
 
 def _sum_k_squares(s: Tensor) -> Tensor:
@@ -97,13 +98,13 @@ class DiagGGN(Extension):
         s2 = None
         if "weight" in params and capture.summed("weight"):
             out["weight"] = capture.sum_cot("weight", src).sum(2).square().sum((0, 1)).reshape(params["weight"].shape)
-        elif "weight" in params and capture.adapter.grouped(capture.module):  # grouped conv
+        elif "weight" in params and structure(capture).grouped:  # grouped conv
             out["weight"] = capture.per_sample_grads("weight", src).square().sum((0, 1))
         elif "weight" in params:
             s = capture.cot(src)
             if s.shape[2] == 1:
                 s2 = _sum_k_squares(s)
-            D = _diag_weight(s, capture.act(), capture.act_side, s2)
+            D = _diag_weight(s, capture.act(), capture.orientation, s2)
             out["weight"] = D.reshape(params["weight"].shape)
         if "bias" in params:
             sb = capture.bias_cot(src)

@@ -40,6 +40,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from curvlib.engine.capture import LayerCapture
+from curvlib.engine.factors import outer_sum, per_sample_grads, structure
 from curvlib.extensions.base import Extension
 from curvlib.extensions.operator import GGNOperator, ParameterOperator, SumOperator
 
@@ -81,7 +82,7 @@ class LayerFactors:
         self.module = capture.module
         self.params: Dict[str, nn.Parameter] = capture.params
         self.order = capture.order
-        self.act_side = capture.act_side
+        self.orientation = capture.orientation
         self.batch_size = capture.batch_size
         self.mode = mode
         self.a: Optional[Tensor] = None
@@ -105,17 +106,18 @@ class LayerFactors:
             K = xb.shape[0]
             self.xb = xb.reshape(-1, xb.shape[-1])
         self.num_columns = K
-        if self.s is not None and capture.adapter.grouped(capture.module):
+        if self.s is not None and structure(capture).grouped:
             # grouped convolution: the per-sample gradients are not one outer product sum
-            self.X = capture.per_sample_grads("weight", source).flatten(2).flatten(0, 1)
+            self.X = per_sample_grads(capture, "weight", source).flatten(1)
         elif mode == "materialized" and self.s is not None:
             self._materialize()
 
     # ------------------------------------------------------------ weight helpers
     def _materialize(self) -> None:
         """``X[(k n), :] = vec(sum_t s_{knt} a_{nt}^T)`` (or its transpose, left side)."""
-        eq = "knts,nta->knsa" if self.act_side == "right" else "knts,nta->knas"
-        self.X = torch.einsum(eq, self.s, self.a).flatten(2).flatten(0, 1)
+        K, N, _, D_s = self.s.shape
+        out = self.s.new_empty(K * N, D_s * self.a.shape[-1])
+        self.X = outer_sum(self.s, self.a, self.orientation, out)
 
     def _use_materialized(self, B: int) -> bool:
         """Ski-rental rule of ``mode="auto"`` (module docstring); counts products."""
@@ -139,10 +141,7 @@ class LayerFactors:
             return (self.X @ V.reshape(B, -1).T).reshape(K, N, B)
         a2 = self.a.reshape(-1, self.a.shape[-1])  # [N T, D_a]
         # all B columns in one GEMM: (V_b a_{nt}) (right) or (V_b^T a_{nt}) (left)
-        if self.act_side == "right":  # V: [B, D_s, D_a]
-            Va = a2 @ V.reshape(B * D_s, -1).T
-        else:  # V: [B, D_a, D_s]
-            Va = a2 @ rearrange(V.reshape(B, -1, D_s), "b a s -> a (b s)")
+        Va = self.orientation.weight_times_act(a2, V, D_s)  # [N T, B D_s]
         Va = rearrange(Va, f"(n t) (b s) -> n b ({self._merged})", n=N, b=B)  # [N, B, T D_s]
         sn = self._s3.transpose(0, 1)  # [N, K, T D_s]
         if B <= 4:  # few columns: the row-vector bmm is the fast kernel
@@ -156,11 +155,10 @@ class LayerFactors:
             return (c.reshape(K * N, B).T @ self.X).reshape(B, *shape)
         u = torch.bmm(c.permute(1, 2, 0), self._s3.transpose(0, 1))  # [N, B, T D_s] = sum_k c s
         a2 = self.a.reshape(-1, self.a.shape[-1])
-        m, D_s = self._merged, self.D_s
-        if self.act_side == "right":  # sum_{n,t} u a^T -> [B, D_s, D_a]
-            return (rearrange(u, f"n b ({m}) -> (b s) (n t)", s=D_s) @ a2).reshape(B, *shape)
-        u = rearrange(u, f"n b ({m}) -> (n t) (b s)", s=D_s)  # sum a u^T -> [B, D_a, D_s]
-        return rearrange(a2.T @ u, "a (b s) -> b a s", b=B).reshape(B, *shape)
+        m, D_s, o = self._merged, self.D_s, self.orientation
+        # sum_{n,t} u a^T in the weight's orientation: [B, D_s, D_a] or [B, D_a, D_s]
+        u = rearrange(u, f"n b ({m}) -> {o.outer_pattern('(n t)')}", s=D_s)
+        return o.outer_to_weight(u, a2, B).reshape(B, *shape)
 
     # ------------------------------------------------------------------ public
     def inner(self, name: str, V: Tensor) -> Tensor:

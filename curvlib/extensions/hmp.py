@@ -38,7 +38,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvlib.engine.capture import LayerCapture
 from curvlib.engine.hooks import hooks_paused
-from curvlib.engine.records import LossCall
+from curvlib.engine.records import LossCall, Objective
 from curvlib.extensions.base import Extension
 from curvlib.extensions.operator import ParameterOperator, SumOperator
 
@@ -47,22 +47,30 @@ class HessianGraph:
     """The gradient of one recorded objective, built with ``create_graph=True`` on demand.
 
     Args:
-        root: the extended model; ``root_inputs``: ``(args, kwargs)`` of its forward.
-        loss_call: the extended loss reached by the backward (module, input, target, weight).
+        objective: the recorded objective (the extended model, the ``(args, kwargs)`` of its
+            forward, and the extended loss reached by the backward: module, input, target, weight).
     """
 
-    def __init__(self, root: nn.Module, root_inputs: Tuple[tuple, Dict[str, Any]], loss_call: LossCall):
-        self.root = root
-        self.root_inputs = root_inputs
-        self.loss_call = loss_call
+    def __init__(self, objective: Objective):
+        self.objective = objective
+        #: the loss named in a mismatch error (the objective's, or the one a re-run failed on)
+        self.loss_call: LossCall = objective.loss
         #: the recorded forwards of ``root`` (several: a discriminator on real and on fake
         #: data before one backward) and the extended losses of the backward
-        self.forwards: List[Tuple[tuple, Dict[str, Any]]] = [root_inputs]
-        self.loss_calls: List[LossCall] = [loss_call]
+        self.forwards: List[Tuple[tuple, Dict[str, Any]]] = [objective.inputs]
+        self.loss_calls: List[LossCall] = [objective.loss]
         self.params: List[nn.Parameter] = []  # parameters with Hessian products
         self._versions: List[int] = []
         self._leaves: Optional[List[Tensor]] = None
         self._grads: Optional[List[Tensor]] = None
+
+    @property
+    def root(self) -> nn.Module:
+        return self.objective.root
+
+    @property
+    def root_inputs(self) -> Tuple[tuple, Dict[str, Any]]:
+        return self.objective.inputs
 
     def add(self, p: nn.Parameter) -> None:
         if not any(p is q for q in self.params):
@@ -289,16 +297,7 @@ class HMP(Extension):
 
     def compute(self, capture: LayerCapture) -> Dict[str, Any]:
         module = capture.module
-        if capture.root is None or capture.root_inputs is None:
-            raise RuntimeError(
-                f"curvlib: HMP needs {module} to be called inside the forward of an extended "
-                "model: model = curvlib.extend(model); loss_fn(model(x), y).backward()."
-            )
-        if not capture.loss_calls:
-            raise RuntimeError(
-                f"curvlib: HMP needs the extended loss that {module} feeds: "
-                "loss_fn = curvlib.extend(torch.nn.CrossEntropyLoss()) (or MSELoss, ...)."
-            )
+        obj = capture.objective(type(self).__name__)
         forwards = getattr(capture, "forwards", [(capture.root, capture.root_inputs)])
         if any(r is not capture.root for r, _ in forwards):
             raise NotImplementedError(
@@ -306,7 +305,7 @@ class HMP(Extension):
                 "backward; extend only the outermost model whose output feeds the loss."
             )
         if len(self._graphs) <= capture.backward:  # a new backward: a new objective
-            g = self.graph_class(capture.root, capture.root_inputs, capture.loss_calls[0])
+            g = self.graph_class(obj)
             self._graphs.append(g)
             self._layers.append({})
         g = self._graphs[-1]

@@ -28,7 +28,7 @@ from typing import List, Optional
 from torch import Tensor
 
 from curvlib.engine.capture import LayerCapture
-from curvlib.extensions.kfac import KFAC, KFAC_APPROX
+from curvlib.engine.factors import KFAC_APPROX, kfac_act_factor, kfac_cot_factor
 from curvlib.extensions.kpsvd import KroneckerSVDExtension, RearrangedBlock
 
 
@@ -96,7 +96,6 @@ class KFACCorrected(KroneckerSVDExtension):
         super().__init__(fisher_type, mc_samples, method, maxiter, tol, warm_start)
         if kfac_approx not in KFAC_APPROX:
             raise ValueError(f"curvlib: KFACCorrected(kfac_approx={kfac_approx!r}) is not one of {KFAC_APPROX}.")
-        self._kfac = KFAC(fisher_type, mc_samples, kfac_approx)
         self.kfac_approx = kfac_approx
 
     def weight_terms(
@@ -110,9 +109,9 @@ class KFACCorrected(KroneckerSVDExtension):
                 "Use kfac_approx='expand' (the stacked positions of all calls)."
             )
         # KFAC factors in working coordinates (the formulas commute with the isometric compression)
-        G = self._kfac._cot_factor(block.s)
-        A = self._kfac._act_factor(block.a)
-        first, second = (G, A) if capture.act_side == "right" else (A, G)
+        G = kfac_cot_factor(block.s, self.kfac_approx)
+        A = kfac_act_factor(block.a, self.kfac_approx)
+        first, second = capture.orientation.pair(G, A)
         correction = self._svd(p, block, 1, correction=(first, second))
         return [[block.expand(first, 0), block.expand(second, 1)]] + correction
 

@@ -43,7 +43,6 @@ side, as in ``p.kfac``), so ``sum_i kron(G_i, A_i)`` approximates the block of `
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -53,15 +52,11 @@ from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from curvlib.engine.capture import LayerCapture, Source
+from curvlib.engine.factors import Orientation, gram, has_summed_params, orientation, structure
 from curvlib.extensions.base import Extension
-from curvlib.extensions.kfac import _gram
-from curvlib.solvers import golub_kahan, power_iteration_deflation
+from curvlib.solvers.kronecker_svd import METHODS, kronecker_svd
 
-METHODS = ("power", "deflation", "lanczos")
 FORMS = ("auto", "factored", "grads")
-#: relative size of the seeded random component added to warm/structured starts of the
-#: later terms (and of Lanczos), so that no symmetry class of singular vectors is missed
-_PERTURB = 1e-2
 
 
 # ---------------------------------------------------------------- products
@@ -107,17 +102,17 @@ class RearrangedBlock:
     Args:
         a: activation vectors ``[N, T, D_a]``.
         s: cotangent vectors ``[K, N, T, D_s]``.
-        act_side: ``"right"`` or ``"left"`` (which side of the weight ``a`` is on).
+        act_side: ``"right"`` or ``"left"`` (which side of the weight ``a`` is on), or the
+            :class:`~curvlib.engine.factors.Orientation`.
         form: ``"auto"`` (cheaper by flop count), ``"factored"`` or ``"grads"``.
         compress: compress a side to the span of its vectors when that halves it or better.
     """
 
-    def __init__(self, a: Tensor, s: Tensor, act_side: str = "right", form: str = "auto", compress: bool = True):
+    def __init__(self, a: Tensor, s: Tensor, act_side: str | Orientation = "right", form: str = "auto", compress: bool = True):
         if form not in FORMS:
             raise ValueError(f"curvlib: RearrangedBlock(form={form!r}) is not one of {FORMS}.")
-        if act_side not in ("right", "left"):
-            raise ValueError(f"curvlib: act_side must be 'right' or 'left', got {act_side!r}.")
-        self.act_side = act_side
+        self.orientation = o = orientation(act_side)  # raises for a bad act_side
+        self.act_side = o.act_side
         self.K, self.N, self.T = s.shape[0], s.shape[1], s.shape[2]
         Da, Ds = a.shape[-1], s.shape[-1]
         self.Qa: Optional[Tensor] = None
@@ -128,8 +123,8 @@ class RearrangedBlock:
         self.a, self.s = a, s
         da, ds = a.shape[-1], s.shape[-1]
         # d: full sizes, r: working sizes, ordered (first factor = p.shape[0], second)
-        self.d = (Ds, Da) if act_side == "right" else (Da, Ds)
-        self.r = (ds, da) if act_side == "right" else (da, ds)
+        self.d = tuple(o.pair(Ds, Da))
+        self.r = tuple(o.pair(ds, da))
         N, T, M = self.N, self.T, self.K * self.N
         self.flops = {
             "factored": N * T * da * (da + T) + M * T * ds * (ds + T),
@@ -138,13 +133,12 @@ class RearrangedBlock:
         self.form = min(self.flops, key=self.flops.get) if form == "auto" else form
         self.X: Optional[Tensor] = None
         if self.form == "grads":
-            eq = "knts,nta->knsa" if act_side == "right" else "knts,nta->knas"
-            self.X = rearrange(torch.einsum(eq, s, a), "k n i j -> (k n) i j")
+            self.X = rearrange(torch.einsum(o.outer_equation, s, a), "k n i j -> (k n) i j")
 
     @classmethod
     def from_capture(cls, capture: LayerCapture, source: Source, **kw: Any) -> "RearrangedBlock":
         """The rearranged block of ``capture``'s weight for curvature ``source``."""
-        return cls(capture.act(), capture.cot(source), capture.act_side, **kw)
+        return cls(capture.act(), capture.cot(source), capture.orientation, **kw)
 
     @property
     def shape(self) -> Tuple[int, int]:
@@ -163,25 +157,24 @@ class RearrangedBlock:
         V = v.reshape(self.r[1], self.r[1])
         if self.X is not None:
             return torch.einsum("jac,jdc->ad", self.X @ V, self.X).reshape(-1)
-        return self._product(V, "act" if self.act_side == "right" else "cot").reshape(-1)
+        return self._product(V, self.orientation.side(1)).reshape(-1)
 
     def rmatvec(self, u: Tensor) -> Tensor:
         """``R^T u``: flat ``U`` [r0^2] -> flat ``sum_j X_j^T U X_j`` [r1^2]."""
         U = u.reshape(self.r[0], self.r[0])
         if self.X is not None:
             return torch.einsum("jab,jad->bd", self.X, U @ self.X).reshape(-1)
-        return self._product(U, "cot" if self.act_side == "right" else "act").reshape(-1)
+        return self._product(U, self.orientation.side(0)).reshape(-1)
 
     def rmatvec_identity(self) -> Tensor:
         """``R^T vec(I) = sum_j X_j^T X_j`` (flat [r1^2]), cheaper than a general product: the
         cold start of the power iteration (one power step from ``U = I``)."""
         if self.X is not None:
             return torch.einsum("jab,jad->bd", self.X, self.X).reshape(-1)
-        return self._product(None, "cot" if self.act_side == "right" else "act").reshape(-1)
+        return self._product(None, self.orientation.side(0)).reshape(-1)
 
     def _basis(self, i: int) -> Optional[Tensor]:
-        first_is_cot = self.act_side == "right"
-        return self.Qs if (i == 0) == first_is_cot else self.Qa
+        return self.Qs if self.orientation.side(i) == "cot" else self.Qa
 
     def expand(self, M: Tensor, i: int) -> Tensor:
         """Working ``[..., r_i, r_i]`` -> full ``[..., d_i, d_i]`` coordinates (``Q M Q^T``)."""
@@ -194,99 +187,10 @@ class RearrangedBlock:
         return M if Q is None else Q.T @ M @ Q
 
 
-# ---------------------------------------------------------------- SVD of the rearrangement
-
-
-def kronecker_svd(
-    matvec: Callable[[Tensor], Tensor],
-    rmatvec: Callable[[Tensor], Tensor],
-    dims: Tuple[int, int],
-    rank: int,
-    like: Tensor,
-    method: str = "power",
-    v0: Optional[Tensor] = None,
-    maxiter: Optional[int] = None,
-    tol: Optional[float] = None,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    r"""Top-``rank`` singular triplets of a rearranged operator ``R`` [r0^2, r1^2], as matrices.
-
-    Args:
-        matvec, rmatvec: ``R v`` and ``R^T u`` on flat vectors.
-        dims: ``(r0, r1)``.
-        rank: number of triplets (at most ``min(r0^2, r1^2)``; missing ones are zero).
-        like: a tensor with the dtype and device of the products.
-        method: ``"power"`` / ``"deflation"`` (:func:`curvlib.solvers.power_iteration_deflation`,
-            one power iteration per triplet on the deflated operator) or ``"lanczos"``
-            (:func:`curvlib.solvers.golub_kahan`).
-        v0: start ``[r1^2, rank]`` (warm start, any column scaling), or ``None``: ``vec(I)`` for the
-            first triplet.
-        maxiter, tol: passed to the solver (power iteration: ``maxiter`` per triplet, default 200).
-
-    Returns:
-        ``(U [rank, r0, r0], S [rank], V [rank, r1, r1])``, ``R ≈ sum_i S_i vec(U_i) vec(V_i)^T``,
-        unit Frobenius norms, signs as in the module docstring.
-    """
-    if method not in METHODS:
-        raise ValueError(f"curvlib: KPSVD(method={method!r}) is not one of {METHODS}.")
-    r0, r1 = dims
-    n = r1 * r1
-    k = min(rank, r0 * r0, n)
-    dt, dev = like.dtype, like.device
-
-    def noise(cols: int) -> Tensor:  # seeded, unit columns
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        z = torch.randn(n, cols, generator=gen, dtype=torch.float64)
-        return (z / torch.linalg.vector_norm(z, dim=0)).to(dtype=dt, device=dev)
-
-    if v0 is None:
-        start = torch.eye(r1, dtype=dt, device=dev).reshape(n, 1) / math.sqrt(r1)
-    else:
-        start = v0[:, :k].to(dtype=dt, device=dev)
-        start = start / torch.linalg.vector_norm(start, dim=0).clamp_min(torch.finfo(dt).tiny)
-    if method == "lanczos":
-        # a sum of (approximate) singular vectors spans a nearly invariant Krylov space; the
-        # perturbation: the Krylov space of a symmetric start holds no antisymmetric singular vector
-        x0 = start.sum(1)
-        x0 = x0 + _PERTURB * torch.linalg.vector_norm(x0) * noise(1)[:, 0] if k > 1 else x0
-        if dt != torch.float64:
-            # Bases in float64, products in `dt`: golub_kahan treats a step whose new vector is
-            # below 100 eps ||R|| as a breakdown and does not accept at that step; in float32 a
-            # numerically low-rank R (common here: rank <= N) breaks down at every step.
-            tol = 1e-4 if tol is None else tol
-            matvec = _cast(matvec, dt)
-            rmatvec = _cast(rmatvec, dt)
-            x0 = x0.double()
-        U, S, V = golub_kahan(matvec, rmatvec, x0, k, maxiter=maxiter, tol=tol)
-        U, S, V = U.to(dt), S.to(dt), V.to(dt)
-    else:
-        if start.shape[1] > 1:
-            start = start.clone()
-            start[:, 1:] += _PERTURB * noise(start.shape[1])[:, 1:]
-        x0 = start if start.shape[1] == k else start[:, 0]
-        U, S, V = power_iteration_deflation(matvec, rmatvec, x0, k, maxiter=200 if maxiter is None else maxiter, tol=tol)
-    U = rearrange(U, "(a b) k -> k a b", a=r0)
-    V = rearrange(V, "(a b) k -> k a b", a=r1)
-    tu, tv = torch.diagonal(U, dim1=1, dim2=2).sum(1), torch.diagonal(V, dim1=1, dim2=2).sum(1)
-    sign = torch.where(tu.abs() >= tv.abs(), tu, tv).sign()
-    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    U, V = U * sign[:, None, None], V * sign[:, None, None]
-    if k < rank:  # R has fewer than `rank` nonzero singular values
-        pad = rank - k
-        U = torch.cat([U, U.new_zeros(pad, r0, r0)])
-        V = torch.cat([V, V.new_zeros(pad, r1, r1)])
-        S = torch.cat([S, S.new_zeros(pad)])
-    return U, S.to(dt), V
-
-
 def _full(x: Tuple[Tensor, Optional[Tensor]]) -> Tensor:
     """Full coordinates of ``(coordinates, basis)`` vectors (``x = x_c Q^T``)."""
     xc, Q = x
     return xc if Q is None else xc @ Q.T
-
-
-def _cast(fn: Callable[[Tensor], Tensor], dt: torch.dtype) -> Callable[[Tensor], Tensor]:
-    """``fn`` evaluated in ``dt``, input and output in the caller's dtype."""
-    return lambda x: fn(x.to(dt)).to(x.dtype)
 
 
 class _Counted:
@@ -426,7 +330,7 @@ class KroneckerSVDExtension(Extension):
         xs = [capture.per_sample_grads(n, self.source).flatten(2) for n in params]
         _, _, x = self._join(capture, None, None, torch.cat(xs, dim=-1))
         self._keep(capture, None, x)
-        F = _gram(x.reshape(-1, x.shape[-1]))
+        F = gram(x.reshape(-1, x.shape[-1]))
         out, i = {}, 0
         for name, p in params.items():
             out[name] = [[F[i : i + p.numel(), i : i + p.numel()].clone()]]
@@ -442,9 +346,9 @@ class KroneckerSVDExtension(Extension):
     def compute(self, capture: LayerCapture) -> Dict[str, Any]:
         out: Dict[str, Any] = {}
         params, bias_block, block = capture.params, None, None
-        if capture.adapter.summed_params:  # norm layers: exact blocks, one term each
+        if has_summed_params(capture):  # norm layers: exact blocks, one term each
             return self._summed_blocks(capture)
-        if "weight" in params and capture.adapter.grouped(capture.module):
+        if "weight" in params and structure(capture).grouped:
             raise NotImplementedError(
                 f"curvlib: {type(self).__name__} does not support the grouped {capture.module} "
                 "yet (its block is block-diagonal over groups, not one Kronecker rearrangement); "
@@ -456,9 +360,9 @@ class KroneckerSVDExtension(Extension):
             a, s = capture.act(), capture.cot(self.source)
         a, s, xb = self._join(capture, a, s, xb)
         if xb is not None:  # exact block: a single term
-            bias_block = _gram(xb.reshape(-1, xb.shape[-1]))
+            bias_block = gram(xb.reshape(-1, xb.shape[-1]))
         if a is not None:
-            block = RearrangedBlock(a, s, capture.act_side)
+            block = RearrangedBlock(a, s, capture.orientation)
             out["weight"] = self.weight_terms(params["weight"], capture, block, bias_block)
         if bias_block is not None:
             out["bias"] = [[bias_block]]
@@ -551,7 +455,7 @@ class KPSVD(KroneckerSVDExtension):
         # For Linear/Conv the bias block sum_j (sum_t s_jt)(sum_t s_jt)^T is over the first factor's
         # side and is KFAC's G for T = 1: a left guess close to the leading left factor (with it,
         # power iteration typically converges in its first iteration).
-        guess = bias_block if capture.act_side == "right" else None
+        guess = capture.orientation.pair(bias_block, None)[0]  # only when it is over the first factor
         most = min(block.d[0] ** 2, block.d[1] ** 2)
         if self.rank > most and block.d not in self._clamped:
             self._clamped.add(block.d)

@@ -12,14 +12,15 @@ layer) with ``generator``.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Set
+from typing import Any, Dict, Optional, Set, Tuple
 
 import torch
 
 from curvlib.engine.capture import LayerCapture, Source
+from curvlib.engine.extension import Extension
 
 
-class SubBatch:
+class SubBatch(Extension):
     """Wrap an extension so that it sees a random ``fraction`` of the batch.
 
     Args:
@@ -43,6 +44,20 @@ class SubBatch:
     @property
     def check_finite(self) -> bool:
         return self.inner.check_finite
+
+    @property
+    def coupled_samples(self) -> str:
+        return self.inner.coupled_samples
+
+    @property
+    def accumulation(self) -> Optional[str]:
+        return self.inner.accumulation
+
+    def count(self, capture: LayerCapture) -> int:
+        return self.inner.count(capture)
+
+    def accumulate(self, capture: LayerCapture, name: str, old: Any, new: Any, counts: Tuple[int, int]) -> Any:
+        return self.inner.accumulate(capture, name, old, new, counts)
 
     def sources(self) -> Set[Source]:
         return self.inner.sources()

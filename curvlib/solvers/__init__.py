@@ -4,6 +4,7 @@ Nothing here imports the engine, the extensions or ``torch.nn``.
 """
 from .cg import CGInfo, cg
 from .kronecker_inverse import KroneckerInverse
+from .kronecker_svd import kronecker_svd
 from .lanczos import golub_kahan, lanczos
 from .power import power_iteration_deflation
 from .scipy_bridge import from_scipy, to_scipy
@@ -13,6 +14,7 @@ from .woodbury import heuristic_block_damping, woodbury_solve, woodbury_solve_bl
 
 __all__ = [
     "KroneckerInverse",
+    "kronecker_svd",
     "cg",
     "CGInfo",
     "lanczos",

@@ -49,7 +49,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from ._linalg import check_damping, check_finite, default_tol, safe_eigh
+from ._linalg import all_finite, check_damping, check_finite, default_tol, safe_eigh
 from .cg import cg
 
 __all__ = ["KroneckerInverse"]
@@ -160,13 +160,20 @@ class KroneckerInverse:
             raise ValueError("KroneckerInverse: all bias factors G_i must have the same shape.")
         self.kind = "bias"
         G = sum(t[0] for t in self.terms)
-        lg, self._Qg = _eig(G, "bias factor G")
         if G.dim() == 3:
             self.blocks = G.shape[0]
+        self.out_dim, self.in_dim = (G.shape[0] * G.shape[1] if G.dim() == 3 else G.shape[0]), None
+        # (G + λI)^-1 by Cholesky, as the weights' "pi" factors (eigh of a 512 x 512 factor costs
+        # about 5x a Cholesky inverse on CPU); eigh only when Cholesky fails (it then reports a
+        # non-SPD factor, or falls back to float64)
+        self._Ginv = _damped_inverse(G, self.damping) if G.dim() > 1 else None
+        if self._Ginv is not None:
+            self._Qg = None
+            return
+        lg, self._Qg = _eig(G, "bias factor G")
         denom = lg + self.damping
         self._check_spd(denom, "G + damping*I")
         self._W = 1.0 / denom
-        self.out_dim, self.in_dim = lg.numel(), None
 
     @staticmethod
     def _pi(G: Tensor, A: Tensor, which: str):
@@ -314,6 +321,10 @@ class KroneckerInverse:
 
     def _apply_dense_or_diag(self, V: Tensor) -> Tensor:
         if self.kind == "bias":
+            if self._Ginv is not None:  # symmetric: V Ginv = (Ginv V^T)^T
+                if self.blocks is not None:
+                    return (V.unsqueeze(-2) @ self._Ginv).squeeze(-2)
+                return V @ self._Ginv
             Q = self._Qg
             if Q is None:
                 return V * self._W
@@ -425,12 +436,13 @@ def _damped_inverse(F: Tensor, c) -> Optional[Tensor]:
     if F.dim() == 1:
         d = F + c
         return 1.0 / d if bool((d > 0).all()) else None
-    eye = torch.eye(F.shape[-1], dtype=F.dtype, device=F.device)
-    L, info = torch.linalg.cholesky_ex(F + c * eye)
+    M = F.clone()
+    M.diagonal(dim1=-2, dim2=-1).add_(c if isinstance(c, (int, float)) else c.squeeze(-1))
+    L, info = torch.linalg.cholesky_ex(M)
     if bool((info != 0).any()):
         return None
     inv = torch.cholesky_inverse(L)
-    return inv if bool(torch.isfinite(inv).all()) else None
+    return inv if all_finite(inv) else None
 
 
 def _diag(F: Tensor) -> Tensor:

@@ -6,8 +6,8 @@ from torch import nn
 from curvlib import curvature, extend
 from curvlib.engine import state
 from curvlib.extensions.batch_grad import BatchGrad
-from tests.extensions.test_block_fisher import LOSSES, NETS, problem, run
-from tests.utils import per_sample_grads
+from tests.utils import per_sample_grads, run
+from tests.zoo import LOSSES, NETS, problem
 
 
 pytestmark = pytest.mark.usefixtures("float64")

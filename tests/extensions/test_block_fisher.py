@@ -1,93 +1,24 @@
 """ExactBlockFisher / GradFactors against dense torch.func GGN blocks and curvlinops' EF.
 
-Also home of the small problems (nets, losses) shared by the BatchGrad, DiagGGN and
-CrossKFAC tests.
+The nets and losses (shared with the BatchGrad, DiagGGN and CrossKFAC tests) are in
+:mod:`tests.zoo`.
 """
 import pytest
 import torch
 from torch import nn
 
-from curvlib import curvature, extend
 from curvlib.extensions.block_fisher import (
     ExactBlockFisher,
     GradFactors,
     grad_factor_blocks,
     stack_grad_factors,
 )
-from tests.utils import dense_ggn, param_slices
-
-N = 6
-
-
-class Residual(nn.Module):
-    """``l2(h + tanh(l1(h)))`` with ``h = tanh(l0(x))``: a functional skip connection."""
-
-    def __init__(self):
-        super().__init__()
-        self.l0, self.l1, self.l2 = nn.Linear(5, 4), nn.Linear(4, 4), nn.Linear(4, 3)
-
-    def forward(self, x):
-        h = torch.tanh(self.l0(x))
-        h = h + torch.tanh(self.l1(h))
-        return self.l2(h)
-
-
-#: name -> (model factory, input shape, output dim)
-NETS = {
-    "mlp": (lambda: nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)), (N, 5), 3),
-    "cnn": (
-        lambda: nn.Sequential(
-            nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 2, stride=2), nn.Tanh(),
-            nn.Flatten(), nn.Linear(8, 3),
-        ),
-        (N, 2, 4, 4),
-        3,
-    ),
-    "res": (Residual, (N, 5), 3),
-    # weight sharing in Linear layers (T = 2)
-    "seq": (lambda: nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3), nn.Flatten()), (N, 2, 5), 6),
-    # transposed convolution: activation side on the left
-    "convT": (
-        lambda: nn.Sequential(nn.ConvTranspose2d(2, 2, 2, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(32, 3)),
-        (N, 2, 2, 2),
-        3,
-    ),
-    # ... with a single input position (T = 1)
-    "convT1": (
-        lambda: nn.Sequential(nn.ConvTranspose2d(2, 3, 2, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3)),
-        (N, 2, 1, 1),
-        3,
-    ),
-}
-LOSSES = {
-    "ce": (nn.CrossEntropyLoss, lambda n, c: torch.randint(0, c, (n,))),
-    "mse": (nn.MSELoss, lambda n, c: torch.randn(n, c)),
-}
-
+from tests.utils import dense_ef, dense_ggn, param_slices, run
+from tests.zoo import LOSSES, N, NETS, problem
 
 pytestmark = pytest.mark.usefixtures("float64")
 
 
-def problem(net: str, loss: str, reduction: str):
-    """Extended ``(model, loss_fn, x, y)``."""
-    make, shape, c = NETS[net]
-    make_loss, make_y = LOSSES[loss]
-    model = extend(make())
-    return model, extend(make_loss(reduction=reduction)), torch.randn(*shape), make_y(shape[0], c)
-
-
-def run(model, loss_fn, x, y, *exts):
-    loss = loss_fn(model(x), y)
-    with curvature(*exts):
-        loss.backward()
-
-
-def dense_ef(model, loss_fn, x, y):
-    from curvlinops import EFLinearOperator
-
-    params = list(model.parameters())
-    E = EFLinearOperator(model, loss_fn, params, [(x, y)], check_deterministic=False)
-    return E @ torch.eye(E.shape[1])
 
 
 @pytest.mark.parametrize("net", list(NETS))

@@ -8,8 +8,8 @@ from curvlib import extend
 from curvlib.extensions.cross_kfac import CrossKFAC
 from curvlib.extensions.kfac import KFAC
 from curvlib.solvers import kronecker_fisher_mvp
-from tests.extensions.test_block_fisher import NETS, dense_ef, problem, run
-from tests.utils import dense_ggn, param_slices
+from tests.utils import dense_ef, dense_ggn, param_slices, run
+from tests.zoo import NETS, problem
 
 LAYERS = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
 

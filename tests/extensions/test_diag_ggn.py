@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from curvlib.extensions.diag_ggn import DiagGGN
-from tests.extensions.test_block_fisher import LOSSES, NETS, dense_ef, problem, run
-from tests.utils import dense_ggn, param_slices
+from tests.utils import dense_ef, dense_ggn, param_slices, run
+from tests.zoo import LOSSES, NETS, problem
 
 
 pytestmark = pytest.mark.usefixtures("float64")

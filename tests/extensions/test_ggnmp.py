@@ -5,66 +5,14 @@ import pytest
 import torch
 from torch import nn
 
-from curvlib import curvature, extend
 from curvlib.engine.capture import LayerCapture
 from curvlib.extensions.base import Extension
 from curvlib.extensions.ggnmp import GGNMP
-from tests.utils import dense_ggn, param_slices
+from tests.utils import dense_ggn, param_slices, run
+from tests.zoo import MODEL_LOSSES as LOSSES, MODELS, setup
 
 
 pytestmark = pytest.mark.usefixtures("float64")
-
-
-class Residual(nn.Module):
-    """``h = tanh(l1(x)); h = h + l2(sigmoid(h)); out = l3(h)`` (functional skip)."""
-
-    def __init__(self):
-        super().__init__()
-        self.l1, self.l2, self.l3 = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 3)
-
-    def forward(self, x):
-        h = torch.tanh(self.l1(x))
-        h = h + self.l2(torch.sigmoid(h))
-        return self.l3(h)
-
-
-MODELS = {
-    "mlp": (lambda: nn.Sequential(nn.Linear(4, 5), nn.Sigmoid(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)), (6, 4)),
-    "cnn": (
-        lambda: nn.Sequential(
-            nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(12, 4), nn.Sigmoid(), nn.Linear(4, 3)
-        ),
-        (6, 2, 5, 5),
-    ),
-    "res": (Residual, (6, 4)),
-    "seq": (  # Linear layers with a weight-sharing dimension (T = 3)
-        lambda: nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3), nn.Flatten(), nn.Linear(9, 3)),
-        (6, 3, 4),
-    ),
-    "convT": (
-        lambda: nn.Sequential(nn.ConvTranspose2d(2, 2, 2, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(32, 3)),
-        (5, 2, 2, 2),
-    ),
-}
-LOSSES = {
-    "ce": (nn.CrossEntropyLoss, lambda n: torch.randint(0, 3, (n,))),
-    "mse": (nn.MSELoss, lambda n: torch.randn(n, 3)),
-}
-
-
-def setup(model_name, loss_name, reduction="mean"):
-    make, shape = MODELS[model_name]
-    model = extend(make())
-    make_loss, make_y = LOSSES[loss_name]
-    loss_fn = extend(make_loss(reduction=reduction))
-    x = torch.randn(*shape)
-    return model, loss_fn, x, make_y(shape[0])
-
-
-def run(model, loss_fn, x, y, *exts):
-    loss = loss_fn(model(x), y)
-    with curvature(*exts):
-        loss.backward()
 
 
 class KeepGrads(Extension):

@@ -10,8 +10,8 @@ from curvlib import curvature, extend
 from curvlib.engine import state
 from curvlib.extensions.ggnmp import GGNMP
 from curvlib.extensions.hmp import HMP
-from tests.extensions.test_ggnmp import MODELS as ALL_MODELS, setup
 from tests.utils import dense_ggn, param_slices
+from tests.zoo import MODELS as ALL_MODELS, setup
 
 
 pytestmark = pytest.mark.usefixtures("float64")

@@ -5,7 +5,7 @@ from torch import nn
 
 from curvlib import curvature, extend
 from curvlib.extensions import KFAC
-from tests.utils import param_slices
+from tests.utils import curvlinops_blocks
 
 LOSSES = {
     "ce": (nn.CrossEntropyLoss, lambda n, c: torch.randint(0, c, (n,))),
@@ -52,16 +52,6 @@ def test_type2_equals_backpack_kflr_factor_by_factor(loss, reduction, bias):
         assert len(factors) == len(p.kflr)
         for a, b in zip(factors, p.kflr):
             torch.testing.assert_close(a, b)
-
-
-def curvlinops_blocks(model, loss_fn, x, y, **kw):
-    from curvlinops import KFACLinearOperator
-
-    params = list(model.parameters())
-    K = KFACLinearOperator(model, loss_fn, params, [(x, y)], check_deterministic=False, **kw)
-    D = sum(p.numel() for p in params)
-    dense = K @ torch.eye(D)
-    return [dense[s, s] for s in param_slices(model)]
 
 
 def kron_blocks(factors):

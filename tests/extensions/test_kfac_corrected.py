@@ -10,7 +10,8 @@ import torch
 
 from curvlib.extensions.kfac import KFAC
 from curvlib.extensions.kfac_corrected import KFACCorrected
-from tests.extensions.test_kpsvd import backward, close, exact_blocks, rearrange_dense, setup
+from tests.utils import close, exact_blocks, rearrange_dense, run as backward
+from tests.zoo import kpsvd_setup as setup
 
 
 pytestmark = pytest.mark.usefixtures("float64")

@@ -10,75 +10,22 @@ import pytest
 import torch
 from torch import nn
 
-from curvlib import curvature, extend
+from curvlib import extend
 from curvlib.engine.capture import LayerCapture
 from curvlib.extensions.base import Extension
 from curvlib.extensions.kfac import KFAC
 from curvlib.extensions.kpsvd import KPSVD, RearrangedBlock, kronecker_svd
-from tests.utils import dense_ggn, param_slices, per_sample_grads
+from tests.utils import close, exact_blocks, rearrange_dense, run as backward
+from tests.zoo import kpsvd_nets as nets, kpsvd_setup as setup
 
 
 pytestmark = pytest.mark.usefixtures("float64")
-
-
-def nets():
-    """name -> (model factory, input shape); 3 classes. Comments: what each one covers."""
-    return {
-        # Linear, T = 1
-        "mlp": (lambda: nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)), (8, 5)),
-        # first layer's activation side (4 samples, 16 inputs) is compressed to its span
-        "wide": (lambda: nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)), (4, 16)),
-        # Linear with weight sharing (T = 3): cross-position terms
-        "seq": (lambda: nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3)), (6, 3, 5)),
-        "conv2d": (lambda: nn.Sequential(nn.Conv2d(2, 3, 2), nn.Tanh(), nn.Flatten(), nn.Linear(27, 3)), (8, 2, 4, 4)),
-        "conv1d": (
-            lambda: nn.Sequential(nn.Conv1d(2, 3, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(9, 3)),
-            (6, 2, 5),
-        ),
-        # activation side is the *first* factor
-        "convT2d": (
-            lambda: nn.Sequential(nn.ConvTranspose2d(2, 2, 2, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(72, 3)),
-            (6, 2, 3, 3),
-        ),
-    }
-
-
-def setup(name, reduction="mean"):
-    make, shape = nets()[name]
-    model = extend(make())
-    x, y = torch.randn(*shape), torch.randint(0, 3, (shape[0],))
-    return model, extend(nn.CrossEntropyLoss(reduction=reduction)), x, y
-
-
-def exact_blocks(model, loss_fn, x, y, fisher_type):
-    """Dense curvature blocks, one per parameter (p.flatten() order)."""
-    if fisher_type == "type-2":
-        F = dense_ggn(model, loss_fn, x, y)
-        return [F[sl, sl] for sl in param_slices(model)]
-    psg = per_sample_grads(model, loss_fn, x, y)
-    scale = 1 / x.shape[0] if loss_fn.reduction == "mean" else 1.0
-    return [scale * g.flatten(1).T @ g.flatten(1) for g in psg.values()]
-
-
-def rearrange_dense(F, d0, d1):
-    """Van Loan rearrangement: R[(i,k),(a,b)] = F[(i,a),(k,b)], so kron(U, V) <-> vec(U) vec(V)^T."""
-    return F.reshape(d0, d1, d0, d1).permute(0, 2, 1, 3).reshape(d0 * d0, d1 * d1)
 
 
 def svd_terms(F, d0, d1, rank):
     """[s_i kron(U_i, V_i)] of the top ``rank`` singular triplets of the rearranged block."""
     U, S, Vh = torch.linalg.svd(rearrange_dense(F, d0, d1))
     return [S[i] * torch.kron(U[:, i].reshape(d0, d0), Vh[i].reshape(d1, d1)) for i in range(rank)], S
-
-
-def backward(model, loss_fn, x, y, *exts):
-    loss = loss_fn(model(x), y)
-    with curvature(*exts):
-        loss.backward()
-
-
-def close(a, b, scale, rtol=1e-6):
-    torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * float(scale))
 
 
 # ------------------------------------------------------------------ the operator

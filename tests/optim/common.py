@@ -1,23 +1,11 @@
-"""Shared helpers of the optimizer tests: a small extended MLP, one step, dense references."""
+"""Shared helpers of the optimizer tests: one step, dense references (the MLP and data: :mod:`tests.zoo`)."""
 from __future__ import annotations
 
 from typing import List
 
 import torch
-from torch import nn
 
-from curvlib import extend
 from tests.utils import dense_ggn, param_slices, per_sample_grads
-
-
-def mlp(seed: int = 0, bias: bool = True) -> nn.Module:
-    torch.manual_seed(seed)
-    return extend(nn.Sequential(nn.Linear(4, 5, bias=bias), nn.Tanh(), nn.Linear(5, 3, bias=bias)))
-
-
-def data(n: int = 6, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
 
 
 def train_step(model, loss_fn, opt, x, y):

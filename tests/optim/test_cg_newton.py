@@ -10,8 +10,9 @@ from torch.func import functional_call, hessian
 
 from curvlib import extend
 from curvlib.optim import CGNewton
-from tests.optim.common import blocks, data, mlp, train_step
+from tests.optim.common import blocks, train_step
 from tests.utils import dense_ggn
+from tests.zoo import data, mlp
 
 pytestmark = pytest.mark.usefixtures("float64")
 

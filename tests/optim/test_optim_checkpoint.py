@@ -8,7 +8,8 @@ from torch import nn
 
 from curvlib import extend
 from curvlib.optim import NaturalGradient
-from tests.optim.common import data, mlp, train_step
+from tests.optim.common import train_step
+from tests.zoo import data, mlp
 
 CURVES = ["kfac", "kpsvd", "deflation", "lanczos", "kfac-corrected", "diag", "exact-ng", "exact-ng-blocks", "two-level"]
 

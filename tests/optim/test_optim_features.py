@@ -8,7 +8,8 @@ from torch import nn
 
 from curvlib import extend
 from curvlib.optim import NaturalGradient, Preconditioner
-from tests.optim.common import data, mlp, train_step
+from tests.optim.common import train_step
+from tests.zoo import data, mlp
 
 pytestmark = pytest.mark.usefixtures("float64")
 

@@ -7,9 +7,9 @@ from torch import nn
 
 from curvlib import extend
 from curvlib.optim import NaturalGradient
-from tests.extensions.test_kfac import curvlinops_blocks
-from tests.optim.common import blocks, data, dense_curvature, mlp, train_step
-from tests.utils import param_slices
+from tests.optim.common import blocks, dense_curvature, train_step
+from tests.utils import curvlinops_blocks, param_slices
+from tests.zoo import data, mlp
 
 pytestmark = pytest.mark.usefixtures("float64")
 

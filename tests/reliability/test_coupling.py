@@ -19,7 +19,7 @@ from curvlib.extensions import (
     GradFactors,
     KFACCorrected,
 )
-from tests.reliability.models import TinyResNet
+from tests.zoo import TinyResNet
 from tests.utils import dense_ggn, param_slices
 
 pytestmark = pytest.mark.usefixtures("float64")

@@ -10,7 +10,7 @@ from torch import nn
 
 from curvlib import curvature, extend
 from curvlib.extensions import KFAC
-from tests.reliability.models import TinyTransformer
+from tests.zoo import TinyTransformer
 
 
 def run(model, loss_fn, x, y):

@@ -183,3 +183,29 @@ def test_pi_mode_needs_no_eigendecomposition(monkeypatch):
     monkeypatch.undo()
     with pytest.raises(ValueError, match="non-SPD|positive"):
         KroneckerInverse([[G - 10 * torch.eye(5, dtype=torch.float64), A]], damping=1e-2, damping_mode="pi")
+
+
+def test_bias_inverse_needs_no_eigendecomposition(monkeypatch):
+    """A bias factor ``G + λI`` is inverted by Cholesky (dense [m, m] and block [B, m, m]),
+    equal to the dense solve; eigh is only the fallback, so an indefinite factor still gets
+    the clear non-SPD error."""
+    import curvlib.solvers.kronecker_inverse as ki
+
+    torch.manual_seed(0)
+    X = torch.randn(2, 5, 8, dtype=torch.float64)
+    Gb = X @ X.mT / 8  # two blocks
+    G = Gb[0]
+    v, vb = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 10, dtype=torch.float64)
+
+    def no_eigh(*args, **kwargs):
+        raise AssertionError("eigh called for an SPD bias factor")
+
+    monkeypatch.setattr(ki, "safe_eigh", no_eigh)
+    for mode in ("exact", "pi"):
+        P = KroneckerInverse([[G]], 0.1, damping_mode=mode)
+        torch.testing.assert_close(P(v), torch.linalg.solve(P.damped_matrix(), v.T).T, rtol=1e-10, atol=1e-12)
+        Pb = KroneckerInverse([[Gb]], 0.1, damping_mode=mode)
+        torch.testing.assert_close(Pb(vb), torch.linalg.solve(Pb.damped_matrix(), vb.T).T, rtol=1e-10, atol=1e-12)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="non-SPD curvature"):
+        KroneckerInverse([[G - 10 * torch.eye(5, dtype=torch.float64)]], 0.1)

@@ -9,7 +9,9 @@ of the per-sample gradient of its weight:
 with ``a`` built from the layer input only ("activation side") and ``s`` built from a
 cotangent w.r.t. the layer output ("cotangent side"). The bias gradient is
 ``db_n = sum_t s'_{n,t}`` for cotangent vectors ``s'`` (equal to ``s`` except for
-transposed convolutions). Every extension is written against this description only.
+transposed convolutions). Every extension is written against this description only,
+through :mod:`curvlib.engine.factors` (orientation, per-sample gradients, Gram matrices, KFAC
+factors, the structure of the block): a new layer is one adapter and no extension changes.
 """
 from __future__ import annotations
 

@@ -1,0 +1,72 @@
+"""The contract between the engine and an extension: what :class:`~curvlib.engine.context.curvature`
+calls, and nothing else.
+
+The engine does not import :mod:`curvlib.extensions`; it accepts any instance of
+:class:`Extension` (``curvlib.extensions.base.Extension`` implements it with the
+``fisher_type`` vocabulary; wrappers such as ``SubBatch`` implement it by delegation).
+Per layer call reached by a backward inside the context, the engine calls
+:meth:`Extension.compute` with the layer's :class:`~curvlib.engine.capture.LayerCapture` and
+stores each returned value as ``param.<savefield>``; over several backwards of one context it
+combines them with :meth:`Extension.accumulate`.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar, Dict, Optional, Set, Tuple
+
+from curvlib.engine.capture import LayerCapture, Source
+
+
+class Extension(abc.ABC):
+    """What the engine needs from an extension.
+
+    Attributes (class attributes or properties of every implementation):
+        savefield: the parameter attribute the results go to (``p.<savefield>``); at most one
+            extension per savefield in a context.
+        check_finite: whether the engine scans the results for NaN/Inf (an extension with large
+            results, e.g. per-sample gradients, sets ``False`` and checks its inputs itself).
+        coupled_samples: what the engine does when a module of the extended model couples the
+            samples of the batch (BatchNorm in training mode, :mod:`curvlib.engine.coupling`):
+            ``"raise"`` (quantities defined through per-sample gradients), ``"warn"`` (an
+            approximation that then treats the samples as independent; warned once per model)
+            or ``"exact"`` (unaffected).
+        accumulation: how the results of several ``backward`` calls in one context combine
+            (:meth:`accumulate`): ``"sum"``, ``"cat"`` (along dim 0), ``"custom"`` or ``None``
+            (cannot: the engine raises at the second backward).
+    """
+
+    savefield: ClassVar[str]
+    check_finite: ClassVar[bool]
+    coupled_samples: ClassVar[str]
+    accumulation: ClassVar[Optional[str]]
+
+    @abc.abstractmethod
+    def sources(self) -> Set[Source]:
+        """The capture sources needed (the engine back-propagates exactly these; see
+        :mod:`curvlib.engine.capture`)."""
+
+    @abc.abstractmethod
+    def begin(self) -> None:
+        """Called when a ``curvature`` context is entered."""
+
+    @abc.abstractmethod
+    def compute(self, capture: LayerCapture) -> Dict[str, Any]:
+        """``{"weight": value, "bias": value, ...}`` for the parameters of ``capture``'s layer."""
+
+    @abc.abstractmethod
+    def count(self, capture: LayerCapture) -> int:
+        """The weight of ``capture`` in :meth:`accumulate`'s ``counts`` (usually ``N``)."""
+
+    @abc.abstractmethod
+    def accumulate(
+        self, capture: LayerCapture, name: str, old: Any, new: Any, counts: Tuple[int, int]
+    ) -> Any:
+        """Combine the value ``old`` of the earlier backwards of the context (from ``counts[0]``)
+        with this backward's ``new`` (``counts[1]``) for parameter ``name`` of the layer."""
+
+    @abc.abstractmethod
+    def finish(self) -> None:
+        """Called when the context exits without error (whole-network quantities are built here)."""
+
+
+__all__ = ["Extension", "Source"]
