@@ -132,6 +132,32 @@ class LayerCapture:
                 "BCEWithLogitsLoss, NLLLoss), and the model output must feed it."
             ) from None
 
+    @property
+    def calls(self) -> List["LayerCapture"]:
+        """The captures of the single calls this capture combines (``[self]`` for one call;
+        see :class:`SharedCapture`)."""
+        return [self]
+
+    @property
+    def float_input(self) -> bool:
+        """Whether the layer input is floating point (not token indices)."""
+        return self.x.is_floating_point()
+
+    def structured_weight(self, s: Tensor, out: Tensor) -> Optional[Tensor]:
+        """Per-sample weight gradients from ``s`` ``[K, N, T, D_s]`` written to ``out`` by the
+        adapter's structured rule (Embedding: a scatter; grouped conv: per group), or
+        ``None`` for the generic ``sum_t s a^T``."""
+        return self.adapter.per_sample_weight(self.module, s, self.x, out)
+
+    def select(self, index: Tensor, scale: float = 1.0) -> "LayerCapture":
+        """The capture restricted to the samples ``index``, cotangents times ``scale``."""
+        raw = {k: v.index_select(1, index) * scale for k, v in self.raw.items()}
+        return LayerCapture(
+            self.module, self.adapter, self.x.index_select(0, index), raw, self.empirical_scale,
+            root=self.root, root_inputs=self.root_inputs, loss_calls=self.loss_calls,
+            order=self.order, backward=self.backward,
+        )
+
     def act(self) -> Tensor:
         """Activation-side vectors ``[N, T, D_a]``."""
         if self._act is None:
@@ -179,7 +205,9 @@ class LayerCapture:
         """The objective of this backward as one record (root model, its inputs, the loss).
 
         Raises (naming ``who``, the extension that needs it) if the layer was not called inside
-        an extended model's forward, or the backward reached no extended loss or several.
+        an extended model's forward, or the backward reached no extended loss. With several
+        extended losses (a GAN's two terms) the record holds the first; :attr:`loss_calls` has
+        them all.
         """
         if self.root is None or self.root_inputs is None:
             raise RuntimeError(
@@ -191,12 +219,7 @@ class LayerCapture:
                 f"curvlib: {who} needs the extended loss that {self.module} feeds: "
                 "loss_fn = curvlib.extend(torch.nn.CrossEntropyLoss()) (or MSELoss, ...)."
             )
-        if len(self.loss_calls) > 1:
-            raise NotImplementedError(
-                f"curvlib: {who} found {len(self.loss_calls)} extended losses in one backward; "
-                "it re-evaluates one loss only. Use GGNMP, or one loss per backward."
-            )
-        return Objective(self.root, self.root_inputs, self.loss_calls[-1])
+        return Objective(self.root, self.root_inputs, self.loss_calls[0])
 
     def per_sample_grads(self, name: str, source: Source) -> Tensor:
         """Per-sample gradients ``[K, N, *p.shape]`` of parameter ``name``.
@@ -206,6 +229,147 @@ class LayerCapture:
         """
         X = factors.per_sample_grads(self, name, source)
         return X.view(-1, self.batch_size, *X.shape[1:])
+
+
+class SharedCapture(LayerCapture):
+    """All calls of one layer that one backward reached, as one capture (DESIGN.md §2).
+
+    A layer called ``C`` times before one backward (shared weights, an unrolled recurrence,
+    a GAN's discriminator on real and on fake data) has the per-sample gradient
+
+        X_{k,n} = sum_c sum_t s^c_{k,n,t} (a^c_{n,t})^T
+
+    of sample ``n``: the calls are *positions*. This capture concatenates the calls' vectors
+    along the position axis (``act()`` ``[N, sum_c T_c, D_a]``, ``cot()`` ``[K, N, sum_c T_c,
+    D_s]``, likewise the bias and summed-parameter vectors), so every exact extension, written
+    against one call's factorisation, is exact for the shared layer with no change, and KFAC
+    "expand" gets the factors of one call on the inputs stacked along a position dimension.
+    Sample ``n`` of every call must be the same sample (the calls share the batch dimension);
+    calls with different batch sizes make the concatenated quantities raise (KFAC, a sum
+    over rows, works from :attr:`calls` without them).
+
+    The cotangent columns ``k`` of the calls are aligned by the engine: a column of a loss that
+    does not reach a call is zero there (``curvature.process_loss``), so a GAN's two losses
+    give ``K_real + K_fake`` columns on both calls.
+
+    Attributes:
+        calls: the single-call captures in forward order; ``forwards``: the distinct
+            ``(root, root_inputs)`` of the model forwards that made them.
+    """
+
+    def __init__(self, captures: List[LayerCapture]):
+        captures = sorted(captures, key=lambda c: c.order)
+        first = captures[0]
+        self.module, self.adapter = first.module, first.adapter
+        self._calls = captures
+        self.x = None
+        self.raw = None
+        self.empirical_scale = first.empirical_scale
+        self.root, self.root_inputs = first.root, first.root_inputs
+        self.loss_calls = max((c.loss_calls for c in captures), key=len)
+        self.order, self.backward = first.order, first.backward
+        seen: Dict[int, Tuple[Optional[nn.Module], Any]] = {}
+        for c in captures:
+            if c.root_inputs is not None:
+                seen.setdefault(id(c.root_inputs), (c.root, c.root_inputs))
+        self.forwards: List[Tuple[Optional[nn.Module], Any]] = list(seen.values())
+        self._sizes = [c.batch_size for c in captures]
+        self._act = None
+        self._cot = {}
+        self._bias_cot = {}
+        self._t_sizes: Optional[List[int]] = None
+
+    @property
+    def calls(self) -> List[LayerCapture]:
+        return self._calls
+
+    @property
+    def batch_size(self) -> int:  # type: ignore[override]
+        self._same_batch("the per-sample quantities")
+        return self._sizes[0]
+
+    def _same_batch(self, what: str) -> None:
+        if len(set(self._sizes)) > 1:
+            raise ValueError(
+                f"curvlib: {self.module} was called {len(self._sizes)} times before one backward "
+                f"on batches of sizes {self._sizes}; {what} need the calls to share the batch "
+                "dimension (sample n of every call is the same sample, whose per-sample gradient "
+                "sums over the calls). Call the layer on batches of one size (e.g. concatenate "
+                "the batches into one call), or use KFAC, which treats the calls' rows as extra "
+                "positions and accepts different batch sizes."
+            )
+
+    def _cat(self, parts: List[Tensor], dim: int, what: str) -> Tensor:
+        self._same_batch(what)
+        shapes = {tuple(p.shape[:dim]) + tuple(p.shape[dim + 1 :]) for p in parts}
+        if len(shapes) > 1:
+            raise RuntimeError(
+                f"curvlib: the {len(parts)} calls of {self.module} in one backward got {what} "
+                f"of shapes {[tuple(p.shape) for p in parts]}, which do not stack along the "
+                "position axis (different numbers of cotangent columns: the calls were reached "
+                "by different extended losses in a way curvlib could not align). Please report "
+                "this with the model."
+            )
+        return torch.cat(parts, dim=dim)
+
+    def has(self, source: Source) -> bool:
+        return all(c.has(source) for c in self._calls)
+
+    @property
+    def float_input(self) -> bool:
+        return all(c.float_input for c in self._calls)
+
+    def act(self) -> Tensor:
+        if self._act is None:
+            self._act = self._cat([c.act() for c in self._calls], 1, "the layer inputs")
+        return self._act
+
+    def act_rows(self) -> int:
+        return sum(c.act_rows() for c in self._calls)
+
+    def act_factor(self, kfac_approx: str) -> Optional[Tensor]:
+        return None  # KFAC combines the calls' own factors (see :attr:`calls`)
+
+    def cot(self, source: Source) -> Tensor:
+        if source not in self._cot:
+            parts = [c.cot(source) for c in self._calls]
+            self._t_sizes = [p.shape[2] for p in parts]
+            self._cot[source] = self._cat(parts, 2, f"{source!r} output cotangents")
+        return self._cot[source]
+
+    def bias_cot(self, source: Source) -> Tensor:
+        if type(self.adapter).bias_cotangents is LayerAdapter.bias_cotangents:
+            return self.cot(source)
+        if source not in self._bias_cot:
+            parts = [c.bias_cot(source) for c in self._calls]
+            self._bias_cot[source] = self._cat(parts, 2, f"{source!r} bias cotangents")
+        return self._bias_cot[source]
+
+    def sum_cot(self, name: str, source: Source) -> Tensor:
+        if name == "bias":
+            return self.bias_cot(source)
+        key = (name, source)
+        if key not in self._bias_cot:
+            parts = [c.sum_cot(name, source) for c in self._calls]
+            self._bias_cot[key] = self._cat(parts, 2, f"{source!r} cotangents of the {name}")
+        return self._bias_cot[key]
+
+    def structured_weight(self, s: Tensor, out: Tensor) -> Optional[Tensor]:
+        """The calls' structured per-sample gradients summed (one adapter call per call of
+        the layer: the structured rules need each call's own input)."""
+        if self._t_sizes is None or sum(self._t_sizes) != s.shape[2]:
+            self._t_sizes = [c.cot(next(iter(c.raw))).shape[2] for c in self._calls]
+        parts = s.split(self._t_sizes, dim=2)
+        if self._calls[0].structured_weight(parts[0].contiguous(), out) is None:
+            return None
+        tmp = torch.empty_like(out)
+        for c, part in zip(self._calls[1:], parts[1:]):
+            c.structured_weight(part.contiguous(), tmp)
+            out.add_(tmp)
+        return out
+
+    def select(self, index: Tensor, scale: float = 1.0) -> "SharedCapture":
+        return SharedCapture([c.select(index, scale) for c in self._calls])
 
 
 def in_param_dtype(
@@ -244,4 +408,4 @@ def finite_or_raise(value, module: nn.Module, what: str) -> None:
             finite_or_raise(v, module, what)
 
 
-__all__ = ["LayerCapture", "Source", "source_key", "finite_or_raise", "in_param_dtype"]
+__all__ = ["LayerCapture", "SharedCapture", "Source", "source_key", "finite_or_raise", "in_param_dtype"]

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlib.engine import coupling, state
-from curvlib.engine.capture import LayerCapture, Source, finite_or_raise
+from curvlib.engine.capture import LayerCapture, SharedCapture, Source, finite_or_raise
 from curvlib.engine.extension import Extension
 from curvlib.engine.columns import backprop_columns
 from curvlib.engine.layers import adapter_for
@@ -45,7 +45,10 @@ class curvature:
     - ``fisher_type="mc"`` / ``"type-2"`` (and ``HMP``) need an extended loss
       (``extend(torch.nn.CrossEntropyLoss())``, ``NLLLoss``, ``MSELoss``, ``BCEWithLogitsLoss``;
       reduction ``"mean"`` or ``"sum"``) fed directly by the model output;
-    - one backward per forward of the extended model (run them in pairs);
+    - one backward through each forward of the extended model; several forwards before one
+      backward are fine, and a layer called several times before one backward (shared
+      weights, an unrolled loop, a GAN's discriminator on real and fake data) gets the
+      quantities of all its calls summed as positions (:class:`~curvlib.engine.capture.SharedCapture`);
     - contexts cannot be nested.
 
     Several ``backward`` calls in one context (gradient accumulation over micro-batches)
@@ -134,6 +137,8 @@ class curvature:
         self._all_roots: Dict[int, nn.Module] = {}
         #: uids of layer calls whose coupling probe leaked
         self._leaks: Set[int] = set()
+        #: per backward: captures of layers with further live calls, waiting for them
+        self._pending: Dict[nn.Module, List[LayerCapture]] = {}
 
     # ----------------------------------------------------------------- context
     def __enter__(self) -> "curvature":
@@ -196,11 +201,16 @@ class curvature:
         self._processed = weakref.WeakSet()
         self._roots = {}
         self._coupling = {}
+        self._pending = {}
         torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
 
     def _end_backward(self) -> None:
-        """After the backward: warn about adapted layers of the models that took part but
-        received no call (unused, or applied functionally through its parameters)."""
+        """After the backward: process the layers whose calls were not all reached (a call
+        of a forward this backward does not reach); warn about adapted layers of the models
+        that took part but received no call (unused, or applied functionally through its
+        parameters)."""
+        while self._pending:
+            self._run_group(next(iter(self._pending)))
         self._in_backward = False
         for root in self._roots.values():
             for name, sub in root.named_modules():
@@ -324,7 +334,13 @@ class curvature:
         if self.check_finite:
             finite_or_raise(cots, loss, "the loss curvature (model output)")
         # (calls recorded inside a backward are recomputations: never reached from here)
-        calls = [c for c in state.TAPE.values() if c.output_edge is not None and not c.in_backward]
+        calls = [c for c in state.TAPE.values() if c.live and not c.in_backward]
+        demoted = {c.uid for c in calls if c.demoted}
+        found = _demoted_edges(f_graph, demoted) if demoted else {}
+        # calls of an earlier forward of their model that this loss does not reach get no
+        # cotangents here (but zero columns, if another call of their layer gets some)
+        unreached = [c for c in calls if c.demoted and c.uid not in found]
+        calls = [c for c in calls if not c.demoted or c.uid in found]
         probe = self._coupling_probe(calls, f)
         if probe is not None:
             cots.append(probe)
@@ -335,12 +351,18 @@ class curvature:
         state.IN_EXTRA_BACKWARD = True
         try:
             roots = [c.root if c.root is not None else c.module for c in calls]
+            edges = [found[c.uid] if c.demoted else c.output_edge for c in calls]
             grads = backprop_columns(
-                f_graph, [c.output_edge for c in calls], torch.cat(cots), roots,
-                [c.output_shape for c in calls],
+                f_graph, edges, torch.cat(cots), roots, [c.output_shape for c in calls],
             )
         finally:
             state.IN_EXTRA_BACKWARD = False
+        calls = calls + unreached
+        grads = _align_calls(calls, list(grads) + [None] * len(unreached))
+        widths = dict(zip(keys, sizes))
+        for key, (base, P) in derived.items():
+            widths[key] = widths[base] // P
+        self._align_pending(calls, grads, widths)
         for call, g in zip(calls, grads):
             if g is None:
                 continue
@@ -354,6 +376,21 @@ class curvature:
                     continue
                 old = call.extra.get(key)
                 call.extra[key] = part if old is None else torch.cat([old, part])
+
+    def _align_pending(self, calls: List[LayerCall], grads: list, widths: Dict[Source, int]) -> None:
+        """Zero columns of this loss for the already captured calls of a layer whose other
+        calls this loss reaches: the backward can reach one call of a layer (a discriminator
+        on fake data) before the hook of another loss (the one on real data) runs."""
+        got = {c.module for c, g in zip(calls, grads) if g is not None}
+        for module in got & set(self._pending):
+            for cap in self._pending[module]:
+                ref = cap.raw["grad"]
+                for key, k in widths.items():
+                    if key is _PROBE:
+                        continue
+                    zero = ref.new_zeros((k, *ref.shape[1:]))
+                    old = cap.raw.get(key)
+                    cap.raw[key] = zero if old is None else torch.cat([old, zero])
 
     def _columns(self, adapter, loss: nn.Module, f: Tensor, y: Optional[Tensor], weight: float):
         """The loss's cotangent columns to back-propagate, one block per source, and the
@@ -415,14 +452,11 @@ class curvature:
 
     # ------------------------------------------------------------------ layer
     def process_layer(self, call: LayerCall, grad: Tensor) -> None:
-        """The backward reached the output of ``call``'s layer with gradient ``grad``: run the
-        extensions on its capture."""
+        """The backward reached ``call``'s output: capture it, and run the extensions on the
+        layer once all of its live calls are captured (several calls of one layer before
+        one backward are combined as positions, :class:`SharedCapture`; a call this backward
+        does not reach is waited for until the end of the backward)."""
         module = call.module
-        if call.repeated:
-            raise NotImplementedError(
-                f"curvlib: {module} was called more than once in one forward pass of the "
-                "extended model; weight tying across calls is not supported yet."
-            )
         self._begin_backward()
         if call.root is not None:
             self._roots[id(call.root)] = self._all_roots[id(call.root)] = call.root
@@ -451,13 +485,23 @@ class curvature:
             order=call.uid,
             backward=self.num_backwards - 1,
         )
+        state.TAPE.pop(call.uid, None)
+        call.release()
+        self._pending.setdefault(module, []).append(capture)
+        others = state.CALLS_OF.get(module, ()) if isinstance(module, nn.Module) else ()
+        if any(c.live and c.in_backward == call.in_backward for c in others):
+            return  # another call of this layer is still to come (shared weights)
+        self._run_group(module)
+
+    def _run_group(self, module: nn.Module) -> None:
+        """Run the extensions on the captured calls of ``module`` in this backward."""
+        captures = self._pending.pop(module)
+        capture = captures[0] if len(captures) == 1 else SharedCapture(captures)
         with torch.no_grad():
             for i, ext in enumerate(self.extensions):
                 self._run_extension(i, ext, capture)
         # a part of a composite layer (attention's projections) counts for its owner
         self._processed.add(module if isinstance(module, nn.Module) else module.owner)
-        state.TAPE.pop(call.uid, None)
-        call.release()
         self.num_captures += 1
 
     def _run_extension(self, i: int, ext: Extension, capture: LayerCapture) -> None:
@@ -471,8 +515,10 @@ class curvature:
             if prev[1] == b:
                 raise NotImplementedError(
                     f"curvlib: {ext.savefield} of the {name} of {capture.module} was computed "
-                    "twice in one backward (the layer was reached through two calls); "
-                    "several calls of one layer per backward are not supported."
+                    "twice in one backward: the parameter belongs to two extended layers "
+                    "(weight tying across modules, e.g. decoder.weight = encoder.weight). "
+                    "A layer called several times is supported, one parameter shared by two "
+                    "layers is not: call one module twice instead of tying two."
                 )
             # taken off the parameter so that compute() does not reuse it as a buffer
             earlier[name] = p.__dict__.pop(ext.savefield, None)
@@ -508,6 +554,53 @@ def _same_batch(call: LayerCall, f: Tensor) -> bool:
         return False
     n = adapter_for(call.module).batch_size(call.module, call.input)
     return n == f.shape[0] and n > 1
+
+
+def _demoted_edges(f: Tensor, uids: Set[int]) -> Dict[int, Any]:
+    """Gradient edges of the demoted calls ``uids`` (see ``hooks._demote_all``) that the
+    graph of ``f`` reaches: a walk over the autograd nodes upstream of ``f``, reading the
+    calls each node's ``metadata`` names. Only runs when a model ran several forwards
+    before a backward (e.g. a GAN's discriminator on real and fake data)."""
+    from curvlib.engine.hooks import META_KEY
+
+    found: Dict[int, Any] = {}
+    root = f.grad_fn
+    if root is None:
+        return found
+    seen = {id(root): root}  # the wrappers are kept alive: ids stay unique
+    stack = [root]
+    while stack and len(found) < len(uids):
+        node = stack.pop()
+        calls = node.metadata.get(META_KEY) if node.metadata else None
+        if calls:
+            for nr, c in calls.items():
+                if c.uid in uids:
+                    found[c.uid] = torch.autograd.graph.GradientEdge(node, nr)
+        for nxt, _ in node.next_functions:
+            if nxt is not None and id(nxt) not in seen:
+                seen[id(nxt)] = nxt
+                stack.append(nxt)
+    return found
+
+
+def _align_calls(calls: List[LayerCall], grads: List[Optional[Tensor]]) -> List[Optional[Tensor]]:
+    """Give every live call of a layer the same cotangent columns: a loss whose columns
+    reach one call of a layer but not another (a GAN's loss on real data does not reach the
+    discriminator's call on fake data) gives zeros there, so that the calls' per-sample
+    gradients add up column by column (:class:`SharedCapture`)."""
+    by_module: Dict[nn.Module, List[int]] = {}
+    for i, c in enumerate(calls):
+        by_module.setdefault(c.module, []).append(i)
+    for idx in by_module.values():
+        if len(idx) < 2:
+            continue
+        ref = next((grads[i] for i in idx if grads[i] is not None), None)
+        if ref is None:
+            continue
+        for i in idx:
+            if grads[i] is None:
+                grads[i] = ref.new_zeros((ref.shape[0], *calls[i].output_shape))
+    return grads
 
 
 __all__ = ["curvature"]

@@ -206,7 +206,7 @@ def per_sample_grads(
     shape = (s.shape[0] * s.shape[1], *p.shape)
     if out is None:
         out = s.new_empty(shape)
-    if capture.adapter.per_sample_weight(capture.module, s, capture.x, out) is not None:
+    if capture.structured_weight(s, out) is not None:
         return out  # structured activations (Embedding: a scatter of s)
     return outer_sum(s, capture.act(), capture.orientation, out)
 

@@ -131,8 +131,9 @@ def extend(module: M) -> M:
 def _root_pre_hook(root: nn.Module, args, kwargs) -> None:
     if state.HOOKS_PAUSED:
         return None
-    # a new forward of this model: the calls of its earlier forwards are stale
-    _release_all(getattr(root, _CALLS, ()))
+    # a new forward of this model: the calls of its earlier forward stay alive exactly as
+    # long as their autograd graph (a GAN's discriminator on real, then on fake data)
+    _demote_all(getattr(root, _CALLS, ()))
     setattr(root, _CALLS, CallList())
     inputs = (tuple(_detached(a) for a in args), {k: _detached(v) for k, v in kwargs.items()})
     _ROOTS.append((root, inputs))
@@ -143,6 +144,38 @@ def _release_all(calls) -> None:
     for call in calls:
         state.TAPE.pop(call.uid, None)
         call.release()
+
+
+#: key of the ``{output_nr: LayerCall}`` dict a demoted call leaves in its output node's
+#: ``metadata``
+META_KEY = "curvlib_calls"
+
+
+def _demote_all(calls) -> None:
+    """Hand the not yet back-propagated ``calls`` of an earlier forward to their own graph.
+
+    The model owns the calls of its latest forward (and, through their output edges, that
+    graph). When it runs again, an earlier call moves into the ``metadata`` of its output's
+    autograd node and drops the edge: it then lives exactly as long as the graph that can
+    still back-propagate to it (a discriminator's forward on real data, kept by the loss;
+    a discarded forward is freed with its graph, so repeated forwards without a backward
+    keep no memory). No reference cycle: the node refers to the call, the call not to
+    the node. The loss hook finds the edge again by walking the graph
+    (:func:`curvlib.engine.context._demoted_edges`).
+    """
+    for call in calls:
+        edge = call.output_edge
+        if edge is None or not call.live:
+            continue
+        try:
+            meta = edge.node.metadata
+        except (AttributeError, RuntimeError):  # no node metadata: the old behaviour
+            state.TAPE.pop(call.uid, None)
+            call.release()
+            continue
+        meta.setdefault(META_KEY, {})[edge.output_nr] = call
+        call.output_edge = None
+        call.demoted = True
 
 
 def _root_post_hook(root: nn.Module, inputs, output) -> None:
@@ -184,14 +217,16 @@ def record_call(module, x: Tensor, output) -> None:
     owner = root if root is not None else module
     calls = getattr(owner, _CALLS, None)
     if root is None or calls is None:
-        _release_all(calls or ())
+        _demote_all(calls or ())
         calls = CallList()
         setattr(owner, _CALLS, calls)
-    for other in calls:
-        if other.module is module:
-            other.repeated = call.repeated = True
     calls.append(call)
     state.TAPE[call.uid] = call
+    if isinstance(module, nn.Module):  # (parts of composite layers are not combined)
+        live = state.CALLS_OF.get(module)
+        if live is None:
+            live = state.CALLS_OF[module] = weakref.WeakSet()
+        live.add(call)
     output.register_hook(functools.partial(_layer_output_hook, weakref.ref(call), module))
 
 
@@ -225,12 +260,12 @@ def _layer_output_hook(ref: "weakref.ref[LayerCall]", module: nn.Module, grad: T
             state.TAPE.pop(call.uid, None)
             call.release()
         return None
-    if call is None or call.output_edge is None:
+    if call is None or not call.live:
         raise RuntimeError(
             f"curvlib: the backward reached {module}, but the record of that forward "
-            "call was dropped because the extended model was called again (or the "
-            "call was already back-propagated). Run forward and backward in pairs, one "
-            "backward per forward of the extended model."
+            "call was already back-propagated (a second backward through the same graph, "
+            "e.g. with retain_graph=True) or dropped. Run one backward per forward of the "
+            "extended model (several forwards before one backward are fine)."
         )
     if call.in_backward and any(s not in ("grad", "empirical") for s in ctx.sources):
         raise RuntimeError(

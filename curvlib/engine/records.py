@@ -34,18 +34,26 @@ class LayerCall:
     output_edge: object
     output_shape: torch.Size
     extra: Dict[object, Tensor] = field(default_factory=dict)
-    #: the same module was called more than once in one forward of its model
-    repeated: bool = False
+    #: the model ran another forward before this call was back-propagated: the call is
+    #: then owned by its own autograd graph (``hooks._demote``), not by the model, and
+    #: ``output_edge`` is found again from the loss (``context._demoted_edges``)
+    demoted: bool = False
     uid: int = field(default_factory=lambda: next(_ids))
     root_inputs: Optional[Tuple[tuple, Dict[str, Any]]] = None
     #: recorded while a backward pass was running (a forward recomputed inside backward,
     #: e.g. by reentrant activation checkpointing)
     in_backward: bool = False
 
+    @property
+    def live(self) -> bool:
+        """Recorded and not yet back-propagated (nor dropped)."""
+        return self.input is not None and (self.output_edge is not None or self.demoted)
+
     def release(self) -> None:
         """Drop the tensors this call holds."""
         self.input = None
         self.output_edge = None
+        self.demoted = False
         self.extra = {}
         self.root_inputs = None
 

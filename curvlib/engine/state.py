@@ -20,6 +20,11 @@ ACTIVE: Optional["curvature"] = None
 #: the extended model owns them (see ``hooks._layer_forward_hook``)
 TAPE: "weakref.WeakValueDictionary[int, LayerCall]" = weakref.WeakValueDictionary()
 
+#: module -> its live calls (recorded, not yet back-propagated): a module with several
+#: (shared weights, unrolled loops, a model run on two batches before one backward) has
+#: its calls of one backward combined (``context.curvature.process_layer``)
+CALLS_OF: "weakref.WeakKeyDictionary[object, weakref.WeakSet[LayerCall]]" = weakref.WeakKeyDictionary()
+
 #: ``True`` while the engine back-propagates its own extra cotangents (nested backward)
 IN_EXTRA_BACKWARD: bool = False
 

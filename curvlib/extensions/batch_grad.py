@@ -152,7 +152,7 @@ class BatchGrad(Extension):
         for name, p in capture.params.items():
             v = capture.sum_cot(name, "grad") if capture.summed(name) else capture.cot("grad")
             finite_or_raise(v, capture.module, f"the output gradient ({name})")
-            if not capture.summed(name) and capture.x.is_floating_point():
+            if not capture.summed(name) and capture.float_input:
                 finite_or_raise(capture.act(), capture.module, "the layer input")
             shape = (capture.batch_size, *p.shape)
             buf = reusable_buffer(p, self.savefield, shape, v) if self.reuse_buffers else None

@@ -177,7 +177,7 @@ class GradFactors(Extension):
         for name, p in capture.params.items():
             v = capture.sum_cot(name, src) if capture.summed(name) else capture.cot(src)
             finite_or_raise(v, capture.module, f"the {src!r} cotangents ({name})")
-            if not capture.summed(name) and capture.x.is_floating_point():
+            if not capture.summed(name) and capture.float_input:
                 finite_or_raise(capture.act(), capture.module, "the layer input")
             shape = (v.shape[0] * v.shape[1], *p.shape)
             buf = reusable_buffer(p, self.savefield, shape, v) if self.reuse_buffers else None

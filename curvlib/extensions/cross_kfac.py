@@ -109,6 +109,12 @@ class CrossKFAC(Extension):
         self._records = []
 
     def compute(self, capture: LayerCapture) -> Dict[str, Any]:
+        if len(capture.calls) > 1:
+            raise NotImplementedError(
+                f"curvlib: CrossKFAC does not support {capture.module}, which was called "
+                f"{len(capture.calls)} times before one backward (its reduced vectors are per "
+                "call); leave the layer out of the cross-layer factors or call it once."
+            )
         src, params, blocks = self.source, capture.params, []
         if "weight" in params:
             s = capture.cot(src).sum(2).flatten(0, 1)

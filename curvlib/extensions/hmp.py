@@ -15,9 +15,12 @@ are untouched). Every product is then one double backward through that graph
 
 and a block product ``H_pp V`` differentiates ``dL/dp`` w.r.t. ``p`` only.
 
-Assumptions (checked where possible, with an error naming the fix): the loss input is the
-output of one extended model (the re-run must reproduce it: no dropout in train mode, no
-other randomness); one extended loss per backward; parameters unchanged between the
+Assumptions (checked where possible, with an error naming the fix): each loss input is the
+output of a forward of one extended model (the re-run must reproduce it: no dropout in train
+mode, no other randomness); several forwards of that model and several extended losses in
+one backward (a GAN's discriminator on real and fake data, ``bce(D(x), 1) + bce(D(G(z)), 0)``)
+give the objective ``sum_j w_j loss_j(model(x_j))``, each loss matched by value to the
+re-run forward that reproduces its input; parameters unchanged between the
 backward and the products (checked with their version counters). Several backwards in one
 context (gradient accumulation) record one objective each; products sum over them. Parameters of layers
 without an adapter stay fixed. The graph is built lazily, held by the extension until its
@@ -50,6 +53,12 @@ class HessianGraph:
 
     def __init__(self, objective: Objective):
         self.objective = objective
+        #: the loss named in a mismatch error (the objective's, or the one a re-run failed on)
+        self.loss_call: LossCall = objective.loss
+        #: the recorded forwards of ``root`` (several: a discriminator on real and on fake
+        #: data before one backward) and the extended losses of the backward
+        self.forwards: List[Tuple[tuple, Dict[str, Any]]] = [objective.inputs]
+        self.loss_calls: List[LossCall] = [objective.loss]
         self.params: List[nn.Parameter] = []  # parameters with Hessian products
         self._versions: List[int] = []
         self._leaves: Optional[List[Tensor]] = None
@@ -63,14 +72,21 @@ class HessianGraph:
     def root_inputs(self) -> Tuple[tuple, Dict[str, Any]]:
         return self.objective.inputs
 
-    @property
-    def loss_call(self) -> LossCall:
-        return self.objective.loss
-
     def add(self, p: nn.Parameter) -> None:
         if not any(p is q for q in self.params):
             self.params.append(p)
             self._versions.append(p._version)
+
+    def add_terms(self, forwards: List[Tuple[tuple, Dict[str, Any]]], loss_calls: List[LossCall]) -> None:
+        """Record further forwards of the root and losses of the same backward."""
+        for inputs in forwards:
+            if not any(inputs is f for f in self.forwards):
+                self.forwards.append(inputs)
+                self._grads = None
+        for lc in loss_calls:
+            if not any(lc is l for l in self.loss_calls):
+                self.loss_calls.append(lc)
+                self._grads = None
 
     def index(self, p: nn.Parameter) -> int:
         return next(i for i, q in enumerate(self.params) if q is p)
@@ -95,10 +111,22 @@ class HessianGraph:
         state.update({n: b.clone() for n, b in root.named_buffers()})
         # attention through the math kernel: the fused CPU kernel has no double backward
         with torch.enable_grad(), hooks_paused(), sdpa_kernel(SDPBackend.MATH):
-            with self._graph_mode():
-                f = functional_call(root, state, args, kwargs)
-                L = lc.module(f, lc.y) * lc.weight
-            self._check_output(f)
+            if len(self.forwards) == 1 and len(self.loss_calls) == 1:
+                with self._graph_mode():
+                    f = functional_call(root, state, args, kwargs)
+                    L = lc.module(f, lc.y) * lc.weight
+                self._check_output(f)
+            else:  # L = sum_j w_j loss_j(root(x_i(j))): each loss on the forward that fed it
+                with self._graph_mode():
+                    outs = [functional_call(root, state, a, k) for a, k in self.forwards]
+                L = 0
+                for lc in self.loss_calls:
+                    f = next((o for o in outs if self._matches(o, lc)), None)
+                    if f is None:
+                        self.loss_call = lc
+                        self._check_output(outs[0])  # raises, naming the loss
+                    with self._graph_mode():
+                        L = L + lc.module(f, lc.y) * lc.weight
             grads = torch.autograd.grad(L, leaves, create_graph=True, allow_unused=True)
         self._leaves = leaves
         self._grads = [torch.zeros_like(l) if g is None else g for g, l in zip(grads, leaves)]
@@ -108,13 +136,18 @@ class HessianGraph:
         e.g. the PCH's modified activations)."""
         return contextlib.nullcontext()
 
-    def _check_output(self, f: Any) -> None:
-        ref = self.loss_call.f
+    @staticmethod
+    def _matches(f: Any, lc: LossCall) -> bool:
+        """Whether the re-run output ``f`` reproduces the input of the loss ``lc``."""
+        ref = lc.f
         ok = isinstance(f, Tensor) and f.shape == ref.shape
         if ok:
             tol = 1e-3 if ref.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-8
             ok = bool((f.detach() - ref).abs().max() <= tol * (1 + ref.abs().max()))
-        if not ok:
+        return ok
+
+    def _check_output(self, f: Any) -> None:
+        if not self._matches(f, self.loss_call):
             raise RuntimeError(
                 f"curvlib: HMP re-ran the extended model {type(self.root).__name__} on its "
                 f"recorded input, but the result does not reproduce the input of the loss "
@@ -264,18 +297,27 @@ class HMP(Extension):
 
     def compute(self, capture: LayerCapture) -> Dict[str, Any]:
         module = capture.module
-        obj = capture.objective("HMP")
-        g = self._graphs[-1] if self._graphs else None
-        if g is None or g.loss_call is not obj.loss:  # a new backward: a new objective
+        obj = capture.objective(type(self).__name__)
+        forwards = getattr(capture, "forwards", [(capture.root, capture.root_inputs)])
+        if any(r is not capture.root for r, _ in forwards):
+            raise NotImplementedError(
+                f"curvlib: HMP found calls of {module} from two extended models in one "
+                "backward; extend only the outermost model whose output feeds the loss."
+            )
+        if len(self._graphs) <= capture.backward:  # a new backward: a new objective
             g = self.graph_class(obj)
             self._graphs.append(g)
             self._layers.append({})
-        elif g.root is not obj.root:
+        g = self._graphs[-1]
+        if g.root is not capture.root:
             raise NotImplementedError(
                 f"curvlib: HMP found layers of two extended models ({type(g.root).__name__} "
-                f"and {type(obj.root).__name__}) in one backward; extend only the "
+                f"and {type(capture.root).__name__}) in one backward; extend only the "
                 "outermost model whose output feeds the loss."
             )
+        # several forwards of the model (a discriminator on real and fake data) and several
+        # extended losses in one backward: the objective is the sum of the losses
+        g.add_terms([inputs for _, inputs in forwards], capture.loss_calls)
         params = list(capture.params.values())
         for p in params:
             g.add(p)

@@ -12,14 +12,35 @@ Grosse & Martens 2016; Eschenhagen et al. 2023 for expand/reduce). On Linear lay
 ``fisher_type="type-2"`` these are BackPACK's KFLR factors; on Linear and Conv layers
 ``kron(G, A)`` equals curvlinops' ``KFACLinearOperator`` block. For a transposed
 convolution the activation side is the *first* factor (see its adapter).
+
+A layer called ``C`` times before one backward (shared weights, unrolled recurrences, a GAN's
+discriminator on real and fake data; DESIGN.md §2) has its calls summed as positions:
+
+    expand:  A = 1/(sum_c N_c T_c) sum_{c,n,t} a a^T     G = sum_{c,k,n,t} s s^T
+    reduce:  A = 1/(sum_c N_c) sum_{c,n} abar_c abar_c^T  G = sum_{c,k,n} sbar_c sbar_c^T
+
+i.e. expand equals one call on the inputs stacked along a position dimension, and reduce
+reduces within each call (as curvlinops reduces each call of a shared module) and then treats
+the calls as positions. Both are one Gram matrix of the stacked vectors (the calls
+concatenated along the position axis, one matmul: faster than one per call for many small
+calls); with a structured factor (Embedding) or calls of different batch sizes, which KFAC
+accepts, the factors are combined call by call (a loop over the calls of one layer). curvlinops'
+``KFACLinearOperator`` hooks on a shared module *sum* ``A`` over the calls instead of averaging
+(its ``A`` is ``C`` times this one for calls of equal size): this one is the stacked-position
+convention of expand, under which the shared weight is a weight-sharing layer like a
+convolution.
 """
 from __future__ import annotations
 
 from typing import Any, Dict, Optional, Set, Tuple
 
+import torch
+from torch import Tensor
+
 from curvlib.engine import factors
 from curvlib.engine.capture import LayerCapture, Source
 from curvlib.engine.factors import KFAC_APPROX, structure
+from curvlib.engine.layers.base import LayerAdapter
 from curvlib.extensions.base import Extension
 from curvlib.extensions.cross_kfac import CrossKFAC
 
@@ -117,9 +138,10 @@ class KFAC(Extension):
             self.cross.finish()
 
     def count(self, capture: LayerCapture) -> int:
-        """Rows averaged in ``A``: ``N T`` (expand) or ``N`` (reduce)."""
+        """Rows averaged in ``A``: ``N T`` (expand) or ``N`` (reduce), summed over the calls
+        of a layer called several times (the calls are positions)."""
         if self.kfac_approx == "reduce" or "weight" not in capture.params or capture.summed("weight"):
-            return capture.batch_size
+            return sum(c.batch_size for c in capture.calls)
         return capture.act_rows()
 
     def accumulate(self, capture: LayerCapture, name: str, old: Any, new: Any, counts: Tuple[int, int]) -> Any:
@@ -131,6 +153,40 @@ class KFAC(Extension):
         o = capture.orientation
         (G0, A0), (G1, A1) = o.unpair(old), o.unpair(new)
         return o.pair(G0 + G1, (A0 * n0 + A1 * n1) / (n0 + n1))
+
+    def _stackable(self, capture: LayerCapture) -> bool:
+        """Whether the calls of a shared layer can be stacked as positions (one batch size,
+        no structured activation factor); otherwise the factors are combined call by call."""
+        if type(capture.adapter).act_factor is not LayerAdapter.act_factor:
+            return False
+        return len({c.batch_size for c in capture.calls}) == 1
+
+    def _stacked_factors(self, capture: LayerCapture) -> Tuple[list, list, Optional[Tensor]]:
+        """``([G_weight], [G_bias], A)`` of a shared layer from its calls stacked as positions:
+        expand concatenates the positions of all calls; reduce first reduces each call (mean of
+        ``a``, sum of ``s`` over its positions) and stacks the calls."""
+        params, src, calls = capture.params, self.source, capture.calls
+        reduce = self.kfac_approx == "reduce"
+
+        def stacked_cot(get):  # [K, N, positions, D]
+            return torch.stack([get(c).sum(2) for c in calls], 2) if reduce else get(capture)
+
+        Gw, Gb, A, G = [], [], None, None
+        if "weight" in params and not capture.summed("weight"):
+            B = capture.adapter.blocks(capture.module)
+            s = stacked_cot(lambda c: c.cot(src))
+            a = torch.stack([c.act().mean(1) for c in calls], 1) if reduce else capture.act()
+            G = factors.gram_rows(s) if B == 1 else factors.block_gram(s, B)
+            A = (factors.gram_rows(a) if B == 1 else factors.block_gram(a, B)).div_(a.shape[:-1].numel())
+            Gw.append(G)
+        if "bias" in params:
+            shared = type(capture.adapter).bias_cotangents is LayerAdapter.bias_cotangents
+            Bb = capture.adapter.bias_blocks(capture.module)
+            if G is None or G.dim() == 3 or not shared or Bb != 1:
+                sb = stacked_cot(lambda c: c.bias_cot(src))
+                G = factors.gram_rows(sb) if Bb == 1 else factors.block_gram(sb, Bb)
+            Gb.append(G)
+        return Gw, Gb, A
 
     def compute(self, capture: LayerCapture) -> Dict[str, Any]:
         params, src, out = capture.params, self.source, {}
@@ -145,18 +201,43 @@ class KFAC(Extension):
             for name in params:
                 out[name] = [factors.kfac_summed_factor(capture, name, src)]
             return out
-        if "weight" in params and not capture.summed("weight"):
-            # dense, diagonal-times-dense (Embedding: 1-D A) or block form (grouped conv, attention)
-            B = structure(capture).blocks
-            G, A = factors.kfac_weight_factors(capture, src, self.kfac_approx)
+        calls = capture.calls
+        if len(calls) > 1 and self.cross:
+            raise NotImplementedError(
+                f"curvlib: KFAC(cross_layer=True) does not support {capture.module}, which was "
+                f"called {len(calls)} times before one backward (the cross-layer factors need "
+                "one reduced vector per layer and sample); use cross_layer=False."
+            )
+        Gw: list = []
+        Gb: list = []
+        A, rows = None, 0
+        if len(calls) > 1 and self._stackable(capture):  # the calls as positions, one Gram each
+            calls = []
+            Gw, Gb, A = self._stacked_factors(capture)
+        for c in calls:  # one call, or the calls of a shared layer one at a time
+            Gc, B = None, 1
+            if "weight" in params and not capture.summed("weight"):
+                B = c.adapter.blocks(c.module)  # block form (grouped conv, attention)
+                Gc = factors.kfac_cot_factor(c.cot(src), self.kfac_approx, B)
+                Gw.append(Gc)
+                Ac = c.act_factor(self.kfac_approx)  # structured (Embedding: 1-D)
+                if Ac is None:
+                    Ac = factors.kfac_act_factor(c.act(), self.kfac_approx, B)
+                n = c.batch_size if self.kfac_approx == "reduce" else c.act_rows()
+                A = Ac if A is None else A * (rows / (rows + n)) + Ac * (n / (rows + n))
+                rows += n
+            if "bias" in params:
+                sb = c.bias_cot(src)
+                Bb = c.adapter.bias_blocks(c.module)  # block form (attention's in_proj_bias)
+                if Gc is None or sb is not c.cot(src) or B != Bb:
+                    Gc = factors.kfac_cot_factor(sb, self.kfac_approx, Bb)
+                Gb.append(Gc)
+        if Gw:
+            G = Gw[0] if len(Gw) == 1 else torch.stack(Gw).sum(0)
             out["weight"] = capture.orientation.pair(G, A)
             self.act_index[id(params["weight"])] = capture.orientation.act_index
-        if "bias" in params:
-            sb = capture.bias_cot(src)
-            Bb = structure(capture, "bias").blocks  # block form (attention's in_proj_bias)
-            if G is None or sb is not capture.cot(src) or B != Bb:
-                G = factors.kfac_cot_factor(sb, self.kfac_approx, Bb)
-            out["bias"] = [G]
+        if Gb:
+            out["bias"] = [Gb[0] if len(Gb) == 1 else torch.stack(Gb).sum(0)]
         if self.cross:
             if structure(capture).kind == "blocks" or structure(capture, "bias").blocks > 1:
                 raise NotImplementedError(

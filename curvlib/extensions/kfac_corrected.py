@@ -101,6 +101,13 @@ class KFACCorrected(KroneckerSVDExtension):
     def weight_terms(
         self, p: Tensor, capture: LayerCapture, block: RearrangedBlock, bias_block: Optional[Tensor]
     ) -> List[List[Tensor]]:
+        if self.kfac_approx == "reduce" and len(capture.calls) > 1:
+            raise NotImplementedError(
+                f"curvlib: KFACCorrected(kfac_approx='reduce') on {capture.module}, which was "
+                f"called {len(capture.calls)} times before one backward: its correction is "
+                "built on the positions of all calls together, where KFAC reduces per call. "
+                "Use kfac_approx='expand' (the stacked positions of all calls)."
+            )
         # KFAC factors in working coordinates (the formulas commute with the isometric compression)
         G = kfac_cot_factor(block.s, self.kfac_approx)
         A = kfac_act_factor(block.a, self.kfac_approx)

@@ -98,18 +98,9 @@ class SubBatchSampler:
         if self.index is None or int(self.index.max()) >= N:
             n = max(1, round(self.fraction * N))
             self.index = torch.randperm(N, generator=self.generator)[:n].sort().values
-        idx = self.index.to(capture.x.device)
+        idx = self.index.to(capture.calls[0].x.device)
         n = idx.numel()
-        if n == N:
-            out = capture
-        else:
-            r = math.sqrt(N / n)
-            raw = {k: v.index_select(1, idx) * r for k, v in capture.raw.items()}
-            out = LayerCapture(
-                capture.module, capture.adapter, capture.x.index_select(0, idx), raw, capture.empirical_scale,
-                root=capture.root, root_inputs=capture.root_inputs, loss_calls=capture.loss_calls,
-                order=capture.order,
-            )
+        out = capture if n == N else capture.select(idx, math.sqrt(N / n))
         self._cache = {key: (capture, out)}  # one layer at a time: keep only the current capture
         return out
 
