@@ -10,11 +10,10 @@ Non-saturating GAN losses with ``BCEWithLogitsLoss``. The four combinations ``G-
 ``G-kfac/D-adam``, ``G-adam/D-kfac``, ``G-adam/D-adam`` start from the same initialisation and see
 the same real batches and the same noise.
 
-Discriminator step (``--d-calls``): ``concat`` (default) calls D once on the concatenated
-real + fake batch with targets 1 / 0, one loss and one backward (the loss is the mean of the
-real and fake terms); ``twice`` calls D on the real and on the fake images and backpropagates
-the sum of the two losses once, which needs an engine that accepts a module called twice before
-one backward.
+Discriminator step (``--d-calls``): ``twice`` (default) calls D on the real and on the fake
+images and back-propagates the sum of the two losses once (curvlib treats D's two calls as
+positions for KFAC, DESIGN.md §2); ``concat`` calls D once on the concatenated real + fake batch
+with targets 1 / 0 (one loss, the mean of the two terms, so its D loss is half of ``twice``'s).
 
 KFAC: lr 0.02, damping 1e-2 ("pi"), KL clip 1e-3, momentum 0.5, EMA 0.95, MC Fisher, T_cov 5,
 T_inv 10. Adam: lr 2e-4, betas (0.5, 0.999) (Radford et al. 2016).
@@ -74,7 +73,7 @@ def make_opt(kind: str, model: nn.Module):
 
 def parse_args(argv: Optional[List[str]] = None):
     p = E.parser(__doc__.splitlines()[0], COMBOS, epochs=2, batch_size=128)
-    p.add_argument("--d-calls", choices=["concat", "twice"], default="concat")
+    p.add_argument("--d-calls", choices=["twice", "concat"], default="twice")
     return p.parse_args(argv)
 
 
