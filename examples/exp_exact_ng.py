@@ -80,14 +80,7 @@ def run(args) -> Dict[str, E.Run]:
 
     warnings.filterwarnings("ignore", message=".*ema_decay.*")
     Xtr, ytr, Xte, yte = load_digits(args.subset)
-    loss_fn = extend(nn.CrossEntropyLoss())
-
-    def step_loss(model, idx):
-        return loss_fn(model(Xtr[idx]), ytr[idx])
-
-    def evaluate(model):
-        return {"train_loss": float(nn.functional.cross_entropy(model(Xtr), ytr)),
-                "test_metric": float((model(Xte).argmax(1) == yte).float().mean())}
+    step_loss, evaluate = E.classification(Xtr, ytr, Xte, yte)
 
     return E.run_experiment(
         NAME, "Exact NG vs KFAC, MLP 64-32-10 on sklearn load_digits (1,257 train / 540 test)",

@@ -90,13 +90,8 @@ def run(args) -> Dict[str, E.Run]:
         metric, title = "test BCE", "Two-level KFAC vs KFAC, MLP autoencoder (exp_autoencoder.py's settings)"
     else:
         Xtr, ytr, Xte, yte = E.load_mnist(args.subset, normalize=True)
-        loss_fn = extend(nn.CrossEntropyLoss())
         make = lambda: extend(CNN.make_cnn())
-        step_loss = lambda model, idx: loss_fn(model(Xtr[idx]), ytr[idx])
-
-        def evaluate(model):
-            return {"train_loss": float(nn.functional.cross_entropy(model(Xtr), ytr)),
-                    "test_metric": float((model(Xte).argmax(1) == yte).float().mean())}
+        step_loss, evaluate = E.classification(Xtr, ytr, Xte, yte)
 
         metric, title = "test accuracy", "Two-level KFAC vs KFAC, demo CNN (exp_cnn.py's settings)"
     return E.run_experiment(f"two_level_{args.model}", title, args, methods(args.model), make, step_loss,
