@@ -212,7 +212,11 @@ class KFACCorrectedCurvature(KroneckerCurvature):
 
 class TwoLevelCurvature(KFACCurvature):
     """``two-level``: KFAC plus a coarse correction with the exact whole-network curvature
-    products of the capture step (Tselepidis, Kohler & Orvieto 2020; Koroko et al. 2023).
+    products of the capture step (Tselepidis, Kohler & Orvieto 2020; Koroko et al. 2023):
+    ``coarse_space``, ``krylov``, ``coarse_damping`` and ``coarse_form`` (``"additive"``, the
+    paper's, or ``"multiplicative"``) as in :func:`~curvlib.solvers.two_level_direction`, with
+    the group's damping ``λ`` in the coarse matrix ``R0 (F + λ I) R0^T`` and ``F`` the GGNMP
+    operator of the same ``fisher_type`` (and MC samples) as the KFAC factors.
 
     The coarse correction needs the operator of the current batch, which exists only on
     curvature-update steps; steps in between take the one-level KFAC direction.
@@ -261,7 +265,7 @@ class TwoLevelCurvature(KFACCurvature):
             d, _ = two_level_direction(
                 list(grads), lambda gs: one_level(gs), fisher_mvp, damping,
                 coarse_space=space, krylov=krylov, factors=list(curvs), cross_factors=cross,
-                coarse_damping=group["coarse_damping"], batched=True,
+                coarse_damping=group["coarse_damping"], batched=True, form=group.get("coarse_form", "additive"),
             )
             return d
 

@@ -38,7 +38,7 @@ from curvlib.optim import state as st
 from curvlib.optim.curvatures import Curvature, curvature_for, tree_leaves
 from curvlib.optim.damping import robust_inverse
 from curvlib.optim.distributed import AUTO, LOSS, ROWS, data_parallel
-from curvlib.solvers.two_level import COARSE_SPACES
+from curvlib.solvers.two_level import COARSE_FORMS, COARSE_SPACES
 
 #: hyper-parameters of the preconditioning core and their defaults
 CORE_DEFAULTS: Dict[str, Any] = dict(
@@ -59,6 +59,7 @@ CORE_DEFAULTS: Dict[str, Any] = dict(
     coarse_space="nicolaides",
     krylov=False,
     coarse_damping=0.0,
+    coarse_form="additive",
 )
 
 
@@ -198,6 +199,8 @@ class CurvatureOptimizer(Optimizer):
             raise ValueError(f"{where}: curvature_batch_fraction={g['curvature_batch_fraction']!r} must be in (0, 1].")
         if g["coarse_space"] not in COARSE_SPACES:
             raise ValueError(f"{where}: coarse_space={g['coarse_space']!r} is not one of {COARSE_SPACES}.")
+        if g.get("coarse_form", "additive") not in COARSE_FORMS:
+            raise ValueError(f"{where}: coarse_form={g['coarse_form']!r} is not one of {COARSE_FORMS}.")
         if curv is not None and curv.name.startswith("exact-ng") and g["damping"] <= 0:
             raise ValueError(f"{where}: curvature={curv.name!r} needs damping > 0 (Woodbury identity).")
         if curv is not None and hasattr(curv, "rank"):
@@ -592,7 +595,7 @@ class Preconditioner(CurvatureOptimizer):
             :mod:`curvlib.optim.distributed`).
         **hyper: see :data:`CORE_DEFAULTS` and the README (curvature, fisher_type, mc_samples,
             kfac_approx, rank, damping, damping_mode, T_cov, T_inv, ema_decay, kl_clip,
-            coarse_space, krylov, coarse_damping).
+            coarse_space, krylov, coarse_damping, coarse_form).
     """
 
     def __init__(

@@ -1,38 +1,56 @@
 r"""Two-level (coarse-corrected) KFAC directions.
 
 Target system ``Â d = g`` with ``Â = F + λ I`` (``F`` the whole-network Fisher/GGN, cross-layer
-blocks included). Given the one-level direction ``d1 = P g`` (e.g. per-layer KFAC inverses) and a
-coarse basis ``Z = R0^T`` (``c`` columns, each supported on one layer):
+blocks included). Given the one-level direction ``d1 = P g`` (``P``: per-layer, block-diagonal,
+e.g. the KFAC inverses) and a coarse basis ``Z = R0^T`` (``c`` columns, each supported on one
+layer), with the coarse matrix ``A0 = R0 Â R0^T + μ I`` (``μ = coarse_damping``, default 0):
 
-    r = g - Â d1,     A0 = R0 Â R0^T + μ I,     d = d1 + R0^T A0^-1 R0 r         (μ = coarse_damping)
+* ``form="additive"`` (default; Tselepidis, Kohler & Orvieto 2020, eq. of the two-level
+  preconditioner, and the ``TwolevelKFAC`` optimizer released with Koroko et al. 2023):
 
-This is the *multiplicative* (fine-then-coarse, "balanced"/deflated residual) two-level form of
-Tselepidis, Kohler & Orvieto 2020, "Two-level K-FAC preconditioning for deep learning"; the coarse
-spaces follow Koroko et al. 2023, "Analysis and comparison of two-level KFAC methods for training
-deep neural networks". Why this variant: with the exact ``A0 = Z^T Â Z`` (μ = 0) the coarse step is
-the ``Â``-orthogonal projection of the one-level error onto ``span(Z)``, so the new residual is
-orthogonal to ``span(Z)`` ("exact on the coarse space") and ``||Â^-1 g - d||_Â <= ||Â^-1 g - d1||_Â``
-for *every* coarse space. The additive form ``d1 + R0^T A0^-1 R0 g`` has no such guarantee. When
-``A0`` is only approximated (``"tpselepedis"``: from cross-layer Kronecker factors) the projection
-is inexact and the error may grow.
+      d = d1 + R0^T A0^-1 R0 g,      i.e.  P_2L = P + R0^T (R0 Â R0^T)^-1 R0.
 
-Coarse spaces (one vector per layer, normalized; ``krylov=True`` adds a second one: the layer
-block of ``F`` applied to the first, Gram–Schmidt-orthonormalized against it):
+  The correction is the exact solution of ``Â`` restricted to the coarse space, added to the
+  one-level step; its size is bounded by the gradient (``||A0^-1|| <= 1/λ`` on an orthonormal
+  basis).
+* ``form="multiplicative"`` (fine-then-coarse; the "balanced"/deflated-residual variant):
+
+      r = g - Â d1,      d = d1 + R0^T A0^-1 R0 r.
+
+  With the exact ``A0`` (μ = 0) the coarse step is the ``Â``-orthogonal projection of the
+  one-level error onto ``span(Z)``, so ``||Â^-1 g - d||_Â <= ||Â^-1 g - d1||_Â`` for every coarse
+  space: the best direction *for this batch's quadratic model*. In training it is fragile:
+  when the one-level inverse is stale or its curvature too small (``Â d1 >> g``, e.g. with
+  ``T_inv > 1`` early in training), ``r`` is large and the correction makes large moves along
+  the coarse directions. On the demo CNN at KFAC's step size (lr 0.1, momentum 0.9) every coarse
+  space diverged within one epoch with it, while the additive form trains like KFAC
+  (``examples/README.md``, two-level section).
+
+Coarse spaces (Koroko et al. 2023, "Analysis and comparison of two-level KFAC methods for
+training deep neural networks"; one vector per layer, normalized; a basis is invariant to the
+scaling of its vectors, so the paper's max-norm scaling and the unit 2-norm used here give the
+same direction):
 
 * ``"nicolaides"``: the constant vector ``1 / sqrt(n_l)`` on each layer.
-* ``"residual"``: the layer block ``r_l / ||r_l||`` of the one-level residual ``r = g - Â d1``
-  (``r = Â e`` is the error seen through ``Â``; layers with ``r_l = 0`` get no column).
+* ``"residual"``: the layer blocks of the preconditioned one-level residual ``P r``,
+  ``r = g - Â d1`` (``P r`` approximates the one-level error ``Â^-1 g - d1 = Â^-1 r``; layers
+  with ``(P r)_l = 0`` get no column). Costs one more Fisher product (for ``r``).
 * ``"spectral"``: ``q_G ⊗ q_A`` per layer (factors ``[G, A]``; ``q_G`` for ``[G]``), eigenvectors
-  of the *smallest* eigenvalues by default: that is the smallest eigenvector of ``G ⊗ A``, the
-  direction the one-level preconditioner ``(G ⊗ A + λ I)^-1`` amplifies most (gain ``1/(λ_min+λ)``),
-  so a small mismatch between ``G ⊗ A`` and the true block produces the largest error there
-  (coarse spaces target the low end of the spectrum, as in domain decomposition).
-  ``spectral_end="largest"`` is available.
+  of the *smallest* eigenvalues by default: the direction the one-level preconditioner
+  ``(G ⊗ A + λ I)^-1`` amplifies most. ``spectral_end="largest"`` is available.
 * ``"tpselepedis"``: Nicolaides vectors, but ``R0 F R0^T`` is built from cross-layer Kronecker
   factors ``F_ij ≈ G_ij ⊗ A_ij`` (``G_ij = E[g_i g_j^T]``, ``A_ij = E[a_i a_j^T]``) instead of
-  Fisher products: ``(R0 F R0^T)_ij = (1^T G_ij 1)(1^T A_ij 1) / sqrt(n_i n_j)``; in general
-  ``z_a^T F_ij z_b = <Z_a, G_ij Z_b A_ij^T>`` (used with ``krylov=True``, whose second vector is then
-  ``G_ll Z A_ll`` from the diagonal factors).
+  Fisher products: ``(R0 F R0^T)_ab = <Z_a, G_ij Z_b A_ij^T>`` (Tselepidis et al. 2020). That
+  matrix can be indefinite; an indefinite ``A0`` raises (use ``coarse_damping``).
+
+``krylov=True`` adds a second vector per layer, ``P_l z_l`` (the one-level preconditioner
+applied to the first one: the 2-dimensional Krylov space ``span{z_l, P_l z_l}``, as in the
+paper's code), Gram–Schmidt-orthonormalized against ``z_l``. For ``"spectral"``, ``z_l`` is an
+eigenvector of ``P_l`` (KFAC's inverse of the same factors), so no vector is added (the paper
+refuses the combination).
+
+Layers: every parameter tensor (weight, bias) is its own block here (the paper's code joins a
+layer's weight and bias into one block), so a Linear layer with a bias has two coarse vectors.
 
 Cross factors are given as a nested list ``cross_factors[i][j] = [G_ij, A_ij]`` (``G_ij``
 [out_i, out_j], ``A_ij`` [in_i, in_j]; ``[G_ij]`` when both layers are biases, with in = 1;
@@ -50,9 +68,10 @@ from torch import Tensor
 from ._linalg import check_damping, check_finite, safe_eigh
 from .structure import Structure, TensorOrList
 
-__all__ = ["CoarseBasis", "coarse_basis", "coarse_operator", "two_level_direction", "kronecker_fisher_mvp"]
+__all__ = ["COARSE_FORMS", "COARSE_SPACES", "CoarseBasis", "coarse_basis", "coarse_operator", "two_level_direction", "kronecker_fisher_mvp"]
 
 COARSE_SPACES = ("nicolaides", "residual", "spectral", "tpselepedis")
+COARSE_FORMS = ("additive", "multiplicative")
 FisherMVP = Callable[[List[Tensor]], List[Tensor]]
 
 
@@ -168,11 +187,11 @@ def _fisher_columns(basis: CoarseBasis, cols: Sequence[int], fisher_mvp: FisherM
             check_finite(t, f"two-level: Fisher product of coarse vector {c} (layer {l})", "fisher_mvp returned NaN/Inf")
 
 
-def _first_vector(space: str, l: int, like: Tensor, residual, factors, spectral_end: str) -> Optional[Tensor]:
+def _first_vector(space: str, l: int, like: Tensor, pre_residual, factors, spectral_end: str) -> Optional[Tensor]:
     if space in ("nicolaides", "tpselepedis"):
         return torch.ones_like(like) / math.sqrt(like.numel())
     if space == "residual":
-        return _normalize(residual[l].to(like.dtype))
+        return _normalize(pre_residual[l].to(like.dtype))
     # spectral
     f = factors[l]
     if f is None:
@@ -188,6 +207,15 @@ def _first_vector(space: str, l: int, like: Tensor, residual, factors, spectral_
     return q.reshape(like.shape).to(like.dtype)
 
 
+def _as_list_precond(precond, n: int) -> Callable[[List[Tensor]], List[Tensor]]:
+    """A per-layer list ``[P_l]`` or one callable on lists -> one callable on lists."""
+    if callable(precond) and not isinstance(precond, (list, tuple)):
+        return lambda xs: list(precond(list(xs)))
+    if len(precond) != n:
+        raise ValueError(f"two-level: got {len(precond)} per-layer preconditioners for {n} layers.")
+    return lambda xs: [P(t) for P, t in zip(precond, xs)]
+
+
 # ---------------------------------------------------------------------- public building blocks
 def coarse_basis(
     like: Sequence[Tensor],
@@ -196,20 +224,19 @@ def coarse_basis(
     residual: Optional[Sequence[Tensor]] = None,
     factors: Optional[Sequence] = None,
     krylov: bool = False,
-    fisher_mvp: Optional[FisherMVP] = None,
-    cross_factors=None,
+    precond=None,
     spectral_end: str = "smallest",
-    batched: bool = False,
 ) -> CoarseBasis:
     """Build the coarse basis ``Z = R0^T`` (see the module docstring for the spaces).
 
     Args:
         like: parameter-shaped list (shapes, dtype, device), e.g. the gradient.
-        residual: the one-level residual (``"residual"``).
+        residual: the one-level residual ``r = g - (F + λI) d1`` (``"residual"``: the columns are
+            the layer blocks of ``P r``).
         factors: per-layer ``[G, A]`` / ``[G]`` (``"spectral"``).
-        krylov: add the second (Krylov) vector per layer; needs ``fisher_mvp`` (or, for
-            ``"tpselepedis"``, ``cross_factors``).
-        batched: ``fisher_mvp`` accepts lists of ``[V, *shape]`` tensors (GGNMP convention).
+        krylov: add the second vector ``P_l z_l`` per layer.
+        precond: the one-level preconditioner ``P`` (per-layer list ``[P_l]`` or one callable on
+            lists); needed by ``"residual"`` and ``krylov``.
     """
     if coarse_space not in COARSE_SPACES:
         raise ValueError(f"coarse_space must be one of {COARSE_SPACES}, got {coarse_space!r}.")
@@ -221,40 +248,44 @@ def coarse_basis(
         raise ValueError("coarse_space='residual' needs residual= (the one-level residual g - (F + λI) d1).")
     if coarse_space == "spectral" and (factors is None or len(factors) != len(like)):
         raise ValueError("coarse_space='spectral' needs factors= with one [G, A] (or [G]) per layer.")
-    if coarse_space == "tpselepedis" and cross_factors is None:
-        raise ValueError("coarse_space='tpselepedis' needs cross_factors[i][j] = [G_ij, A_ij].")
+    if (coarse_space == "residual" or krylov) and precond is None:
+        raise ValueError(
+            f"coarse_space={coarse_space!r} with krylov={krylov} needs precond= (the one-level preconditioner P)."
+        )
+    P = None if precond is None else _as_list_precond(precond, len(like))
+    pre_residual = None
+    if coarse_space == "residual":
+        pre_residual = P([t.to(l.dtype) for t, l in zip(residual, like)])
+        for l, t in enumerate(pre_residual):
+            check_finite(t, f"two-level: preconditioned residual of layer {l}", "check the one-level preconditioner")
     layers, vectors = [], []
     for l, t in enumerate(like):
-        z = _first_vector(coarse_space, l, t, residual, factors, spectral_end)
+        z = _first_vector(coarse_space, l, t, pre_residual, factors, spectral_end)
         if z is not None:
             layers.append(l)
             vectors.append(z)
     if not vectors:
         raise ValueError(f"coarse space {coarse_space!r} is empty (all residual blocks are zero?).")
-    basis = CoarseBasis(shapes, layers, vectors)
     if not krylov:
-        return basis
-    first = list(range(len(basis)))
-    if coarse_space == "tpselepedis":
-        blocks = [_factor_block_apply(cross_factors, l, l, basis.vectors[c], shapes[l]) for c, l in enumerate(layers)]
-    else:
-        if fisher_mvp is None:
-            raise ValueError("krylov=True needs fisher_mvp to apply F to the first coarse vectors.")
-        _fisher_columns(basis, first, fisher_mvp, batched)
-        blocks = [basis.fisher_products[c][l] for c, l in enumerate(layers)]
-    new_layers, new_vectors, new_fp = [], [], []
-    # a layer whose first vector F maps to (numerically) zero gets no Krylov vector: relative to the
-    # largest product, not its own norm, or round-off noise would be normalized into a column
-    scale = max(float(torch.linalg.vector_norm(b)) for b in blocks)
-    for c, l in enumerate(layers):
-        z1 = basis.vectors[c]
-        new_layers.append(l), new_vectors.append(z1), new_fp.append(basis.fisher_products[c])
-        w = blocks[c] - (blocks[c] * z1).sum() * z1
+        return CoarseBasis(shapes, layers, vectors)
+    first = [torch.zeros_like(t) for t in like]
+    for l, z in zip(layers, vectors):
+        first[l] = z
+    second = P(first)  # block-diagonal: layer l of P(first) is P_l z_l
+    # a vector parallel to z_l (spectral: z_l is an eigenvector of P_l) adds nothing; relative
+    # to its own norm, with a tolerance above the round-off of P in the working precision
+    tol = 1e3 * math.sqrt(torch.finfo(vectors[0].dtype).eps)
+    new_layers, new_vectors = [], []
+    for l, z1 in zip(layers, vectors):
+        new_layers.append(l), new_vectors.append(z1)
+        w0 = second[l].to(z1.dtype)
+        check_finite(w0, f"two-level: Krylov vector of layer {l}", "check the one-level preconditioner")
+        w = w0 - (w0 * z1).sum() * z1
         w = w - (w * z1).sum() * z1
         nrm = float(torch.linalg.vector_norm(w))
-        if nrm > 1e-10 * max(scale, 1e-300):
-            new_layers.append(l), new_vectors.append(w / nrm), new_fp.append(None)
-    return CoarseBasis(shapes, new_layers, new_vectors, new_fp)
+        if nrm > tol * float(torch.linalg.vector_norm(w0)):
+            new_layers.append(l), new_vectors.append(w / nrm)
+    return CoarseBasis(shapes, new_layers, new_vectors)
 
 
 def coarse_operator(
@@ -305,26 +336,38 @@ def two_level_direction(
     coarse_damping: Optional[float] = None,
     spectral_end: str = "smallest",
     batched: bool = False,
+    form: str = "additive",
 ) -> Tuple[TensorOrList, Dict]:
-    r"""Two-level direction ``d = d1 + R0^T A0^-1 R0 (g - (F + λI) d1)`` (module docstring).
+    r"""Two-level direction (module docstring):
+
+    ``form="additive"``: ``d = d1 + R0^T A0^-1 R0 g``; ``form="multiplicative"``:
+    ``d = d1 + R0^T A0^-1 R0 (g - (F + λI) d1)``; ``A0 = R0 (F + λI) R0^T + μ I``, ``d1 = P g``.
 
     Args:
         grad: gradient, parameter-shaped list (or one tensor).
-        precond: per-layer one-level preconditioners ``[P_l(g_l) -> d_l]`` or one callable on lists.
+        precond: per-layer one-level preconditioners ``[P_l(g_l) -> d_l]`` or one callable on
+            lists (block-diagonal: layer ``l`` of its output depends on layer ``l`` only).
         fisher_mvp: whole-network product ``F(list) -> list`` without damping (cross-layer terms
-            included); also used for the residual with ``"tpselepedis"``.
-        damping: ``λ`` of the target ``F + λ I``.
+            included), the same curvature (fisher_type, scaling) as the one-level factors.
+        damping: ``λ`` of the target ``F + λ I`` (the one-level damping).
         coarse_space: ``"nicolaides" | "residual" | "spectral" | "tpselepedis"``.
-        krylov: add the Krylov vector per layer.
+        krylov: add the Krylov vector ``P_l z_l`` per layer.
         factors: per-layer ``[G, A]`` (``"spectral"``).
         cross_factors: ``[i][j] -> [G_ij, A_ij]`` (``"tpselepedis"``).
         coarse_damping: ``μ`` added to the coarse matrix (default 0).
         batched: ``fisher_mvp`` accepts ``[V, *shape]`` lists (coarse products in one call).
+        form: ``"additive"`` (the paper's) or ``"multiplicative"``.
 
     Returns:
-        ``(d, info)``; ``info`` has ``one_level`` (d1), ``residual`` (r), ``coarse_matrix`` (A0),
-        ``coarse_solution`` (y), ``coarse_dim``, ``basis`` (:class:`CoarseBasis`), ``fisher_products``.
+        ``(d, info)``; ``info`` has ``one_level`` (d1), ``residual`` (r, ``None`` when the
+        additive form with a space other than ``"residual"`` does not need it), ``coarse_matrix``
+        (A0), ``coarse_rhs`` (``R0 g`` or ``R0 r``), ``coarse_solution`` (y), ``coarse_dim``,
+        ``basis`` (:class:`CoarseBasis`), ``fisher_products`` (calls of ``fisher_mvp``).
     """
+    if form not in COARSE_FORMS:
+        raise ValueError(f"two-level: form must be one of {COARSE_FORMS}, got {form!r}.")
+    if coarse_space == "tpselepedis" and cross_factors is None:
+        raise ValueError("coarse_space='tpselepedis' needs cross_factors[i][j] = [G_ij, A_ij].")
     lam = check_damping(damping)
     s = Structure.of(grad, "grad")
     g = [grad] if s.is_tensor else list(grad)
@@ -336,29 +379,26 @@ def two_level_direction(
         count[0] += 1
         return list(fisher_mvp(xs))
 
-    if callable(precond) and not isinstance(precond, (list, tuple)):
-        d1 = precond(g if not s.is_tensor else g[0])
-        d1 = [d1] if s.is_tensor else list(d1)
+    if s.is_tensor and callable(precond) and not isinstance(precond, (list, tuple)):
+        P = lambda xs: [precond(xs[0])]  # noqa: E731  (a single tensor: the callable takes it bare)
     else:
-        if len(precond) != len(g):
-            raise ValueError(f"two-level: got {len(precond)} per-layer preconditioners for {len(g)} layers.")
-        d1 = [P(t) for P, t in zip(precond, g)]
+        P = _as_list_precond(precond, len(g))
+    d1 = P(g)
     for l, t in enumerate(d1):
         if t.shape != g[l].shape:
             raise ValueError(f"two-level: one-level direction of layer {l} has shape {tuple(t.shape)}, expected {tuple(g[l].shape)}.")
         check_finite(t, f"two-level: one-level direction of layer {l}", "check the one-level preconditioner")
-    Fd1 = [t[0] for t in F([t[None] for t in d1])] if batched else F(d1)
-    r = [gl - fl - lam * dl for gl, fl, dl in zip(g, Fd1, d1)]
-    for l, t in enumerate(r):
-        check_finite(t, f"two-level: residual of layer {l}", "fisher_mvp returned NaN/Inf")
+    r = None
+    if form == "multiplicative" or coarse_space == "residual":
+        Fd1 = [t[0] for t in F([t[None] for t in d1])] if batched else F(d1)
+        r = [gl - fl - lam * dl for gl, fl, dl in zip(g, Fd1, d1)]
+        for l, t in enumerate(r):
+            check_finite(t, f"two-level: residual of layer {l}", "fisher_mvp returned NaN/Inf")
 
-    tps = coarse_space == "tpselepedis"
-    basis = coarse_basis(
-        g, coarse_space, residual=r, factors=factors, krylov=krylov, fisher_mvp=None if tps else F,
-        cross_factors=cross_factors, spectral_end=spectral_end, batched=batched,
-    )
+    basis = coarse_basis(g, coarse_space, residual=r, factors=factors, krylov=krylov, precond=P,
+                         spectral_end=spectral_end)
     mu = 0.0 if coarse_damping is None else coarse_damping
-    if tps:
+    if coarse_space == "tpselepedis":
         A0 = coarse_operator(basis, lam, None, cross_factors=cross_factors, coarse_damping=mu)
     else:
         A0 = coarse_operator(basis, lam, F, coarse_damping=mu, batched=batched)
@@ -368,7 +408,7 @@ def two_level_direction(
             "two-level: the coarse matrix R0 (F + λI) R0^T + coarse_damping*I is not positive definite; "
             "increase damping or coarse_damping (with 'tpselepedis' the factor approximation can be indefinite)."
         )
-    rc = basis.restrict(r)
+    rc = basis.restrict(g if form == "additive" else r)
     y = torch.cholesky_solve(rc[:, None], L)[:, 0]
     corr = basis.prolong(y)
     d = [a + b for a, b in zip(d1, corr)]

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from curvlib import extend
+from curvlib import curvature, extend
+from curvlib.extensions import KFAC
 from curvlib.optim import NaturalGradient
 from tests.optim.common import blocks, dense_curvature, train_step
 from tests.utils import curvlinops_blocks, param_slices
@@ -87,30 +88,89 @@ def test_exact_ng_step_solves_the_whole_network_system(fisher_type):
     torch.testing.assert_close(torch.cat([d.flatten() for d in deltas]), want, rtol=1e-7, atol=1e-10)
 
 
-@pytest.mark.parametrize("krylov", [False, True])
-def test_two_level_step_matches_its_definition(krylov):
-    """``d = d1 + Z (Z^T A Z)^-1 Z^T (g - A d1)``, ``A = F + λ I`` (dense GGN), ``d1`` the KFAC
-    direction (curvlinops factors), ``Z`` one Nicolaides vector per parameter (+ Krylov vector)."""
-    _, ref, loss_fn, x, y, grads, deltas = step_deltas("two-level", "type-2", krylov=krylov)
+def _kron_factors(K, d0, d1):
+    """``G, A`` with ``K = kron(G, A)`` (rank-1 Van Loan rearrangement), ``G`` with positive trace."""
+    U, S, Vh = torch.linalg.svd(rearrange(K, d0, d1))
+    G, A = (U[:, 0] * S[0]).reshape(d0, d0), Vh[0].reshape(d1, d1)
+    return (G, A) if torch.trace(G) > 0 else (-G, -A)
+
+
+def _tpselepedis_coarse(Z, nested, params, slices):
+    """``(Z^T F~ Z)_ab = <Z_a, G_ij Z_b A_ij^T>`` (columns ``a``, ``b`` on parameters ``i``, ``j``)."""
+    def entry(i, j):
+        e = nested[i][j] if nested[i][j] is not None else [t.T for t in nested[j][i] if t is not None]
+        return e[0], (e[1] if len(e) > 1 else None)
+
+    where = [next(k for k, s in enumerate(slices) if Z[s, c].abs().sum() > 0) for c in range(Z.shape[1])]
+    mat = lambda c, k: Z[slices[k], c].reshape(params[k].shape[0], -1)  # noqa: E731
+    out = torch.zeros(Z.shape[1], Z.shape[1])
+    for a, i in enumerate(where):
+        for b, j in enumerate(where):
+            G, Af = entry(i, j)
+            Y = G @ mat(b, j)
+            out[a, b] = ((Y if Af is None else Y @ Af.T) * mat(a, i)).sum()
+    return 0.5 * (out + out.T)
+
+
+def reference_two_level(space, krylov, form, ref, loss_fn, x, y, grads):
+    """The two-level direction of Koroko et al. 2023 built densely: ``F`` the torch.func GGN,
+    KFAC blocks from curvlinops, one coarse block per parameter."""
     F = dense_curvature(ref, loss_fn, x, y, "type-2")
-    A = F + LAM * torch.eye(F.shape[0])
+    n = F.shape[0]
+    A = F + LAM * torch.eye(n)
     K = curvlinops_blocks(ref, loss_fn, x, y, fisher_type="type-2")
+    Pinv = [torch.linalg.inv(Kp + LAM * torch.eye(Kp.shape[0])) for Kp in K]  # damping_mode="exact"
+    slices = param_slices(ref)
     g = torch.cat([t.flatten() for t in grads])
-    d1 = torch.cat([torch.linalg.solve(Kp + LAM * torch.eye(Kp.shape[0]), t.flatten()) for Kp, t in zip(K, grads)])
-    cols, krylov_cols = [], []
-    for s in param_slices(ref):
-        z = torch.zeros(F.shape[0])
-        z[s] = 1.0 / (s.stop - s.start) ** 0.5
+    d1 = torch.cat([Pl @ g[s] for Pl, s in zip(Pinv, slices)])
+    r = g - A @ d1
+    cols = []
+    for Pl, s, p, Kp in zip(Pinv, slices, ref.parameters(), K):
+        if space in ("nicolaides", "tpselepedis"):
+            v = torch.ones(s.stop - s.start)
+        elif space == "residual":
+            v = Pl @ r[s]
+        elif p.ndim == 1:  # spectral, bias block [G]
+            v = torch.linalg.eigh(Kp)[1][:, 0]
+        else:
+            G, Af = _kron_factors(Kp, *p.shape)
+            v = torch.kron(torch.linalg.eigh(G)[1][:, 0], torch.linalg.eigh(Af)[1][:, 0])
+        z = torch.zeros(n)
+        z[s] = v
         cols.append(z)
-        w = torch.zeros(F.shape[0])
-        w[s] = F[s, s] @ z[s]
-        krylov_cols.append(w - (w @ z) * z)
-    if krylov:  # the last layer's constant vectors are in the softmax GGN's null space: no Krylov vector
-        scale = max(w.norm() for w in krylov_cols)
-        cols += [w / w.norm() for w in krylov_cols if w.norm() > 1e-10 * scale]
-        assert len(cols) == 6
+        if krylov:
+            w = Pl @ v
+            w = w - (w @ v) / (v @ v) * v
+            if w.norm() > 1e-6 * v.norm():
+                z = torch.zeros(n)
+                z[s] = w
+                cols.append(z)
     Z = torch.stack(cols, 1)
-    d = d1 + Z @ torch.linalg.solve(Z.T @ A @ Z, Z.T @ (g - A @ d1))
+    if space == "tpselepedis":  # Z^T F Z from the cross-layer factors F_ij ≈ G_ij ⊗ A_ij
+        cap = KFAC(fisher_type="type-2", cross_layer=True)
+        with curvature(cap):
+            loss_fn(ref(x), y).backward()
+        A0 = _tpselepedis_coarse(Z, cap.cross.nested(), list(ref.parameters()), slices) + LAM * Z.T @ Z
+    else:
+        A0 = Z.T @ A @ Z
+    b = g if form == "additive" else r
+    return d1, Z, d1 + Z @ torch.linalg.solve(A0, Z.T @ b)
+
+
+@pytest.mark.parametrize("form", ["additive", "multiplicative"])
+@pytest.mark.parametrize("krylov", [False, True])
+@pytest.mark.parametrize("space", ["nicolaides", "residual", "spectral", "tpselepedis"])
+def test_two_level_step_matches_its_definition(space, krylov, form):
+    """One step moves by ``-lr d``, ``d = d1 + Z (Z^T A Z)^-1 Z^T b``: ``A = F + λ I`` (dense
+    torch.func GGN; tpselepedis: ``Z^T F Z`` from the cross-layer Kronecker factors), ``d1`` the
+    KFAC direction (curvlinops factors), ``Z`` the coarse space built densely from its definition
+    (Koroko et al. 2023), ``b = g`` (additive, the default) or ``g - A d1`` (multiplicative)."""
+    _, ref, loss_fn, x, y, grads, deltas = step_deltas(
+        "two-level", "type-2", coarse_space=space, krylov=krylov, coarse_form=form)
+    d1, Z, d = reference_two_level(space, krylov, form, ref, loss_fn, x, y, grads)
+    if krylov:  # spectral: z_l is an eigenvector of P_l; the last layer's constant vectors are in the
+        # softmax GGN's null space, so P_l z_l ∥ z_l there too: no Krylov vector for them
+        assert Z.shape[1] == {"spectral": 4, "residual": 8}.get(space, 6)
     torch.testing.assert_close(torch.cat([t.flatten() for t in deltas]), -LR * d, rtol=1e-7, atol=1e-10)
     # and it is not the one-level direction
     assert not torch.allclose(-LR * d1, torch.cat([t.flatten() for t in deltas]), rtol=1e-4)

@@ -56,6 +56,7 @@ def problem():
 
 
 SPACES = ["nicolaides", "residual", "spectral", "tpselepedis"]
+FORMS = ["additive", "multiplicative"]
 
 
 def run(problem, space, krylov, **kw):
@@ -70,91 +71,149 @@ def anorm(problem, d):
     return float(torch.sqrt(e @ problem["Ahat"] @ e))
 
 
+def reference_basis(problem, space, krylov):
+    """The coarse basis of Koroko et al. 2023, built densely: columns ``[n, c]`` (unnormalized:
+    the direction does not depend on the scaling of the columns)."""
+    sizes = [math.prod(s) for s in SHAPES]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    n = sum(sizes)
+    d1 = torch.cat([P(g).reshape(-1) for P, g in zip(problem["precond"], problem["g"])])
+    r = problem["gvec"] - problem["Ahat"] @ d1
+    Pr = [P(t).reshape(-1) for P, t in zip(problem["precond"], problem["split"](r))]
+    first = []
+    for l, (o, m) in enumerate(zip(offsets, sizes)):
+        if space in ("nicolaides", "tpselepedis"):
+            v = torch.ones(m, dtype=torch.float64)
+        elif space == "residual":
+            v = Pr[l]
+        else:
+            f = problem["factors"][l]
+            qs = [torch.linalg.eigh(F)[1][:, 0] for F in f]
+            v = qs[0] if len(qs) == 1 else torch.kron(qs[0], qs[1])
+        first.append(v)
+    cols = []
+    for l, (o, m) in enumerate(zip(offsets, sizes)):
+        z = torch.zeros(n, dtype=torch.float64)
+        z[o:o + m] = first[l]
+        cols.append(z)
+        if krylov:
+            w = problem["precond"][l](first[l].reshape(SHAPES[l])).reshape(-1)  # P_l z_l
+            w = w - (w @ first[l]) / (first[l] @ first[l]) * first[l]
+            if w.norm() > 1e-6 * first[l].norm():
+                z = torch.zeros(n, dtype=torch.float64)
+                z[o:o + m] = w
+                cols.append(z)
+    return torch.stack(cols, 1), d1, r
+
+
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("krylov", [False, True])
 @pytest.mark.parametrize("space", SPACES)
-def test_coarse_operator_matches_dense(problem, space, krylov):
-    d, info = run(problem, space, krylov)
-    basis = info["basis"]
-    R0 = basis.dense()
-    expected_dim = (2 if krylov else 1) * 4
-    if space == "spectral" and krylov:
-        # the bias block of F is exactly G, so q_G is an eigenvector of it: no Krylov vector there
-        expected_dim = 7
-    assert R0.shape == (expected_dim, problem["F"].shape[0]) and info["coarse_dim"] == expected_dim
+def test_direction_is_the_papers_formula(problem, space, krylov, form):
+    """``d = d1 + Z (Z^T Â Z)^-1 Z^T b``, ``b = g`` (additive) or ``g - Â d1`` (multiplicative),
+    with ``Z`` the coarse space built independently (dense) from its definition."""
+    d, info = run(problem, space, krylov, form=form)
+    Z, d1, r = reference_basis(problem, space, krylov)
+    expected_dim = Z.shape[1]
+    assert expected_dim == (4 if space == "spectral" else (8 if krylov else 4))  # spectral: P_l z_l ∥ z_l
+    assert info["coarse_dim"] == expected_dim
+    R0 = info["basis"].dense()
     torch.testing.assert_close(R0 @ R0.T, torch.eye(expected_dim, dtype=R0.dtype), atol=1e-12, rtol=0)
+    # same span as the reference basis
+    proj = R0.T @ R0
+    torch.testing.assert_close(proj @ Z, Z, rtol=1e-9, atol=1e-11)
     Fop = problem["Ftilde"] if space == "tpselepedis" else problem["F"]
-    dense_A0 = R0 @ (Fop + LAM * torch.eye(Fop.shape[0], dtype=Fop.dtype)) @ R0.T
-    torch.testing.assert_close(info["coarse_matrix"], dense_A0, rtol=1e-10, atol=1e-12)
-    # direction = d1 + R0^T A0^-1 R0 r with r = g - (F + λI) d1 (the exact F for the residual)
-    d1 = problem["cat"](info["one_level"])
-    r = problem["gvec"] - problem["Ahat"] @ d1
-    torch.testing.assert_close(problem["cat"](info["residual"]), r)
-    ref = d1 + R0.T @ torch.linalg.solve(dense_A0, R0 @ r)
+    A = Fop + LAM * torch.eye(Fop.shape[0], dtype=Fop.dtype)
+    torch.testing.assert_close(info["coarse_matrix"], R0 @ A @ R0.T, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(problem["cat"](info["one_level"]), d1)
+    b = problem["gvec"] if form == "additive" else r
+    ref = d1 + Z @ torch.linalg.solve(Z.T @ A @ Z, Z.T @ b)
     torch.testing.assert_close(problem["cat"](d), ref, rtol=1e-9, atol=1e-11)
 
 
-def test_tpselepedis_formula(problem):
-    basis = coarse_basis(problem["g"], "tpselepedis", cross_factors=problem["cross"])
-    A0 = coarse_operator(basis, 0.0, cross_factors=problem["cross"])
-    sizes = [math.prod(s) for s in SHAPES]
-    for i in range(4):
-        for j in range(4):
-            G, A = problem["cross"][i][j]
-            assert float(A0[i, j]) == pytest.approx(float(G.sum() * A.sum()) / math.sqrt(sizes[i] * sizes[j]), rel=1e-10)
+def test_additive_form_uses_the_gradient_not_the_residual(problem):
+    """The paper's (and Tselepidis') correction: ``R0^T A0^-1 R0 g`` added to ``d1``."""
+    d, info = run(problem, "nicolaides", False)  # default form
+    basis = info["basis"]
+    torch.testing.assert_close(info["coarse_rhs"], basis.restrict(problem["g"]))
+    y = torch.linalg.solve(info["coarse_matrix"], basis.restrict(problem["g"]))
+    want = [a + b for a, b in zip(info["one_level"], basis.prolong(y))]
+    for a, b in zip(d, want):
+        torch.testing.assert_close(a, b)
+    assert info["residual"] is None and info["fisher_products"] == 4  # one per coarse column, none for F d1
 
 
-def test_spectral_uses_smallest_eigenvectors(problem):
-    basis = coarse_basis(problem["g"], "spectral", factors=problem["factors"])
-    G, A = problem["factors"][0]
-    qg, qa = torch.linalg.eigh(G)[1][:, 0], torch.linalg.eigh(A)[1][:, 0]
-    z = basis.vectors[0].reshape(-1)
-    assert abs(float(z @ torch.kron(qg, qa))) == pytest.approx(1.0, abs=1e-10)
-    big = coarse_basis(problem["g"], "spectral", factors=problem["factors"], spectral_end="largest")
-    assert abs(float(big.vectors[0].reshape(-1) @ torch.kron(qg, qa))) < 0.5
+def test_residual_space_is_the_preconditioned_residual(problem):
+    _, info = run(problem, "residual", False)
+    for l, z in zip(info["basis"].layers, info["basis"].vectors):
+        Pr = problem["precond"][l](info["residual"][l])
+        cos = float((z * Pr).sum() / (z.norm() * Pr.norm()))
+        assert cos == pytest.approx(1.0, abs=1e-12)
+        if Pr.dim() > 1:  # P_l r_l is not parallel to r_l here
+            r = info["residual"][l]
+            assert abs(float((z * r).sum() / (z.norm() * r.norm()))) < 0.99
+
+
+def test_krylov_vector_is_the_preconditioned_first_vector(problem):
+    _, info = run(problem, "nicolaides", True)
+    basis = info["basis"]
+    for l in range(len(SHAPES)):
+        z1, z2 = [v for c, v in zip(basis.layers, basis.vectors) if c == l]
+        w = problem["precond"][l](z1)
+        w = w - (w * z1).sum() * z1
+        torch.testing.assert_close(z2, w / w.norm(), rtol=1e-10, atol=1e-12)
 
 
 # A-norm error ratios ||Â^-1 g - d||_Â / ||Â^-1 g - d1||_Â on this problem (recorded, krylov off/on):
-# nicolaides 0.44/0.29, residual 0.34/0.29, spectral 0.69/0.49, tpselepedis 2.43/2.47.
-# Spaces with the exact coarse operator can only reduce the error (Â-orthogonal projection onto
-# span(R0^T)); the Tselepidis coarse operator uses the cross-Kronecker approximation
-# F_ij ≈ G_ij ⊗ A_ij, has no such guarantee, and on this problem makes the direction worse than
-# one-level KFAC (in line with Koroko et al. 2023, who found no gain from the two-level variants).
+# multiplicative: nicolaides 0.44/0.33, residual 0.15/0.12, spectral 0.69/0.69, tpselepedis 2.43/2.73;
+# additive (the paper's): nicolaides 1.08/1.09, residual 1.11/1.11, spectral 1.05/1.05,
+# tpselepedis 1.28/1.32 -- slightly *worse* than one-level KFAC: the additive correction solves
+# the coarse problem for g from scratch and adds it to d1, which already holds most of that
+# component (counted twice). Koroko et al. 2023 measured this error in their code and found the
+# two-level directions no better than KFAC's.
+# With the exact coarse operator the multiplicative form is the Â-orthogonal projection of the
+# one-level error onto span(R0^T): never worse, and the new residual is ⊥ span(R0^T). The
+# Tselepidis coarse operator (cross-Kronecker approximation F_ij ≈ G_ij ⊗ A_ij) has no such
+# guarantee and on this problem makes the direction worse than one-level KFAC.
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("krylov", [False, True])
 @pytest.mark.parametrize("space", SPACES)
-def test_error_reduction_vs_one_level(problem, space, krylov):
-    d, info = run(problem, space, krylov)
+def test_error_reduction_vs_one_level(problem, space, krylov, form):
+    d, info = run(problem, space, krylov, form=form)
     e1, e2 = anorm(problem, info["one_level"]), anorm(problem, d)
     ratio = e2 / e1
-    print(f"{space:12s} krylov={krylov!s:5s} A-norm error ratio two-level/one-level = {ratio:.4f}")
-    if space != "tpselepedis":
-        # exact coarse operator: Galerkin projection, never worse, and the new residual is ⊥ span(R0^T)
+    print(f"{form:14s} {space:12s} krylov={krylov!s:5s} A-norm error ratio two-level/one-level = {ratio:.4f}")
+    if form == "additive":
+        assert 1.0 < ratio < 1.5  # recorded above: no gain on this problem
+    elif space != "tpselepedis":
         assert ratio <= 1.0 + 1e-12
         r_new = problem["gvec"] - problem["Ahat"] @ problem["cat"](d)
         torch.testing.assert_close(info["basis"].dense() @ r_new, torch.zeros(info["coarse_dim"], dtype=r_new.dtype), atol=1e-10, rtol=0)
         assert ratio < 0.999  # strict reduction on this problem
     else:
-        # approximate coarse operator: what is true here is that it hurts (ratio ~2.4)
         assert 1.0 < ratio < 5.0
 
 
 def test_residual_space_is_best_here(problem):
-    ratios = {s: anorm(problem, run(problem, s, False)[0]) for s in SPACES}
+    ratios = {s: anorm(problem, run(problem, s, False, form="multiplicative")[0]) for s in SPACES}
     assert min(ratios, key=ratios.get) == "residual"
 
 
-def test_batched_fisher_and_single_callable_precond(problem):
-    d_ref, info_ref = run(problem, "nicolaides", True)
+@pytest.mark.parametrize("form", FORMS)
+def test_batched_fisher_and_single_callable_precond(problem, form):
+    d_ref, info_ref = run(problem, "nicolaides", True, form=form)
 
     def precond_all(xs):
         return [P(x) for P, x in zip(problem["precond"], xs)]
 
     d, info = two_level_direction(problem["g"], precond_all, problem["fisher_mvp_batched"], LAM,
-                                  coarse_space="nicolaides", krylov=True, batched=True)
+                                  coarse_space="nicolaides", krylov=True, batched=True, form=form)
     for a, b in zip(d, d_ref):
         torch.testing.assert_close(a, b)
-    # one residual product + 1 batched call for the first vectors + 1 for the Krylov vectors
-    assert info["fisher_products"] == 3
-    assert info_ref["fisher_products"] == 1 + 2 * 4
+    # multiplicative: one residual product; then 1 batched call for all coarse columns
+    extra = 1 if form == "multiplicative" else 0
+    assert info["fisher_products"] == extra + 1
+    assert info_ref["fisher_products"] == extra + 2 * 4
 
 
 def test_kronecker_fisher_mvp_dense(problem):
@@ -174,26 +233,25 @@ def test_errors(problem):
         two_level_direction(problem["g"], problem["precond"], problem["fisher_mvp"], LAM, coarse_space="spectral")
     with pytest.raises(ValueError, match="needs cross_factors"):
         two_level_direction(problem["g"], problem["precond"], problem["fisher_mvp"], LAM, coarse_space="tpselepedis")
+    with pytest.raises(ValueError, match="form must be one of"):
+        run(problem, "nicolaides", False, form="balanced")
+    with pytest.raises(ValueError, match="needs precond="):
+        coarse_basis(problem["g"], "nicolaides", krylov=True)
     neg = lambda xs: [-t for t in problem["fisher_mvp"](xs)]
     with pytest.raises(ValueError, match="coarse matrix .* not positive definite"):
         two_level_direction(problem["g"], problem["precond"], neg, LAM)
 
 
-def test_krylov_skips_a_layer_whose_first_vector_is_in_the_null_space():
-    """Softmax outputs: the constant vector on the last layer is in the GGN's null space; its
-    Krylov vector would be normalized round-off noise and must be left out."""
-    torch.manual_seed(0)
-    M = torch.randn(6, 6, dtype=torch.float64)
-    F = torch.zeros(9, 9, dtype=torch.float64)
-    F[:6, :6] = M @ M.T
-    # F[6:, 6:] maps the constant vector to round-off-sized noise (not parallel to it)
-    F[6:, 6:] = 1e-15 * torch.tensor([[0.0, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=torch.float64)
-
-    def mvp(xs):
-        v = torch.cat([xs[0].reshape(-1), xs[1].reshape(-1)])
-        o = F @ v
-        return [o[:6].reshape(3, 2), o[6:]]
-
-    g = [torch.randn(3, 2, dtype=torch.float64), torch.randn(3, dtype=torch.float64)]
-    basis = coarse_basis(g, "nicolaides", krylov=True, fisher_mvp=mvp)
-    assert basis.layers == [0, 0, 1]
+def test_spectral_krylov_adds_nothing_in_float32():
+    """``z_l`` is an eigenvector of ``P_l``: ``P_l z_l - <P_l z_l, z_l> z_l`` is round-off and must
+    not become a (noise) column, in float32 too."""
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(50, 5, generator=gen)
+    G = torch.randn(50, 4, generator=gen)
+    factors = [[G.T @ G / 50, A.T @ A / 50]]
+    P = KroneckerInverse(factors[0], 1e-3, "pi")
+    g = [torch.randn(4, 5, generator=gen)]
+    basis = coarse_basis(g, "spectral", factors=factors, krylov=True, precond=[P])
+    assert len(basis) == 1
+    nic = coarse_basis(g, "nicolaides", krylov=True, precond=[P])
+    assert len(nic) == 2
