@@ -4,8 +4,12 @@ Two-level KFAC (Tselepidis, Kohler & Orvieto 2020; Koroko et al. 2023) adds to t
 a coarse correction ``R0^T (R0 (F + λI) R0^T)^-1 R0 (g - (F + λI) d_KFAC)`` computed with the
 exact whole-network curvature products of the minibatch (``GGNMP``), with one vector per layer
 (``nicolaides``, ``residual``, ``spectral``, ``tpselepedis`` coarse spaces) or two
-(``--krylov``: a Krylov vector per layer). Methods: ``kfac`` and ``2l-SPACE`` /
-``2l-SPACE-krylov`` for each space. Koroko et al. 2023 found the gains ~nil at 1.2-2.7x the cost.
+(``-krylov``: a second, Krylov vector ``P_l z_l`` per layer). Methods: ``kfac`` and ``2l-SPACE`` /
+``2l-SPACE-krylov`` for each space, with the paper's additive correction
+``d_KFAC + R0^T (R0 (F + λI) R0^T)^-1 R0 g``; ``2l-SPACE[-krylov]-mult`` (not run by default)
+use the multiplicative form ``... R0 (g - (F + λI) d_KFAC)``. Koroko et al. 2023 found the gains
+~nil at 1.2-2.7x the cost. ``--lr`` replaces the learning rate of every method (for a grid; for
+the autoencoder it is the paper's lr, converted like the paper's defaults).
 
 ``--model autoencoder``: the network, data and (converted paper) hyper-parameters of
 ``exp_autoencoder.py``; ``--model cnn``: those of ``exp_cnn.py``. Both with T_cov = 1 (the coarse
@@ -16,7 +20,7 @@ only: T_cov = 1 applies it at every step) and T_inv = 10, KFAC included.
     python examples/exp_two_level.py --model autoencoder --out examples/results
     python examples/exp_two_level.py --model cnn --methods kfac 2l-nicolaides --epochs 1 --out /tmp/2l
 
-Writes ``two_level_MODEL.csv``, ``.png`` and ``.md`` into ``--out``.
+Writes ``two_level_MODEL.csv``, ``.png`` and ``.md`` into ``--out`` (``--name`` to change).
 """
 from __future__ import annotations
 
@@ -39,37 +43,49 @@ SPACES = ("nicolaides", "residual", "spectral", "tpselepedis")
 INTERVALS = dict(T_cov=1, T_inv=10)
 
 
-def method_names() -> List[str]:
-    return ["kfac"] + [f"2l-{s}{k}" for s in SPACES for k in ("", "-krylov")]
+def method_names(mult: bool = True) -> List[str]:
+    """``kfac``, the additive variants and (``mult``) the multiplicative ones."""
+    add = [f"2l-{s}{k}" for s in SPACES for k in ("", "-krylov")]
+    return ["kfac"] + add + ([f"{m}-mult" for m in add] if mult else [])
 
 
-def base_hyper(model: str) -> Dict[str, object]:
+def base_hyper(model: str, lr: Optional[float] = None) -> Dict[str, object]:
+    """The model's curvature settings; ``lr`` replaces the learning rate (for the autoencoder:
+    the paper's lr, converted with the paper's damping and clip as ``exp_autoencoder.py`` does)."""
     if model == "autoencoder":
-        h = dict(AE.CURV, **AE.paper_hyper(0.01, 1e-4, 0.01))
+        h = dict(AE.CURV, **AE.paper_hyper(0.01 if lr is None else lr, 1e-4, 0.01))
     else:
         h = dict(CNN.CURV)
+        if lr is not None:
+            h["lr"] = lr
     h.update(INTERVALS)
     return h
 
 
-def methods(model: str) -> Dict[str, E.Method]:
-    hyper = base_hyper(model)
+def methods(model: str, lr: Optional[float] = None) -> Dict[str, E.Method]:
+    hyper = base_hyper(model, lr)
     out = {}
     for name in method_names():
         if name == "kfac":
             extra = dict(curvature="kfac")
         else:
-            space = name[3:].replace("-krylov", "")
-            extra = dict(curvature="two-level", coarse_space=space, krylov=name.endswith("-krylov"))
+            space = name[3:].replace("-mult", "").replace("-krylov", "")
+            extra = dict(curvature="two-level", coarse_space=space, krylov="-krylov" in name,
+                         coarse_form="multiplicative" if name.endswith("-mult") else "additive")
         h = dict(hyper, **extra)
+        clip = f", kl_clip {h['kl_clip']:.3g}" if h.get("kl_clip") else ""
         out[name] = E.Method(lambda m, h=h: NaturalGradient(m.parameters(), seed=0, **h),
-                             hyper=f"lr {h['lr']:.3g}, damping {h['damping']:.3g}, T_cov 1, T_inv 10")
+                             hyper=f"lr {h['lr']:.3g}, damping {h['damping']:.3g}{clip}, T_cov 1, T_inv 10")
     return out
 
 
 def parse_args(argv: Optional[List[str]] = None):
     p = E.parser(__doc__.splitlines()[0], method_names(), epochs=1, batch_size=0)
+    p.set_defaults(methods=method_names(mult=False))
     p.add_argument("--model", choices=["autoencoder", "cnn"], default="cnn")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate of every method (autoencoder: the paper's lr, converted)")
+    p.add_argument("--name", default=None, help="output name (default two_level_MODEL)")
     args = p.parse_args(argv)
     if args.batch_size == 0:  # each model's own default
         args.batch_size = AE.BATCH if args.model == "autoencoder" else 128
@@ -94,7 +110,8 @@ def run(args) -> Dict[str, E.Run]:
         step_loss, evaluate = E.classification(Xtr, ytr, Xte, yte)
 
         metric, title = "test accuracy", "Two-level KFAC vs KFAC, demo CNN (exp_cnn.py's settings)"
-    return E.run_experiment(f"two_level_{args.model}", title, args, methods(args.model), make, step_loss,
+    name = args.name or f"two_level_{args.model}"
+    return E.run_experiment(name, title, args, methods(args.model, args.lr), make, step_loss,
                             evaluate, len(Xtr), metric_name=metric)
 
 

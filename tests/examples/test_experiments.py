@@ -62,9 +62,20 @@ def test_autoencoder_paper_hyper_conversion():
 
 def test_two_level_cnn(tmp_path):
     ex = load("exp_two_level")
-    methods = ["kfac", "2l-nicolaides", "2l-tpselepedis-krylov"]
-    ex.main(tiny(tmp_path, *methods, extra=("--model", "cnn")))
-    check_outputs(tmp_path, "two_level_cnn", methods)
+    methods = ["kfac", "2l-nicolaides", "2l-tpselepedis-krylov", "2l-residual-mult"]
+    ex.main(tiny(tmp_path, *methods, extra=("--model", "cnn", "--lr", "0.05")))
+    rows = check_outputs(tmp_path, "two_level_cnn", methods)
+    assert "lr 0.05," in (tmp_path / "two_level_cnn.md").read_text()
+    # the additive (default) and multiplicative forms are different methods
+    last = {r["method"]: r["train_loss"] for r in rows if r["epoch"] == "1"}
+    assert last["2l-residual-mult"] != last["2l-nicolaides"]
+
+
+def test_two_level_default_methods_are_the_additive_ones():
+    ex = load("exp_two_level")
+    args = ex.parse_args(["--model", "cnn"])
+    assert args.methods[0] == "kfac" and len(args.methods) == 9
+    assert not any(m.endswith("-mult") for m in args.methods)
 
 
 def test_cnn(tmp_path):
