@@ -233,6 +233,13 @@ class TwoLevelCurvature(KFACCurvature):
     def inverse(self, params, curvs, damping, damping_mode, group):
         one_level = super().inverse(params, curvs, damping, damping_mode, group)
         space, krylov = group["coarse_space"], bool(group["krylov"])
+        # the optimizer may rebuild a failed inverse from float64 copies of the curvature and call
+        # this solve with float64 gradients: the coarse problem stays in the parameters' dtype
+        # (that of the captured operator), the one-level inverse in its factors' dtype
+        dtypes = [tree_leaves(c)[0].dtype for c in curvs]
+
+        def precond(gs):
+            return [d.to(g.dtype) for d, g in zip(one_level([g.to(t) for g, t in zip(gs, dtypes)]), gs)]
 
         def fn(grads, extras):
             op = extras.get("operator")
@@ -263,7 +270,7 @@ class TwoLevelCurvature(KFACCurvature):
                 cpos = [cindex[id(p)] for p in params]
                 cross = [[nested[i][j] for j in cpos] for i in cpos]
             d, _ = two_level_direction(
-                list(grads), lambda gs: one_level(gs), fisher_mvp, damping,
+                [g.to(p.dtype) for g, p in zip(grads, params)], precond, fisher_mvp, damping,
                 coarse_space=space, krylov=krylov, factors=list(curvs), cross_factors=cross,
                 coarse_damping=group["coarse_damping"], batched=True, form=group.get("coarse_form", "additive"),
             )

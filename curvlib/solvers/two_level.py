@@ -383,6 +383,10 @@ def two_level_direction(
         P = lambda xs: [precond(xs[0])]  # noqa: E731  (a single tensor: the callable takes it bare)
     else:
         P = _as_list_precond(precond, len(g))
+    # in the gradient's dtype (a preconditioner built in float64 after a float32 failure returns
+    # float64 directions, which the Fisher product of float32 captures would refuse)
+    P0 = P
+    P = lambda xs: [t.to(x.dtype) for t, x in zip(P0(xs), xs)]  # noqa: E731
     d1 = P(g)
     for l, t in enumerate(d1):
         if t.shape != g[l].shape:

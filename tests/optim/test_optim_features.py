@@ -265,3 +265,39 @@ def test_adaptive_damping_follows_rho():
     d0 = opt.param_groups[0]["damping"]
     opt.step(closure)
     assert opt._groups[0]["last_rho"] < 0.25 and opt.param_groups[0]["damping"] == pytest.approx(2 * d0)
+
+
+@pytest.mark.parametrize("form", ["additive", "multiplicative"])
+def test_two_level_after_a_float64_retry_of_the_inverse(monkeypatch, form):
+    """When the float32 KFAC inverse fails, the optimizer rebuilds it from float64 copies and calls
+    the solve with float64 gradients; the two-level coarse problem must still use the float32
+    operator of the capture (it raised a dtype error in matmul at step 50 of a CNN run)."""
+    import curvlib.optim.curvatures as C
+
+    x, y = data()
+    x = x.float()
+    loss_fn = extend(nn.CrossEntropyLoss())
+
+    def step(fail32):
+        model = mlp().float()
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = NaturalGradient(model.parameters(), lr=0.5, curvature="two-level", fisher_type="type-2",
+                              damping=0.1, coarse_space="residual", krylov=True, coarse_form=form)
+        real = C.KroneckerInverse
+
+        def picky(terms, *a, **k):
+            if fail32 and terms[0][0].dtype == torch.float32:
+                raise ValueError("float32 inverse failed (test)")
+            return real(terms, *a, **k)
+
+        monkeypatch.setattr(C, "KroneckerInverse", picky)
+        train_step(model, loss_fn, opt, x, y)
+        monkeypatch.setattr(C, "KroneckerInverse", real)
+        return [(p.detach() - b) for p, b in zip(model.parameters(), before)]
+
+    with pytest.warns(RuntimeWarning, match="retrying in float64"):
+        retried = step(True)
+    plain = step(False)
+    for a, b in zip(retried, plain):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

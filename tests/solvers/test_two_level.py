@@ -255,3 +255,23 @@ def test_spectral_krylov_adds_nothing_in_float32():
     assert len(basis) == 1
     nic = coarse_basis(g, "nicolaides", krylov=True, precond=[P])
     assert len(nic) == 2
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_float64_preconditioner_with_float32_gradient(problem, form):
+    """The optimizer rebuilds a failed float32 inverse in float64: its directions must be cast
+    back before the float32 Fisher product (a dtype error at step 50 of a CNN run, once)."""
+    g = [t.float() for t in problem["g"]]
+    F32 = problem["F"].float()
+    sizes = [math.prod(s) for s in SHAPES]
+
+    def mvp(xs):
+        v = torch.cat([t.reshape(-1) for t in xs])
+        return [t.reshape(s) for t, s in zip(torch.split(F32 @ v, sizes), SHAPES)]
+
+    precond64 = [lambda t, P=P: P(t.double()) for P in problem["precond"]]
+    d, info = two_level_direction(g, precond64, mvp, LAM, coarse_space="residual", krylov=True, form=form)
+    assert all(t.dtype == torch.float32 for t in d)
+    d_ref, _ = run(problem, "residual", True, form=form)
+    err = problem["cat"]([a.double() for a in d]) - problem["cat"](d_ref)
+    assert float(err.norm() / problem["cat"](d_ref).norm()) < 1e-2  # float32 round-off (r cancels)
