@@ -31,6 +31,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--block", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls of each method first")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     xargs = X.parse_args(["--model", args.model, "--no-progress"])
@@ -65,11 +66,11 @@ def main() -> None:
                 opt.step()
 
         fns[m] = block
-    med = interleaved_medians(fns, reps=args.reps, warmup=1)
+    med = interleaved_medians(fns, reps=args.reps, warmup=args.warmup)
     ref = med.get("kfac")
     rows = [[m, f"{t / args.block:.3f}", f"{t / ref:.2f}" if ref else "-"] for m, t in med.items()]
     print(f"two-level cost per step, {args.model}, batch {xargs.batch_size}, blocks of {args.block} steps, "
-          f"{args.reps} interleaved reps (median), {args.threads} thread(s)")
+          f"{args.reps} interleaved reps (median) after {args.warmup} warm-up, {args.threads} thread(s)")
     print(table(rows, ["method", "s / step", "x KFAC"]))
 
 

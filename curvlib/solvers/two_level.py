@@ -274,7 +274,7 @@ def coarse_basis(
     second = P(first)  # block-diagonal: layer l of P(first) is P_l z_l
     # a vector parallel to z_l (spectral: z_l is an eigenvector of P_l) adds nothing; relative
     # to its own norm, with a tolerance above the round-off of P in the working precision
-    tol = 1e3 * math.sqrt(torch.finfo(vectors[0].dtype).eps)
+    tol = 10 * math.sqrt(torch.finfo(vectors[0].dtype).eps)
     new_layers, new_vectors = [], []
     for l, z1 in zip(layers, vectors):
         new_layers.append(l), new_vectors.append(z1)
