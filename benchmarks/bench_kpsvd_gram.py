@@ -116,6 +116,41 @@ def main() -> None:
           f"{open('/proc/loadavg').read().split()[:3]}")
     print(table(rows, ["weight", "method", "iterative s", "products", "gram s", "speed-up", "auto", "rel. diff"]))
 
+    # one curvature update of the whole model: forward + backward with the extension, warm-started
+    # (one extension per variant, batches in rotation), interleaved repetitions
+    batches = [Xtr[torch.randperm(len(Xtr), generator=gen)[: args.batch_size]] for _ in range(3)]
+    fns, exts = {}, {}
+    for method in args.methods:
+        rank = 1 if method == "power" else 2
+        for algo in ("iterative", "auto"):
+            exts[method, algo] = KPSVD("mc", rank=rank, method=method, algorithm=algo)
+
+            def fn(ext=exts[method, algo], it=iter(range(10**9))):
+                x = batches[next(it) % len(batches)]
+                model.zero_grad()
+                with curvlib.curvature(ext):
+                    loss_fn(model(x), x.flatten(1)).backward()
+
+            fns[f"{method} {algo}"] = fn
+    for fn in fns.values():  # warm starts
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(args.reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    rows = []
+    for method in args.methods:
+        it, au = statistics.median(times[f"{method} iterative"]), statistics.median(times[f"{method} auto"])
+        routes = exts[method, "auto"].routes
+        gram = [f"{linears[i].weight.shape[0]}x{linears[i].weight.shape[1]}" for i in range(len(linears))
+                if routes.get(id(linears[i].weight)) == "gram"]
+        rows.append([method, f"{it:.2f}", f"{au:.2f}", f"{it / au:.1f}", ", ".join(gram) or "-"])
+    print(f"\nwhole model, one curvature update (forward + backward + KPSVD), median of {args.reps}; load: "
+          f"{open('/proc/loadavg').read().split()[:3]}")
+    print(table(rows, ["method", "iterative s", "auto s", "speed-up", "auto's Gram layers"]))
+
 
 if __name__ == "__main__":
     main()

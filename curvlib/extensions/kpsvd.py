@@ -28,7 +28,20 @@ How the products are computed (per layer, :class:`RearrangedBlock`):
   ``"grads"``: materialized per-sample gradients ``X [M, d0, d1]``, ``M d0 d1 (d0 + d1)``
   flops -- cheaper for convolutions with many positions.
 
-Starts: one power step ``R^T vec(U)`` from a left guess ``U``: with ``warm_start``, the previous
+Exact route (``algorithm="gram"``, or ``"auto"`` when cheaper): with ``X_j = sum_t x0_jt x1_jt^T``
+(``x0``/``x1`` the per-position vectors of the first/second factor's side),
+``R = sum_{j,t,t'} vec(x0_jt x0_jt'^T) vec(x1_jt x1_jt'^T)^T`` has ``P = K N T^2`` columns, and its
+top triplets follow exactly from the two ``P x P`` Grams (elementwise squares of the vectors'
+Gram matrices for ``T = 1``) -- :func:`~curvlib.solvers.kronecker_svd.kronecker_svd_gram`: two
+float64 eigendecompositions and ``rank`` weighted Grams per side, no iteration count that grows
+when singular values are close. For ``T = 1`` Linear layers ``P`` is the batch size (times
+``mc_samples``); on the paper's autoencoder at batch 512 it makes a rank-2 update of a
+1000 x 784 layer 3-5x cheaper than Lanczos and 4-30x cheaper than deflation. ``"auto"`` compares
+:func:`~curvlib.solvers.kronecker_svd.gram_svd_flops` with :data:`EXPECTED_PRODUCTS` products of
+the iterative route, and never takes the Gram route above :data:`GRAM_MAX_COLUMNS` columns
+(convolutions with many positions).
+
+Starts (iterative route): one power step ``R^T vec(U)`` from a left guess ``U``: with ``warm_start``, the previous
 call's first factors; on a cold start the exact bias block when the layer has a bias on that side
 (Linear, Conv: it is KFAC's ``G`` for ``T = 1``), else the identity (cheaper than a product). For
 ``rank=1`` power iteration then typically converges in 1-2 iterations (3-5 products, each about the
