@@ -22,8 +22,8 @@ layer), with the coarse matrix ``A0 = R0 Â R0^T + μ I`` (``μ = coarse_damping
   space: the best direction *for this batch's quadratic model*. In training it is fragile:
   when the one-level inverse is stale or its curvature too small (``Â d1 >> g``, e.g. with
   ``T_inv > 1`` early in training), ``r`` is large and the correction makes large moves along
-  the coarse directions. On the demo CNN at KFAC's step size (lr 0.1, momentum 0.9) every coarse
-  space diverged within one epoch with it, while the additive form trains like KFAC
+  the coarse directions. On the demo CNN at KFAC's step size (lr 0.1, momentum 0.9) it diverged
+  within one epoch (nicolaides, residual), while the additive form trains like KFAC
   (``examples/README.md``, two-level section).
 
 Coarse spaces (Koroko et al. 2023, "Analysis and comparison of two-level KFAC methods for
