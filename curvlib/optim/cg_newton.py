@@ -4,7 +4,8 @@ Per step and param group (DESIGN.md §2), with ``g = p.grad``:
 
 - ``block_diagonal=True``: one CG per parameter ``p`` on ``(C_pp + λ I) d_p = g_p``, ``C_pp`` the
   exact block of the chosen curvature, applied through its savefield (``p.ggnmp``, ``p.hmp``,
-  ``p.pchmp``);
+  ``p.pchmp``); each block has its own CG scalars, stopping rule and iteration count, and all
+  blocks advance together in one loop (:func:`curvlib.solvers.cg_blocks`);
 - ``block_diagonal=False``: one CG on the whole-network system ``(C + λ I) d = g`` over the
   group's parameters (all blocks and cross-parameter terms, ``ext.operator()``);
 - ``p <- p - lr d_p``; a parameter without curvature (its layer has no adapter) moves by
@@ -35,7 +36,7 @@ with ``damping_mode="exact"``), block by block; it changes the CG path, not the 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -45,7 +46,7 @@ from curvlib.extensions.base import FISHER_TYPES
 from curvlib.extensions.pchmp import PCHMP
 from curvlib.optim import state as st
 from curvlib.optim.preconditioner import CurvatureOptimizer, _Capture, _finite
-from curvlib.solvers import KroneckerInverse, cg
+from curvlib.solvers import CGBlockError, KroneckerInverse, cg, cg_blocks
 
 CG_CURVATURES = ("ggn", "hessian", "pch-abs", "pch-clip")
 
@@ -290,14 +291,15 @@ class CGNewton(CurvatureOptimizer):
             lam = float(group["damping"])
             dirs: Dict[Tensor, Tensor] = {}
             if group["block_diagonal"]:
+                systems = []  # one CG system per parameter with curvature, solved in one loop
                 for p, g, n in zip(params, grads, names):
                     prod = p.__dict__.get(field)
                     if prod is None:
                         self._warn_plain(n, group["curvature"])
                         continue
                     A = _damped(self._averaged(lambda v, prod=prod: prod(v.unsqueeze(0)).squeeze(0)), lam)
-                    M = _kfac_inverse(p, lam) if kfac else None
-                    d, info = self._solve(A, g, [p], M, group, n)
+                    systems.append((p, g, n, A, _kfac_inverse(p, lam) if kfac else None))
+                for (p, g, n, _, _), (d, info) in zip(systems, self._solve_blocks(systems, group)):
                     dirs[p] = d
                     log.append(_entry(gi, [n], info))
                     new_state[p] = _cg_state(info, d)
@@ -333,6 +335,38 @@ class CGNewton(CurvatureOptimizer):
                     )
                 new_params[p] = new_p
         return new_params, new_state, log
+
+    def _solve_blocks(self, systems, group) -> List[Tuple[Tensor, Any]]:
+        """One CG per parameter block (:func:`~curvlib.solvers.cg_blocks`: every block keeps its own
+        CG scalars and stopping rule, all blocks of one dtype and device advance in one loop).
+        ``systems``: ``(p, g, name, A, M)``; returns ``(d, info)`` in that order."""
+        out: List[Any] = [None] * len(systems)
+        kinds: Dict[Any, List[int]] = {}
+        for i, (_, g, _, _, _) in enumerate(systems):
+            kinds.setdefault((g.dtype, g.device), []).append(i)
+        for idx in kinds.values():
+            ps = [systems[i][0] for i in idx]
+            x0 = None
+            if group["warm_start"]:
+                prev = [self.state.get(p, {}).get("direction") for p in ps]
+                x0 = [d if d is not None and d.shape == p.shape else None for d, p in zip(prev, ps)]
+            Ms = [systems[i][4] for i in idx]
+            try:
+                ds, infos = cg_blocks(
+                    [systems[i][3] for i in idx], [systems[i][1] for i in idx], x0=x0, tol=float(group["tol"]),
+                    atol=float(group["atol"]), maxiter=int(group["maxiter"]),
+                    M=Ms if any(m is not None for m in Ms) else None, negative_curvature="stop",
+                )
+            except CGBlockError as e:
+                if "NaN" in str(e) or "Inf" in str(e):
+                    raise FloatingPointError(
+                        f"curvlib.optim.CGNewton: the {group['curvature']!r} products of {systems[idx[e.block]][2]} "
+                        f"are not finite ({e}); the step was not taken and state is unchanged. Skip this batch."
+                    ) from e
+                raise
+            for i, d, info in zip(idx, ds, infos):
+                out[i] = (d, info)
+        return out
 
     def _solve(self, A, b, params, M, group, where):
         x0 = None
