@@ -21,6 +21,8 @@ How (measured on CPU, torch 2.13, ``benchmarks/bench_kfac.py`` and
   ``K`` at once for an MLP, a few at a time for a CNN. This also bounds the memory the
   backward's intermediates take (a chunk's, not all ``K`` columns'); the results are
   written into one preallocated ``[K, ...]`` tensor per layer (no final concatenation).
+  All ``K`` columns taking less than ``2 CHUNK_BYTES`` go in one chunk: the copy into the
+  preallocated output would cost more than the chunks save (:func:`column_chunk`).
 - A model whose backward cannot be batched at all (``torch.compile``: ``aten::mm.out``
   has no batching rule) goes one column at a time (warned once, remembered per model).
 
@@ -49,8 +51,17 @@ _NO_BATCHING: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 def column_chunk(V: Tensor, shapes: Sequence[Sequence[int]]) -> int:
     """Columns per batched backward: ``CHUNK_BYTES`` over the bytes of one column of the
-    largest of ``V``'s own column and the layer outputs ``shapes`` (at least 1)."""
+    largest of ``V``'s own column and the layer outputs ``shapes`` (at least 1); all ``K``
+    columns at once when they take less than ``2 CHUNK_BYTES`` there.
+
+    Chunks bound the memory of the backward, and pay for it with one copy of every result
+    into the ``[K, ...]`` output; below ``2 CHUNK_BYTES`` in all they would save less than one
+    chunk of memory, and the copy costs more than the chunks gain (the CG-Newton example's
+    CNN, 9 columns of 1.5 MB at the first convolution: 1 chunk 10.9-13.8 ms CPU, 2 chunks
+    12.5-20.5 ms, ``benchmarks/bench_cg_newton.py``)."""
     per_column = max([math.prod(V.shape[1:])] + [math.prod(s) for s in shapes]) * V.element_size()
+    if V.shape[0] * per_column < 2 * CHUNK_BYTES:
+        return max(1, V.shape[0])
     return max(1, CHUNK_BYTES // max(per_column, 1))
 
 

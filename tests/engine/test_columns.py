@@ -81,6 +81,11 @@ def test_column_chunk_size():
     assert columns.column_chunk(V, big) == columns.CHUNK_BYTES // (64 * 16 * 28 * 28 * 4)
     assert columns.column_chunk(V, [(64, 10)]) >= 9
     assert columns.column_chunk(V, [(10**9,)]) == 1
+    # all K columns under 2 CHUNK_BYTES: one chunk (no copy of the results); just over: chunks
+    small = (64, 10, 24, 24)  # the CG-Newton example's first convolution: 9 x 1.5 MB
+    assert columns.column_chunk(V, [small]) == 9
+    per = columns.CHUNK_BYTES * 2 // 9 // 4 + 1  # 9 columns of `per` floats: just over 2 CHUNK_BYTES
+    assert columns.column_chunk(V, [(per,)]) == columns.CHUNK_BYTES // (per * 4) < 9
 
 
 def test_kfac_and_diag_ggn_share_columns(monkeypatch):
