@@ -272,17 +272,17 @@ class CGNewton(CurvatureOptimizer):
         new_state: Dict[Tensor, Dict[str, Any]] = {}
         log: List[Dict[str, Any]] = []
         for gi, group in enumerate(self.param_groups):
-            params, grads, names = [], [], []
-            for i, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                if not _finite(p.grad):
-                    raise FloatingPointError(
-                        f"curvlib.optim.CGNewton: the gradient of {self._name(gi, i, p)} contains NaN or Inf; "
-                        "the step was not taken and parameters and optimizer state are unchanged. Skip this "
-                        "batch (opt.zero_grad()) or lower the learning rate."
-                    )
-                params.append(p), grads.append(p.grad), names.append(self._name(gi, i, p))
+            idx = [i for i, p in enumerate(group["params"]) if p.grad is not None]
+            params = [group["params"][i] for i in idx]
+            grads = [p.grad for p in params]
+            bad = _first_nonfinite(grads)
+            if bad is not None:
+                raise FloatingPointError(
+                    f"curvlib.optim.CGNewton: the gradient of {self._name(gi, idx[bad], params[bad])} contains NaN "
+                    "or Inf; the step was not taken and parameters and optimizer state are unchanged. Skip this "
+                    "batch (opt.zero_grad()) or lower the learning rate."
+                )
+            names = [self._name(gi, i, p) for i, p in zip(idx, params)]
             if not params:
                 continue
             curv_ext = next(e for e in exts if e.savefield == self._extensions(group)[0].savefield)
@@ -320,20 +320,21 @@ class CGNewton(CurvatureOptimizer):
                         dirs[p] = d
                         new_state[p] = _cg_state(info, d)
             lr = float(group["lr"])
-            for p, g, n in zip(params, grads, names):
-                d = dirs.get(p, g)
-                if not _finite(d):
-                    raise FloatingPointError(
-                        f"curvlib.optim.CGNewton: the Newton direction of {n} contains NaN or Inf; the step was "
-                        "not taken and state is unchanged. Increase damping or skip this batch."
-                    )
-                new_p = p.detach() - lr * d.to(p.dtype)
-                if not _finite(new_p):
-                    raise FloatingPointError(
-                        f"curvlib.optim.CGNewton: the update of {n} is NaN or Inf; the step was not taken and "
-                        "state is unchanged. Lower the learning rate or increase damping."
-                    )
-                new_params[p] = new_p
+            ds = [dirs.get(p, g).to(p.dtype) for p, g in zip(params, grads)]
+            bad = _first_nonfinite(ds)
+            if bad is not None:
+                raise FloatingPointError(
+                    f"curvlib.optim.CGNewton: the Newton direction of {names[bad]} contains NaN or Inf; the step "
+                    "was not taken and state is unchanged. Increase damping or skip this batch."
+                )
+            news = torch._foreach_add([p.detach() for p in params], ds, alpha=-lr)
+            bad = _first_nonfinite(news)
+            if bad is not None:
+                raise FloatingPointError(
+                    f"curvlib.optim.CGNewton: the update of {names[bad]} is NaN or Inf; the step was not taken and "
+                    "state is unchanged. Lower the learning rate or increase damping."
+                )
+            new_params.update(zip(params, news))
         return new_params, new_state, log
 
     def _solve_blocks(self, systems, group) -> List[Tuple[Tensor, Any]]:
@@ -386,6 +387,20 @@ class CGNewton(CurvatureOptimizer):
                     f"({e}); the step was not taken and state is unchanged. Skip this batch."
                 ) from e
             raise
+
+
+def _first_nonfinite(ts: List[Tensor]) -> Optional[int]:
+    """Index of the first tensor with a NaN or Inf entry (``None``: all finite): one stacked check
+    of the tensors' 1-norms (a non-finite norm, or tensors of mixed dtypes, are then checked one
+    by one, as an overflowing norm of finite entries is possible)."""
+    if not ts:
+        return None
+    try:
+        if bool(torch.isfinite(torch.stack(torch._foreach_norm(ts, 1))).all()):
+            return None
+    except RuntimeError:  # mixed dtypes or devices
+        pass
+    return next((i for i, t in enumerate(ts) if not _finite(t)), None)
 
 
 def _damped(A: Callable, lam: float) -> Callable:
