@@ -297,7 +297,7 @@ class CGNewton(CurvatureOptimizer):
                     if prod is None:
                         self._warn_plain(n, group["curvature"])
                         continue
-                    A = _damped(self._averaged(lambda v, prod=prod: prod(v.unsqueeze(0)).squeeze(0)), lam)
+                    A = self._averaged(lambda v, prod=prod: prod(v.unsqueeze(0)).squeeze(0))  # damped by cg_blocks
                     systems.append((p, g, n, A, _kfac_inverse(p, lam) if kfac else None))
                 for (p, g, n, _, _), (d, info) in zip(systems, self._solve_blocks(systems, group)):
                     dirs[p] = d
@@ -357,6 +357,7 @@ class CGNewton(CurvatureOptimizer):
                     [systems[i][3] for i in idx], [systems[i][1] for i in idx], x0=x0, tol=float(group["tol"]),
                     atol=float(group["atol"]), maxiter=int(group["maxiter"]),
                     M=Ms if any(m is not None for m in Ms) else None, negative_curvature="stop",
+                    shift=float(group["damping"]),
                 )
             except CGBlockError as e:
                 if "NaN" in str(e) or "Inf" in str(e):

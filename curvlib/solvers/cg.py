@@ -203,6 +203,7 @@ def cg_blocks(
     M: Optional[Sequence[Optional[Callable[[Tensor], Tensor]]]] = None,
     *,
     negative_curvature: str = "raise",
+    shift: float = 0.0,
 ) -> Tuple[List[Tensor], List[CGInfo]]:
     r"""Solve independent systems ``A_i x_i = b_i`` of *different* sizes with one CG loop.
 
@@ -221,6 +222,8 @@ def cg_blocks(
         tol, atol, maxiter: as :func:`cg` (``maxiter=None``: ``10 n_i`` per system).
         M: preconditioners, one per system (``None`` entries: none), or ``None``.
         negative_curvature: ``"raise"`` or ``"stop"``, as :func:`cg`.
+        shift: solve ``(A_i + shift I) x_i = b_i`` (e.g. a damping ``λ``), added to all systems'
+            products at once.
 
     Returns:
         ``(xs, infos)``: one solution shaped like ``b[i]`` and one :class:`CGInfo` per system.
@@ -253,10 +256,10 @@ def cg_blocks(
 
     def segsum(v: Tensor) -> Tensor:
         """``[L]`` sums over the systems' segments (each the same reduction as :func:`cg`'s)."""
-        return torch.stack([v[s].sum() for s in sl])
+        return torch.stack([t.sum() for t in v.split(sizes)])
 
     def segnorm(v: Tensor) -> Tensor:
-        return torch.stack(torch._foreach_norm([v[s] for s in sl]))
+        return torch.stack(torch._foreach_norm(v.split(sizes)))
 
     def fail(msg: str, i: int):
         raise CGBlockError(f"cg_blocks: system {i}: {msg}", i)
@@ -285,6 +288,10 @@ def cg_blocks(
             parts.append(out.reshape(-1))
         return torch.cat(parts).to(dtype)
 
+    def apply_a(v: Tensor, run: List[bool]) -> Tensor:
+        Av = apply(A, v, run, "A")
+        return Av + shift * v if shift else Av
+
     bv = torch.cat([t.reshape(-1) for t in b])
     finite_or_fail(bv, "the right-hand side b", "check the inputs for NaN/Inf")
     starts = [x0 is None or x0[i] is None for i in range(L)]
@@ -297,7 +304,7 @@ def cg_blocks(
                     fail(f"x0 has shape {tuple(x0[i].shape)}, expected {tuple(shapes[i])}.", i)
                 x[sl[i]] = x0[i].reshape(-1).to(dtype)
         finite_or_fail(x, "the initial guess x0", "check the inputs for NaN/Inf")
-        Ax = apply(A, x, [not s for s in starts], "A")
+        Ax = apply_a(x, [not s for s in starts])
         finite_or_fail(Ax, "A(x0)", "the operator A returned NaN/Inf")
         r = torch.where(torch.tensor(starts, device=device)[seg], bv, bv - Ax)
     start_zero = torch.tensor(starts, device=device)
@@ -310,7 +317,8 @@ def cg_blocks(
     converged = ~active
 
     def masked_ratio(num: Tensor, den: Tensor, mask: Tensor) -> Tensor:
-        return torch.where(mask, num / torch.where(mask, den, torch.ones_like(den)), torch.zeros_like(den))
+        """``num / den`` on running systems, 0 elsewhere (inf / NaN of the others discarded)."""
+        return torch.where(mask, num / den, 0.0)
 
     def precondition(r: Tensor, mask: Tensor, run: List[bool], it: int) -> Tuple[Tensor, Tensor]:
         if M is None:
@@ -334,7 +342,7 @@ def cg_blocks(
     it = 0
     while any(run):
         it += 1
-        Ap = apply(A, p, run, "A")
+        Ap = apply_a(p, run)
         finite_or_fail(Ap, "the operator output A(p)", "the operator A returned NaN/Inf", active)
         iters = torch.where(active, it, iters)
         pAp = segsum(p * Ap)

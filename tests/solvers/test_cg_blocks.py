@@ -106,3 +106,13 @@ def test_errors_name_the_system(gen, spd):
     with pytest.raises(ValueError, match="one dtype and device"):
         cg_blocks([ok, ok], [b[0], b[1].float()])
     assert cg_blocks([], []) == ([], [])
+
+
+def test_shift_is_added_to_every_system(gen, spd):
+    """``shift=λ`` solves ``(A_i + λ I) x_i = b_i`` (CG-Newton's damping), including from x0."""
+    mats, bs = _systems(gen, spd)
+    lam, kw = 0.3, dict(tol=1e-10, atol=0.0)
+    x0 = [None, torch.randn(5, generator=gen, dtype=torch.float64), None, None, None]
+    xs, infos = cg_blocks([_op(M, b.shape) for M, b in zip(mats, bs)], bs, x0=x0, shift=lam, **kw)
+    refs = [cg(_op(M + lam * torch.eye(len(M), dtype=M.dtype), b.shape), b, x0=x, **kw) for M, b, x in zip(mats, bs, x0)]
+    _same(xs, infos, refs, bs)
