@@ -173,6 +173,10 @@ class LayerCapture:
         """The adapter's structured KFAC activation factor (e.g. 1-D), or ``None``."""
         return self.adapter.act_factor(self.module, self.x, kfac_approx)
 
+    def act_factor_rows(self, kfac_approx: str) -> Optional[Tensor]:
+        """Rows per block of :meth:`act_factor` when they differ between blocks, else ``None``."""
+        return self.adapter.act_factor_rows(self.module, self.x, kfac_approx)
+
     def cot(self, source: Source) -> Tensor:
         """Weight cotangent-side vectors ``[K, N, T, D_s]`` of ``source``."""
         if source not in self._cot:

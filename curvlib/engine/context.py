@@ -488,7 +488,7 @@ class curvature:
         state.TAPE.pop(call.uid, None)
         call.release()
         self._pending.setdefault(module, []).append(capture)
-        others = state.CALLS_OF.get(module, ()) if isinstance(module, nn.Module) else ()
+        others = state.CALLS_OF.get(module, ())
         if any(c.live and c.in_backward == call.in_backward for c in others):
             return  # another call of this layer is still to come (shared weights)
         self._run_group(module)
