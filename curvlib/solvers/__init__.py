@@ -2,7 +2,7 @@
 
 Nothing here imports the engine, the extensions or ``torch.nn``.
 """
-from .cg import CGInfo, cg
+from .cg import CGBlockError, CGInfo, cg, cg_blocks
 from .kronecker_inverse import KroneckerInverse
 from .kronecker_svd import kronecker_svd, kronecker_svd_gram
 from .lanczos import golub_kahan, lanczos
@@ -17,7 +17,9 @@ __all__ = [
     "kronecker_svd",
     "kronecker_svd_gram",
     "cg",
+    "cg_blocks",
     "CGInfo",
+    "CGBlockError",
     "lanczos",
     "golub_kahan",
     "power_iteration_deflation",
