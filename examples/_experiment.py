@@ -91,6 +91,9 @@ class Method:
     make: Callable[[nn.Module], Any]
     label: str = ""
     hyper: str = ""  # the hyper-parameters, for the table
+    #: train only the first this many epochs of the shared batches (e.g. a cheaper method given
+    #: the same wall time as a costlier one); ``None``: all of ``--epochs``
+    epochs: Optional[int] = None
 
 
 @dataclass
@@ -127,6 +130,8 @@ def train_run(
     run = Run(method)
     with torch.no_grad():
         run.rows.append(dict(method=method, epoch=0, step=0, wall_time_s=0.0, **evaluate(model)))
+    if spec.epochs is not None:
+        batches = batches[: spec.epochs]
     bar = None
     if progress:
         from tqdm import tqdm
