@@ -277,6 +277,18 @@ def kfac_act_factor(a: Tensor, kfac_approx: str = "expand", blocks: int = 1) -> 
     return (gram_rows(a) if blocks == 1 else block_gram(a, blocks)).div_(rows)
 
 
+def capture_act_factor(capture: "LayerCapture", kfac_approx: str = "expand", blocks: int = 1) -> Tensor:
+    """``A`` of a capture's weight: the adapter's structured factor (Embedding: 1-D) if it has
+    one, else :func:`kfac_act_factor` of ``capture.act()``; expand with one block takes
+    ``capture.act_gram()`` (the adapter's own Gram kernel, convolutions) over ``N T``."""
+    A = capture.act_factor(kfac_approx)
+    if A is not None:
+        return A
+    if kfac_approx == "expand" and blocks == 1:
+        return capture.act_gram().div_(capture.act_rows())
+    return kfac_act_factor(capture.act(), kfac_approx, blocks)
+
+
 def kfac_weight_factors(capture: "LayerCapture", source: "Source", kfac_approx: str = "expand") -> Tuple[Tensor, Tensor]:
     """``(G, A)`` of the layer's (Kronecker-factored) weight, in the form of its
     :func:`structure`: ``[D_s, D_s], [D_a, D_a]``; ``A`` 1-D for a diagonal activation factor
@@ -284,10 +296,7 @@ def kfac_weight_factors(capture: "LayerCapture", source: "Source", kfac_approx: 
     with ``capture.orientation.pair(G, A)``."""
     B = capture.adapter.blocks(capture.module)
     G = kfac_cot_factor(capture.cot(source), kfac_approx, B)
-    A = capture.act_factor(kfac_approx)  # structured (Embedding: 1-D)
-    if A is None:
-        A = kfac_act_factor(capture.act(), kfac_approx, B)
-    return G, A
+    return G, capture_act_factor(capture, kfac_approx, B)
 
 
 def kfac_summed_factor(capture: "LayerCapture", name: str, source: "Source") -> Tensor:
@@ -360,6 +369,7 @@ __all__ = [
     "KFAC_APPROX",
     "kfac_cot_factor",
     "kfac_act_factor",
+    "capture_act_factor",
     "kfac_weight_factors",
     "kfac_summed_factor",
     "BlockStructure",

@@ -84,6 +84,12 @@ class LayerAdapter:
         activations, or ``None`` for the generic ``a^T a`` (see :mod:`curvlib.extensions.kfac`)."""
         return None
 
+    def act_gram(self, module: nn.Module, x: Tensor, a: Tensor) -> Optional[Tensor]:
+        """``sum_{n,t} a_{n,t} a_{n,t}^T`` ``[D_a, D_a]`` of the activations ``a`` (= ``activations(x)``)
+        by a kernel of the layer's own that is faster than the Gram matrix of ``a``, or ``None``
+        (then :func:`curvlib.engine.factors.gram_rows` of ``a``)."""
+        return None
+
     def per_sample_weight(self, module: nn.Module, s: Tensor, x: Tensor, out: Tensor) -> Optional[Tensor]:
         """Per-sample weight gradients from ``s`` ``[K, N, T, D_s]`` written to ``out``
         (contiguous, ``K N`` times the weight) without the dense activations, or ``None``
