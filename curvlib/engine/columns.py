@@ -18,9 +18,13 @@ How (measured on CPU, torch 2.13, ``benchmarks/bench_kfac.py`` and
   per column).
 - So the columns go in *chunks* of at most :data:`CHUNK_BYTES` bytes of the largest layer
   output per chunk (``chunk = CHUNK_BYTES // (bytes of one column there)``, at least 1): all
-  ``K`` at once for an MLP, a few at a time for a CNN. This also bounds the memory the
-  backward's intermediates take (a chunk's, not all ``K`` columns'); the results are
-  written into one preallocated ``[K, ...]`` tensor per layer (no final concatenation).
+  ``K`` at once for an MLP; one at a time once a column there exceeds
+  :data:`SINGLE_COLUMN_BYTES` (a CNN: the plain kernels beat the batched ones there; small
+  CNN of ``benchmarks/bench_kfac.py``, 9 columns of 3 MiB, 1 thread: 14 ms one at a time,
+  19 ms in chunks of 2, 25 ms all at once). This also bounds the memory the backward's
+  intermediates take (a chunk's, not all ``K`` columns'); the results are written into one
+  preallocated ``[K, ...]`` tensor per layer (no final concatenation), or folded into
+  column reductions chunk by chunk (:func:`column_chunks`).
 - A model whose backward cannot be batched at all (``torch.compile``: ``aten::mm.out``
   has no batching rule) goes one column at a time (warned once, remembered per model).
 
@@ -41,6 +45,8 @@ from torch import Tensor, nn
 
 #: bytes of the largest layer output per chunk of columns (module docstring)
 CHUNK_BYTES = 8 * 2**20
+#: a column bigger than this (at the largest layer output) is back-propagated alone
+SINGLE_COLUMN_BYTES = 2**20
 
 #: extended models whose backward has no batching rule for some operation (e.g. the
 #: ``out=`` kernels of ``torch.compile``d graphs): their cotangents go one at a time
@@ -49,8 +55,11 @@ _NO_BATCHING: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 def column_chunk(V: Tensor, shapes: Sequence[Sequence[int]]) -> int:
     """Columns per batched backward: ``CHUNK_BYTES`` over the bytes of one column of the
-    largest of ``V``'s own column and the layer outputs ``shapes`` (at least 1)."""
+    largest of ``V``'s own column and the layer outputs ``shapes`` (at least 1); 1 if that
+    column exceeds ``SINGLE_COLUMN_BYTES``."""
     per_column = max([math.prod(V.shape[1:])] + [math.prod(s) for s in shapes]) * V.element_size()
+    if per_column > SINGLE_COLUMN_BYTES:
+        return 1
     return max(1, CHUNK_BYTES // max(per_column, 1))
 
 
@@ -147,4 +156,4 @@ def _try_batched(f: Tensor, edges: list, Vc: Tensor, roots: List[nn.Module]) -> 
         return None
 
 
-__all__ = ["backprop_columns", "column_chunks", "column_chunk", "CHUNK_BYTES"]
+__all__ = ["backprop_columns", "column_chunks", "column_chunk", "CHUNK_BYTES", "SINGLE_COLUMN_BYTES"]

@@ -77,8 +77,10 @@ def test_chunked_columns_equal_one_batch(monkeypatch):
 
 def test_column_chunk_size():
     V = torch.zeros(9, 64, 10)
-    big = [(64, 16, 28, 28)]  # 3 MiB per float32 column
-    assert columns.column_chunk(V, big) == columns.CHUNK_BYTES // (64 * 16 * 28 * 28 * 4)
+    big = [(64, 16, 28, 28)]  # 3 MiB per float32 column: one at a time
+    assert columns.column_chunk(V, big) == 1
+    mid = [(64, 512)]  # 128 KiB per column
+    assert columns.column_chunk(V, mid) == columns.CHUNK_BYTES // (64 * 512 * 4)
     assert columns.column_chunk(V, [(64, 10)]) >= 9
     assert columns.column_chunk(V, [(10**9,)]) == 1
 
