@@ -218,19 +218,20 @@ def gram(x: Tensor) -> Tensor:
     """``x^T x`` for ``x`` of shape ``[M, D]``.
 
     For ``D >= 256`` the upper 2x2 blocks are computed and the lower-left block is
-    mirrored: 3/4 of the flops of one ``matmul`` (~20% faster on CPU for D = 512).
+    mirrored: 3/4 of the flops of one ``matmul`` (~20% faster on CPU for D = 512). The blocks
+    are written in place (``mm(out=)`` on views with a leading dimension: no copies but the
+    mirror; the copies cost 30% more than the saved flops for ``[64, 1568]``).
     """
     D = x.shape[1]
-    if D < 256:
+    if D < 256 or not x.is_floating_point() or (x.requires_grad and torch.is_grad_enabled()):
         return x.T @ x
     h = D // 2
     a, b = x[:, :h], x[:, h:]
     out = x.new_empty(D, D)
-    out[:h, :h] = a.T @ a
-    ab = a.T @ b
-    out[:h, h:] = ab
-    out[h:, :h] = ab.T
-    out[h:, h:] = b.T @ b
+    torch.mm(a.T, a, out=out[:h, :h])
+    torch.mm(a.T, b, out=out[:h, h:])
+    torch.mm(b.T, b, out=out[h:, h:])
+    out[h:, :h] = out[:h, h:].T
     return out
 
 
