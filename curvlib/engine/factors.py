@@ -218,21 +218,30 @@ def gram(x: Tensor) -> Tensor:
     """``x^T x`` for ``x`` of shape ``[M, D]``.
 
     For ``D >= 256`` the upper 2x2 blocks are computed and the lower-left block is
-    mirrored: 3/4 of the flops of one ``matmul`` (~20% faster on CPU for D = 512). The blocks
-    are written in place (``mm(out=)`` on views with a leading dimension: no copies but the
-    mirror; the copies cost 30% more than the saved flops for ``[64, 1568]``).
+    mirrored, recursively on the diagonal blocks while they have >= 256 columns: 3/4 of the
+    flops of one ``matmul`` per level (CPU, 1 thread: ``[2304, 512]`` 33 ms full, 27 ms one
+    level, 22 ms two). The blocks are written in place (``mm(out=)`` on views with a leading
+    dimension: no copies but the mirror).
     """
     D = x.shape[1]
     if D < 256 or not x.is_floating_point() or (x.requires_grad and torch.is_grad_enabled()):
         return x.T @ x
+    out = x.new_empty(D, D)
+    _gram_into(x, out)
+    return out
+
+
+def _gram_into(x: Tensor, out: Tensor) -> None:
+    D = x.shape[1]
+    if D < 256:
+        torch.mm(x.T, x, out=out)
+        return
     h = D // 2
     a, b = x[:, :h], x[:, h:]
-    out = x.new_empty(D, D)
-    torch.mm(a.T, a, out=out[:h, :h])
+    _gram_into(a, out[:h, :h])
     torch.mm(a.T, b, out=out[:h, h:])
-    torch.mm(b.T, b, out=out[h:, h:])
+    _gram_into(b, out[h:, h:])
     out[h:, :h] = out[:h, h:].T
-    return out
 
 
 def gram_rows(x: Tensor) -> Tensor:
