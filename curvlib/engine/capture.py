@@ -189,6 +189,10 @@ class LayerCapture:
         G = self.adapter.act_gram(self.module, self.x, self.act())
         return factors.gram_rows(self.act()) if G is None else G
 
+    def act_factor_rows(self, kfac_approx: str) -> Optional[Tensor]:
+        """Rows per block of :meth:`act_factor` when they differ between blocks, else ``None``."""
+        return self.adapter.act_factor_rows(self.module, self.x, kfac_approx)
+
     def cot(self, source: Source) -> Tensor:
         """Weight cotangent-side vectors ``[K, N, T, D_s]`` of ``source``."""
         if source not in self._cot:

@@ -450,7 +450,7 @@ class curvature:
         module = call.module
         if module in self._pending:
             return False
-        others = state.CALLS_OF.get(module, ()) if isinstance(module, nn.Module) else ()
+        others = state.CALLS_OF.get(module, ())
         return not any(o is not call and o.live and o.in_backward == call.in_backward for o in others)
 
     def _reduce(self, call: LayerCall, key: Source, part: Tensor) -> None:
@@ -577,7 +577,7 @@ class curvature:
         state.TAPE.pop(call.uid, None)
         call.release()
         self._pending.setdefault(module, []).append(capture)
-        others = state.CALLS_OF.get(module, ()) if isinstance(module, nn.Module) else ()
+        others = state.CALLS_OF.get(module, ())
         if any(c.live and c.in_backward == call.in_backward for c in others):
             return  # another call of this layer is still to come (shared weights)
         self._run_group(module)

@@ -222,11 +222,12 @@ def record_call(module, x: Tensor, output) -> None:
         setattr(owner, _CALLS, calls)
     calls.append(call)
     state.TAPE[call.uid] = call
-    if isinstance(module, nn.Module):  # (parts of composite layers are not combined)
-        live = state.CALLS_OF.get(module)
-        if live is None:
-            live = state.CALLS_OF[module] = weakref.WeakSet()
-        live.add(call)
+    # the live calls of this layer (a part of a composite layer, e.g. attention's in_proj,
+    # is found by equality: the parts of two calls of one attention module compare equal)
+    live = state.CALLS_OF.get(module)
+    if live is None:
+        live = state.CALLS_OF[module] = weakref.WeakSet()
+    live.add(call)
     output.register_hook(functools.partial(_layer_output_hook, weakref.ref(call), module))
 
 

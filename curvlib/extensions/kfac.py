@@ -265,9 +265,13 @@ class KFAC(Extension):
                 Gc = factors.kfac_cot_factor(c.cot(src), self.kfac_approx, B)
                 Gw.append(Gc)
                 Ac = factors.capture_act_factor(c, self.kfac_approx, B)  # Embedding: 1-D
-                n = c.batch_size if self.kfac_approx == "reduce" else c.act_rows()
+                n = c.act_factor_rows(self.kfac_approx)  # rows per block where they differ
+                if n is None:
+                    n = c.batch_size if self.kfac_approx == "reduce" else c.act_rows()
+                else:
+                    n = n.view(-1, 1, 1)
                 A = Ac if A is None else A * (rows / (rows + n)) + Ac * (n / (rows + n))
-                rows += n
+                rows = rows + n
             if "bias" in params:
                 sb = c.bias_cot(src)
                 Bb = c.adapter.bias_blocks(c.module)  # block form (attention's in_proj_bias)

@@ -343,20 +343,77 @@ class KroneckerSVDExtension(Extension):
         """The weight's terms; ``bias_block``: the exact bias block (``None`` without a bias)."""
         raise NotImplementedError
 
+    #: whether grouped layers get terms in the block form (:meth:`_grouped_terms`)
+    block_form: bool = False
+    #: grouped layers: groups whose rearranged blocks hold at most this many entries in all
+    #: are decomposed densely (one batched SVD), larger ones group by group with the solver
+    dense_entries: int = 1 << 22
+
+    def _grouped_terms(self, p: Tensor, capture: LayerCapture) -> List[List[Tensor]]:
+        r"""Block form of a grouped layer (``B`` groups, weight rows of group ``b`` = block ``b``
+        of ``p.shape[0]``): ``[[G_i [B, m, m], A_i [B, n, n]], ...]`` with, per group, the top
+        ``rank`` Kronecker terms of the *diagonal* block of group ``b`` in the exact block
+        (``m = p.shape[0] / B``, ``n = p[0].numel()``), as KFAC's block form drops the
+        cross-group blocks. From the per-sample gradients ``X [M, B, m, n]``: the rearranged
+        ``R_b = sum_j X_jb ⊗ X_jb`` (re-indexed ``[m^2, n^2]``) by one batched SVD when small
+        (depthwise convolutions), else :func:`kronecker_svd` on its products per group."""
+        B = structure(capture).blocks
+        X = capture.per_sample_grads("weight", self.source)
+        X = X.reshape(-1, B, p.shape[0] // B, p[0].numel())  # [M, B, m, n]
+        key = (capture.module, "grouped")
+        prev = self._joined.get(key)
+        if prev is not None and prev[0] < capture.backward:
+            X = torch.cat([prev[1], X])
+        self._joined[key] = (capture.backward, X)
+        M, _, m, n = X.shape
+        most = min(m * m, n * n)
+        rank = min(self.rank, most)
+        if self.rank > most and (m, n) not in self._clamped:
+            self._clamped.add((m, n))
+            warnings.warn(
+                f"curvlib: KPSVD(rank={self.rank}) exceeds the {most} Kronecker terms that represent "
+                f"the {m}x{n} group blocks of {capture.module} exactly; it gets {most} terms (exact).",
+                stacklevel=2,
+            )
+        if B * m * m * n * n <= self.dense_entries:
+            R = rearrange(torch.einsum("jbia,jbkc->bikac", X, X), "b i k a c -> b (i k) (a c)")
+            U, S, Vh = torch.linalg.svd(R, full_matrices=False)
+            U = rearrange(U[..., :rank], "b (i k) r -> r b i k", i=m)
+            V = rearrange(Vh[:, :rank], "b r (a c) -> r b a c", a=n)
+            S = S[:, :rank].T  # [rank, B]
+        else:
+            terms = []
+            for b in range(B):  # large blocks: few groups
+                Xb = X[:, b]
+                mv = lambda v, Xb=Xb: torch.einsum("jac,jdc->ad", Xb @ v.reshape(n, n), Xb).reshape(-1)  # noqa: E731
+                rmv = lambda u, Xb=Xb: torch.einsum("jab,jad->bd", Xb, u.reshape(m, m) @ Xb).reshape(-1)  # noqa: E731
+                terms.append(kronecker_svd(mv, rmv, (m, n), rank, X, self.method, None, self.maxiter, self.tol))
+            U, S, V = (torch.stack(t, 1) for t in zip(*terms))  # [rank, B, ...], S [rank, B]
+        # the sign convention of kronecker_svd, per group and term
+        tu, tv = torch.diagonal(U, dim1=-2, dim2=-1).sum(-1), torch.diagonal(V, dim1=-2, dim2=-1).sum(-1)
+        sign = torch.where(tu.abs() >= tv.abs(), tu, tv).sign()
+        sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+        root = S.clamp_min(0).sqrt() * sign
+        G, A = U * root[..., None, None], V * S.clamp_min(0).sqrt()[..., None, None] * sign[..., None, None]
+        return [[g, a] for g, a in zip(G, A)]
+
     def compute(self, capture: LayerCapture) -> Dict[str, Any]:
         out: Dict[str, Any] = {}
         params, bias_block, block = capture.params, None, None
         if has_summed_params(capture):  # norm layers: exact blocks, one term each
             return self._summed_blocks(capture)
-        if "weight" in params and structure(capture).grouped:
+        grouped = "weight" in params and structure(capture).grouped
+        if grouped and not self.block_form:
             raise NotImplementedError(
                 f"curvlib: {type(self).__name__} does not support the grouped {capture.module} "
-                "yet (its block is block-diagonal over groups, not one Kronecker rearrangement); "
-                "use KFAC (block form) or ExactBlockFisher for it."
+                "yet (KPSVD gives it the block form over the groups); use KPSVD, KFAC (block "
+                "form) or ExactBlockFisher for it."
             )
         xb = capture.per_sample_grads("bias", self.source) if "bias" in params else None
         a = s = None
-        if "weight" in params:
+        if grouped:
+            out["weight"] = self._grouped_terms(params["weight"], capture)
+        elif "weight" in params:
             a, s = capture.act(), capture.cot(self.source)
         a, s, xb = self._join(capture, a, s, xb)
         if xb is not None:  # exact block: a single term
@@ -382,6 +439,8 @@ class KPSVD(KroneckerSVDExtension):
     Shapes, as for :class:`KFAC`: ``G_i`` ``[out, out]``, ``A_i`` ``[in * prod(kernel), ...]``
     for a weight ``[out, in, *kernel]`` (the first factor is over ``p.shape[0]`` for every layer,
     so transposed convolutions get ``[in, in]`` first); the bias block ``G`` is ``[out, out]``.
+    Grouped / depthwise convolutions (``B`` groups) get the block form of DESIGN.md §2,
+    ``[[G_i [B, m, m], A_i [B, n, n]], ...]``: per group, the terms of its diagonal block.
 
     Scaling: the curvature of the loss as the user reduced it (``reduction="mean"`` over ``N``
     samples: ``1/N`` times the sum over samples; ``"sum"``: the sum), for ``"mc"`` averaged over
@@ -432,6 +491,7 @@ class KPSVD(KroneckerSVDExtension):
     """
 
     savefield = "kpsvd"
+    block_form = True
 
     def __init__(
         self,

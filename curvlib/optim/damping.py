@@ -37,6 +37,8 @@ def robust_inverse(
     """
     try:
         return curv.inverse(params, curvs, damping, damping_mode, group), damping
+    except NotImplementedError:  # a structure the solver does not support: no retry helps
+        raise
     except (ValueError, RuntimeError) as first:  # LinAlgError is a RuntimeError
         error = first
     attempts: List[Tuple[str, float]] = []

@@ -133,9 +133,11 @@ class KroneckerInverse:
         self.blocks: Optional[int] = None
         ndims = [f.dim() for t in self.terms for f in t]
         if (len(self.terms) > 1 and nf == {2}) and any(d != 2 for d in ndims):
-            raise ValueError(
+            raise NotImplementedError(
                 "KroneckerInverse: two-term sums need dense 2-D factors; diagonal (1-D) and block "
-                f"([B, m, m]) factors are supported for one term or bias terms, got dims {ndims}."
+                f"([B, m, m]) factors are supported for one term or bias terms, got dims {ndims} "
+                "(e.g. rank-2 KPSVD of a grouped convolution: use one term, KPSVD(rank=1) / "
+                "curvature 'kpsvd', or KFAC's block form for grouped layers)."
             )
         if nf == {2} and (3 in ndims) and ndims != [3, 3]:
             raise ValueError(

@@ -236,6 +236,60 @@ def test_exact_quantities_against_torch_func(case):
             torch.testing.assert_close(p.kpsvd[0][0], block)
 
 
+class TwiceNet(Net):
+    """The attention module called twice before one backward: on ``z`` and on a shorter
+    ``z2`` (one key/value position fewer, so the two calls' query/key row ratios differ)."""
+
+    def forward(self, z):
+        return super().forward(z) + super().forward(0.5 * z[:, 1:])
+
+
+class TwiceSeparate(Separate):
+    """The same two calls through the separate q/k/v/out Linears (each called twice)."""
+
+    def forward(self, z):
+        return super().forward(z) + super().forward(0.5 * z[:, 1:])
+
+
+@pytest.mark.parametrize("case,fisher_type,approx", [
+    (CASES[0], "type-2", "expand"), (CASES[2], "type-2", "expand"), (CASES[3], "mc", "expand"),
+    (CASES[4], "empirical", "expand"), (CASES[5], "type-2", "reduce"), (CASES[1], "empirical", "reduce"),
+])
+def test_module_called_twice_kfac_equals_shared_separate_linears(case, fisher_type, approx):
+    """Calls summed as positions (DESIGN.md §2): block b of the block form == the pair of the
+    separate Linear b called twice (itself checked against curvlinops in test_shared_calls_kfac);
+    in cross-attention the query block averages the L1 + L2 query rows, the key / value blocks
+    the S1 + S2 key rows."""
+    net = TwiceNet(*case)
+    ref = TwiceSeparate(net)
+    x, y = data()
+    torch.testing.assert_close(net(x), ref(x))
+    kw = dict(fisher_type=fisher_type, kfac_approx=approx)
+    kfac(net, x, y, **kw)
+    kfac(ref, x, y, **kw)
+    compare_blocks(net, ref)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[5]])
+def test_module_called_twice_exact_quantities_against_torch_func(case):
+    net = TwiceNet(*case)
+    plain = copy.deepcopy(net)
+    x, y = data()
+    loss_fn = extend(nn.CrossEntropyLoss())
+    extend(net)
+    with curvature(BatchGrad(), ExactBlockFisher(fisher_type="type-2"), DiagGGN(fisher_type="type-2")):
+        loss_fn(net(x), y).backward()
+    ggn = dense_ggn(plain, nn.CrossEntropyLoss(), x, y)
+    psg = per_sample_grads(plain, nn.CrossEntropyLoss(), x, y)
+    params, i = dict(net.named_parameters()), 0
+    for n, q in plain.named_parameters():
+        p, s = params[n], slice(i, i + q.numel())
+        i += q.numel()
+        torch.testing.assert_close(p.grad_batch, psg[n] / N)
+        torch.testing.assert_close(p.block_fisher, ggn[s, s])
+        torch.testing.assert_close(p.diag_ggn, ggn[s, s].diagonal().reshape(p.shape))
+
+
 def clone_pair(m):
     """(extended module, plain copy with the same parameters)."""
     plain = copy.deepcopy(m)

@@ -90,7 +90,7 @@ def test_bias_forms(form):
 
 
 def test_bad_forms_refused():
-    with pytest.raises(ValueError, match="two-term"):
+    with pytest.raises(NotImplementedError, match="two-term"):
         KroneckerInverse([[torch.rand(3), spd(2)], [torch.rand(3), spd(2)]], 0.1)
     with pytest.raises(ValueError, match="block"):
         KroneckerInverse([[spd(2, 3), spd(2)]], 0.1)

@@ -121,6 +121,17 @@ class ProjectionAdapter(LinearAdapter):
         return A
 
 
+    def act_factor_rows(self, module: Projection, x: Tensor, kfac_approx: str) -> Optional[Tensor]:
+        """``[B]``: the rows block ``b``'s ``A`` averages, ``N T_b`` (expand) or ``N`` (reduce),
+        ``T_b`` the positions of the segment feeding block ``b``."""
+        if module.blocks == 1:
+            return None
+        rows = x.new_empty(module.blocks)
+        for T, blocks in module.segments:
+            rows[list(blocks)] = x.shape[0] * (1 if kfac_approx == "reduce" else T)
+        return rows
+
+
 class _Intercept(TorchFunctionMode):
     """Active during one forward of an extended ``nn.MultiheadAttention``: runs
     ``F.multi_head_attention_forward`` with recording projections (module docstring)."""

@@ -90,6 +90,13 @@ class LayerAdapter:
         (then :func:`curvlib.engine.factors.gram_rows` of ``a``)."""
         return None
 
+    def act_factor_rows(self, module: nn.Module, x: Tensor, kfac_approx: str) -> Optional[Tensor]:
+        """For a block-form :meth:`act_factor` whose blocks average different numbers of rows
+        (attention's in_proj in cross-attention: ``N L`` query rows, ``N S`` key rows): the rows
+        of each block, ``[B]``, by which the factors of several calls are averaged; ``None``:
+        every block averages the call's :meth:`act_count` rows (``N`` for reduce)."""
+        return None
+
     def per_sample_weight(self, module: nn.Module, s: Tensor, x: Tensor, out: Tensor) -> Optional[Tensor]:
         """Per-sample weight gradients from ``s`` ``[K, N, T, D_s]`` written to ``out``
         (contiguous, ``K N`` times the weight) without the dense activations, or ``None``
