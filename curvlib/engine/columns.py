@@ -18,13 +18,13 @@ How (measured on CPU, torch 2.13, ``benchmarks/bench_kfac.py`` and
   per column).
 - So the columns go in *chunks* of at most :data:`CHUNK_BYTES` bytes of the largest layer
   output per chunk (``chunk = CHUNK_BYTES // (bytes of one column there)``, at least 1): all
-  ``K`` at once for an MLP; one at a time once a column there exceeds
-  :data:`SINGLE_COLUMN_BYTES` (a CNN: the plain kernels beat the batched ones there; small
-  CNN of ``benchmarks/bench_kfac.py``, 9 columns of 3 MiB, 1 thread: 14 ms one at a time,
-  19 ms in chunks of 2, 25 ms all at once). This also bounds the memory the backward's
-  intermediates take (a chunk's, not all ``K`` columns'); the results are written into one
-  preallocated ``[K, ...]`` tensor per layer (no final concatenation), or folded into
-  column reductions chunk by chunk (:func:`column_chunks`).
+  ``K`` at once for an MLP; one at a time once a column there takes
+  :data:`LARGE_COLUMN_BYTES` (1 MiB) or more (a CNN: each backward then works in cache and the
+  plain kernels beat the batched ones; small CNN of ``benchmarks/bench_kfac.py``, 9 columns of
+  3 MiB, 1 thread: 14 ms one at a time, 19 ms in chunks of 2, 25 ms all at once). This also
+  bounds the memory the backward's intermediates take (a chunk's, not all ``K`` columns'); the
+  results are written into one preallocated ``[K, ...]`` tensor per layer (no final
+  concatenation), or folded into column reductions chunk by chunk (:func:`column_chunks`).
 - A model whose backward cannot be batched at all (``torch.compile``: ``aten::mm.out``
   has no batching rule) goes one column at a time (warned once, remembered per model).
 
@@ -45,8 +45,8 @@ from torch import Tensor, nn
 
 #: bytes of the largest layer output per chunk of columns (module docstring)
 CHUNK_BYTES = 8 * 2**20
-#: a column bigger than this (at the largest layer output) is back-propagated alone
-SINGLE_COLUMN_BYTES = 2**20
+#: columns this large at the largest layer output go one at a time (:func:`column_chunk`)
+LARGE_COLUMN_BYTES = 2**20
 
 #: extended models whose backward has no batching rule for some operation (e.g. the
 #: ``out=`` kernels of ``torch.compile``d graphs): their cotangents go one at a time
@@ -55,10 +55,16 @@ _NO_BATCHING: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 def column_chunk(V: Tensor, shapes: Sequence[Sequence[int]]) -> int:
     """Columns per batched backward: ``CHUNK_BYTES`` over the bytes of one column of the
-    largest of ``V``'s own column and the layer outputs ``shapes`` (at least 1); 1 if that
-    column exceeds ``SINGLE_COLUMN_BYTES``."""
+    largest of ``V``'s own column and the layer outputs ``shapes`` (at least 1); one column
+    at a time once a column there takes :data:`LARGE_COLUMN_BYTES` or more.
+
+    Large columns (convolution activations) gain nothing from the batched backward, whose
+    convolution and max-pool backwards loop over the columns anyway, and lose to one backward
+    per column in cache: on the CG-Newton example's CNN (9 columns of 1.5 MB at the first
+    convolution) a whole CG-Newton step takes 28-32 ms CPU one column at a time, 33-35 ms
+    with all 9 in one batch, 35-39 ms two at a time (``benchmarks/bench_cg_newton.py``)."""
     per_column = max([math.prod(V.shape[1:])] + [math.prod(s) for s in shapes]) * V.element_size()
-    if per_column > SINGLE_COLUMN_BYTES:
+    if per_column >= LARGE_COLUMN_BYTES:
         return 1
     return max(1, CHUNK_BYTES // max(per_column, 1))
 
@@ -156,4 +162,4 @@ def _try_batched(f: Tensor, edges: list, Vc: Tensor, roots: List[nn.Module]) -> 
         return None
 
 
-__all__ = ["backprop_columns", "column_chunks", "column_chunk", "CHUNK_BYTES", "SINGLE_COLUMN_BYTES"]
+__all__ = ["backprop_columns", "column_chunks", "column_chunk", "CHUNK_BYTES", "LARGE_COLUMN_BYTES"]

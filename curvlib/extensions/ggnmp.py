@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from curvlib.engine.capture import LayerCapture
 from curvlib.engine.factors import outer_sum, per_sample_grads, structure
+from curvlib.engine.layers.base import WeightMap
 from curvlib.extensions.base import Extension
 from curvlib.extensions.operator import GGNOperator, ParameterOperator, SumOperator
 
@@ -90,23 +91,33 @@ class LayerFactors:
         self.xb: Optional[Tensor] = None
         self.xw: Optional[Tensor] = None  # a summed weight (norm-layer scale): like a bias
         self.X: Optional[Tensor] = None
+        self.map: Optional[WeightMap] = None  # the layer's own kernels for V a and u a^T
+        self._capture: Optional[LayerCapture] = None
         self._products = 0
-        K = None
+        K, grouped = None, False
         if "weight" in self.params and capture.summed("weight"):
             xw = capture.sum_cot("weight", source).sum(2)  # [K, N, numel]
             K = xw.shape[0]
             self.xw = xw.reshape(-1, xw.shape[-1])
         elif "weight" in self.params:
-            self.a = capture.act()
+            grouped = structure(capture).grouped
+            if not grouped and len(capture.calls) == 1:
+                self.map = capture.adapter.weight_map(capture.module, capture.x)
+            self._capture = capture
             self.s = capture.cot(source)
             K, _, self.T, self.D_s = self.s.shape
             self._s3, self._merged = _flat_view(self.s)  # [K, N, T D_s]
+            if self.map is not None and self._merged != "s t":  # the map's output order
+                self._s3, self._merged = self.s.transpose(2, 3).reshape(K, self.batch_size, -1), "s t"
+            self.D_a = self.params["weight"].numel() // self.D_s
+            if self.map is None:
+                self.a = capture.act()
         if "bias" in self.params:
             xb = capture.bias_cot(source).sum(2)  # [K, N, D_out]
             K = xb.shape[0]
             self.xb = xb.reshape(-1, xb.shape[-1])
         self.num_columns = K
-        if self.s is not None and structure(capture).grouped:
+        if self.s is not None and grouped:
             # grouped convolution: the per-sample gradients are not one outer product sum
             self.X = per_sample_grads(capture, "weight", source).flatten(1)
         elif mode == "materialized" and self.s is not None:
@@ -116,6 +127,8 @@ class LayerFactors:
     def _materialize(self) -> None:
         """``X[(k n), :] = vec(sum_t s_{knt} a_{nt}^T)`` (or its transpose, left side)."""
         K, N, _, D_s = self.s.shape
+        if self.a is None:
+            self.a = self._capture.act()
         out = self.s.new_empty(K * N, D_s * self.a.shape[-1])
         self.X = outer_sum(self.s, self.a, self.orientation, out)
 
@@ -127,7 +140,7 @@ class LayerFactors:
             return False
         K, N, T, D_s = self.s.shape
         self._products += B
-        if K >= T or K * N * D_s * self.a.shape[-1] > self.a.numel() + self.s.numel():
+        if K >= T or K * N * D_s * self.D_a > N * T * self.D_a + self.s.numel():
             return False
         if self._products > K * T / (T - K):
             self._materialize()
@@ -139,10 +152,13 @@ class LayerFactors:
         K, N, T, D_s = self.s.shape
         if self._use_materialized(B):
             return (self.X @ V.reshape(B, -1).T).reshape(K, N, B)
-        a2 = self.a.reshape(-1, self.a.shape[-1])  # [N T, D_a]
-        # all B columns in one GEMM: (V_b a_{nt}) (right) or (V_b^T a_{nt}) (left)
-        Va = self.orientation.weight_times_act(a2, V, D_s)  # [N T, B D_s]
-        Va = rearrange(Va, f"(n t) (b s) -> n b ({self._merged})", n=N, b=B)  # [N, B, T D_s]
+        if self.map is not None:
+            Va = self.map.forward(V)  # [N, B, D_s T]: the layer's kernel on its input
+        else:
+            a2 = self.a.reshape(-1, self.a.shape[-1])  # [N T, D_a]
+            # all B columns in one GEMM: (V_b a_{nt}) (right) or (V_b^T a_{nt}) (left)
+            Va = self.orientation.weight_times_act(a2, V, D_s)  # [N T, B D_s]
+            Va = rearrange(Va, f"(n t) (b s) -> n b ({self._merged})", n=N, b=B)  # [N, B, T D_s]
         sn = self._s3.transpose(0, 1)  # [N, K, T D_s]
         if B <= 4:  # few columns: the row-vector bmm is the fast kernel
             return torch.bmm(Va, sn.transpose(1, 2)).permute(2, 0, 1)
@@ -154,6 +170,8 @@ class LayerFactors:
         if self.X is not None:
             return (c.reshape(K * N, B).T @ self.X).reshape(B, *shape)
         u = torch.bmm(c.permute(1, 2, 0), self._s3.transpose(0, 1))  # [N, B, T D_s] = sum_k c s
+        if self.map is not None:
+            return self.map.backward(u)  # sum_n of the weight gradients of u_n
         a2 = self.a.reshape(-1, self.a.shape[-1])
         m, D_s, o = self._merged, self.D_s, self.orientation
         # sum_{n,t} u a^T in the weight's orientation: [B, D_s, D_a] or [B, D_a, D_s]

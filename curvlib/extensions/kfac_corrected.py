@@ -60,7 +60,7 @@ class KFACCorrected(KroneckerSVDExtension):
             clustered, and in float32 the subtraction ``R v - vec(G) <vec(A), v>`` leaves a noise
             floor near power iteration's ``sqrt(eps)`` tolerance (on the MLP of
             ``benchmarks/bench_kpsvd.py`` power iteration hits ``maxiter``; Lanczos needs ~20 products).
-        maxiter, tol, warm_start: as for :class:`~curvlib.extensions.kpsvd.KPSVD`.
+        maxiter, tol, warm_start, algorithm: as for :class:`~curvlib.extensions.kpsvd.KPSVD`.
 
     Example:
         >>> import torch
@@ -92,8 +92,9 @@ class KFACCorrected(KroneckerSVDExtension):
         maxiter: Optional[int] = None,
         tol: Optional[float] = None,
         warm_start: bool = True,
+        algorithm: str = "auto",
     ):
-        super().__init__(fisher_type, mc_samples, method, maxiter, tol, warm_start)
+        super().__init__(fisher_type, mc_samples, method, maxiter, tol, warm_start, algorithm)
         if kfac_approx not in KFAC_APPROX:
             raise ValueError(f"curvlib: KFACCorrected(kfac_approx={kfac_approx!r}) is not one of {KFAC_APPROX}.")
         self.kfac_approx = kfac_approx
@@ -118,7 +119,7 @@ class KFACCorrected(KroneckerSVDExtension):
     def __repr__(self) -> str:
         return (
             f"KFACCorrected(fisher_type={self.fisher_type!r}, mc_samples={self.mc_samples}, "
-            f"kfac_approx={self.kfac_approx!r}, method={self.method!r})"
+            f"kfac_approx={self.kfac_approx!r}, method={self.method!r}, algorithm={self.algorithm!r})"
         )
 
 

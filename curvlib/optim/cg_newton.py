@@ -4,7 +4,8 @@ Per step and param group (DESIGN.md §2), with ``g = p.grad``:
 
 - ``block_diagonal=True``: one CG per parameter ``p`` on ``(C_pp + λ I) d_p = g_p``, ``C_pp`` the
   exact block of the chosen curvature, applied through its savefield (``p.ggnmp``, ``p.hmp``,
-  ``p.pchmp``);
+  ``p.pchmp``); each block has its own CG scalars, stopping rule and iteration count, and all
+  blocks advance together in one loop (:func:`curvlib.solvers.cg_blocks`);
 - ``block_diagonal=False``: one CG on the whole-network system ``(C + λ I) d = g`` over the
   group's parameters (all blocks and cross-parameter terms, ``ext.operator()``);
 - ``p <- p - lr d_p``; a parameter without curvature (its layer has no adapter) moves by
@@ -35,7 +36,7 @@ with ``damping_mode="exact"``), block by block; it changes the CG path, not the 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -45,7 +46,7 @@ from curvlib.extensions.base import FISHER_TYPES
 from curvlib.extensions.pchmp import PCHMP
 from curvlib.optim import state as st
 from curvlib.optim.preconditioner import CurvatureOptimizer, _Capture, _finite
-from curvlib.solvers import KroneckerInverse, cg
+from curvlib.solvers import CGBlockError, KroneckerInverse, cg, cg_blocks
 
 CG_CURVATURES = ("ggn", "hessian", "pch-abs", "pch-clip")
 
@@ -271,17 +272,17 @@ class CGNewton(CurvatureOptimizer):
         new_state: Dict[Tensor, Dict[str, Any]] = {}
         log: List[Dict[str, Any]] = []
         for gi, group in enumerate(self.param_groups):
-            params, grads, names = [], [], []
-            for i, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                if not _finite(p.grad):
-                    raise FloatingPointError(
-                        f"curvlib.optim.CGNewton: the gradient of {self._name(gi, i, p)} contains NaN or Inf; "
-                        "the step was not taken and parameters and optimizer state are unchanged. Skip this "
-                        "batch (opt.zero_grad()) or lower the learning rate."
-                    )
-                params.append(p), grads.append(p.grad), names.append(self._name(gi, i, p))
+            idx = [i for i, p in enumerate(group["params"]) if p.grad is not None]
+            params = [group["params"][i] for i in idx]
+            grads = [p.grad for p in params]
+            bad = _first_nonfinite(grads)
+            if bad is not None:
+                raise FloatingPointError(
+                    f"curvlib.optim.CGNewton: the gradient of {self._name(gi, idx[bad], params[bad])} contains NaN "
+                    "or Inf; the step was not taken and parameters and optimizer state are unchanged. Skip this "
+                    "batch (opt.zero_grad()) or lower the learning rate."
+                )
+            names = [self._name(gi, i, p) for i, p in zip(idx, params)]
             if not params:
                 continue
             curv_ext = next(e for e in exts if e.savefield == self._extensions(group)[0].savefield)
@@ -290,14 +291,15 @@ class CGNewton(CurvatureOptimizer):
             lam = float(group["damping"])
             dirs: Dict[Tensor, Tensor] = {}
             if group["block_diagonal"]:
+                systems = []  # one CG system per parameter with curvature, solved in one loop
                 for p, g, n in zip(params, grads, names):
                     prod = p.__dict__.get(field)
                     if prod is None:
                         self._warn_plain(n, group["curvature"])
                         continue
-                    A = _damped(self._averaged(lambda v, prod=prod: prod(v.unsqueeze(0)).squeeze(0)), lam)
-                    M = _kfac_inverse(p, lam) if kfac else None
-                    d, info = self._solve(A, g, [p], M, group, n)
+                    A = self._averaged(lambda v, prod=prod: prod(v.unsqueeze(0)).squeeze(0))  # damped by cg_blocks
+                    systems.append((p, g, n, A, _kfac_inverse(p, lam) if kfac else None))
+                for (p, g, n, _, _), (d, info) in zip(systems, self._solve_blocks(systems, group)):
                     dirs[p] = d
                     log.append(_entry(gi, [n], info))
                     new_state[p] = _cg_state(info, d)
@@ -318,21 +320,55 @@ class CGNewton(CurvatureOptimizer):
                         dirs[p] = d
                         new_state[p] = _cg_state(info, d)
             lr = float(group["lr"])
-            for p, g, n in zip(params, grads, names):
-                d = dirs.get(p, g)
-                if not _finite(d):
-                    raise FloatingPointError(
-                        f"curvlib.optim.CGNewton: the Newton direction of {n} contains NaN or Inf; the step was "
-                        "not taken and state is unchanged. Increase damping or skip this batch."
-                    )
-                new_p = p.detach() - lr * d.to(p.dtype)
-                if not _finite(new_p):
-                    raise FloatingPointError(
-                        f"curvlib.optim.CGNewton: the update of {n} is NaN or Inf; the step was not taken and "
-                        "state is unchanged. Lower the learning rate or increase damping."
-                    )
-                new_params[p] = new_p
+            ds = [dirs.get(p, g).to(p.dtype) for p, g in zip(params, grads)]
+            bad = _first_nonfinite(ds)
+            if bad is not None:
+                raise FloatingPointError(
+                    f"curvlib.optim.CGNewton: the Newton direction of {names[bad]} contains NaN or Inf; the step "
+                    "was not taken and state is unchanged. Increase damping or skip this batch."
+                )
+            news = torch._foreach_add([p.detach() for p in params], ds, alpha=-lr)
+            bad = _first_nonfinite(news)
+            if bad is not None:
+                raise FloatingPointError(
+                    f"curvlib.optim.CGNewton: the update of {names[bad]} is NaN or Inf; the step was not taken and "
+                    "state is unchanged. Lower the learning rate or increase damping."
+                )
+            new_params.update(zip(params, news))
         return new_params, new_state, log
+
+    def _solve_blocks(self, systems, group) -> List[Tuple[Tensor, Any]]:
+        """One CG per parameter block (:func:`~curvlib.solvers.cg_blocks`: every block keeps its own
+        CG scalars and stopping rule, all blocks of one dtype and device advance in one loop).
+        ``systems``: ``(p, g, name, A, M)``; returns ``(d, info)`` in that order."""
+        out: List[Any] = [None] * len(systems)
+        kinds: Dict[Any, List[int]] = {}
+        for i, (_, g, _, _, _) in enumerate(systems):
+            kinds.setdefault((g.dtype, g.device), []).append(i)
+        for idx in kinds.values():
+            ps = [systems[i][0] for i in idx]
+            x0 = None
+            if group["warm_start"]:
+                prev = [self.state.get(p, {}).get("direction") for p in ps]
+                x0 = [d if d is not None and d.shape == p.shape else None for d, p in zip(prev, ps)]
+            Ms = [systems[i][4] for i in idx]
+            try:
+                ds, infos = cg_blocks(
+                    [systems[i][3] for i in idx], [systems[i][1] for i in idx], x0=x0, tol=float(group["tol"]),
+                    atol=float(group["atol"]), maxiter=int(group["maxiter"]),
+                    M=Ms if any(m is not None for m in Ms) else None, negative_curvature="stop",
+                    shift=float(group["damping"]),
+                )
+            except CGBlockError as e:
+                if "NaN" in str(e) or "Inf" in str(e):
+                    raise FloatingPointError(
+                        f"curvlib.optim.CGNewton: the {group['curvature']!r} products of {systems[idx[e.block]][2]} "
+                        f"are not finite ({e}); the step was not taken and state is unchanged. Skip this batch."
+                    ) from e
+                raise
+            for i, d, info in zip(idx, ds, infos):
+                out[i] = (d, info)
+        return out
 
     def _solve(self, A, b, params, M, group, where):
         x0 = None
@@ -352,6 +388,20 @@ class CGNewton(CurvatureOptimizer):
                     f"({e}); the step was not taken and state is unchanged. Skip this batch."
                 ) from e
             raise
+
+
+def _first_nonfinite(ts: List[Tensor]) -> Optional[int]:
+    """Index of the first tensor with a NaN or Inf entry (``None``: all finite): one stacked check
+    of the tensors' 1-norms (a non-finite norm, or tensors of mixed dtypes, are then checked one
+    by one, as an overflowing norm of finite entries is possible)."""
+    if not ts:
+        return None
+    try:
+        if bool(torch.isfinite(torch.stack(torch._foreach_norm(ts, 1))).all()):
+            return None
+    except RuntimeError:  # mixed dtypes or devices
+        pass
+    return next((i for i, t in enumerate(ts) if not _finite(t)), None)
 
 
 def _damped(A: Callable, lam: float) -> Callable:

@@ -482,6 +482,12 @@ class CurvatureOptimizer(Optimizer):
             new_solves[gi] = (key, solve)
             for p, c in zip(cparams, sources):
                 pending.setdefault(p, {})["inverse_of"] = c
+            # rank-2 Kronecker inverses of indefinite sums: eigenvalue pairs raised to the damping
+            # floor (KroneckerInverse.clipped; announced once by the solver)
+            for p, part in zip(cparams, solve.parts or []):
+                clipped = getattr(part, "clipped", None)
+                if clipped is not None:
+                    pending[p]["inverse_clipped"] = int(clipped)
             if scheduled:
                 gs["next_inv"] = k + self._interval(group["T_inv"], k, "T_inv")
                 gs["inv_updates"] += 1

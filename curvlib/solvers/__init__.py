@@ -2,9 +2,9 @@
 
 Nothing here imports the engine, the extensions or ``torch.nn``.
 """
-from .cg import CGInfo, cg
+from .cg import CGBlockError, CGInfo, cg, cg_blocks
 from .kronecker_inverse import KroneckerInverse
-from .kronecker_svd import kronecker_svd
+from .kronecker_svd import kronecker_svd, kronecker_svd_gram
 from .lanczos import golub_kahan, lanczos
 from .power import power_iteration_deflation
 from .scipy_bridge import from_scipy, to_scipy
@@ -15,8 +15,11 @@ from .woodbury import heuristic_block_damping, woodbury_solve, woodbury_solve_bl
 __all__ = [
     "KroneckerInverse",
     "kronecker_svd",
+    "kronecker_svd_gram",
     "cg",
+    "cg_blocks",
     "CGInfo",
+    "CGBlockError",
     "lanczos",
     "golub_kahan",
     "power_iteration_deflation",

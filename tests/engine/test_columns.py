@@ -77,11 +77,14 @@ def test_chunked_columns_equal_one_batch(monkeypatch):
 
 def test_column_chunk_size():
     V = torch.zeros(9, 64, 10)
-    big = [(64, 16, 28, 28)]  # 3 MiB per float32 column: one at a time
-    assert columns.column_chunk(V, big) == 1
-    mid = [(64, 512)]  # 128 KiB per column
-    assert columns.column_chunk(V, mid) == columns.CHUNK_BYTES // (64 * 512 * 4)
+    mid = [(64, 16, 14, 14)]  # 0.8 MiB per float32 column: chunks of CHUNK_BYTES
+    assert columns.column_chunk(V, mid) == columns.CHUNK_BYTES // (64 * 16 * 14 * 14 * 4) > 1
+    mlp = [(64, 512)]  # 128 KiB per column
+    assert columns.column_chunk(V, mlp) == columns.CHUNK_BYTES // (64 * 512 * 4)
     assert columns.column_chunk(V, [(64, 10)]) >= 9
+    # columns of 1 MiB or more (the CG-Newton example's first convolution: 1.5 MB): one at a time
+    assert columns.column_chunk(V, [(64, 10, 24, 24)]) == 1
+    assert columns.column_chunk(V, [(64, 16, 28, 28)]) == 1
     assert columns.column_chunk(V, [(10**9,)]) == 1
 
 

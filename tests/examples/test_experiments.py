@@ -102,3 +102,13 @@ def test_exact_ng_deterministic(tmp_path):
     again = read_csv(tmp_path / "b" / "exact_ng.csv")
     key = lambda rs: [(r["method"], r["train_loss"], r["test_metric"]) for r in rs]
     assert key(rows) == key(again)  # seeded and deterministic on CPU
+
+
+def test_readme_demo(tmp_path, capsys):
+    """The README's demo (examples/demo.py): progress, table, PNG, both losses lower; the
+    summary line compares KFAC with Adam."""
+    ex = load("demo")
+    ex.main(tiny(tmp_path, "kfac", "adam", steps=8, batch=32, subset=256))
+    check_outputs(tmp_path, "demo", ["kfac", "adam"])
+    out = capsys.readouterr().out
+    assert "After 1 epochs: KFAC" in out and "Adam" in out

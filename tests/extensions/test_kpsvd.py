@@ -171,7 +171,7 @@ def test_warm_start_same_batch_needs_fewer_products_and_gives_same_terms(method)
     # conv weight: R is 36 x 729, larger than the Lanczos basis (so no exact-by-completion)
     model = extend(nn.Sequential(nn.Conv2d(3, 6, 3), nn.Tanh(), nn.Flatten(), nn.Linear(6 * 16, 3)))
     loss_fn, x, y = extend(nn.CrossEntropyLoss()), torch.randn(8, 3, 6, 6), torch.randint(0, 3, (8,))
-    ext = KPSVD("type-2", rank=2, method=method, maxiter=1000)
+    ext = KPSVD("type-2", rank=2, method=method, maxiter=1000, algorithm="iterative")
     backward(model, loss_fn, x, y, ext)
     first = {id(p): [t.clone() for t in p.kpsvd[0]] for p in model.parameters() if p.dim() > 1}
     prods = dict(ext.products)
@@ -184,7 +184,7 @@ def test_warm_start_same_batch_needs_fewer_products_and_gives_same_terms(method)
             close(torch.kron(*p.kpsvd[0]), torch.kron(*first[id(p)]), first[id(p)][0].abs().max() ** 2)
     # a warm start from another batch converges to the same terms as a cold start
     x2, y2 = torch.randn_like(x), torch.randint(0, 3, y.shape)
-    cold = KPSVD("type-2", rank=2, method=method, maxiter=1000, warm_start=False)
+    cold = KPSVD("type-2", rank=2, method=method, maxiter=1000, warm_start=False, algorithm="iterative")
     for e in (ext, cold):
         model.zero_grad()
         backward(model, loss_fn, x2, y2, e)
@@ -223,5 +223,102 @@ def test_bad_arguments_raise():
         KPSVD(method="svd")
     with pytest.raises(ValueError, match="rank"):
         KPSVD(rank=0)
+    with pytest.raises(ValueError, match="algorithm"):
+        KPSVD(algorithm="qr")
     with pytest.raises(ValueError, match="fisher_type"):
         KPSVD(fisher_type="exact")
+
+
+# ------------------------------------------------------------------ the exact Gram route
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("fisher_type", ["type-2", "empirical"])
+@pytest.mark.parametrize("name", ["mlp", "wide", "seq", "conv1d", "convT2d"])
+def test_gram_route_equals_top_svd_terms_and_the_iterative_route(name, fisher_type, rank):
+    if name == "convT2d" and (fisher_type == "type-2" or rank != 2):
+        pytest.skip("9 positions: 81 Gram columns per sample; one case covers the activation-first layer")
+    model, loss_fn, x, y = setup(name, reduction="sum" if name == "seq" else "mean")
+    if name == "convT2d":
+        x, y = x[:2], y[:2]  # 2 x 81 = 162 Gram columns
+    gram = KPSVD(fisher_type=fisher_type, rank=rank, algorithm="gram")
+    backward(model, loss_fn, x, y, gram)
+    got = {id(p): [[t.clone() for t in term] for term in p.kpsvd] for p in model.parameters()}
+    model.zero_grad()
+    it = KPSVD(fisher_type=fisher_type, rank=rank, method="lanczos", algorithm="iterative", maxiter=2000)
+    backward(model, loss_fn, x, y, it)
+    for F, (pname, p) in zip(exact_blocks(model, loss_fn, x, y, fisher_type), model.named_parameters()):
+        scale = F.abs().max()
+        if p.dim() == 1:  # biases: the exact block, untouched by the route
+            close(got[id(p)][0][0], F, scale, 1e-10)
+            continue
+        assert gram.routes[id(p)] == "gram" and gram.products[id(p)] == 0
+        d0, d1 = p.shape[0], p.numel() // p.shape[0]
+        ref, S = svd_terms(F, d0, d1, rank)
+        terms = got[id(p)]
+        assert len(terms) == rank
+        for (G, A), term in zip(terms, ref):
+            assert G.shape == (d0, d0) and A.shape == (d1, d1)
+            close(torch.kron(G, A), term, scale, 1e-9)
+            torch.testing.assert_close(torch.linalg.matrix_norm(G), torch.linalg.matrix_norm(A))
+        # same factors as the iterative route, signs included where the trace rule decides them
+        # (an antisymmetric pair has zero traces and no defined sign)
+        for (G, A), (Gi, Ai) in zip(terms, p.kpsvd):
+            close(torch.kron(G, A), torch.kron(Gi, Ai), scale, 1e-6)
+            if max(abs(float(torch.trace(M))) / float(torch.linalg.matrix_norm(M)) for M in (G, A)) > 1e-6:
+                close(G, Gi, G.abs().max(), 1e-5)
+                close(A, Ai, A.abs().max(), 1e-5)
+        G1, A1 = terms[0]
+        assert torch.trace(G1) > 0 and torch.trace(A1) > 0
+
+
+def test_gram_route_pads_zero_terms_when_the_batch_has_fewer_columns_than_terms():
+    # one sample, empirical Fisher, T = 1: the block is one Kronecker product; rank 3 -> 2 zero terms
+    model, loss_fn, x, y = setup("mlp")
+    x, y = x[:1], y[:1]
+    ext = KPSVD("empirical", rank=3, algorithm="gram")
+    backward(model, loss_fn, x, y, ext)
+    F = exact_blocks(model, loss_fn, x, y, "empirical")[0]
+    (G1, A1), (G2, A2), (G3, A3) = model[0].weight.kpsvd
+    close(torch.kron(G1, A1), F, F.abs().max(), 1e-10)
+    for M in (G2, A2, G3, A3):
+        assert not M.any()
+
+
+def test_auto_route_picks_gram_for_wide_rank2_linear_and_iterative_otherwise():
+    torch.manual_seed(0)
+    model = extend(nn.Sequential(nn.Linear(120, 100), nn.Tanh(), nn.Linear(100, 3)))
+    loss_fn, x, y = extend(nn.CrossEntropyLoss()), torch.randn(32, 120), torch.randint(0, 3, (32,))
+    backward(model, loss_fn, x, y, KeepBlock())
+    block = model[0].weight.rblock  # 2 x 32 Gram columns (T = 1), working sizes 100 x 32 (compressed)
+    assert block.r == (100, 32) and block.K * block.N == 64
+    assert KPSVD("type-2", rank=2, method="deflation")._route(block, 2) == "gram"
+    assert KPSVD("type-2", rank=2, method="lanczos")._route(block, 2) == "gram"
+    assert KPSVD("type-2", rank=1, method="power")._route(block, 1) == "iterative"
+    assert KPSVD("type-2", rank=1, method="power", algorithm="gram")._route(block, 1) == "gram"
+    # the route taken is recorded
+    ext = KPSVD("type-2", rank=2, method="lanczos")
+    model.zero_grad()
+    backward(model, loss_fn, x, y, ext)
+    assert ext.routes[id(model[0].weight)] == "gram" and ext.products[id(model[0].weight)] == 0
+    # many positions: 8 x 3 x 36^2 Gram columns, over GRAM_MAX_COLUMNS
+    conv = extend(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 36, 3)))
+    backward(conv, loss_fn, torch.randn(8, 3, 8, 8), torch.randint(0, 3, (8,)), KeepBlock())
+    assert KPSVD("type-2", rank=2, method="deflation")._route(conv[0].weight.rblock, 2) == "iterative"
+
+
+def test_kfac_corrected_gram_route_equals_dense_residual_svd():
+    from curvlib.extensions.kfac_corrected import KFACCorrected
+
+    for name in ("mlp", "seq"):
+        model, loss_fn, x, y = setup(name)
+        ext = KFACCorrected("type-2", algorithm="gram")
+        backward(model, loss_fn, x, y, ext)
+        for F, p in zip(exact_blocks(model, loss_fn, x, y, "type-2"), model.parameters()):
+            if p.dim() == 1:
+                continue
+            (G, A), (S, R) = p.kfac_corrected
+            d0, d1 = p.shape[0], p.numel() // p.shape[0]
+            U, Sv, Vh = torch.linalg.svd(rearrange_dense(F - torch.kron(G, A), d0, d1))
+            close(torch.kron(S, R), Sv[0] * torch.kron(U[:, 0].reshape(d0, d0), Vh[0].reshape(d1, d1)), F.abs().max(), 1e-9)
+            assert ext.routes[id(p)] == "gram"

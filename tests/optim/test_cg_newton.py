@@ -184,6 +184,29 @@ def test_non_finite_input_raises_and_changes_nothing(curvature):
     train_step(model, loss_fn, opt, x, y)  # and it carries on
 
 
+@pytest.mark.parametrize("where", ["gradient", "update"])
+def test_non_finite_gradient_or_update_names_the_parameter(where):
+    """The stacked finiteness checks of a step name the first offending parameter; nothing changes."""
+    model, loss_fn = mlp(), extend(nn.CrossEntropyLoss())
+    opt = CGNewton(model.parameters(), lr=LR, damping=0.1)
+    x, y = data()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    loss = loss_fn(model(x), y)
+    with opt.capture():
+        loss.backward()
+    if where == "gradient":
+        list(model.parameters())[2].grad[0, 0] = float("inf")
+        match = "gradient of parameter 2 of param group 0"
+    else:
+        opt.param_groups[0]["lr"] = float("inf")  # set on the group: an infinite update
+        match = "update of parameter 0 of param group 0"
+    with pytest.raises(FloatingPointError, match=match):
+        opt.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
+    assert not opt.state
+
+
 def test_step_without_capture_raises():
     model, loss_fn = mlp(), extend(nn.CrossEntropyLoss())
     opt = CGNewton(model.parameters(), lr=LR)

@@ -154,9 +154,13 @@ def test_errors(gen, spd):
         KroneckerInverse([[G, A]], 0.1, damping_mode="tikhonov")
     with pytest.raises(ValueError, match="one or two"):
         KroneckerInverse([[G, A]] * 3, 0.1)
-    # two terms whose second term makes the sum indefinite
+    # two terms whose second term makes the sum indefinite (clipped by default in "pi")
     with pytest.raises(ValueError, match="non-SPD curvature"):
-        KroneckerInverse([[G, A], [-10 * G, A]], 0.01, damping_mode="pi")
+        KroneckerInverse([[G, A], [-10 * G, A]], 0.01, damping_mode="pi", indefinite="raise")
+    with pytest.raises(ValueError, match="non-SPD curvature"):  # no damping, no floor
+        KroneckerInverse([[G, A], [-10 * G, A]], 0.0, damping_mode="pi")
+    with pytest.raises(ValueError, match="indefinite"):
+        KroneckerInverse([[G, A]], 0.1, indefinite="ignore")
     with pytest.raises(ValueError, match="non-SPD curvature"):
         KroneckerInverse([[G, A], [-10 * G, A]], 0.01, damping_mode="exact")(torch.ones(3, 2, dtype=G.dtype))
 
@@ -209,3 +213,73 @@ def test_bias_inverse_needs_no_eigendecomposition(monkeypatch):
     monkeypatch.undo()
     with pytest.raises(ValueError, match="non-SPD curvature"):
         KroneckerInverse([[G - 10 * torch.eye(5, dtype=torch.float64)]], 0.1)
+
+
+# ---------------------------------------------------------------- indefinite two-term sums
+
+
+def _rank2_kpsvd(seed):
+    """The best rank-2 Kronecker approximation of a PSD block of 3 samples (4 x 3 weight): its
+    second term makes the sum indefinite for this seed (smallest eigenvalue -0.14 of 34)."""
+    from curvlib.solvers.kronecker_svd import kronecker_svd_gram
+
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(3, 1, 4, generator=g, dtype=torch.float64)
+    x1 = torch.randn(3, 1, 3, generator=g, dtype=torch.float64)
+    U, S, V = kronecker_svd_gram(x0, x1, 2)
+    root = S.sqrt()[:, None, None]
+    return [[G, A] for G, A in zip(U * root, V * root)]
+
+
+def test_indefinite_rank2_pi_is_clipped_at_the_damping_floor(gen, monkeypatch):
+    from curvlib.solvers import kronecker_inverse as ki
+
+    monkeypatch.setattr(ki, "_announced", [False])
+    terms, lam = _rank2_kpsvd(1), 1e-3
+    (G1, A1), (G2, A2) = terms
+    assert torch.linalg.eigvalsh(torch.kron(G1, A1) + torch.kron(G2, A2)).min() < -0.1
+    with pytest.raises(ValueError, match="non-SPD curvature"):  # the old behaviour
+        KroneckerInverse(terms, lam, damping_mode="pi", indefinite="raise")
+    with pytest.warns(RuntimeWarning, match="indefinite"):
+        P = KroneckerInverse(terms, lam, damping_mode="pi")
+    assert 0 < P.clipped < 12
+    M = P.damped_matrix()
+    unclipped = torch.kron(P._G1d, P._A1d) + torch.kron(G2, A2)
+    # only raised: M - unclipped is PSD, M is SPD
+    assert torch.linalg.eigvalsh(M - unclipped).min() > -1e-10
+    assert torch.linalg.eigvalsh(M).min() > 0
+    # Rayleigh quotients along every Kronecker eigendirection x_i (x) y_j are >= damping
+    W = torch.kron(P._Qg, P._Qa)
+    q = torch.einsum("ki,kl,li->i", W, M, W) / W.square().sum(0)
+    assert q.min() >= lam * (1 - 1e-3)  # (pairs within 0.1% of the floor count as at it)
+    V = torch.randn(6, 4, 3, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(P(V), dense_solve(M, V), rtol=1e-9, atol=1e-11)
+    # announced once per process
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert KroneckerInverse(terms, lam, damping_mode="pi").clipped == P.clipped
+
+
+def test_psd_rank2_sums_are_not_changed_by_the_floor(gen, spd):
+    V = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    # a PD sum with an indefinite second term
+    G1, A1, G2, A2 = _two_terms(gen, spd)
+    assert torch.linalg.eigvalsh(torch.kron(G1, A1) + torch.kron(G2, A2)).min() > 0
+    assert torch.linalg.eigvalsh(G2).min() < 0 < torch.linalg.eigvalsh(G2).max()
+    # a PSD, singular sum: rank-deficient factors whose null spaces meet (quotients exactly λ there)
+    B = torch.randn(4, 2, generator=gen, dtype=torch.float64)
+    C = torch.randn(3, 2, generator=gen, dtype=torch.float64)
+    S, T = torch.diag(torch.tensor([0.5, -0.3], dtype=torch.float64)), torch.diag(torch.tensor([1.0, 2.0], dtype=torch.float64))
+    singular = [[B @ B.T, C @ C.T], [B @ S @ B.T, C @ T @ C.T]]  # 1 + s t >= 0.4
+    for terms in ([[G1, A1], [G2, A2]], singular):
+        for lam in (1e-6, 0.03):
+            clip = KroneckerInverse(terms, lam, damping_mode="pi")
+            ref = KroneckerInverse(terms, lam, damping_mode="pi", indefinite="raise")
+            assert clip.clipped == 0
+            torch.testing.assert_close(clip(V), ref(V), rtol=0, atol=0)
+            (g1, a1), (g2, a2) = terms
+            pi, s = ref.pi, math.sqrt(lam)
+            M = torch.kron(g1 + s / pi * torch.eye(4, dtype=g1.dtype), a1 + s * pi * torch.eye(3, dtype=a1.dtype)) + torch.kron(g2, a2)
+            torch.testing.assert_close(clip(V), dense_solve(M, V), rtol=1e-7, atol=1e-9 * float(dense_solve(M, V).abs().max()))

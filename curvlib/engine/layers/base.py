@@ -15,7 +15,7 @@ factors, the structure of the block): a new layer is one adapter and no extensio
 """
 from __future__ import annotations
 
-from typing import ClassVar, Optional, Tuple, Type
+from typing import ClassVar, Optional, Protocol, Tuple, Type
 
 from torch import Tensor, nn
 
@@ -103,6 +103,13 @@ class LayerAdapter:
         for the generic ``sum_t s a^T``."""
         return None
 
+    def weight_map(self, module: nn.Module, x: Tensor) -> Optional["WeightMap"]:
+        """The weight's linear map ``V -> layer(x; weight=V, no bias)`` and its transpose through
+        the layer's own kernels (e.g. convolutions), or ``None`` (the default) where products go
+        through the activations ``a`` (:meth:`activations`). Exact GGN products use it to apply a
+        block without forming the unfolded patches (:class:`curvlib.extensions.ggnmp.LayerFactors`)."""
+        return None
+
     def param_cotangents(self, module: nn.Module, name: str, g: Tensor, x: Tensor) -> Tensor:
         """For ``name`` in :attr:`summed_params`: ``g`` ``[K, *output.shape]`` -> ``[K, N, T', numel]``."""
         raise NotImplementedError
@@ -110,3 +117,21 @@ class LayerAdapter:
     def bias_cotangents(self, module: nn.Module, g: Tensor, x: Tensor) -> Tensor:
         """``g`` of shape ``[K, *output.shape]`` -> ``s'`` of shape ``[K, N, T', D_out]``."""
         return self.weight_cotangents(module, g, x)
+
+
+class WeightMap(Protocol):
+    """The linear map of a layer's weight on one batch of inputs ``x`` (:meth:`LayerAdapter.weight_map`).
+
+    With ``D_s T`` the entries of one sample's output in its own memory order (channel-major for
+    convolutions: the order of the raw output cotangents ``[K, N, *output.shape[1:]]`` flattened):
+
+    - ``forward(V)``: ``V [B, *weight.shape]`` -> ``[N, B, D_s T]``, the layer's output without
+      bias for the weights ``V_b`` (``sum_t`` structure: ``s``-side entry ``(o, t)`` is
+      ``(V_b a_{n,t})_o``);
+    - ``backward(U)``: ``U [N, B, D_s T]`` -> ``[B, *weight.shape]``, the weight gradient
+      ``sum_n`` of the output gradients ``U_{n,b}`` (the transpose of ``forward`` summed over ``n``).
+    """
+
+    def forward(self, V: Tensor) -> Tensor: ...
+
+    def backward(self, U: Tensor) -> Tensor: ...

@@ -47,6 +47,55 @@ def unbatched(module: nn.Module, x: Tensor) -> bool:
     return x.ndim == len(module.kernel_size) + 1
 
 
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class ConvWeightMap:
+    """``V -> conv(x; V)`` and its transpose with the convolution kernels (no unfolded patches);
+    see :class:`~curvlib.engine.layers.base.WeightMap`. ``B`` weights go as one convolution with
+    ``B C_out`` output channels, and their gradients as one ``convolution_backward``.
+
+    Padding other than symmetric zeros (``padding_mode`` reflect / replicate / circular,
+    asymmetric ``"same"``) is applied to ``x`` once here, the convolutions then run unpadded.
+    """
+
+    def __init__(self, module: nn.Module, x: Tensor):
+        d = len(module.kernel_size)
+        pad = module._reversed_padding_repeated_twice
+        symmetric = all(pad[i] == pad[i + 1] for i in range(0, len(pad), 2))
+        if module.padding_mode == "zeros" and symmetric:
+            self.padding = [pad[2 * (d - 1 - i)] for i in range(d)]  # pad is last dim first
+        else:
+            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+            x = F.pad(x, pad, mode=mode) if any(pad) else x
+            self.padding = [0] * d
+        self.x = x
+        self.stride, self.dilation = list(module.stride), list(module.dilation)
+        self.shape = tuple(module.weight.shape)
+        self.conv = _CONV[d]
+        k = module.kernel_size
+        self.out_spatial = tuple(
+            (L + 2 * p - dil * (kk - 1) - 1) // st + 1
+            for L, p, dil, kk, st in zip(x.shape[2:], self.padding, self.dilation, k, self.stride)
+        )
+
+    def forward(self, V: Tensor) -> Tensor:
+        B, N = V.shape[0], self.x.shape[0]
+        W = V.reshape(B * self.shape[0], *self.shape[1:])
+        y = self.conv(self.x, W, None, self.stride, self.padding, self.dilation)  # [N, B C_out, *S]
+        return y.view(N, B, -1)
+
+    def backward(self, U: Tensor) -> Tensor:
+        N, B = U.shape[:2]
+        g = U.reshape(N, B * self.shape[0], *self.out_spatial)
+        w = U.new_empty(()).expand(B * self.shape[0], *self.shape[1:])  # only its shape is read
+        gw = torch.ops.aten.convolution_backward(
+            g, self.x, w, None, self.stride, self.padding, self.dilation, False,
+            [0] * len(self.stride), 1, [False, True, False],
+        )[1]
+        return gw.view(B, *self.shape)
+
+
 class ConvAdapter(LayerAdapter):
     module_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
     act_side = "right"
@@ -58,6 +107,11 @@ class ConvAdapter(LayerAdapter):
         if module.groups == 1:
             return None
         return grouped_per_sample(s, self.activations(module, x), module.groups, "right", out)
+
+    def weight_map(self, module: nn.Module, x: Tensor) -> Optional[ConvWeightMap]:
+        if module.groups != 1 or unbatched(module, x):
+            return None
+        return ConvWeightMap(module, x)
 
     def batch_size(self, module: nn.Module, x: Tensor) -> int:
         return 1 if unbatched(module, x) else x.shape[0]
