@@ -56,6 +56,7 @@ class LayerCapture:
         order: increases with the forward order of layer calls.
         backward: index of the ``backward`` call within the ``curvature`` context
             (0, 1, ... for gradient accumulation over micro-batches).
+        reduced: column reductions summed by the engine (:meth:`reduction`).
     """
 
     def __init__(
@@ -70,6 +71,7 @@ class LayerCapture:
         loss_calls: Optional[List[LossCall]] = None,
         order: int = 0,
         backward: int = 0,
+        reduced: Optional[Dict[Any, Dict[str, Tensor]]] = None,
     ):
         if x.numel() == 0:
             raise ValueError(
@@ -88,6 +90,7 @@ class LayerCapture:
         self.loss_calls = loss_calls or []
         self.order = order
         self.backward = backward
+        self.reduced = dict(reduced or {})
         self._act: Optional[Tensor] = None
         self._cot: Dict[Source, Tensor] = {}
         self._bias_cot: Dict[Source, Tensor] = {}
@@ -132,6 +135,13 @@ class LayerCapture:
                 "BCEWithLogitsLoss, NLLLoss), and the model output must feed it."
             ) from None
 
+    def reduction(self, ext: Any, source: Source) -> Optional[Dict[str, Tensor]]:
+        """The sums of ``ext.column_reduction(source)`` over all columns of ``source`` that
+        reached this call, or ``None`` if the engine did not reduce ``source`` for ``ext``
+        (then :meth:`cot` has the columns) or no column reached the call. Single calls only
+        (a :class:`SharedCapture` has one per call: use :attr:`calls`)."""
+        return self.reduced.get((id(ext), source))
+
     @property
     def calls(self) -> List["LayerCapture"]:
         """The captures of the single calls this capture combines (``[self]`` for one call;
@@ -172,6 +182,12 @@ class LayerCapture:
     def act_factor(self, kfac_approx: str) -> Optional[Tensor]:
         """The adapter's structured KFAC activation factor (e.g. 1-D), or ``None``."""
         return self.adapter.act_factor(self.module, self.x, kfac_approx)
+
+    def act_gram(self) -> Tensor:
+        """``sum_{n,t} a a^T`` ``[D_a, D_a]`` of :meth:`act` (the adapter's own kernel where it has
+        one, e.g. convolutions; else :func:`~curvlib.engine.factors.gram_rows`)."""
+        G = self.adapter.act_gram(self.module, self.x, self.act())
+        return factors.gram_rows(self.act()) if G is None else G
 
     def act_factor_rows(self, kfac_approx: str) -> Optional[Tensor]:
         """Rows per block of :meth:`act_factor` when they differ between blocks, else ``None``."""
@@ -268,6 +284,7 @@ class SharedCapture(LayerCapture):
         self._calls = captures
         self.x = None
         self.raw = None
+        self.reduced = {}
         self.empirical_scale = first.empirical_scale
         self.root, self.root_inputs = first.root, first.root_inputs
         self.loss_calls = max((c.loss_calls for c in captures), key=len)
@@ -330,6 +347,9 @@ class SharedCapture(LayerCapture):
 
     def act_rows(self) -> int:
         return sum(c.act_rows() for c in self._calls)
+
+    def act_gram(self) -> Tensor:
+        return factors.gram_rows(self.act())
 
     def act_factor(self, kfac_approx: str) -> Optional[Tensor]:
         return None  # KFAC combines the calls' own factors (see :attr:`calls`)

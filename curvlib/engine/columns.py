@@ -18,11 +18,13 @@ How (measured on CPU, torch 2.13, ``benchmarks/bench_kfac.py`` and
   per column).
 - So the columns go in *chunks* of at most :data:`CHUNK_BYTES` bytes of the largest layer
   output per chunk (``chunk = CHUNK_BYTES // (bytes of one column there)``, at least 1): all
-  ``K`` at once for an MLP, a few at a time for a CNN. This also bounds the memory the
-  backward's intermediates take (a chunk's, not all ``K`` columns'); the results are
-  written into one preallocated ``[K, ...]`` tensor per layer (no final concatenation).
-  Columns of :data:`LARGE_COLUMN_BYTES` (1 MiB) or more there go one at a time, each backward
-  then working in cache (:func:`column_chunk`).
+  ``K`` at once for an MLP; one at a time once a column there takes
+  :data:`LARGE_COLUMN_BYTES` (1 MiB) or more (a CNN: each backward then works in cache and the
+  plain kernels beat the batched ones; small CNN of ``benchmarks/bench_kfac.py``, 9 columns of
+  3 MiB, 1 thread: 14 ms one at a time, 19 ms in chunks of 2, 25 ms all at once). This also
+  bounds the memory the backward's intermediates take (a chunk's, not all ``K`` columns'); the
+  results are written into one preallocated ``[K, ...]`` tensor per layer (no final
+  concatenation), or folded into column reductions chunk by chunk (:func:`column_chunks`).
 - A model whose backward cannot be batched at all (``torch.compile``: ``aten::mm.out``
   has no batching rule) goes one column at a time (warned once, remembered per model).
 
@@ -36,7 +38,7 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
-from typing import List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -67,6 +69,49 @@ def column_chunk(V: Tensor, shapes: Sequence[Sequence[int]]) -> int:
     return max(1, CHUNK_BYTES // max(per_column, 1))
 
 
+def column_chunks(
+    f: Tensor, edges: list, V: Tensor, roots: List[nn.Module], shapes: Sequence[Sequence[int]],
+    chunk: Optional[int] = None,
+) -> Iterator[Tuple[int, List[Optional[Tensor]]]]:
+    """Back-propagate the ``K = V.shape[0]`` cotangents ``V`` ``[K, *f.shape]`` to ``edges``
+    in chunks: yields ``(start, grads)`` per chunk, ``grads`` one ``[c, *shape]`` tensor per
+    edge (``None`` where ``f`` does not depend on it) for the columns ``start .. start + c``.
+
+    ``chunk``: columns per batched backward (default :func:`column_chunk`). A consumer that
+    folds each chunk into its result and drops it (``curvature``'s column reductions) keeps
+    only one chunk of columns alive. The graph is retained. Fallback: module docstring.
+    """
+    K = V.shape[0]
+    batched = K > 1 and not any(r in _NO_BATCHING for r in roots)
+    if not batched:
+        chunk = 1
+    elif chunk is None:
+        chunk = column_chunk(V, shapes)
+    reached = [False] * len(edges)
+    fell_back = False
+    start = 0
+    try:
+        while start < K:
+            Vc = V[start : start + chunk]
+            if Vc.shape[0] > 1:
+                grads = _try_batched(f, edges, Vc, roots)
+                if grads is None:  # no batching rule: one column at a time from here on
+                    chunk, fell_back = 1, True
+                    continue
+                grads = list(grads)
+            else:
+                grads = torch.autograd.grad(f, edges, Vc[0], retain_graph=True, allow_unused=True)
+                grads = [None if g is None else g.unsqueeze(0) for g in grads]
+            for i, g in enumerate(grads):
+                reached[i] = reached[i] or g is not None
+            yield start, grads
+            grads = None  # the consumer may free the chunk before the next one
+            start += Vc.shape[0]
+    finally:
+        if fell_back:  # fell back: remember the models it reached
+            _NO_BATCHING.update(r for r, hit in zip(roots, reached) if hit)
+
+
 def backprop_columns(
     f: Tensor, edges: list, V: Tensor, roots: List[nn.Module], shapes: Sequence[Sequence[int]]
 ) -> tuple:
@@ -78,39 +123,21 @@ def backprop_columns(
         edges: gradient edges of the layer outputs; ``shapes`` their shapes.
         roots: the extended model (or layer) of each edge, for the no-batching memory.
 
-    The graph is retained. Chunks and fallback: module docstring.
+    The graph is retained. Chunks (:func:`column_chunks`) are written into one
+    preallocated ``[K, ...]`` tensor per edge (no final concatenation).
     """
     K = V.shape[0]
-    batched = K > 1 and not any(r in _NO_BATCHING for r in roots)
-    chunk = column_chunk(V, shapes) if batched else 1
     out: List[Optional[Tensor]] = [None] * len(edges)
-    reached = [False] * len(edges)
-    fell_back = False
-    start = 0
-    while start < K:
-        Vc = V[start : start + chunk]
-        grads = None
-        if Vc.shape[0] > 1:
-            grads = _try_batched(f, edges, Vc, roots)
-            if grads is None:  # no batching rule: one column at a time from here on
-                chunk, fell_back = 1, True
-                continue
-        else:
-            grads = torch.autograd.grad(f, edges, Vc[0], retain_graph=True, allow_unused=True)
-            grads = [None if g is None else g.unsqueeze(0) for g in grads]
+    for start, grads in column_chunks(f, edges, V, roots, shapes):
         for i, g in enumerate(grads):
             if g is None:
                 continue
-            reached[i] = True
             if out[i] is None:
                 if g.shape[0] == K:  # everything in one chunk: no copy
                     out[i] = g
                     continue
                 out[i] = g.new_empty((K,) + tuple(g.shape[1:]))
             out[i][start : start + g.shape[0]] = g
-        start += Vc.shape[0]
-    if fell_back:  # fell back: remember the models it reached
-        _NO_BATCHING.update(r for r, hit in zip(roots, reached) if hit)
     return tuple(out)
 
 
@@ -135,4 +162,4 @@ def _try_batched(f: Tensor, edges: list, Vc: Tensor, roots: List[nn.Module]) -> 
         return None
 
 
-__all__ = ["backprop_columns", "column_chunk", "CHUNK_BYTES", "LARGE_COLUMN_BYTES"]
+__all__ = ["backprop_columns", "column_chunks", "column_chunk", "CHUNK_BYTES", "LARGE_COLUMN_BYTES"]

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from curvlib.engine import coupling, state
 from curvlib.engine.capture import LayerCapture, SharedCapture, Source, finite_or_raise
 from curvlib.engine.extension import Extension
-from curvlib.engine.columns import backprop_columns
+from curvlib.engine.columns import backprop_columns, column_chunks
 from curvlib.engine.layers import adapter_for
 from curvlib.engine.losses import loss_adapter_for
 from curvlib.engine.records import LayerCall, LossCall
@@ -115,6 +115,14 @@ class curvature:
         self.generator = generator
         self.check_finite = bool(check_finite)
         self.sources: Set[Source] = set().union(*(e.sources() for e in extensions))
+        #: sources every reader of which sums its columns (``Extension.column_reduction``):
+        #: back-propagated in chunks, reduced and freed (never stored on the captures)
+        self._reducers: Dict[Source, List[Tuple[int, Any]]] = {}
+        for src in self.sources - {"grad", "empirical"}:
+            readers = [e for e in extensions if src in e.sources()]
+            fns = [e.column_reduction(src) for e in readers]
+            if readers and all(fn is not None for fn in fns):
+                self._reducers[src] = [(id(e), fn) for e, fn in zip(readers, fns)]
         self.num_captures = 0
         self.empirical_scale: Optional[float] = None
         #: extended losses reached by the current backward (for extensions that
@@ -157,6 +165,7 @@ class curvature:
         state.ACTIVE = None
         for call in state.TAPE.values():
             call.extra = {}
+            call.reduced = {}
         self.loss_calls = []
         self._in_backward = False
         if exc_type is not None:
@@ -348,15 +357,23 @@ class curvature:
         if not cots or not calls:
             return
         sizes = [S.shape[0] for S in cots]
+        # reduced sources: not when a derived source needs the base columns stored
+        streamed = set() if derived else {k for k in keys if k in self._reducers}
         state.IN_EXTRA_BACKWARD = True
         try:
             roots = [c.root if c.root is not None else c.module for c in calls]
             edges = [found[c.uid] if c.demoted else c.output_edge for c in calls]
-            grads = backprop_columns(
-                f_graph, edges, torch.cat(cots), roots, [c.output_shape for c in calls],
-            )
+            shapes = [c.output_shape for c in calls]
+            if streamed:
+                grads, kept = self._stream_columns(
+                    f_graph, edges, torch.cat(cots), roots, shapes, calls, keys, sizes, streamed
+                )
+            else:
+                grads = backprop_columns(f_graph, edges, torch.cat(cots), roots, shapes)
         finally:
             state.IN_EXTRA_BACKWARD = False
+        if not streamed:
+            kept = {}
         calls = calls + unreached
         grads = _align_calls(calls, list(grads) + [None] * len(unreached))
         widths = dict(zip(keys, sizes))
@@ -366,7 +383,8 @@ class curvature:
         for call, g in zip(calls, grads):
             if g is None:
                 continue
-            parts = dict(zip(keys, g.split(sizes)))
+            ck, cs = kept.get(call.uid, (keys, sizes))  # (reduced calls: the columns kept)
+            parts = dict(zip(ck, g.split(cs)))
             for key, (base, P) in derived.items():  # shared columns = sums of spread ones
                 parts[key] = parts[base].unflatten(0, (-1, P)).sum(1) if P > 1 else parts[base]
             for key, part in parts.items():
@@ -376,6 +394,76 @@ class curvature:
                     continue
                 old = call.extra.get(key)
                 call.extra[key] = part if old is None else torch.cat([old, part])
+
+    def _stream_columns(self, f, edges, V, roots, shapes, calls, keys, sizes, streamed):
+        """Back-propagate the columns ``V`` (blocks ``keys`` of ``sizes`` columns) chunk by chunk
+        (:func:`~curvlib.engine.columns.column_chunks`): the columns of the ``streamed`` sources
+        are folded into each call's column reductions (``call.reduced``) and dropped with their
+        chunk; the others are gathered as before.
+
+        Only calls of a layer with no other call in this backward are reduced (a layer called
+        several times combines its calls' columns before reducing: norm layers' exact blocks
+        sum the calls' per-sample gradients first); the others get all columns.
+
+        Returns ``(grads, kept)``: ``grads`` one ``[K', *shape]`` tensor (or ``None``) per call
+        with the gathered columns; ``kept``: ``call.uid -> (keys, sizes)`` of those columns for
+        the reduced calls (the others: all of ``keys``, ``sizes``)."""
+        bounds, o = [], 0
+        for key, k in zip(keys, sizes):
+            bounds.append((key, o, o + k))
+            o += k
+        single = [self._single_call(c) for c in calls]
+        left = [(key, k0, k1) for key, k0, k1 in bounds if key not in streamed]
+        dest, width = {}, 0
+        for key, k0, k1 in left:
+            dest[key] = width
+            width += k1 - k0
+        out: List[Optional[Tensor]] = [None] * len(calls)
+        for start, grads in column_chunks(f, edges, V, roots, shapes):
+            for i, g in enumerate(grads):
+                if g is None:
+                    continue
+                if not single[i]:  # all columns, as backprop_columns gathers them
+                    if out[i] is None:
+                        out[i] = g.new_empty((o, *g.shape[1:]))
+                    out[i][start : start + g.shape[0]] = g
+                    continue
+                stop = start + g.shape[0]
+                for key, k0, k1 in bounds:
+                    lo, hi = max(k0, start), min(k1, stop)
+                    if lo >= hi:
+                        continue
+                    part = g[lo - start : hi - start]
+                    if key in streamed:
+                        self._reduce(calls[i], key, part)
+                        continue
+                    if out[i] is None:
+                        out[i] = g.new_empty((width, *g.shape[1:]))
+                    d = dest[key] + lo - k0
+                    out[i][d : d + hi - lo] = part
+            grads = g = part = None  # free the chunk before the next one
+        kept = {c.uid: ([k for k, _, _ in left], [k1 - k0 for _, k0, k1 in left]) for c, s in zip(calls, single) if s}
+        return out, kept
+
+    def _single_call(self, call: LayerCall) -> bool:
+        """Whether ``call``'s layer has no other call in this backward (captured or to come)."""
+        module = call.module
+        if module in self._pending:
+            return False
+        others = state.CALLS_OF.get(module, ())
+        return not any(o is not call and o.live and o.in_backward == call.in_backward for o in others)
+
+    def _reduce(self, call: LayerCall, key: Source, part: Tensor) -> None:
+        """Fold a chunk ``part`` ``[c, *output_shape]`` of ``key``'s columns at ``call`` into the
+        call's column reductions (one per reading extension; sums over the chunks)."""
+        cap = LayerCapture(
+            call.module, adapter_for(call.module), call.input, {key: part},
+            self.empirical_scale if self.empirical_scale is not None else 1.0,
+        )
+        for eid, fn in self._reducers[key]:
+            acc = call.reduced.setdefault((eid, key), {})
+            for name, v in fn(cap).items():
+                acc[name] = v if name not in acc else acc[name] + v
 
     def _align_pending(self, calls: List[LayerCall], grads: list, widths: Dict[Source, int]) -> None:
         """Zero columns of this loss for the already captured calls of a layer whose other
@@ -484,6 +572,7 @@ class curvature:
             loss_calls=list(self.loss_calls),
             order=call.uid,
             backward=self.num_backwards - 1,
+            reduced=call.reduced,
         )
         state.TAPE.pop(call.uid, None)
         call.release()

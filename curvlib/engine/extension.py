@@ -12,7 +12,9 @@ combines them with :meth:`Extension.accumulate`.
 from __future__ import annotations
 
 import abc
-from typing import Any, ClassVar, Dict, Optional, Set, Tuple
+from typing import Any, Callable, ClassVar, Dict, Optional, Set, Tuple
+
+from torch import Tensor
 
 from curvlib.engine.capture import LayerCapture, Source
 
@@ -63,6 +65,22 @@ class Extension(abc.ABC):
     ) -> Any:
         """Combine the value ``old`` of the earlier backwards of the context (from ``counts[0]``)
         with this backward's ``new`` (``counts[1]``) for parameter ``name`` of the layer."""
+
+    def column_reduction(self, source: Source) -> Optional[Callable[[LayerCapture], Dict[str, Tensor]]]:
+        """Optional: what :meth:`compute` needs of the cotangent columns of ``source``, if that is
+        a sum over the columns ``k`` (e.g. KFAC's ``G = sum_{k,n,t} s s^T``).
+
+        Return a function of a single-call capture whose ``source`` cotangents hold a *slice*
+        of the columns (any subset of ``k``, all samples) that gives ``{name: tensor}``, such
+        that the values of disjoint slices add up to those of all columns (slices of zero
+        columns give zero). If every extension of the context that reads ``source`` returns
+        one, the engine back-propagates the columns in chunks, folds each chunk into the sums
+        and frees it (the columns of all layers are never alive at once): :meth:`compute` then
+        reads the sums with ``capture.reduction(self, source)`` (per call, see
+        ``capture.calls``) and the captures hold no ``source`` columns. ``None`` (the default):
+        :meth:`compute` gets the columns.
+        """
+        return None
 
     @abc.abstractmethod
     def finish(self) -> None:

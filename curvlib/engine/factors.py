@@ -218,20 +218,32 @@ def gram(x: Tensor) -> Tensor:
     """``x^T x`` for ``x`` of shape ``[M, D]``.
 
     For ``D >= 256`` the upper 2x2 blocks are computed and the lower-left block is
-    mirrored: 3/4 of the flops of one ``matmul`` (~20% faster on CPU for D = 512).
+    mirrored, recursively on the diagonal blocks while they have >= 256 columns: 3/4 of the
+    flops of one ``matmul`` per level (CPU, 1 thread: ``[2304, 512]`` 33 ms full, 27 ms one
+    level, 22 ms two). The blocks are written in place (``mm(out=)`` on views with a leading
+    dimension: no copies but the mirror). With fewer than 128 rows the product is bound by
+    writing the ``D x D`` result, not by flops, and one ``matmul`` is fastest (``[64, 1568]``,
+    the small CNN's Linear: 3.5 ms one matmul, 9 ms halved recursively).
     """
+    M, D = x.shape
+    if D < 256 or M < 128 or not x.is_floating_point() or (x.requires_grad and torch.is_grad_enabled()):
+        return x.T @ x
+    out = x.new_empty(D, D)
+    _gram_into(x, out)
+    return out
+
+
+def _gram_into(x: Tensor, out: Tensor) -> None:
     D = x.shape[1]
     if D < 256:
-        return x.T @ x
+        torch.mm(x.T, x, out=out)
+        return
     h = D // 2
     a, b = x[:, :h], x[:, h:]
-    out = x.new_empty(D, D)
-    out[:h, :h] = a.T @ a
-    ab = a.T @ b
-    out[:h, h:] = ab
-    out[h:, :h] = ab.T
-    out[h:, h:] = b.T @ b
-    return out
+    _gram_into(a, out[:h, :h])
+    torch.mm(a.T, b, out=out[:h, h:])
+    _gram_into(b, out[h:, h:])
+    out[h:, :h] = out[:h, h:].T
 
 
 def gram_rows(x: Tensor) -> Tensor:
@@ -277,6 +289,18 @@ def kfac_act_factor(a: Tensor, kfac_approx: str = "expand", blocks: int = 1) -> 
     return (gram_rows(a) if blocks == 1 else block_gram(a, blocks)).div_(rows)
 
 
+def capture_act_factor(capture: "LayerCapture", kfac_approx: str = "expand", blocks: int = 1) -> Tensor:
+    """``A`` of a capture's weight: the adapter's structured factor (Embedding: 1-D) if it has
+    one, else :func:`kfac_act_factor` of ``capture.act()``; expand with one block takes
+    ``capture.act_gram()`` (the adapter's own Gram kernel, convolutions) over ``N T``."""
+    A = capture.act_factor(kfac_approx)
+    if A is not None:
+        return A
+    if kfac_approx == "expand" and blocks == 1:
+        return capture.act_gram().div_(capture.act_rows())
+    return kfac_act_factor(capture.act(), kfac_approx, blocks)
+
+
 def kfac_weight_factors(capture: "LayerCapture", source: "Source", kfac_approx: str = "expand") -> Tuple[Tensor, Tensor]:
     """``(G, A)`` of the layer's (Kronecker-factored) weight, in the form of its
     :func:`structure`: ``[D_s, D_s], [D_a, D_a]``; ``A`` 1-D for a diagonal activation factor
@@ -284,10 +308,7 @@ def kfac_weight_factors(capture: "LayerCapture", source: "Source", kfac_approx: 
     with ``capture.orientation.pair(G, A)``."""
     B = capture.adapter.blocks(capture.module)
     G = kfac_cot_factor(capture.cot(source), kfac_approx, B)
-    A = capture.act_factor(kfac_approx)  # structured (Embedding: 1-D)
-    if A is None:
-        A = kfac_act_factor(capture.act(), kfac_approx, B)
-    return G, A
+    return G, capture_act_factor(capture, kfac_approx, B)
 
 
 def kfac_summed_factor(capture: "LayerCapture", name: str, source: "Source") -> Tensor:
@@ -360,6 +381,7 @@ __all__ = [
     "KFAC_APPROX",
     "kfac_cot_factor",
     "kfac_act_factor",
+    "capture_act_factor",
     "kfac_weight_factors",
     "kfac_summed_factor",
     "BlockStructure",

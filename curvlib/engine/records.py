@@ -26,6 +26,8 @@ class LayerCall:
             one ``[K, *output_shape]`` tensor per curvature source key.
         root_inputs: ``(args, kwargs)`` of the root's forward call (tensors detached),
             for extensions that re-run the model (HMP); dropped with the call.
+        reduced: column reductions (``Extension.column_reduction``) summed over the chunks of
+            columns back-propagated to this call: ``(id(extension), source) -> {name: tensor}``.
     """
 
     module: nn.Module
@@ -34,6 +36,7 @@ class LayerCall:
     output_edge: object
     output_shape: torch.Size
     extra: Dict[object, Tensor] = field(default_factory=dict)
+    reduced: Dict[object, Dict[str, Tensor]] = field(default_factory=dict)
     #: the model ran another forward before this call was back-propagated: the call is
     #: then owned by its own autograd graph (``hooks._demote``), not by the model, and
     #: ``output_edge`` is found again from the loss (``context._demoted_edges``)
@@ -55,6 +58,7 @@ class LayerCall:
         self.output_edge = None
         self.demoted = False
         self.extra = {}
+        self.reduced = {}
         self.root_inputs = None
 
 

@@ -188,9 +188,53 @@ class KFAC(Extension):
             Gb.append(G)
         return Gw, Gb, A
 
+    def column_reduction(self, source: Source):
+        """``G`` (:meth:`cot_factors`) is a sum over the columns: the engine may back-propagate
+        them in chunks and keep only the sums (not with ``cross_layer``, which needs the
+        columns)."""
+        if self.cross is not None or source != self.source:
+            return None
+        return self.cot_factors
+
+    def cot_factors(self, capture: LayerCapture) -> Dict[str, Tensor]:
+        """The cotangent-side factor of each parameter of a single-call capture: ``G`` of the
+        weight and of the bias (the same tensor when the bias shares the weight's ``s``), the
+        exact ``[G]`` of a norm layer's parameters. Sums over the columns ``k``."""
+        params, src = capture.params, self.source
+        if factors.has_summed_params(capture):
+            return {name: factors.kfac_summed_factor(capture, name, src) for name in params}
+        out: Dict[str, Tensor] = {}
+        B = capture.adapter.blocks(capture.module)
+        if "weight" in params and not capture.summed("weight"):
+            out["weight"] = factors.kfac_cot_factor(capture.cot(src), self.kfac_approx, B)
+        if "bias" in params:
+            sb = capture.bias_cot(src)
+            Bb = capture.adapter.bias_blocks(capture.module)
+            G = out.get("weight")
+            if G is None or sb is not capture.cot(src) or B != Bb:
+                G = factors.kfac_cot_factor(sb, self.kfac_approx, Bb)
+            out["bias"] = G
+        return out
+
+    def _from_reduction(self, capture: LayerCapture, red: Dict[str, Tensor]) -> Dict[str, Any]:
+        """The factors of a single call whose ``G`` the engine summed chunk by chunk."""
+        out: Dict[str, Any] = {}
+        for name in capture.params:
+            if name != "weight" or capture.summed(name):
+                out[name] = [red[name]]
+                continue
+            B = capture.adapter.blocks(capture.module)
+            A = factors.capture_act_factor(capture, self.kfac_approx, B)
+            out[name] = capture.orientation.pair(red[name], A)
+            self.act_index[id(capture.params[name])] = capture.orientation.act_index
+        return out
+
     def compute(self, capture: LayerCapture) -> Dict[str, Any]:
         params, src, out = capture.params, self.source, {}
         G = None
+        red = capture.reduction(self, src) if len(capture.calls) == 1 and self.cross is None else None
+        if red is not None:
+            return self._from_reduction(capture, red)
         if factors.has_summed_params(capture):  # norm layers: exact blocks sum x x^T, x = sum_t s
             if self.cross:
                 raise NotImplementedError(
@@ -220,9 +264,7 @@ class KFAC(Extension):
                 B = c.adapter.blocks(c.module)  # block form (grouped conv, attention)
                 Gc = factors.kfac_cot_factor(c.cot(src), self.kfac_approx, B)
                 Gw.append(Gc)
-                Ac = c.act_factor(self.kfac_approx)  # structured (Embedding: 1-D)
-                if Ac is None:
-                    Ac = factors.kfac_act_factor(c.act(), self.kfac_approx, B)
+                Ac = factors.capture_act_factor(c, self.kfac_approx, B)  # Embedding: 1-D
                 n = c.act_factor_rows(self.kfac_approx)  # rows per block where they differ
                 if n is None:
                     n = c.batch_size if self.kfac_approx == "reduce" else c.act_rows()

@@ -79,6 +79,8 @@ def test_column_chunk_size():
     V = torch.zeros(9, 64, 10)
     mid = [(64, 16, 14, 14)]  # 0.8 MiB per float32 column: chunks of CHUNK_BYTES
     assert columns.column_chunk(V, mid) == columns.CHUNK_BYTES // (64 * 16 * 14 * 14 * 4) > 1
+    mlp = [(64, 512)]  # 128 KiB per column
+    assert columns.column_chunk(V, mlp) == columns.CHUNK_BYTES // (64 * 512 * 4)
     assert columns.column_chunk(V, [(64, 10)]) >= 9
     # columns of 1 MiB or more (the CG-Newton example's first convolution: 1.5 MB): one at a time
     assert columns.column_chunk(V, [(64, 10, 24, 24)]) == 1

@@ -84,6 +84,12 @@ class LayerAdapter:
         activations, or ``None`` for the generic ``a^T a`` (see :mod:`curvlib.extensions.kfac`)."""
         return None
 
+    def act_gram(self, module: nn.Module, x: Tensor, a: Tensor) -> Optional[Tensor]:
+        """``sum_{n,t} a_{n,t} a_{n,t}^T`` ``[D_a, D_a]`` of the activations ``a`` (= ``activations(x)``)
+        by a kernel of the layer's own that is faster than the Gram matrix of ``a``, or ``None``
+        (then :func:`curvlib.engine.factors.gram_rows` of ``a``)."""
+        return None
+
     def act_factor_rows(self, module: nn.Module, x: Tensor, kfac_approx: str) -> Optional[Tensor]:
         """For a block-form :meth:`act_factor` whose blocks average different numbers of rows
         (attention's in_proj in cross-attention: ``N L`` query rows, ``N S`` key rows): the rows

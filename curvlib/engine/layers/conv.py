@@ -126,6 +126,37 @@ class ConvAdapter(LayerAdapter):
             module.padding_mode,
         )
 
+    def act_gram(self, module: nn.Module, x: Tensor, a: Tensor) -> Optional[Tensor]:
+        """``sum_{n,t} a a^T`` as one weight-gradient kernel: with the patches ``a`` as the
+        output gradient of a convolution ``[C k, C, *k]`` of ``x`` (the layer's stride, padding,
+        dilation), the weight gradient ``sum_{n,t} a_{n,t}[o] patch_{n,t}[(c, q)]`` is the Gram
+        matrix. Same flops, but one tuned kernel instead of many small matrix products (3x
+        faster than ``bmm`` on a 16-channel 3x3 conv on CPU). Ungrouped convolutions only."""
+        if module.groups != 1 or not x.is_floating_point():
+            return None
+        if unbatched(module, x):
+            x = x.unsqueeze(0)
+        d = len(module.kernel_size)
+        pad = module._reversed_padding_repeated_twice
+        if module.padding_mode == "zeros" and all(pad[i] == pad[i + 1] for i in range(0, len(pad), 2)):
+            padding = [pad[2 * (d - 1 - i)] for i in range(d)]
+        else:  # asymmetric ("same" with even kernels) or non-zero padding: pad first
+            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+            x, padding = F.pad(x, pad, mode=mode), [0] * d
+        N, T, D = a.shape
+        out_size = [
+            (x.shape[2 + i] + 2 * padding[i] - module.dilation[i] * (module.kernel_size[i] - 1) - 1)
+            // module.stride[i] + 1
+            for i in range(d)
+        ]
+        gout = a.transpose(1, 2).reshape(N, D, *out_size)  # a view for the unfold's layout
+        weight = x.new_empty((D, x.shape[1], *module.kernel_size))
+        _, gw, _ = torch.ops.aten.convolution_backward(
+            gout, x, weight, None, list(module.stride), padding, list(module.dilation),
+            False, [0] * d, 1, [False, True, False],
+        )
+        return gw.reshape(D, D)
+
     def weight_cotangents(self, module: nn.Module, g: Tensor, x: Tensor) -> Tensor:
         if unbatched(module, x):
             g = g.unsqueeze(1)
