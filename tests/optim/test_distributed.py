@@ -303,14 +303,31 @@ def _worker(rank, tmp, names):
     try:
         for fn in CASES:
             if fn.__name__ in names:
+                with open(os.path.join(tmp, f"rank{rank}.case"), "w") as f:
+                    f.write(fn.__name__)
                 fn(rank, tmp)
                 dist.barrier()
+    except BaseException:
+        import traceback
+
+        with open(os.path.join(tmp, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
     finally:
         dist.destroy_process_group()
 
 
 def test_two_processes_equal_one(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path), [f.__name__ for f in CASES]), nprocs=W, join=True)
+    try:
+        mp.spawn(_worker, args=(str(tmp_path), [f.__name__ for f in CASES]), nprocs=W, join=True)
+    except Exception as e:  # a rank that failed makes the other abort: report what each was doing
+        report = []
+        for r in range(W):
+            case = tmp_path / f"rank{r}.case"
+            err = tmp_path / f"rank{r}.err"
+            report.append(f"rank {r} in {case.read_text() if case.exists() else '?'}: "
+                          + (err.read_text() if err.exists() else "no Python exception (killed or aborted)"))
+        raise AssertionError(f"{e}\n" + "\n".join(report)) from e
 
 
 def test_pack_unpack_and_assign():
