@@ -360,11 +360,7 @@ class CGNewton(CurvatureOptimizer):
                     shift=float(group["damping"]),
                 )
             except CGBlockError as e:
-                if "NaN" in str(e) or "Inf" in str(e):
-                    raise FloatingPointError(
-                        f"curvlib.optim.CGNewton: the {group['curvature']!r} products of {systems[idx[e.block]][2]} "
-                        f"are not finite ({e}); the step was not taken and state is unchanged. Skip this batch."
-                    ) from e
+                _raise_if_nonfinite(e, group, systems[idx[e.block]][2])
                 raise
             for i, d, info in zip(idx, ds, infos):
                 out[i] = (d, info)
@@ -382,12 +378,18 @@ class CGNewton(CurvatureOptimizer):
                 M=M, negative_curvature="stop",
             )
         except ValueError as e:
-            if "NaN" in str(e) or "Inf" in str(e):
-                raise FloatingPointError(
-                    f"curvlib.optim.CGNewton: the {group['curvature']!r} products of {where} are not finite "
-                    f"({e}); the step was not taken and state is unchanged. Skip this batch."
-                ) from e
+            _raise_if_nonfinite(e, group, where)
             raise
+
+
+def _raise_if_nonfinite(e: Exception, group: dict, where: str) -> None:
+    """A CG error caused by non-finite products (the solvers name NaN / Inf) as the optimizer's
+    ``FloatingPointError``; other errors are left to the caller to re-raise."""
+    if "NaN" in str(e) or "Inf" in str(e):
+        raise FloatingPointError(
+            f"curvlib.optim.CGNewton: the {group['curvature']!r} products of {where} are not finite "
+            f"({e}); the step was not taken and state is unchanged. Skip this batch."
+        ) from e
 
 
 def _first_nonfinite(ts: List[Tensor]) -> Optional[int]:
