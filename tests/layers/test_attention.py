@@ -145,17 +145,20 @@ KFAC_CASES = [(c, "type-2", "expand") for c in CASES] + [
 ]
 
 
-@pytest.mark.parametrize("case,fisher_type,approx", KFAC_CASES)
-def test_kfac_block_form_equals_separate_linears(case, fisher_type, approx):
-    kind, bf, kdim, bias, causal = case
-    net = Net(kind, bf, kdim, bias, causal)
-    ref = Separate(net)
+def check_block_form(net, ref, fisher_type, approx):
+    """Same outputs, then KFAC of ``net``'s attention in the block form == ``ref``'s Linears."""
     x, y = data()
     torch.testing.assert_close(net(x), ref(x))
     kw = dict(fisher_type=fisher_type, kfac_approx=approx)
     kfac(net, x, y, **kw)
     kfac(ref, x, y, **kw)
     compare_blocks(net, ref)
+
+
+@pytest.mark.parametrize("case,fisher_type,approx", KFAC_CASES)
+def test_kfac_block_form_equals_separate_linears(case, fisher_type, approx):
+    net = Net(*case)
+    check_block_form(net, Separate(net), fisher_type, approx)
 
 
 @pytest.mark.parametrize("case,fisher_type,approx", [
@@ -194,9 +197,12 @@ def rearranged(F_, d0, d1):
     return rearrange(F_, "(i a) (k b) -> (i k) (a b)", i=d0, a=d1, k=d0, b=d1)
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[5]])
-def test_exact_quantities_against_torch_func(case):
-    net = Net(*case)
+@pytest.mark.parametrize("case,make", [(CASES[0], Net), (CASES[3], Net), (CASES[5], Net),
+                                       (CASES[0], "twice"), (CASES[5], "twice")])
+def test_exact_quantities_against_torch_func(case, make):
+    """Every exact extension against dense torch.func; ``"twice"``: the module called twice
+    before one backward (:class:`TwiceNet`, defined below)."""
+    net = (TwiceNet if make == "twice" else make)(*case)
     plain = copy.deepcopy(net)  # references run on a copy without hooks
     x, y = data()
     loss_fn = extend(nn.CrossEntropyLoss())
@@ -261,33 +267,7 @@ def test_module_called_twice_kfac_equals_shared_separate_linears(case, fisher_ty
     in cross-attention the query block averages the L1 + L2 query rows, the key / value blocks
     the S1 + S2 key rows."""
     net = TwiceNet(*case)
-    ref = TwiceSeparate(net)
-    x, y = data()
-    torch.testing.assert_close(net(x), ref(x))
-    kw = dict(fisher_type=fisher_type, kfac_approx=approx)
-    kfac(net, x, y, **kw)
-    kfac(ref, x, y, **kw)
-    compare_blocks(net, ref)
-
-
-@pytest.mark.parametrize("case", [CASES[0], CASES[5]])
-def test_module_called_twice_exact_quantities_against_torch_func(case):
-    net = TwiceNet(*case)
-    plain = copy.deepcopy(net)
-    x, y = data()
-    loss_fn = extend(nn.CrossEntropyLoss())
-    extend(net)
-    with curvature(BatchGrad(), ExactBlockFisher(fisher_type="type-2"), DiagGGN(fisher_type="type-2")):
-        loss_fn(net(x), y).backward()
-    ggn = dense_ggn(plain, nn.CrossEntropyLoss(), x, y)
-    psg = per_sample_grads(plain, nn.CrossEntropyLoss(), x, y)
-    params, i = dict(net.named_parameters()), 0
-    for n, q in plain.named_parameters():
-        p, s = params[n], slice(i, i + q.numel())
-        i += q.numel()
-        torch.testing.assert_close(p.grad_batch, psg[n] / N)
-        torch.testing.assert_close(p.block_fisher, ggn[s, s])
-        torch.testing.assert_close(p.diag_ggn, ggn[s, s].diagonal().reshape(p.shape))
+    check_block_form(net, TwiceSeparate(net), fisher_type, approx)
 
 
 def clone_pair(m):
