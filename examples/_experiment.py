@@ -96,6 +96,15 @@ class Method:
     epochs: Optional[int] = None
 
 
+def natural_gradient(hyper: Dict[str, Any], text: str, **fields: Any) -> Method:
+    """A :class:`Method` training with ``curvlib.optim.NaturalGradient(params, seed=0, **hyper)``
+    (``hyper`` includes ``curvature``); ``text``: its hyper-parameters as the table shows them;
+    ``fields``: further :class:`Method` fields (e.g. ``epochs``)."""
+    from curvlib.optim import NaturalGradient
+
+    return Method(lambda model: NaturalGradient(model.parameters(), seed=0, **hyper), hyper=text, **fields)
+
+
 @dataclass
 class Run:
     method: str

@@ -30,7 +30,6 @@ import _experiment as E  # noqa: E402
 from exp_autoencoder import make_autoencoder  # noqa: E402
 
 from curvlib import extend  # noqa: E402
-from curvlib.optim import NaturalGradient  # noqa: E402
 
 NAME = "demo"
 #: KFAC: MC Fisher (one sampled target per pixel), factors refreshed every 5 steps, inverses every
@@ -47,8 +46,7 @@ ADAM_LR = 3e-3
 def methods(kfac_epochs: Optional[int] = None) -> Dict[str, E.Method]:
     kfac_hyper = ", ".join(f"{k} {v}" for k, v in KFAC.items() if k not in ("curvature", "damping_mode"))
     return {
-        "kfac": E.Method(lambda m: NaturalGradient(m.parameters(), seed=0, **KFAC), hyper=kfac_hyper,
-                         epochs=kfac_epochs),
+        "kfac": E.natural_gradient(KFAC, kfac_hyper, epochs=kfac_epochs),
         "adam": E.Method(lambda m: torch.optim.Adam(m.parameters(), lr=ADAM_LR), hyper=f"lr {ADAM_LR:g}"),
     }
 

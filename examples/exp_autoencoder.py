@@ -34,7 +34,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _experiment as E  # noqa: E402
 
 from curvlib import extend  # noqa: E402
-from curvlib.optim import NaturalGradient  # noqa: E402
 
 NAME = "autoencoder"
 #: the paper's final training losses (full MNIST, 200 epochs, Koroko et al. 2022)
@@ -69,10 +68,9 @@ def make_autoencoder(dims=(784, 1000, 500, 250, 30)) -> nn.Module:
 
 def curvlib_method(curvature: str, lr: float, damping: float, clip: float = 0.01, **extra) -> E.Method:
     """NaturalGradient at the paper's (lr, damping, clip), converted by :func:`paper_hyper`."""
-    hyper = dict(CURV, **paper_hyper(lr, damping, clip), **extra)
-    return E.Method(
-        lambda model: NaturalGradient(model.parameters(), curvature=curvature, seed=0, **hyper),
-        hyper=f"paper lr {lr:g}, damping {damping:g}, clip {clip:g}; T_cov {hyper['T_cov']}, T_inv {hyper['T_inv']}",
+    hyper = dict(CURV, curvature=curvature, **paper_hyper(lr, damping, clip), **extra)
+    return E.natural_gradient(
+        hyper, f"paper lr {lr:g}, damping {damping:g}, clip {clip:g}; T_cov {hyper['T_cov']}, T_inv {hyper['T_inv']}"
     )
 
 

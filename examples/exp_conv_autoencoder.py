@@ -27,7 +27,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _experiment as E  # noqa: E402
 
 from curvlib import extend  # noqa: E402
-from curvlib.optim import NaturalGradient  # noqa: E402
 
 NAME = "conv_autoencoder"
 CURV = dict(lr=0.01, damping=1e-3, damping_mode="pi", fisher_type="mc", momentum=0.9, ema_decay=0.95,
@@ -44,9 +43,8 @@ def make_conv_autoencoder() -> nn.Module:
 
 
 def curvlib_method(curvature: str, **extra) -> E.Method:
-    hyper = dict(CURV, **extra)
-    return E.Method(lambda model: NaturalGradient(model.parameters(), curvature=curvature, seed=0, **hyper),
-                    hyper=", ".join(f"{k} {hyper[k]:g}" for k in ("lr", "damping", "kl_clip", "T_cov", "T_inv")))
+    hyper = dict(CURV, curvature=curvature, **extra)
+    return E.natural_gradient(hyper, ", ".join(f"{k} {hyper[k]:g}" for k in ("lr", "damping", "kl_clip", "T_cov", "T_inv")))
 
 
 def methods() -> Dict[str, E.Method]:

@@ -31,7 +31,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _experiment as E  # noqa: E402
 
 from curvlib import extend  # noqa: E402
-from curvlib.optim import NaturalGradient  # noqa: E402
 
 NAME = "exact_ng"
 CURV = dict(lr=0.1, damping=1e-2, damping_mode="exact", fisher_type="type-2", T_cov=1, T_inv=1, ema_decay=0.0)
@@ -57,9 +56,8 @@ def make_mlp() -> nn.Module:
 
 
 def curvlib_method(curvature: str, **extra) -> E.Method:
-    hyper = dict(CURV, **extra)
-    return E.Method(lambda model: NaturalGradient(model.parameters(), curvature=curvature, seed=0, **hyper),
-                    hyper=f"lr {hyper['lr']:g}, damping {hyper['damping']:g}, {hyper['fisher_type']}")
+    hyper = dict(CURV, curvature=curvature, **extra)
+    return E.natural_gradient(hyper, f"lr {hyper['lr']:g}, damping {hyper['damping']:g}, {hyper['fisher_type']}")
 
 
 def methods() -> Dict[str, E.Method]:

@@ -37,7 +37,6 @@ import exp_autoencoder as AE  # noqa: E402
 import exp_cnn as CNN  # noqa: E402
 
 from curvlib import extend  # noqa: E402
-from curvlib.optim import NaturalGradient  # noqa: E402
 
 SPACES = ("nicolaides", "residual", "spectral", "tpselepedis")
 INTERVALS = dict(T_cov=1, T_inv=10)
@@ -74,8 +73,7 @@ def methods(model: str, lr: Optional[float] = None) -> Dict[str, E.Method]:
                          coarse_form="multiplicative" if name.endswith("-mult") else "additive")
         h = dict(hyper, **extra)
         clip = f", kl_clip {h['kl_clip']:.3g}" if h.get("kl_clip") else ""
-        out[name] = E.Method(lambda m, h=h: NaturalGradient(m.parameters(), seed=0, **h),
-                             hyper=f"lr {h['lr']:.3g}, damping {h['damping']:.3g}{clip}, T_cov 1, T_inv 10")
+        out[name] = E.natural_gradient(h, f"lr {h['lr']:.3g}, damping {h['damping']:.3g}{clip}, T_cov 1, T_inv 10")
     return out
 
 
