@@ -67,7 +67,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from curvlib.engine.capture import LayerCapture, Source
 from curvlib.engine.factors import Orientation, gram, has_summed_params, orientation, structure
 from curvlib.extensions.base import Extension
-from curvlib.solvers.kronecker_svd import METHODS, gram_svd_flops, kronecker_svd, kronecker_svd_gram
+from curvlib.solvers.kronecker_svd import METHODS, gram_svd_flops, kronecker_svd, kronecker_svd_gram, signed_terms
 
 FORMS = ("auto", "factored", "grads")
 #: how the singular triplets are found: ``"gram"`` (exact, from the ``M T^2``-column Grams,
@@ -448,7 +448,7 @@ class KroneckerSVDExtension(Extension):
             U, S, Vh = torch.linalg.svd(R, full_matrices=False)
             U = rearrange(U[..., :rank], "b (i k) r -> r b i k", i=m)
             V = rearrange(Vh[:, :rank], "b r (a c) -> r b a c", a=n)
-            S = S[:, :rank].T  # [rank, B]
+            U, S, V = signed_terms(U, S[:, :rank].T, V, rank)  # signed as kronecker_svd's; S [rank, B]
         else:
             terms = []
             for b in range(B):  # large blocks: few groups
@@ -457,13 +457,8 @@ class KroneckerSVDExtension(Extension):
                 rmv = lambda u, Xb=Xb: torch.einsum("jab,jad->bd", Xb, u.reshape(m, m) @ Xb).reshape(-1)  # noqa: E731
                 terms.append(kronecker_svd(mv, rmv, (m, n), rank, X, self.method, None, self.maxiter, self.tol))
             U, S, V = (torch.stack(t, 1) for t in zip(*terms))  # [rank, B, ...], S [rank, B]
-        # the sign convention of kronecker_svd, per group and term
-        tu, tv = torch.diagonal(U, dim1=-2, dim2=-1).sum(-1), torch.diagonal(V, dim1=-2, dim2=-1).sum(-1)
-        sign = torch.where(tu.abs() >= tv.abs(), tu, tv).sign()
-        sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-        root = S.clamp_min(0).sqrt() * sign
-        G, A = U * root[..., None, None], V * S.clamp_min(0).sqrt()[..., None, None] * sign[..., None, None]
-        return [[g, a] for g, a in zip(G, A)]
+        root = S.clamp_min(0).sqrt()[..., None, None]
+        return [[g, a] for g, a in zip(U * root, V * root)]
 
     def compute(self, capture: LayerCapture) -> Dict[str, Any]:
         out: Dict[str, Any] = {}

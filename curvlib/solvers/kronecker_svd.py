@@ -99,22 +99,23 @@ def kronecker_svd(
         U, S, V = power_iteration_deflation(matvec, rmatvec, x0, k, maxiter=200 if maxiter is None else maxiter, tol=tol)
     U = rearrange(U, "(a b) k -> k a b", a=r0)
     V = rearrange(V, "(a b) k -> k a b", a=r1)
-    return _finish(U, S.to(dt), V, rank)
+    return signed_terms(U, S.to(dt), V, rank)
 
 
-def _finish(U: Tensor, S: Tensor, V: Tensor, rank: int) -> Tuple[Tensor, Tensor, Tensor]:
+def signed_terms(U: Tensor, S: Tensor, V: Tensor, rank: int) -> Tuple[Tensor, Tensor, Tensor]:
     """Joint signs (module docstring) and zero padding of ``k <= rank`` triplets
-    ``(U [k, r0, r0], S [k], V [k, r1, r1])`` to ``rank``."""
-    k, r0, r1 = U.shape[0], U.shape[-1], V.shape[-1]
-    tu, tv = torch.diagonal(U, dim1=1, dim2=2).sum(1), torch.diagonal(V, dim1=1, dim2=2).sum(1)
+    ``(U [k, *, r0, r0], S [k, *], V [k, *, r1, r1])`` to ``rank`` (``*``: optional batch
+    dimensions, e.g. the groups of a grouped layer, each signed on its own)."""
+    k = U.shape[0]
+    tu, tv = torch.diagonal(U, dim1=-2, dim2=-1).sum(-1), torch.diagonal(V, dim1=-2, dim2=-1).sum(-1)
     sign = torch.where(tu.abs() >= tv.abs(), tu, tv).sign()
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    U, V = U * sign[:, None, None], V * sign[:, None, None]
+    U, V = U * sign[..., None, None], V * sign[..., None, None]
     if k < rank:  # R has fewer than `rank` nonzero singular values
         pad = rank - k
-        U = torch.cat([U, U.new_zeros(pad, r0, r0)])
-        V = torch.cat([V, V.new_zeros(pad, r1, r1)])
-        S = torch.cat([S, S.new_zeros(pad)])
+        U = torch.cat([U, U.new_zeros(pad, *U.shape[1:])])
+        V = torch.cat([V, V.new_zeros(pad, *V.shape[1:])])
+        S = torch.cat([S, S.new_zeros(pad, *S.shape[1:])])
     return U, S, V
 
 
@@ -189,7 +190,7 @@ def kronecker_svd_gram(
     if k == 0:
         U = torch.zeros(0, r0, r0, dtype=dt, device=dev)
         V = torch.zeros(0, r1, r1, dtype=dt, device=dev)
-        return _finish(U, torch.zeros(0, dtype=dt, device=dev), V, rank)
+        return signed_terms(U, torch.zeros(0, dtype=dt, device=dev), V, rank)
     S = mu[:k].sqrt()
     c1 = w[:, None] * (F0 @ Lh[:, :k]) / S  # right: K0^{1/2} l_i = F0 Lh_i
     c0 = w[:, None] * (K1 @ c1) / S  # left: u_i = R v_i / s_i = U W K1 c1_i / s_i
@@ -199,7 +200,7 @@ def kronecker_svd_gram(
     nu = torch.linalg.vector_norm(U, dim=(1, 2), dtype=torch.float64)
     nv = torch.linalg.vector_norm(V, dim=(1, 2), dtype=torch.float64)
     U, V, S = U / nu.to(U.dtype)[:, None, None], V / nv.to(V.dtype)[:, None, None], S * nu * nv
-    return _finish(U.to(dt), S.to(dt), V.to(dt), rank)
+    return signed_terms(U.to(dt), S.to(dt), V.to(dt), rank)
 
 
 def gram_svd_flops(M: int, T: int, r0: int, r1: int, rank: int) -> float:
@@ -280,4 +281,4 @@ def _cast(fn: Callable[[Tensor], Tensor], dt: torch.dtype) -> Callable[[Tensor],
     return lambda x: fn(x.to(dt)).to(x.dtype)
 
 
-__all__ = ["kronecker_svd", "kronecker_svd_gram", "gram_svd_flops", "METHODS"]
+__all__ = ["kronecker_svd", "kronecker_svd_gram", "gram_svd_flops", "signed_terms", "METHODS"]
