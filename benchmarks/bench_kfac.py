@@ -13,7 +13,7 @@ import warnings
 import torch
 from torch import nn
 
-from common import interleaved_medians, model_copies, peak_memories, table
+from common import backward_fn, curvlinops_kfac_fn, interleaved_medians, model_copies, peak_memories, table
 
 warnings.filterwarnings("ignore")
 
@@ -33,7 +33,6 @@ def cnn():
 def setup(make_model, x, y):
     from backpack import backpack
     from backpack.extensions import KFAC as BPKFAC, KFLR as BPKFLR
-    from curvlinops import KFACLinearOperator
 
     import curvlib
     from curvlib.extensions import KFAC
@@ -44,31 +43,16 @@ def setup(make_model, x, y):
     cl_model.load_state_dict(ours.state_dict())
     params = [p for p in cl_model.parameters()]
 
-    def run_plain():
-        plain.zero_grad()
-        plain_loss(plain(x), y).backward()
+    run_plain = backward_fn(plain, plain_loss, x, y)
 
     def run_ours(ft):
-        def fn():
-            ours.zero_grad()
-            loss = ours_loss(ours(x), y)
-            with curvlib.curvature(KFAC(fisher_type=ft)):
-                loss.backward()
-        return fn
+        return backward_fn(ours, ours_loss, x, y, lambda: curvlib.curvature(KFAC(fisher_type=ft)))
 
     def run_bp(ext):
-        def fn():
-            bp.zero_grad()
-            loss = bp_loss(bp(x), y)
-            with backpack(ext()):
-                loss.backward()
-        return fn
+        return backward_fn(bp, bp_loss, x, y, lambda: backpack(ext()))
 
     def run_cl(ft):
-        def fn():
-            KFACLinearOperator(cl_model, nn.CrossEntropyLoss(), params, [(x, y)], fisher_type=ft,
-                               check_deterministic=False).compute_kronecker_factors()
-        return fn
+        return curvlinops_kfac_fn(cl_model, params, x, y, ft)
 
     return {
         "plain fwd+bwd": run_plain,

@@ -15,7 +15,7 @@ import copy
 import torch
 from torch import nn
 
-from common import interleaved_medians, peak_memories, table
+from common import backward_fn, curvlinops_kfac_fn, interleaved_medians, peak_memories, table
 
 
 class BasicBlock(nn.Module):
@@ -75,34 +75,21 @@ def plain_and_curvlib(base: nn.Module, x, y, fisher_types):
     plain, ours = copy.deepcopy(base), curvlib.extend(copy.deepcopy(base))
     ce, ours_loss = nn.CrossEntropyLoss(), curvlib.extend(nn.CrossEntropyLoss())
 
-    def run_plain():
-        plain.zero_grad()
-        ce(plain(x), y).backward()
-
     def run_ours(ft):
-        def fn():
-            ours.zero_grad()
-            loss = ours_loss(ours(x), y)
-            with curvlib.curvature(KFAC(fisher_type=ft)):
-                loss.backward()
-        return fn
+        return backward_fn(ours, ours_loss, x, y, lambda: curvlib.curvature(KFAC(fisher_type=ft)))
 
-    return {"plain fwd+bwd": run_plain, **{f"curvlib {ft}": run_ours(ft) for ft in fisher_types}}
+    return {"plain fwd+bwd": backward_fn(plain, ce, x, y), **{f"curvlib {ft}": run_ours(ft) for ft in fisher_types}}
 
 
 def kfac_fns(make, x, y, kinds, fisher_types=("mc", "type-2")):
-    from curvlinops import KFACLinearOperator
-
     torch.manual_seed(0)
     base = make().eval()
     freeze_all_but(base, kinds)
-    cl, ce = copy.deepcopy(base), nn.CrossEntropyLoss()
+    cl = copy.deepcopy(base)
     params = [p for p in cl.parameters() if p.requires_grad]
 
     def run_cl(ft):
-        def fn():
-            KFACLinearOperator(cl, ce, params, [(x, y)], fisher_type=ft, check_deterministic=False).compute_kronecker_factors()
-        return fn
+        return curvlinops_kfac_fn(cl, params, x, y, ft)
 
     ours = plain_and_curvlib(base, x, y, fisher_types)
     fns = {"plain fwd+bwd": ours.pop("plain fwd+bwd")}

@@ -17,7 +17,7 @@ import warnings
 import torch
 from torch import nn
 
-from common import interleaved_medians, peak_memories, table
+from common import backward_fn, curvlinops_kfac_fn, interleaved_medians, peak_memories, table
 
 warnings.filterwarnings("ignore")
 
@@ -36,8 +36,6 @@ class UnrolledRNN(nn.Module):
 
 
 def setup(x, y):
-    from curvlinops import KFACLinearOperator
-
     import curvlib
     from curvlib.extensions import KFAC, BatchGrad
 
@@ -49,23 +47,13 @@ def setup(x, y):
     cl_model.load_state_dict(ours.state_dict())
     params = list(cl_model.parameters())
 
-    def run_plain():
-        plain.zero_grad()
-        nn.functional.cross_entropy(plain(x), y).backward()
+    run_plain = backward_fn(plain, nn.functional.cross_entropy, x, y)
 
     def run_ours(ext):
-        def fn():
-            ours.zero_grad()
-            loss = ours_loss(ours(x), y)
-            with curvlib.curvature(ext()):
-                loss.backward()
-        return fn
+        return backward_fn(ours, ours_loss, x, y, lambda: curvlib.curvature(ext()))
 
     def run_cl(ft):
-        def fn():
-            KFACLinearOperator(cl_model, nn.CrossEntropyLoss(), params, [(x, y)], fisher_type=ft,
-                               check_deterministic=False).compute_kronecker_factors()
-        return fn
+        return curvlinops_kfac_fn(cl_model, params, x, y, ft)
 
     return {
         "plain fwd+bwd": run_plain,

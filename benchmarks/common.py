@@ -1,6 +1,7 @@
 """Shared helpers for side-by-side benchmarks: interleaved repetitions, medians, peak memory."""
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import statistics
@@ -9,6 +10,28 @@ import sys
 import time
 from typing import Callable, Dict, List
 
+
+
+def backward_fn(model, loss_fn, x, y, context: Callable[[], object] = contextlib.nullcontext) -> Callable[[], None]:
+    """A benchmark function: zero ``model``'s gradients, then ``loss_fn(model(x), y).backward()``
+    inside a fresh ``context()`` (e.g. ``lambda: curvlib.curvature(KFAC())``; default: none)."""
+    def fn():
+        model.zero_grad()
+        loss = loss_fn(model(x), y)
+        with context():
+            loss.backward()
+    return fn
+
+
+def curvlinops_kfac_fn(model, params, x, y, fisher_type: str) -> Callable[[], None]:
+    """A benchmark function: curvlinops' KFAC factors of ``params`` on the batch ``(x, y)``."""
+    from curvlinops import KFACLinearOperator
+    from torch import nn
+
+    def fn():
+        KFACLinearOperator(model, nn.CrossEntropyLoss(), params, [(x, y)], fisher_type=fisher_type,
+                           check_deterministic=False).compute_kronecker_factors()
+    return fn
 
 
 def interleaved_medians(
