@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 import torch
 from torch import Tensor, nn
 
-from curvlib.engine import coupling, state
+from curvlib.engine import coupling, hooks, state
 from curvlib.engine.capture import LayerCapture, SharedCapture, Source, finite_or_raise
 from curvlib.engine.extension import Extension
 from curvlib.engine.columns import backprop_columns, column_chunks
@@ -450,7 +450,7 @@ class curvature:
         module = call.module
         if module in self._pending:
             return False
-        others = state.CALLS_OF.get(module, ())
+        others = state.CALLS_OF.get(hooks.calls_key(module), ())
         return not any(o is not call and o.live and o.in_backward == call.in_backward for o in others)
 
     def _reduce(self, call: LayerCall, key: Source, part: Tensor) -> None:
@@ -577,7 +577,7 @@ class curvature:
         state.TAPE.pop(call.uid, None)
         call.release()
         self._pending.setdefault(module, []).append(capture)
-        others = state.CALLS_OF.get(module, ())
+        others = state.CALLS_OF.get(hooks.calls_key(module), ())
         if any(c.live and c.in_backward == call.in_backward for c in others):
             return  # another call of this layer is still to come (shared weights)
         self._run_group(module)

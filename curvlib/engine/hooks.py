@@ -222,13 +222,20 @@ def record_call(module, x: Tensor, output) -> None:
         setattr(owner, _CALLS, calls)
     calls.append(call)
     state.TAPE[call.uid] = call
-    # the live calls of this layer (a part of a composite layer, e.g. attention's in_proj,
-    # is found by equality: the parts of two calls of one attention module compare equal)
-    live = state.CALLS_OF.get(module)
+    # the live calls of this layer (a part of a composite layer, e.g. attention's in_proj, is a
+    # new object per call: its calls are kept under the part's stable ``calls_key``)
+    key = calls_key(module)
+    live = state.CALLS_OF.get(key)
     if live is None:
-        live = state.CALLS_OF[module] = weakref.WeakSet()
+        live = state.CALLS_OF[key] = weakref.WeakSet()
     live.add(call)
     output.register_hook(functools.partial(_layer_output_hook, weakref.ref(call), module))
+
+
+def calls_key(module) -> object:
+    """The key of ``module``'s live calls in ``state.CALLS_OF``: the layer itself, or a part's
+    ``calls_key`` (:class:`~curvlib.engine.layers.attention.Projection`)."""
+    return module if isinstance(module, nn.Module) else module.calls_key
 
 
 #: interceptions of the composite layers whose forward is running (innermost last)

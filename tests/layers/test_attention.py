@@ -392,3 +392,34 @@ def test_hessian_products_through_attention():
     Hw = H["att.in_proj_weight"]["att.in_proj_weight"].reshape(W.numel(), W.numel())
     V = torch.randn(2, *W.shape)
     torch.testing.assert_close(W.hmp(V), (V.reshape(2, -1) @ Hw).reshape(V.shape))
+
+
+def test_layer_called_twice_over_several_optimizer_steps():
+    """An encoder layer applied twice (ALBERT-style) under NaturalGradient: the attention parts'
+    live calls must survive the previous step's part objects being dropped during the next
+    backward (they were keyed by those objects: 'computed twice in one backward' at step 1)."""
+    from curvlib.optim import NaturalGradient
+
+    torch.manual_seed(0)
+
+    class Albert(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.TransformerEncoderLayer(E, H, 8, dropout=0.0, batch_first=True)
+            self.head = nn.Linear(E, C)
+
+        def forward(self, z):
+            return self.head(self.layer(self.layer(z)).mean(1))
+
+    model = extend(Albert().eval())
+    loss_fn = extend(nn.CrossEntropyLoss())
+    opt = NaturalGradient(model.parameters(), lr=0.05, curvature="kfac", damping=1e-2, kl_clip=1e-3)
+    x, y = data()
+    for _ in range(3):
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        with opt.capture():
+            loss.backward()
+        opt.step()
+    G, A = model.layer.self_attn.in_proj_weight.kfac
+    assert G.shape == (3, E, E) and A.shape == (3, E, E)

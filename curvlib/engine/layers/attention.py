@@ -76,6 +76,16 @@ class Projection:
     def parameters(self, recurse: bool = True):
         return iter([p for p in (self.weight, self.bias) if p is not None])
 
+    @property
+    def calls_key(self) -> object:
+        """The engine's key for the live calls of this part (``state.CALLS_OF``): one object per
+        ``(owner, name)``, kept on the owner. A part object lives only as long as its call
+        records, so it cannot be that key itself: the parts of the next forward would be
+        registered under a key whose death (when the earlier records are dropped, possibly
+        during the backward) takes their live calls with it."""
+        keys = self.owner.__dict__.setdefault("_curvlib_part_keys", {})
+        return keys.setdefault(self.name, _PartKey())
+
     def __eq__(self, other) -> bool:
         return isinstance(other, Projection) and other.owner is self.owner and other.name == self.name
 
@@ -84,6 +94,10 @@ class Projection:
 
     def __repr__(self) -> str:
         return f"{type(self.owner).__name__}.{self.name}"
+
+
+class _PartKey:
+    """A weak-referenceable token: :attr:`Projection.calls_key`."""
 
 
 class ProjectionAdapter(LinearAdapter):
