@@ -186,7 +186,7 @@ class LayerCapture:
     def act_gram(self) -> Tensor:
         """``sum_{n,t} a a^T`` ``[D_a, D_a]`` of :meth:`act` (the adapter's own kernel where it has
         one, e.g. convolutions; else :func:`~curvlib.engine.factors.gram_rows`)."""
-        G = self.adapter.act_gram(self.module, self.x, self.act())
+        G = self.adapter.act_gram(self.module, self.x, self.act)
         return factors.gram_rows(self.act()) if G is None else G
 
     def act_factor_rows(self, kfac_approx: str) -> Optional[Tensor]:

@@ -165,10 +165,61 @@ def test_conv_act_gram_equals_gram_of_patches(layer, shape):
     x = torch.randn(*shape, dtype=torch.float64)
     cap = LayerCapture(lay, adapter_for(lay), x, {}, 1.0)
     torch.testing.assert_close(cap.act_gram(), gram_rows(cap.act()), rtol=1e-12, atol=1e-12)
-    assert adapter_for(lay).act_gram(lay, x, cap.act()) is not None
+    assert adapter_for(lay).act_gram(lay, x, cap.act) is not None
 
 
 def test_conv_act_gram_refuses_groups():
     lay = nn.Conv2d(4, 4, 3, groups=2)
     x = torch.randn(2, 4, 5, 5)
-    assert adapter_for(lay).act_gram(lay, x, adapter_for(lay).activations(lay, x)) is None
+    assert adapter_for(lay).act_gram(lay, x, lambda: adapter_for(lay).activations(lay, x)) is None
+
+
+@pytest.mark.parametrize(
+    "N, C, L, k, P",
+    [
+        (3, 2, (7, 6), (3, 3), (1, 1)),
+        (2, 3, (9,), (5,), (2,)),
+        (2, 2, (5, 4, 6), (3, 2, 3), (1, 0, 2)),  # mixed kernels and paddings, 3-d
+        (2, 3, (6, 6), (3, 3), (0, 0)),  # no padding: every offset misses border rows
+        (2, 2, (4, 4), (3, 3), (3, 3)),  # padding wider than the kernel: no border terms
+        (2, 2, (3, 7), (5, 3), (1, 1)),  # kernel as tall as the input
+    ],
+)
+def test_shift_gram_equals_gram_of_patches(N, C, L, k, P):
+    """The shift-correlation Gram (inclusion-exclusion over the border rows) equals the Gram of
+    the unfolded patches, and is exactly symmetric."""
+    from curvlib.engine.layers.conv_gram import shift_gram
+    from curvlib.engine.unfold import unfold
+
+    torch.manual_seed(0)
+    x = torch.randn(N, C, *L, dtype=torch.float64)
+    pad = tuple(v for Pi in reversed(P) for v in (Pi, Pi))
+    a = unfold(x, k, [1] * len(k), [1] * len(k), pad)
+    A = shift_gram(x, k, P)
+    torch.testing.assert_close(A, gram_rows(a), rtol=1e-12, atol=1e-12)
+    assert torch.equal(A, A.T)
+
+
+@pytest.mark.parametrize(
+    "layer, shape",
+    [
+        (lambda: nn.Conv2d(8, 4, 3, padding=1), (3, 8, 9, 7)),
+        (lambda: nn.Conv3d(8, 2, 3, padding=1), (2, 8, 6, 6, 6)),
+        (lambda: nn.Conv1d(9, 4, 5, padding=2), (3, 9, 20)),
+        (lambda: nn.Conv2d(8, 4, 3, padding=1), (8, 9, 7)),  # unbatched
+    ],
+)
+def test_conv_act_gram_shift_path_forms_no_patches(layer, shape):
+    """Wide stride-1 convolutions take the shift correlations: the same Gram, the patches never
+    formed (``act`` is not called), and ``act_rows`` known without them."""
+    torch.manual_seed(0)
+    lay = layer().double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    cap = LayerCapture(lay, adapter_for(lay), x, {}, 1.0)
+
+    def refuse():
+        raise AssertionError("patches formed")
+
+    G = adapter_for(lay).act_gram(lay, x, refuse)
+    assert cap.act_rows() == cap.act().shape[:-1].numel()
+    torch.testing.assert_close(G, gram_rows(cap.act()), rtol=1e-12, atol=1e-12)

@@ -15,7 +15,7 @@ factors, the structure of the block): a new layer is one adapter and no extensio
 """
 from __future__ import annotations
 
-from typing import ClassVar, Optional, Protocol, Tuple, Type
+from typing import Callable, ClassVar, Optional, Protocol, Tuple, Type
 
 from torch import Tensor, nn
 
@@ -84,10 +84,11 @@ class LayerAdapter:
         activations, or ``None`` for the generic ``a^T a`` (see :mod:`curvlib.extensions.kfac`)."""
         return None
 
-    def act_gram(self, module: nn.Module, x: Tensor, a: Tensor) -> Optional[Tensor]:
-        """``sum_{n,t} a_{n,t} a_{n,t}^T`` ``[D_a, D_a]`` of the activations ``a`` (= ``activations(x)``)
-        by a kernel of the layer's own that is faster than the Gram matrix of ``a``, or ``None``
-        (then :func:`curvlib.engine.factors.gram_rows` of ``a``)."""
+    def act_gram(self, module: nn.Module, x: Tensor, act: Callable[[], Tensor]) -> Optional[Tensor]:
+        """``sum_{n,t} a_{n,t} a_{n,t}^T`` ``[D_a, D_a]`` of the activations ``a = act()`` (=
+        ``activations(x)``, formed and cached on the first call: a kernel that needs no ``a``
+        leaves it unformed) by a kernel of the layer's own that is faster than the Gram matrix
+        of ``a``, or ``None`` (then :func:`curvlib.engine.factors.gram_rows` of ``a``)."""
         return None
 
     def act_factor_rows(self, module: nn.Module, x: Tensor, kfac_approx: str) -> Optional[Tensor]:
