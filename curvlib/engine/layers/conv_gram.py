@@ -28,9 +28,10 @@ batch 64): see :func:`shift_gram`'s measurement.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,36 @@ def shift_cost(L: Sequence[int], P: Sequence[int], k: Sequence[int]) -> float:
         new *= (2 * ki - 1) * (Li + len(border))
         old *= ki * ki * (Li + 2 * Pi - ki + 1)
     return new / old
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(k: Tuple[int, ...], P: Tuple[int, ...], L: Tuple[int, ...]) -> Tuple[list, Tensor, Tensor]:
+    """The inclusion-exclusion of :func:`shift_gram` for one geometry (cached):
+
+    - ``groups``: per subset ``S`` of dimensions, the border-row combinations (a tuple per
+      combination, ``None`` in the dimensions not in ``S``; the empty ``S`` first);
+    - ``coef [J, prod(k)]``: the sign of each combination's term for each kernel offset ``p``
+      (``(-1)^{|S|}`` where every fixed row is in ``E_i(p_i)``, else 0);
+    - ``idx [prod(k), prod(k)]``: the flat shift index of ``q - p + (k - 1)`` for each ``(p, q)``.
+    """
+    d = len(k)
+    excl = [[_excluded(p, P[i], k[i], L[i]) for p in range(k[i])] for i in range(d)]
+    border = [sorted({r for e in excl[i] for r in e}) for i in range(d)]
+    offsets = list(itertools.product(*[range(ki) for ki in k]))  # kernel offsets p, row-major
+    groups, coefs = [], []
+    for S in itertools.product((False, True), repeat=d):
+        combos = list(itertools.product(*[border[i] if S[i] else [None] for i in range(d)]))
+        if not combos:
+            continue
+        groups.append(combos)
+        sign = -1.0 if sum(S) % 2 else 1.0
+        for rows in combos:
+            hit = [all(r is None or r in excl[i][p[i]] for i, r in enumerate(rows)) for p in offsets]
+            coefs.append([sign if h else 0.0 for h in hit])
+    kernel = [2 * ki - 1 for ki in k]
+    strides = [math.prod(kernel[i + 1:]) for i in range(d)]
+    idx = [[sum((q[i] - p[i] + k[i] - 1) * strides[i] for i in range(d)) for q in offsets] for p in offsets]
+    return groups, torch.tensor(coefs, dtype=torch.float64), torch.tensor(idx)
 
 
 def _full_correlation(x: Tensor, xw: Tensor, m: Sequence[int], corr) -> Tensor:
@@ -96,34 +127,21 @@ def shift_gram(x: Tensor, k: Sequence[int], P: Sequence[int]) -> Tensor:
         )[1]
         return gw.view(J, C, C, *gw.shape[2:])
 
-    # per dimension: E_i(p) for each kernel offset p, and their union B_i (the border rows)
-    excl = [[_excluded(p, P[i], k[i], L[i]) for p in range(k[i])] for i in range(d)]
-    border = [sorted({r for e in excl[i] for r in e}) for i in range(d)]
-    offsets = list(itertools.product(*[range(ki) for ki in k]))  # kernel offsets p, row-major
-    terms, coefs = [], []
-    for S in itertools.product((False, True), repeat=d):  # dims fixed to one border row
-        combos = list(itertools.product(*[border[i] if S[i] else [None] for i in range(d)]))
-        if not combos:
-            continue
-        gos, inps = [], []
-        for rows in combos:
-            gos.append(x[(slice(None), slice(None)) + tuple(slice(r, r + 1) if S[i] else slice(None) for i, r in enumerate(rows))])
-            inps.append(xw[(slice(None), slice(None)) + tuple(slice(r, r + kernel[i]) if S[i] else slice(None) for i, r in enumerate(rows))])
-            sign = -1.0 if sum(S) % 2 else 1.0
-            hit = lambda p: all(not S[i] or rows[i] in excl[i][p[i]] for i in range(d))
-            coefs.append([sign if hit(p) else 0.0 for p in offsets])
-        J = len(combos)
-        if not any(S):  # the full correlation: shifts with delta_0 >= 0 only, the rest by symmetry
+    groups, coef, idx = _plan(tuple(k), tuple(P), tuple(L))
+    terms = []
+    for combos in groups:  # one subset S of dimensions fixed to border rows (None: free)
+        if all(r is None for r in combos[0]):  # the full correlation
             terms.append(_full_correlation(x, xw, m, corr))
-        else:
-            terms.append(corr(gos[0], inps[0], 1) if J == 1 else corr(torch.cat(gos, 1), torch.cat(inps, 1), J))
+            continue
+        gos = [x[(slice(None), slice(None)) + tuple(slice(None) if r is None else slice(r, r + 1) for r in rows)]
+               for rows in combos]
+        inps = [xw[(slice(None), slice(None)) + tuple(slice(None) if r is None else slice(r, r + kw) for r, kw in zip(rows, kernel))]
+                for rows in combos]
+        J = len(combos)
+        terms.append(corr(gos[0], inps[0], 1) if J == 1 else corr(torch.cat(gos, 1), torch.cat(inps, 1), J))
     T = torch.cat(terms).flatten(3)  # [J, C, C, S2]
-    coef = torch.tensor(coefs, dtype=x.dtype)  # [J, P]
-    M = torch.einsum("jp,jocs->ocps", coef, T)  # [C, C, P, S2]
-    # shift index of (p, q): q - p + m, flattened over the (2k-1)^d kernel
-    strides = [math.prod(kernel[i + 1:]) for i in range(d)]
-    idx = torch.tensor([[sum((q[i] - p[i] + m[i]) * strides[i] for i in range(d)) for q in offsets] for p in offsets])
-    K = len(offsets)
+    M = torch.einsum("jp,jocs->ocps", coef.to(x.dtype), T)  # [C, C, P, S2]
+    K = idx.shape[0]
     Ap = torch.gather(M, 3, idx.expand(C, C, K, K))  # [o, c, p, q]
     A = Ap.permute(0, 2, 1, 3).reshape(C * K, C * K)
     return (A + A.T).mul_(0.5)
