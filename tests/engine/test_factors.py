@@ -49,8 +49,16 @@ def test_block_of_grams_is_the_block_of_the_per_sample_gradients(o):
 def test_gram_halves_match_matmul_and_bad_side_raises():
     x = torch.randn(7, 300)
     torch.testing.assert_close(gram(x), x.T @ x)
-    for M, D in ((9, 1029), (130, 511), (130, 512), (200, 1029)):  # one matmul; 2-3 levels of halving, odd splits
-        x = torch.randn(M, D, dtype=torch.float64)
-        torch.testing.assert_close(gram(x), x.T @ x, rtol=1e-12, atol=1e-12)
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):  # panels of 64 / 128 rows
+            torch.set_num_threads(t)
+            for M, D in ((9, 1029), (130, 64), (130, 129), (130, 511), (130, 512), (200, 1029)):
+                # one matmul (few rows, one panel); 2 panels, the last of 1 row; 4-17 panels, ragged last
+                x = torch.randn(M, D, dtype=torch.float64)
+                torch.testing.assert_close(gram(x), x.T @ x, rtol=1e-12, atol=1e-12)
+                torch.testing.assert_close(gram(x.T.contiguous().T), x.T @ x, rtol=1e-12, atol=1e-12)
+    finally:
+        torch.set_num_threads(threads)
     with pytest.raises(ValueError, match="act_side"):
         orientation("up")
