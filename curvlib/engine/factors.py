@@ -218,8 +218,9 @@ def per_sample_grads(
 GRAM_PANEL = 64
 
 
-def gram(x: Tensor) -> Tensor:
-    """``x^T x`` for ``x`` of shape ``[M, D]``.
+def gram(x: Tensor, scale: float = 1.0) -> Tensor:
+    """``scale * x^T x`` for ``x`` of shape ``[M, D]`` (``scale`` inside the GEMMs: no pass of
+    its own over the result, e.g. KFAC's ``A = 1/(N T) sum a a^T``).
 
     Symmetric: only the upper triangle is computed, by panels of ``b`` rows,
     ``out[i:i+b, i:] = x[:, i:i+b]^T x[:, i:]`` (one GEMM each, written in place through a
@@ -242,18 +243,23 @@ def gram(x: Tensor) -> Tensor:
     M, D = x.shape
     b = GRAM_PANEL * max(1, torch.get_num_threads())
     if D <= b or M < 128 or not x.is_floating_point() or (x.requires_grad and torch.is_grad_enabled()):
-        return x.T @ x
+        out = x.T @ x
+        return out if scale == 1.0 else out * scale
     out = x.new_empty(D, D)
     for i in range(0, D, b):
         e = min(i + b, D)
-        torch.mm(x[:, i:e].T, x[:, i:], out=out[i:e, i:])
+        panel = out[i:e, i:]
+        if scale == 1.0:
+            torch.mm(x[:, i:e].T, x[:, i:], out=panel)
+        else:
+            torch.addmm(panel, x[:, i:e].T, x[:, i:], beta=0, alpha=scale, out=panel)
         if e < D:
             out[e:, i:e] = out[i:e, e:].T
     return out
 
 
-def gram_rows(x: Tensor) -> Tensor:
-    """``sum_r x_r x_r^T`` over all rows ``r`` of ``x`` ``[..., T, D]``.
+def gram_rows(x: Tensor, scale: float = 1.0) -> Tensor:
+    """``scale * sum_r x_r x_r^T`` over all rows ``r`` of ``x`` ``[..., T, D]``.
 
     Position-major views of channel-major data (conv patches and output gradients, whose
     ``T`` axis is the contiguous one) with at least as many positions as features
@@ -264,8 +270,9 @@ def gram_rows(x: Tensor) -> Tensor:
     """
     if x.ndim >= 3 and x.shape[-2] >= max(2, x.shape[-1]) and x.stride(-2) == 1 and x.stride(-1) != 1:
         xt = x.transpose(-1, -2).reshape(-1, x.shape[-1], x.shape[-2])  # [B, D, T], a view
-        return torch.bmm(xt, xt.transpose(1, 2)).sum(0)
-    return gram(x.reshape(-1, x.shape[-1]))
+        out = torch.bmm(xt, xt.transpose(1, 2)).sum(0)
+        return out if scale == 1.0 else out.mul_(scale)
+    return gram(x.reshape(-1, x.shape[-1]), scale)
 
 
 def block_gram(x: Tensor, blocks: int) -> Tensor:
@@ -292,7 +299,7 @@ def kfac_act_factor(a: Tensor, kfac_approx: str = "expand", blocks: int = 1) -> 
     if kfac_approx == "reduce":
         a = a.mean(1)
     rows = a.shape[:-1].numel()
-    return (gram_rows(a) if blocks == 1 else block_gram(a, blocks)).div_(rows)
+    return gram_rows(a, 1.0 / rows) if blocks == 1 else block_gram(a, blocks).div_(rows)
 
 
 def capture_act_factor(capture: "LayerCapture", kfac_approx: str = "expand", blocks: int = 1) -> Tensor:
@@ -303,7 +310,7 @@ def capture_act_factor(capture: "LayerCapture", kfac_approx: str = "expand", blo
     if A is not None:
         return A
     if kfac_approx == "expand" and blocks == 1:
-        return capture.act_gram().div_(capture.act_rows())
+        return capture.act_gram(1.0 / capture.act_rows())
     return kfac_act_factor(capture.act(), kfac_approx, blocks)
 
 

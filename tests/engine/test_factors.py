@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from curvlib.engine.factors import LEFT, RIGHT, gram, orientation, outer_sum
+from curvlib.engine.factors import LEFT, RIGHT, gram, gram_rows, orientation, outer_sum
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -58,6 +58,8 @@ def test_gram_halves_match_matmul_and_bad_side_raises():
                 x = torch.randn(M, D, dtype=torch.float64)
                 torch.testing.assert_close(gram(x), x.T @ x, rtol=1e-12, atol=1e-12)
                 torch.testing.assert_close(gram(x.T.contiguous().T), x.T @ x, rtol=1e-12, atol=1e-12)
+                torch.testing.assert_close(gram(x, 0.25), 0.25 * (x.T @ x), rtol=1e-12, atol=1e-12)
+                torch.testing.assert_close(gram_rows(x.view(2, -1, D) if M % 2 == 0 else x, 0.25), 0.25 * (x.T @ x), rtol=1e-12, atol=1e-12)
     finally:
         torch.set_num_threads(threads)
     with pytest.raises(ValueError, match="act_side"):
