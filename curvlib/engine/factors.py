@@ -216,6 +216,8 @@ def per_sample_grads(
 
 #: columns per panel of :func:`gram` and per intra-op thread (module docstring of ``gram``)
 GRAM_PANEL = 64
+#: at most this many panels (wider ones for ``D`` above ``64 * GRAM_MAX_PANELS``)
+GRAM_MAX_PANELS = 32
 
 
 def gram(x: Tensor, scale: float = 1.0) -> Tensor:
@@ -226,7 +228,9 @@ def gram(x: Tensor, scale: float = 1.0) -> Tensor:
     ``out[i:i+b, i:] = x[:, i:i+b]^T x[:, i:]`` (one GEMM each, written in place through a
     view: no copies), and each panel's strictly lower part is mirrored from it (one
     transposed copy per panel). ``(1 + b/D)/2`` of the flops of one ``matmul``.
-    ``b = GRAM_PANEL * torch.get_num_threads()``: 64 rows per thread. One ``matmul``
+    ``b = GRAM_PANEL * torch.get_num_threads()``: 64 rows per thread, widened to a multiple of 64
+    for at most ``GRAM_MAX_PANELS = 32`` panels (resnet18's ``[512, 4608]``: panels of 64
+    177 ms, of 128-256 168 ms; recursive halving 178, one matmul 247). One ``matmul``
     for ``D <= b``, for integer or autograd inputs, and for fewer than 128 rows, where the
     product is bound by writing the ``D x D`` result rather than by flops.
 
@@ -241,7 +245,7 @@ def gram(x: Tensor, scale: float = 1.0) -> Tensor:
     panels 0.74-0.88; ``[64, 4096]`` 49 ms against 54-57.
     """
     M, D = x.shape
-    b = GRAM_PANEL * max(1, torch.get_num_threads())
+    b = max(GRAM_PANEL * max(1, torch.get_num_threads()), -(-D // (GRAM_MAX_PANELS * 64)) * 64)
     if D <= b or M < 128 or not x.is_floating_point() or (x.requires_grad and torch.is_grad_enabled()):
         out = x.T @ x
         return out if scale == 1.0 else out * scale
