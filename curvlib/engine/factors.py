@@ -246,9 +246,12 @@ def gram(x: Tensor, scale: float = 1.0) -> Tensor:
     """
     M, D = x.shape
     b = max(GRAM_PANEL * max(1, torch.get_num_threads()), -(-D // (GRAM_MAX_PANELS * 64)) * 64)
-    if D <= b or M < 128 or not x.is_floating_point() or (x.requires_grad and torch.is_grad_enabled()):
+    grad = x.requires_grad and torch.is_grad_enabled()
+    if D <= b or M < 128 or not x.is_floating_point() or grad:
         out = x.T @ x
-        return out if scale == 1.0 else out * scale
+        if scale == 1.0:
+            return out
+        return out * scale if grad or not x.is_floating_point() else out.mul_(scale)  # no fresh D x D
     out = x.new_empty(D, D)
     for i in range(0, D, b):
         e = min(i + b, D)
