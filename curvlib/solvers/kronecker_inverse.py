@@ -222,25 +222,36 @@ class KroneckerInverse:
 
     @staticmethod
     def _pi(G: Tensor, A: Tensor, which: str):
-        """``sqrt((tr A / dim A) / (tr G / dim G))``; a tensor ``[B]`` for block factors."""
+        """``(π, G, A)``: ``π = sqrt((tr A / dim A) / (tr G / dim G))`` (a tensor ``[B]`` for block
+        factors) and the factors to damp. A PSD factor with zero trace is zero, and so is its
+        Kronecker product (a dead ReLU channel ahead of a depthwise convolution zeroes its group's
+        ``A``): there ``π = 1`` and both factors are returned zeroed, so that the π-damped term is
+        ``(√λ I) ⊗ (√λ I) = λ I``, the damped zero curvature (the limit of the π rule). A negative
+        trace (a non-PSD factor) raises."""
         if G.dim() == 3:
             trG = torch.diagonal(G, dim1=-2, dim2=-1).mean(-1)
             trA = torch.diagonal(A, dim1=-2, dim2=-1).mean(-1)
-            if not (bool((trG > 0).all()) and bool((trA > 0).all())):
+            if not (bool((trG >= 0).all()) and bool((trA >= 0).all())):
                 raise ValueError(
-                    f"damping_mode='pi' needs positive mean traces of every block of {which} (got "
-                    f"min tr G/dim={float(trG.min()):.3g}, min tr A/dim={float(trA.min()):.3g}); "
-                    "use damping_mode='exact'."
+                    f"damping_mode='pi' needs non-negative mean traces of every block of {which} (got "
+                    f"min tr G/dim={float(trG.min()):.3g}, min tr A/dim={float(trA.min()):.3g}); the "
+                    "factors must be PSD — use damping_mode='exact'."
                 )
-            return (trA / trG).sqrt()
+            zero = (trG == 0) | (trA == 0)
+            if not bool(zero.any()):
+                return (trA / trG).sqrt(), G, A
+            pi = torch.where(zero, torch.ones_like(trG), trA / torch.where(zero, torch.ones_like(trG), trG)).sqrt()
+            return pi, G.masked_fill(zero[:, None, None], 0.0), A.masked_fill(zero[:, None, None], 0.0)
         trG = float(_diag(G).sum()) / G.shape[0]
         trA = float(_diag(A).sum()) / A.shape[0]
-        if not (trG > 0 and trA > 0):
+        if not (trG >= 0 and trA >= 0):
             raise ValueError(
-                f"damping_mode='pi' needs positive mean traces of {which} (got tr G/dim={trG:.3g}, "
-                f"tr A/dim={trA:.3g}); the factors must be PSD and nonzero — use damping_mode='exact'."
+                f"damping_mode='pi' needs non-negative mean traces of {which} (got tr G/dim={trG:.3g}, "
+                f"tr A/dim={trA:.3g}); the factors must be PSD — use damping_mode='exact'."
             )
-        return math.sqrt(trA / trG)
+        if trG == 0 or trA == 0:
+            return 1.0, torch.zeros_like(G), torch.zeros_like(A)
+        return math.sqrt(trA / trG), G, A
 
     def _setup_one(self) -> None:
         G, A = self.terms[0]
@@ -267,7 +278,8 @@ class KroneckerInverse:
         # factor inverses, by Cholesky (about 4x faster than eigh for a 784 x 784 factor on CPU);
         # eigh only when a Cholesky factorization fails (it falls back to float64 and reports a
         # non-SPD factor)
-        self.pi = self._pi(G, A, "G and A")
+        self.pi, G, A = self._pi(G, A, "G and A")
+        self._pi_factors = (G, A)
         pi = self.pi[:, None] if isinstance(self.pi, Tensor) else self.pi
         cg_, ca = math.sqrt(lam) / pi, pi * math.sqrt(lam)
         self._Qg = self._Qa = None
@@ -318,10 +330,10 @@ class KroneckerInverse:
         self.out_dim, self.in_dim = G1.shape[:-1].numel(), n
         lam = self.damping
         if self.damping_mode == "pi":
-            self.pi = self._pi(G1, A1, "G1 and A1")
+            self.pi, G1, A1 = self._pi(G1, A1, "G1 and A1")
         else:  # pi only shapes the preconditioner of the exact solve: fall back to 1 if undefined
             try:
-                self.pi = self._pi(G1, A1, "G1 and A1")
+                self.pi, _, _ = self._pi(G1, A1, "G1 and A1")
             except ValueError:
                 self.pi = 1.0 if G1.dim() == 2 else torch.ones(G1.shape[0], dtype=G1.dtype, device=G1.device)
         pi = self.pi[:, None, None] if isinstance(self.pi, Tensor) else self.pi  # per block
@@ -476,7 +488,7 @@ class KroneckerInverse:
         n = self.out_dim * self.in_dim
         eye = torch.eye(n, dtype=self.dtype, device=self.terms[0][0].device)
         if self.kind == "kron1" and self.blocks is not None:
-            G, A = self.terms[0]
+            G, A = self.terms[0] if self.damping_mode == "exact" else self._pi_factors
             if self.damping_mode == "exact":
                 return torch.block_diag(*[torch.kron(g, a) for g, a in zip(G, A)]) + lam * eye
             s, pis = math.sqrt(lam), self.pi.tolist()
@@ -485,7 +497,7 @@ class KroneckerInverse:
                 for g, a, p in zip(G, A, pis)
             ])
         if self.kind == "kron1":
-            G, A = map(_dense, self.terms[0])
+            G, A = map(_dense, self.terms[0] if self.damping_mode == "exact" else self._pi_factors)
             if self.damping_mode == "exact":
                 return torch.kron(G, A) + lam * eye
             s = math.sqrt(lam)

@@ -174,3 +174,36 @@ def test_kron_matvec_against_dense(forms):
     V = torch.randn(5, rows, n)
     torch.testing.assert_close(kron_matvec(terms, V), (V.reshape(5, -1) @ M.T).reshape(V.shape))
     torch.testing.assert_close(kron_matvec(terms[0] if len(terms) == 1 else terms, V[1]), (M @ V[1].reshape(-1)).reshape(rows, n))
+
+
+@pytest.mark.parametrize("form", ["block", "dense", "diag", "two-block"])
+def test_pi_damping_of_a_zero_factor_is_the_damped_zero_block(form):
+    """A zero factor (a dead ReLU channel ahead of a depthwise convolution zeroes its group's A)
+    makes its Kronecker term zero: "pi" damping then inverts λ I on that block (π = 1, both factors
+    zeroed: the limit of the π rule), the other blocks as usual. It raised "pi needs positive mean
+    traces" and the optimizers died after their retries."""
+    lam, m, n = 0.05, 3, 4
+    if form in ("block", "two-block"):
+        G, A = spd(3, m), spd(3, n)
+        A[1] = 0.0
+        terms = [[G, A]] if form == "block" else [[G, A], [spd(3, m), spd(3, n)]]
+    elif form == "dense":
+        terms = [[spd(m), torch.zeros(n, n)]]
+    else:
+        terms = [[torch.zeros(m), spd(n)]]
+    P = KroneckerInverse(terms, lam, "pi")
+    rows = terms[0][0].shape[:-1].numel() if terms[0][0].dim() > 1 else m
+    V = torch.randn(rows, n)
+    out = P(V)
+    assert torch.isfinite(out).all()
+    if form == "block":
+        torch.testing.assert_close(out[m:2 * m], V[m:2 * m] / lam)  # the dead group: (λ I)^-1
+        for b in (0, 2):  # the others: the one-term pi inverse of that block
+            torch.testing.assert_close(out[b * m:(b + 1) * m], KroneckerInverse([[G[b], A[b]]], lam, "pi")(V[b * m:(b + 1) * m]))
+    elif form == "two-block":  # the dead group's first term is λ I, the second term stays
+        G2, A2 = terms[1][0][1], terms[1][1][1]
+        M = torch.kron(G2, A2) + lam * torch.eye(m * n)
+        torch.testing.assert_close(out[m:2 * m], torch.linalg.solve(M, V[m:2 * m].reshape(-1)).reshape(m, n))
+    else:
+        torch.testing.assert_close(out, V / lam)
+    torch.testing.assert_close(out, torch.linalg.solve(P.damped_matrix(), V.reshape(-1)).reshape(V.shape))
