@@ -24,17 +24,21 @@ def best_terms(block, m, n, rank):
     return sum(S[i] * torch.kron(U[:, i].reshape(m, m), Vh[i].reshape(n, n)) for i in range(rank))
 
 
+def setup(mod, case, ext_type, route, monkeypatch):
+    """The extended grouped model of ``case``, data, loss and groups; ``route="solver"`` makes
+    ``ext_type`` decompose every group with the matrix-free solver instead of a dense SVD."""
+    d, cin, cout, B, kw = case
+    model, x = mod.grouped(d, cin, cout, B, **kw)
+    if route == "solver":
+        monkeypatch.setattr(ext_type, "dense_entries", 0)
+    return extend(model), x, torch.randint(0, 3, (mod.N,)), extend(nn.CrossEntropyLoss()), B
+
+
 @pytest.mark.parametrize("route", ["dense", "solver"])
 @pytest.mark.parametrize("rank", [1, 2])
 @pytest.mark.parametrize("mod,case", CASES)
 def test_block_form_terms_are_the_best_per_group_approximation(mod, case, rank, route, monkeypatch):
-    d, cin, cout, B, kw = case
-    model, x = mod.grouped(d, cin, cout, B, **kw)
-    y = torch.randint(0, 3, (mod.N,))
-    loss_fn = extend(nn.CrossEntropyLoss())
-    extend(model)
-    if route == "solver":
-        monkeypatch.setattr(KPSVD, "dense_entries", 0)
+    model, x, y, loss_fn, B = setup(mod, case, KPSVD, route, monkeypatch)
     ext = KPSVD(fisher_type="type-2", rank=rank, method="lanczos" if rank > 1 else "power", tol=1e-12, maxiter=500)
     with curvature(ext):
         loss_fn(model(x), y).backward()
@@ -68,13 +72,7 @@ def test_kfac_corrected_block_form(mod, case, route, monkeypatch):
     NotImplementedError)."""
     from curvlib.extensions import KFAC, KFACCorrected
 
-    d, cin, cout, B, kw = case
-    model, x = mod.grouped(d, cin, cout, B, **kw)
-    y = torch.randint(0, 3, (mod.N,))
-    loss_fn = extend(nn.CrossEntropyLoss())
-    extend(model)
-    if route == "solver":
-        monkeypatch.setattr(KFACCorrected, "dense_entries", 0)
+    model, x, y, loss_fn, B = setup(mod, case, KFACCorrected, route, monkeypatch)
     with curvature(KFACCorrected(fisher_type="type-2", tol=1e-12, maxiter=500), KFAC(fisher_type="type-2")):
         loss_fn(model(x), y).backward()
     ggn = dense_ggn(model, loss_fn, x, y)

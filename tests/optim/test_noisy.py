@@ -9,6 +9,7 @@ from torch import nn
 
 from curvlib import extend
 from curvlib.optim import NoisyNaturalGradient
+from tests.utils import dense_kron_terms
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -83,18 +84,6 @@ def test_predict_and_bad_args():
         NoisyNaturalGradient(model.parameters(), lr=0.1, dataset_size=10, prior_precision=0.0)
 
 
-def _dense_factor(F):
-    return torch.diag(F) if F.ndim == 1 else (torch.block_diag(*F) if F.ndim == 3 else F)
-
-
-def _dense_curvature(c):
-    if len(c) == 1:
-        return _dense_factor(c[0])
-    if c[0].ndim == 3:  # block form: blockdiag_b kron(G[b], A[b])
-        return torch.block_diag(*[torch.kron(g, a) for g, a in zip(c[0], c[1])])
-    return torch.kron(_dense_factor(c[0]), _dense_factor(c[1]))
-
-
 @pytest.mark.parametrize("layer", ["embedding", "grouped"])
 def test_posterior_of_diagonal_and_block_factors(layer):
     """The posterior covariance ``s^2 (C + λ I)^-1`` of an Embedding (1-D token-frequency factor)
@@ -120,6 +109,6 @@ def test_posterior_of_diagonal_and_block_factors(layer):
         opt.step()
     lam, s2 = opt.intrinsic_damping, opt.noise_scale**2
     for p in model[0].parameters():
-        C = _dense_curvature(opt.state[p]["curvature"])
+        C = dense_kron_terms(opt.state[p]["curvature"])
         want = s2 * torch.linalg.inv(C + lam * torch.eye(p.numel()))
         torch.testing.assert_close(opt.covariance(p), want, rtol=1e-8, atol=1e-12)

@@ -9,6 +9,7 @@ from torch import nn
 from curvlib import extend
 from curvlib.optim import NaturalGradient, Preconditioner
 from tests.optim.common import train_step
+from tests.utils import dense_kron_terms
 from tests.zoo import data, mlp
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -303,23 +304,6 @@ def test_two_level_after_a_float64_retry_of_the_inverse(monkeypatch, form):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def _dense_terms(terms):
-    """The dense matrix of Kronecker terms in any factor form (1-D diagonal, [B, m, m] block)."""
-    def dense(F):
-        return torch.diag(F) if F.dim() == 1 else (torch.block_diag(*F) if F.dim() == 3 else F)
-
-    terms = [terms] if isinstance(terms[0], torch.Tensor) else terms
-    total = 0
-    for t in terms:
-        if len(t) == 1:
-            total = total + dense(t[0])
-        elif t[0].dim() == 3:  # block form: blockdiag_b kron(G[b], A[b])
-            total = total + torch.block_diag(*[torch.kron(g, a) for g, a in zip(t[0], t[1])])
-        else:
-            total = total + torch.kron(dense(t[0]), dense(t[1]))
-    return total
-
-
 @pytest.mark.parametrize("curv", ["kfac", "lanczos"])
 @pytest.mark.parametrize("layer", ["embedding", "grouped"])
 def test_adaptive_damping_rho_on_diagonal_and_block_factors(layer, curv):
@@ -356,6 +340,6 @@ def test_adaptive_damping_rho_on_diagonal_and_block_factors(layer, curv):
     M = 0.0
     for p, p0, g in zip(params, before, grads):
         d = (p.detach() - p0).reshape(-1)
-        C = _dense_terms(opt.state[p]["curvature"])
+        C = dense_kron_terms(opt.state[p]["curvature"])
         M += float(g.reshape(-1) @ d) + 0.5 * float(d @ C @ d) + 0.5 * lam * float(d @ d)
     assert opt._groups[0]["last_rho"] == pytest.approx((h1 - float(loss)) / M, rel=1e-8)
