@@ -158,7 +158,9 @@ def outer_sum(s: Tensor, a: Tensor, orient: Orientation, out: Tensor) -> Tensor:
             ``"right"`` / ``"left"`` is accepted too.
         out: contiguous, ``K * N * D_s * D_a`` entries (any shape with leading ``K * N``).
 
-    Returns ``out``. ``T = 1``: one broadcasting multiply; ``T > 1``: one (broadcast) matmul.
+    Returns ``out``. ``T = 1``: one broadcasting multiply; ``T > 1``: one batched matmul, over
+    the samples with the ``K`` columns stacked (``s`` copied once) where that copies less than
+    broadcasting ``a`` over the ``K`` columns.
     """
     orient = orientation(orient)
     K, N, T, Ds = s.shape
@@ -176,6 +178,18 @@ def outer_sum(s: Tensor, a: Tensor, orient: Orientation, out: Tensor) -> Tensor:
             torch.bmm(s[0].transpose(1, 2), a, out=X[0])
         else:
             torch.bmm(a.transpose(1, 2), s[0], out=X[0])
+    elif T * Ds + Ds * Da < T * Da:
+        # one bmm per sample over all K columns (copying s to [N, K D_s, T] and the result back)
+        # instead of a matmul broadcasting a over K (a copy of a K times): conv cotangents with
+        # D_a = C_in prod(k) > D_s, e.g. [9, 64, 576, 10] with a [64, 576, 25]: 3.6 ms -> 2.0 ms,
+        # [9, 64, 64, 20] with [64, 64, 250]: 12.8 ms -> 2.8 ms (CPU, 2 threads)
+        sn = rearrange(s, "k n t s -> n (k s) t")
+        if right:
+            Y = torch.bmm(sn, a)  # [N, K D_s, D_a]
+            X.copy_(rearrange(Y, "n (k s) a -> k n s a", k=K))
+        else:
+            Y = torch.bmm(a.transpose(1, 2), sn.transpose(1, 2))  # [N, D_a, K D_s]
+            X.copy_(rearrange(Y, "n a (k s) -> k n a s", k=K))
     else:
         if right:
             torch.matmul(s.transpose(-1, -2), a, out=X)

@@ -8,10 +8,14 @@ pytestmark = pytest.mark.usefixtures("float64")
 
 
 @pytest.mark.parametrize("o", [RIGHT, LEFT])
-@pytest.mark.parametrize("K,T", [(1, 1), (3, 1), (1, 4), (2, 3)])
-def test_outer_sum_equals_einsum(o, K, T):
-    N, Ds, Da = 5, 3, 4
-    s, a = torch.randn(K, N, T, Ds), torch.randn(N, T, Da)
+@pytest.mark.parametrize("K,T,Ds,Da", [(1, 1, 3, 4), (3, 1, 3, 4), (1, 4, 3, 4), (2, 3, 3, 4), (3, 6, 2, 7)])
+@pytest.mark.parametrize("channel_major", [False, True])
+def test_outer_sum_equals_einsum(o, K, T, Ds, Da, channel_major):
+    """Both kernels (broadcast matmul; per-sample bmm over stacked columns, taken for the last
+    shape, where T D_s + D_s D_a < T D_a) on row-major and channel-major (conv) cotangents."""
+    N = 5
+    s = torch.randn(K, N, Ds, T).transpose(2, 3) if channel_major else torch.randn(K, N, T, Ds)
+    a = torch.randn(N, T, Da)
     ref = torch.einsum("knts,nta->knsa", s, a)
     if o is LEFT:
         ref = ref.transpose(-1, -2)
