@@ -82,3 +82,25 @@ def exact_blocks(model, loss_fn, x, y, fisher_type):
 def rearrange_dense(F, d0, d1):
     """Van Loan rearrangement: R[(i,k),(a,b)] = F[(i,a),(k,b)], so kron(U, V) <-> vec(U) vec(V)^T."""
     return F.reshape(d0, d1, d0, d1).permute(0, 2, 1, 3).reshape(d0 * d0, d1 * d1)
+
+
+def dense_factor(F: Tensor) -> Tensor:
+    """The dense matrix of a Kronecker factor: 1-D diagonal ``[m]``, block ``[B, m, m]`` or ``[m, m]``."""
+    if F.dim() == 1:
+        return torch.diag(F)
+    return torch.block_diag(*F) if F.dim() == 3 else F
+
+
+def dense_kron_terms(terms) -> Tensor:
+    """The dense matrix of Kronecker terms in any factor form (``[G, A]``, ``[G]`` or a list of
+    terms; block-form terms: ``blockdiag_b kron(G[b], A[b])``)."""
+    terms = [terms] if isinstance(terms[0], Tensor) else terms
+    total = 0
+    for t in terms:
+        if len(t) == 1:
+            total = total + dense_factor(t[0])
+        elif t[0].dim() == 3:
+            total = total + torch.block_diag(*[torch.kron(g, a) for g, a in zip(t[0], t[1])])
+        else:
+            total = total + torch.kron(dense_factor(t[0]), dense_factor(t[1]))
+    return total

@@ -17,6 +17,8 @@ For every source, ``sum_k sum_n X_{k,n} X_{k,n}^T`` over per-sample gradients
 """
 from __future__ import annotations
 
+import math
+
 from typing import Any, Dict, Hashable, List, Optional, Tuple
 
 import torch
@@ -183,11 +185,13 @@ class LayerCapture:
         """The adapter's structured KFAC activation factor (e.g. 1-D), or ``None``."""
         return self.adapter.act_factor(self.module, self.x, kfac_approx)
 
-    def act_gram(self) -> Tensor:
-        """``sum_{n,t} a a^T`` ``[D_a, D_a]`` of :meth:`act` (the adapter's own kernel where it has
-        one, e.g. convolutions; else :func:`~curvlib.engine.factors.gram_rows`)."""
+    def act_gram(self, scale: float = 1.0) -> Tensor:
+        """``scale * sum_{n,t} a a^T`` ``[D_a, D_a]`` of :meth:`act` (the adapter's own kernel where
+        it has one, e.g. convolutions; else :func:`~curvlib.engine.factors.gram_rows`)."""
         G = self.adapter.act_gram(self.module, self.x, self.act)
-        return factors.gram_rows(self.act()) if G is None else G
+        if G is None:
+            return factors.gram_rows(self.act(), scale)
+        return G if scale == 1.0 else G.mul_(scale)
 
     def act_factor_rows(self, kfac_approx: str) -> Optional[Tensor]:
         """Rows per block of :meth:`act_factor` when they differ between blocks, else ``None``."""
@@ -348,8 +352,8 @@ class SharedCapture(LayerCapture):
     def act_rows(self) -> int:
         return sum(c.act_rows() for c in self._calls)
 
-    def act_gram(self) -> Tensor:
-        return factors.gram_rows(self.act())
+    def act_gram(self, scale: float = 1.0) -> Tensor:
+        return factors.gram_rows(self.act(), scale)
 
     def act_factor(self, kfac_approx: str) -> Optional[Tensor]:
         return None  # KFAC combines the calls' own factors (see :attr:`calls`)
@@ -417,10 +421,12 @@ def in_param_dtype(
 def finite_or_raise(value, module: nn.Module, what: str) -> None:
     """Raise if a (nested list of) tensor(s) holds NaN or Inf.
 
-    One reduction per tensor: the sum of a tensor with a NaN or Inf entry is not finite.
+    One reduction per tensor: the sum of a tensor with a NaN or Inf entry is not finite
+    (read back as a Python number: ``torch.isfinite`` of a 0-d tensor is four more kernels,
+    ~7 us a call).
     """
     if isinstance(value, Tensor):
-        if value.numel() and not bool(torch.isfinite(value.sum())):
+        if value.numel() and not _finite_number(value.sum()):
             if bool(torch.isfinite(value).all()):  # overflow of the sum only
                 return
             raise FloatingPointError(
@@ -430,6 +436,11 @@ def finite_or_raise(value, module: nn.Module, what: str) -> None:
     elif isinstance(value, (list, tuple)):
         for v in value:
             finite_or_raise(v, module, what)
+
+
+def _finite_number(total: Tensor) -> bool:
+    """Whether the 0-d tensor ``total`` is finite (one read-back)."""
+    return bool(torch.isfinite(total)) if total.is_complex() else math.isfinite(total.item())
 
 
 __all__ = ["LayerCapture", "SharedCapture", "Source", "source_key", "finite_or_raise", "in_param_dtype"]

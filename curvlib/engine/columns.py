@@ -17,8 +17,12 @@ How (measured on CPU, torch 2.13, ``benchmarks/bench_kfac.py`` and
   anyway (``max_pool2d_with_indices_backward``: one kernel, zero-fill and a final copy
   per column).
 - So the columns go in *chunks* of at most :data:`CHUNK_BYTES` bytes of the largest layer
-  output per chunk (``chunk = CHUNK_BYTES // (bytes of one column there)``, at least 1): all
-  ``K`` at once for an MLP; one at a time once a column there takes
+  output per chunk (``chunk = CHUNK_BYTES // (bytes of one column there)``, at least 1, then
+  evened out: 9 columns by at most 8 go as 5 + 4, not 8 + 1): a few chunks for an MLP (the
+  MLP of ``benchmarks/bench_kfac.py``, 9 columns of 0.5 MiB, KFAC type-2, 1 thread, process
+  time: 2 chunks 1-2 ms (4 %) faster than all 9 at once, whose ``[9, 256, 512]``
+  intermediates are fresh memory each step; 3 a chunk no faster than 9, 1 a chunk 2 ms
+  slower: the Grams of ``G`` over fewer rows lose more than that); one at a time once a column there takes
   :data:`LARGE_COLUMN_BYTES` (1 MiB) or more (a CNN: each backward then works in cache and the
   plain kernels beat the batched ones; small CNN of ``benchmarks/bench_kfac.py``, 9 columns of
   3 MiB, 1 thread: 14 ms one at a time, 19 ms in chunks of 2, 25 ms all at once). This also
@@ -43,8 +47,9 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-#: bytes of the largest layer output per chunk of columns (module docstring)
-CHUNK_BYTES = 8 * 2**20
+#: bytes of the largest layer output per chunk of columns (module docstring; was 8 MiB, all
+#: 9 columns of the bench MLP in one chunk)
+CHUNK_BYTES = 4 * 2**20
 #: columns this large at the largest layer output go one at a time (:func:`column_chunk`)
 LARGE_COLUMN_BYTES = 2**20
 
@@ -87,6 +92,7 @@ def column_chunks(
         chunk = 1
     elif chunk is None:
         chunk = column_chunk(V, shapes)
+        chunk = -(-K // -(-K // chunk))  # as many chunks, of equal sizes (9 by 4: 3, 3, 3)
     reached = [False] * len(edges)
     fell_back = False
     start = 0

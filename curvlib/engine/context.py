@@ -462,8 +462,7 @@ class curvature:
         )
         for eid, fn in self._reducers[key]:
             acc = call.reduced.setdefault((eid, key), {})
-            for name, v in fn(cap).items():
-                acc[name] = v if name not in acc else acc[name] + v
+            _add_into(acc, fn(cap))
 
     def _align_pending(self, calls: List[LayerCall], grads: list, widths: Dict[Source, int]) -> None:
         """Zero columns of this loss for the already captured calls of a layer whose other
@@ -633,6 +632,27 @@ _PROBED: "weakref.WeakKeyDictionary[nn.Module, Set[bool]]" = weakref.WeakKeyDict
 #: models already warned about (coupled samples) / layers already warned about (no call)
 _WARNED_COUPLING: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 _WARNED_UNCALLED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def _add_into(acc: Dict[str, Tensor], new: Dict[str, Tensor]) -> None:
+    """``acc[name] += new[name]`` for a chunk's column reductions ``new``, in place (the first
+    chunk's tensors are the reducer's own, :meth:`Extension.column_reduction`): no fresh
+    ``[D, D]`` result per chunk. Names sharing one accumulator (KFAC's weight and bias ``G``)
+    are added once when they share the addend too, else out of place."""
+    groups: Dict[int, List[str]] = {}
+    for name, v in new.items():
+        if name not in acc:
+            acc[name] = v
+        else:
+            groups.setdefault(id(acc[name]), []).append(name)
+    for names in groups.values():
+        total, addend = acc[names[0]], new[names[0]]
+        shared = all(new[n] is addend for n in names) and sum(a is total for a in acc.values()) == len(names)
+        if shared and not total.requires_grad and total.dtype == torch.promote_types(total.dtype, addend.dtype):
+            total.add_(addend)
+        else:
+            for n in names:
+                acc[n] = acc[n] + new[n]
 
 
 def _same_batch(call: LayerCall, f: Tensor) -> bool:

@@ -77,7 +77,9 @@ class Extension(abc.ABC):
         one, the engine back-propagates the columns in chunks, folds each chunk into the sums
         and frees it (the columns of all layers are never alive at once): :meth:`compute` then
         reads the sums with ``capture.reduction(self, source)`` (per call, see
-        ``capture.calls``) and the captures hold no ``source`` columns. ``None`` (the default):
+        ``capture.calls``) and the captures hold no ``source`` columns. The sums are formed in
+        place in the first chunk's tensors, so these must be the function's own (fresh results,
+        not views of the capture or of anything kept elsewhere). ``None`` (the default):
         :meth:`compute` gets the columns.
         """
         return None

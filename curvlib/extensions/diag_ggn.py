@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from curvlib.engine.capture import LayerCapture
-from curvlib.engine.factors import Orientation, structure
+from curvlib.engine.factors import Orientation, outer_sum, structure
 from curvlib.extensions.base import Extension
 
 
@@ -42,9 +42,9 @@ def _diag_weight(s: Tensor, a: Tensor, orient: Orientation, s2: Optional[Tensor]
         ss = torch.einsum("knti,knui->ntui", s, s).reshape(-1, Ds)
         aa = torch.einsum("nti,nui->ntui", a, a).reshape(-1, Da)
         D = ss.T @ aa
-    else:
-        X = torch.matmul(s.transpose(-1, -2), a)  # [K, N, D_s, D_a]
-        D = X.square_().sum((0, 1))
+    else:  # the per-sample gradients [K N, D_s, D_a] (outer_sum picks the cheaper kernel)
+        X = outer_sum(s, a, "right", s.new_empty(K * N, Ds * Da))
+        D = X.square_().sum(0).view(Ds, Da)
     return orient.from_cot_act(D)
 
 

@@ -19,7 +19,10 @@ formula applied to the exact per-position Hessian square root instead of curvlin
 columns. The correction ``S ⊗ R`` uses :mod:`~curvlib.extensions.kpsvd`'s conventions
 (``sqrt`` of the singular value in each factor, sign by trace). First factors are over
 ``p.shape[0]``: ``p.kfac_corrected = [[G, A], [S, R]]`` (``[[A, G], [S, R]]`` ordered like
-``p.kfac`` for transposed convolutions); ``[[G]]`` per bias, the exact bias block.
+``p.kfac`` for transposed convolutions); ``[[G]]`` per bias, the exact bias block. Grouped /
+depthwise layers get the block form (:meth:`KFACCorrected.grouped_weight_terms`): ``[G, A]``
+KFAC's ``[B, m, m], [B, n, n]`` and per group the best Kronecker fit of the residual of the
+group's diagonal block.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from typing import List, Optional
 from torch import Tensor
 
 from curvlib.engine.capture import LayerCapture
-from curvlib.engine.factors import KFAC_APPROX, kfac_act_factor, kfac_cot_factor
+from curvlib.engine.factors import KFAC_APPROX, capture_act_factor, kfac_act_factor, kfac_cot_factor, structure
 from curvlib.extensions.kpsvd import KroneckerSVDExtension, RearrangedBlock
 
 
@@ -82,6 +85,7 @@ class KFACCorrected(KroneckerSVDExtension):
     """
 
     savefield = "kfac_corrected"
+    block_form = True
 
     def __init__(
         self,
@@ -115,6 +119,31 @@ class KFACCorrected(KroneckerSVDExtension):
         first, second = capture.orientation.pair(G, A)
         correction = self._svd(p, block, 1, correction=(first, second))
         return [[block.expand(first, 0), block.expand(second, 1)]] + correction
+
+    def grouped_weight_terms(self, p: Tensor, capture: LayerCapture) -> List[List[Tensor]]:
+        """Grouped / depthwise layers, block form: ``[[G [B, m, m], A [B, n, n]], [S, R]]`` with
+        ``[G, A]`` KFAC's block form (``p.kfac`` of the same source) and, per group, ``kron(S_b, R_b)``
+        the best Kronecker approximation of the group's diagonal block minus ``kron(G_b, A_b)``.
+        Several backwards of one context: the factors of the joined batch (``G`` summed, ``A``
+        averaged over the rows, as KFAC accumulates)."""
+        if len(capture.calls) > 1:
+            raise NotImplementedError(
+                f"curvlib: KFACCorrected on the grouped {capture.module}, which was called "
+                f"{len(capture.calls)} times before one backward, is not supported yet; use KPSVD or "
+                "KFAC (block form) for it."
+            )
+        B = structure(capture).blocks
+        G = kfac_cot_factor(capture.cot(self.source), self.kfac_approx, B)
+        A = capture_act_factor(capture, self.kfac_approx, B)
+        n = capture.batch_size if self.kfac_approx == "reduce" else capture.act_rows()
+        key = (capture.module, "grouped-kfac")
+        prev = self._joined.get(key)
+        if prev is not None and prev[0] < capture.backward:
+            _, G0, A0, n0 = prev
+            G, A, n = G0 + G, (A0 * n0 + A * n) / (n0 + n), n0 + n
+        self._joined[key] = (capture.backward, G, A, n)
+        first, second = capture.orientation.pair(G, A)
+        return [[first, second]] + self._grouped_terms(p, capture, 1, correction=(first, second))
 
     def __repr__(self) -> str:
         return (

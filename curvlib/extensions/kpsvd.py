@@ -417,14 +417,22 @@ class KroneckerSVDExtension(Extension):
     #: are decomposed densely (one batched SVD), larger ones group by group with the solver
     dense_entries: int = 1 << 22
 
-    def _grouped_terms(self, p: Tensor, capture: LayerCapture) -> List[List[Tensor]]:
+    def grouped_weight_terms(self, p: Tensor, capture: LayerCapture) -> List[List[Tensor]]:
+        """The weight's terms in the block form of a grouped layer (:meth:`_grouped_terms`)."""
+        raise NotImplementedError
+
+    def _grouped_terms(
+        self, p: Tensor, capture: LayerCapture, rank: int, correction: Optional[Tuple[Tensor, Tensor]] = None
+    ) -> List[List[Tensor]]:
         r"""Block form of a grouped layer (``B`` groups, weight rows of group ``b`` = block ``b``
         of ``p.shape[0]``): ``[[G_i [B, m, m], A_i [B, n, n]], ...]`` with, per group, the top
         ``rank`` Kronecker terms of the *diagonal* block of group ``b`` in the exact block
         (``m = p.shape[0] / B``, ``n = p[0].numel()``), as KFAC's block form drops the
-        cross-group blocks. From the per-sample gradients ``X [M, B, m, n]``: the rearranged
-        ``R_b = sum_j X_jb ⊗ X_jb`` (re-indexed ``[m^2, n^2]``) by one batched SVD when small
-        (depthwise convolutions), else :func:`kronecker_svd` on its products per group."""
+        cross-group blocks; with ``correction = (C0 [B, m, m], C1 [B, n, n])``, of that block
+        minus ``kron(C0[b], C1[b])``. From the per-sample gradients ``X [M, B, m, n]``: the
+        rearranged ``R_b = sum_j X_jb ⊗ X_jb`` (re-indexed ``[m^2, n^2]``, minus
+        ``vec(C0[b]) vec(C1[b])^T``) by one batched SVD when small (depthwise convolutions), else
+        :func:`kronecker_svd` on its products per group."""
         B = structure(capture).blocks
         X = capture.per_sample_grads("weight", self.source)
         X = X.reshape(-1, B, p.shape[0] // B, p[0].numel())  # [M, B, m, n]
@@ -435,16 +443,21 @@ class KroneckerSVDExtension(Extension):
         self._joined[key] = (capture.backward, X)
         M, _, m, n = X.shape
         most = min(m * m, n * n)
-        rank = min(self.rank, most)
-        if self.rank > most and (m, n) not in self._clamped:
+        if rank > most and (m, n) not in self._clamped:
             self._clamped.add((m, n))
             warnings.warn(
-                f"curvlib: KPSVD(rank={self.rank}) exceeds the {most} Kronecker terms that represent "
-                f"the {m}x{n} group blocks of {capture.module} exactly; it gets {most} terms (exact).",
-                stacklevel=2,
+                f"curvlib: {type(self).__name__}(rank={rank}) exceeds the {most} Kronecker terms that "
+                f"represent the {m}x{n} group blocks of {capture.module} exactly; it gets {most} terms (exact).",
+                stacklevel=3,
             )
+        rank = min(rank, most)
+        c0 = c1 = None
+        if correction is not None:
+            c0, c1 = correction[0].reshape(B, -1), correction[1].reshape(B, -1)  # [B, m^2], [B, n^2]
         if B * m * m * n * n <= self.dense_entries:
             R = rearrange(torch.einsum("jbia,jbkc->bikac", X, X), "b i k a c -> b (i k) (a c)")
+            if c0 is not None:
+                R = R - c0[:, :, None] * c1[:, None, :]
             U, S, Vh = torch.linalg.svd(R, full_matrices=False)
             U = rearrange(U[..., :rank], "b (i k) r -> r b i k", i=m)
             V = rearrange(Vh[:, :rank], "b r (a c) -> r b a c", a=n)
@@ -455,6 +468,9 @@ class KroneckerSVDExtension(Extension):
                 Xb = X[:, b]
                 mv = lambda v, Xb=Xb: torch.einsum("jac,jdc->ad", Xb @ v.reshape(n, n), Xb).reshape(-1)  # noqa: E731
                 rmv = lambda u, Xb=Xb: torch.einsum("jab,jad->bd", Xb, u.reshape(m, m) @ Xb).reshape(-1)  # noqa: E731
+                if c0 is not None:  # the residual R_b - vec(C0_b) vec(C1_b)^T, matrix-free
+                    mv = lambda v, f=mv, u0=c0[b], u1=c1[b]: f(v) - u0 * (u1 @ v)  # noqa: E731
+                    rmv = lambda u, f=rmv, u0=c0[b], u1=c1[b]: f(u) - u1 * (u0 @ u)  # noqa: E731
                 terms.append(kronecker_svd(mv, rmv, (m, n), rank, X, self.method, None, self.maxiter, self.tol))
             U, S, V = (torch.stack(t, 1) for t in zip(*terms))  # [rank, B, ...], S [rank, B]
         root = S.clamp_min(0).sqrt()[..., None, None]
@@ -475,7 +491,7 @@ class KroneckerSVDExtension(Extension):
         xb = capture.per_sample_grads("bias", self.source) if "bias" in params else None
         a = s = None
         if grouped:
-            out["weight"] = self._grouped_terms(params["weight"], capture)
+            out["weight"] = self.grouped_weight_terms(params["weight"], capture)
         elif "weight" in params:
             a, s = capture.act(), capture.cot(self.source)
         a, s, xb = self._join(capture, a, s, xb)
@@ -581,6 +597,9 @@ class KPSVD(KroneckerSVDExtension):
             raise ValueError(f"curvlib: KPSVD(rank={rank}) must be >= 1.")
         self.rank = int(rank)
         self._clamped: set = set()  # weight shapes whose rank clamp was announced
+
+    def grouped_weight_terms(self, p: Tensor, capture: LayerCapture) -> List[List[Tensor]]:
+        return self._grouped_terms(p, capture, self.rank)
 
     def weight_terms(
         self, p: Tensor, capture: LayerCapture, block: RearrangedBlock, bias_block: Optional[Tensor]

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from curvlib.extensions import DiagGGN, GGNMP, GradFactors, KFAC, KFACCorrected, KPSVD
 from curvlib.extensions.base import Extension
-from curvlib.solvers import KroneckerInverse, two_level_direction, woodbury_solve, woodbury_solve_blocks
+from curvlib.solvers import KroneckerInverse, kron_matvec, two_level_direction, woodbury_solve, woodbury_solve_blocks
 
 Value = Any  # a tensor or a nested list of tensors
 
@@ -156,14 +156,9 @@ class KroneckerCurvature(Curvature):
         return Solve(fn, parts)
 
     def mvp(self, params, curvs, vs):
-        out = []
-        for p, c, v in zip(params, curvs, vs):
-            V = _as_matrix(p, v)
-            y = torch.zeros_like(V)
-            for t in _terms(c):
-                y = y + (t[0] @ V if len(t) == 1 else t[0] @ V @ t[1])
-            out.append(y.reshape(p.shape))
-        return out
+        # every factor form (dense, 1-D diagonal, [B, m, m] block): a plain ``G @ V @ A`` here
+        # broadcast a diagonal factor into a wrong product (Embedding) and failed on block forms
+        return [kron_matvec(_terms(c), _as_matrix(p, v)).reshape(p.shape) for p, c, v in zip(params, curvs, vs)]
 
 
 class KFACCurvature(KroneckerCurvature):

@@ -98,19 +98,21 @@ class NoisyNaturalGradient(NaturalGradient):
             return eps * (s / math.sqrt(lam))
         if isinstance(c, Tensor):  # diag
             return eps * s / (c + lam).clamp_min(lam).sqrt()
-        if any(f.ndim != 2 for f in c):
-            raise NotImplementedError(
-                "curvlib.optim.NoisyNaturalGradient: sampling supports plain Kronecker factors [G, A] / [G] "
-                f"(got factor shapes {[tuple(f.shape) for f in c]}); use curvature='diag' for this layer."
-            )
-        dg, Qg = torch.linalg.eigh(c[0])
-        dg = dg.clamp_min(0)
-        if len(c) == 1:
-            return s * Qg @ ((Qg.T @ eps) / (dg + lam).sqrt())
-        da, Qa = torch.linalg.eigh(c[1])
+        if len(c) == 1:  # a bias: (G + λ I)^-1/2, G dense [m, m], diagonal [m] or blocks [B, m, m]
+            dg, Qg = _psd_eig(c[0])
+            e = eps.reshape(*dg.shape)
+            return (s * _from_eig(_to_eig(e, Qg) / (dg + lam).sqrt(), Qg)).reshape(p.shape)
+        # a weight: (G ⊗ A + λ I)^-1/2 in the factors' eigenbases, every factor form
+        # (KroneckerInverse's: dense, 1-D diagonal, block [B, m, m] over vec(E [B m, n]))
+        (dg, Qg), (da, Qa) = _psd_eig(c[0]), _psd_eig(c[1])
         E = eps.reshape(p.shape[0], -1)
-        W = (dg[:, None] * da.clamp_min(0)[None, :] + lam).sqrt()
-        return (s * Qg @ ((Qg.T @ E @ Qa) / W) @ Qa.T).reshape(p.shape)
+        if dg.ndim == 2:  # block form: E [B m, n] -> [B, m, n]
+            E = E.reshape(dg.shape[0], dg.shape[1], -1)
+        T = _to_eig(E, Qg)
+        T = T if Qa is None else T @ Qa
+        T = T / (dg[..., :, None] * da[..., None, :] + lam).sqrt()
+        T = T if Qa is None else T @ Qa.mT
+        return (s * _from_eig(T, Qg)).reshape(p.shape)
 
     def covariance(self, p: Tensor) -> Tensor:
         """The dense posterior covariance ``[p.numel(), p.numel()]`` of ``p`` (small layers only)."""
@@ -150,5 +152,28 @@ class NoisyNaturalGradient(NaturalGradient):
             total = out if total is None else total + out
         return total / samples
 
+
+
+def _psd_eig(F: Tensor):
+    """``(eigenvalues clamped at 0, eigenvectors)`` of a Kronecker factor in any form: dense
+    ``[m, m]``, block ``[B, m, m]`` (batched) or 1-D diagonal ``[m]`` (``(F, None)``: no matrix)."""
+    if F.ndim == 1:
+        return F.clamp_min(0), None
+    d, Q = torch.linalg.eigh(F)
+    return d.clamp_min(0), Q
+
+
+def _to_eig(E: Tensor, Q: Optional[Tensor]) -> Tensor:
+    """``Q^T E`` (rows of ``E`` [..., m] or [..., m, n] into the eigenbasis; identity for 1-D)."""
+    if Q is None:
+        return E
+    return (Q.mT @ E.unsqueeze(-1)).squeeze(-1) if E.ndim == Q.ndim - 1 else Q.mT @ E
+
+
+def _from_eig(T: Tensor, Q: Optional[Tensor]) -> Tensor:
+    """``Q T``, the inverse of :func:`_to_eig`."""
+    if Q is None:
+        return T
+    return (Q @ T.unsqueeze(-1)).squeeze(-1) if T.ndim == Q.ndim - 1 else Q @ T
 
 __all__ = ["NoisyNaturalGradient"]

@@ -3,7 +3,7 @@
 Nothing here imports the engine, the extensions or ``torch.nn``.
 """
 from .cg import CGBlockError, CGInfo, cg, cg_blocks
-from .kronecker_inverse import KroneckerInverse
+from .kronecker_inverse import KroneckerInverse, kron_matvec
 from .kronecker_svd import kronecker_svd, kronecker_svd_gram
 from .lanczos import golub_kahan, lanczos
 from .power import power_iteration_deflation
@@ -14,6 +14,7 @@ from .woodbury import heuristic_block_damping, woodbury_solve, woodbury_solve_bl
 
 __all__ = [
     "KroneckerInverse",
+    "kron_matvec",
     "kronecker_svd",
     "kronecker_svd_gram",
     "cg",

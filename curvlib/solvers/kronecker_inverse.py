@@ -18,7 +18,10 @@ Inverted matrices (``λ = damping``):
   ``A [B, n, n]`` mean ``blockdiag_b(kron(G[b], A[b]))`` over ``B`` consecutive slices of
   ``vec(V)``, i.e. ``V [out, in] = [B m, n]`` is viewed ``[B, m, n]`` and each block is inverted
   as one term (batched eigendecompositions; ``"pi"`` uses one ``π_b`` per block). A bias factor
-  may be 1-D or ``[B, m, m]`` likewise (``V [B m]``). Two-term sums need dense 2-D factors.
+  may be 1-D or ``[B, m, m]`` likewise (``V [B m]``). Two-term sums take dense 2-D factors or
+  the block form (``[[G1 [B, m, m], A1 [B, n, n]], [G2, A2]]``: each block's two-term sum
+  inverted as below, batched over the blocks; e.g. rank-2 KPSVD of a grouped convolution), not
+  1-D factors.
 * two terms ``[[G1, A1], [G2, A2]]`` (KPSVD / deflation / Lanczos rank-2 approximations,
   Koroko et al. 2022, "Efficient approximations of the Fisher matrix in neural networks using
   Kronecker product singular value decomposition"):
@@ -72,7 +75,7 @@ from torch import Tensor
 from ._linalg import all_finite, check_damping, check_finite, default_tol, safe_eigh
 from .cg import cg
 
-__all__ = ["KroneckerInverse"]
+__all__ = ["KroneckerInverse", "kron_matvec"]
 
 _MODES = ("exact", "pi")
 _INDEFINITE = ("clip", "raise")
@@ -168,14 +171,18 @@ class KroneckerInverse:
         self.clipped = 0
         self._raise: Optional[Tensor] = None  # two terms, "pi": what the floor added to 1 + μν
         ndims = [f.dim() for t in self.terms for f in t]
-        if (len(self.terms) > 1 and nf == {2}) and any(d != 2 for d in ndims):
+        if (len(self.terms) > 1 and nf == {2}) and any(d == 1 for d in ndims):
             raise NotImplementedError(
-                "KroneckerInverse: two-term sums need dense 2-D factors; diagonal (1-D) and block "
-                f"([B, m, m]) factors are supported for one term or bias terms, got dims {ndims} "
-                "(e.g. rank-2 KPSVD of a grouped convolution: use one term, KPSVD(rank=1) / "
-                "curvature 'kpsvd', or KFAC's block form for grouped layers)."
+                "KroneckerInverse: two-term sums need dense [m, m] or block [B, m, m] factors; "
+                f"diagonal (1-D) factors are supported for one term or bias terms, got dims {ndims} "
+                "(e.g. an Embedding's token frequencies: use one term, KFAC)."
             )
-        if nf == {2} and (3 in ndims) and ndims != [3, 3]:
+        if (len(self.terms) > 1 and nf == {2}) and len(set(ndims)) != 1:
+            raise ValueError(
+                "KroneckerInverse: the factors of a two-term sum must all be dense [m, m] or all "
+                f"block [B, m, m], got dims {ndims}."
+            )
+        if nf == {2} and (3 in ndims) and any(d != 3 for d in ndims):
             raise ValueError(
                 "KroneckerInverse: a block-form term needs both factors [B, m, m] and [B, n, n], "
                 f"got dims {ndims}."
@@ -215,25 +222,36 @@ class KroneckerInverse:
 
     @staticmethod
     def _pi(G: Tensor, A: Tensor, which: str):
-        """``sqrt((tr A / dim A) / (tr G / dim G))``; a tensor ``[B]`` for block factors."""
+        """``(π, G, A)``: ``π = sqrt((tr A / dim A) / (tr G / dim G))`` (a tensor ``[B]`` for block
+        factors) and the factors to damp. A PSD factor with zero trace is zero, and so is its
+        Kronecker product (a dead ReLU channel ahead of a depthwise convolution zeroes its group's
+        ``A``): there ``π = 1`` and both factors are returned zeroed, so that the π-damped term is
+        ``(√λ I) ⊗ (√λ I) = λ I``, the damped zero curvature (the limit of the π rule). A negative
+        trace (a non-PSD factor) raises."""
         if G.dim() == 3:
             trG = torch.diagonal(G, dim1=-2, dim2=-1).mean(-1)
             trA = torch.diagonal(A, dim1=-2, dim2=-1).mean(-1)
-            if not (bool((trG > 0).all()) and bool((trA > 0).all())):
+            if not (bool((trG >= 0).all()) and bool((trA >= 0).all())):
                 raise ValueError(
-                    f"damping_mode='pi' needs positive mean traces of every block of {which} (got "
-                    f"min tr G/dim={float(trG.min()):.3g}, min tr A/dim={float(trA.min()):.3g}); "
-                    "use damping_mode='exact'."
+                    f"damping_mode='pi' needs non-negative mean traces of every block of {which} (got "
+                    f"min tr G/dim={float(trG.min()):.3g}, min tr A/dim={float(trA.min()):.3g}); the "
+                    "factors must be PSD — use damping_mode='exact'."
                 )
-            return (trA / trG).sqrt()
+            zero = (trG == 0) | (trA == 0)
+            if not bool(zero.any()):
+                return (trA / trG).sqrt(), G, A
+            pi = torch.where(zero, torch.ones_like(trG), trA / torch.where(zero, torch.ones_like(trG), trG)).sqrt()
+            return pi, G.masked_fill(zero[:, None, None], 0.0), A.masked_fill(zero[:, None, None], 0.0)
         trG = float(_diag(G).sum()) / G.shape[0]
         trA = float(_diag(A).sum()) / A.shape[0]
-        if not (trG > 0 and trA > 0):
+        if not (trG >= 0 and trA >= 0):
             raise ValueError(
-                f"damping_mode='pi' needs positive mean traces of {which} (got tr G/dim={trG:.3g}, "
-                f"tr A/dim={trA:.3g}); the factors must be PSD and nonzero — use damping_mode='exact'."
+                f"damping_mode='pi' needs non-negative mean traces of {which} (got tr G/dim={trG:.3g}, "
+                f"tr A/dim={trA:.3g}); the factors must be PSD — use damping_mode='exact'."
             )
-        return math.sqrt(trA / trG)
+        if trG == 0 or trA == 0:
+            return 1.0, torch.zeros_like(G), torch.zeros_like(A)
+        return math.sqrt(trA / trG), G, A
 
     def _setup_one(self) -> None:
         G, A = self.terms[0]
@@ -260,7 +278,8 @@ class KroneckerInverse:
         # factor inverses, by Cholesky (about 4x faster than eigh for a 784 x 784 factor on CPU);
         # eigh only when a Cholesky factorization fails (it falls back to float64 and reports a
         # non-SPD factor)
-        self.pi = self._pi(G, A, "G and A")
+        self.pi, G, A = self._pi(G, A, "G and A")
+        self._pi_factors = (G, A)
         pi = self.pi[:, None] if isinstance(self.pi, Tensor) else self.pi
         cg_, ca = math.sqrt(lam) / pi, pi * math.sqrt(lam)
         self._Qg = self._Qa = None
@@ -288,8 +307,8 @@ class KroneckerInverse:
                 f"{nameB} must be positive definite for the simultaneous diagonalization "
                 f"(smallest eigenvalue {float(lb.min()):.3g}); increase damping or check the factors."
             )
-        Wb = Qb * lb.rsqrt()[None, :]
-        mu, U = safe_eigh(Wb.T @ C @ Wb, f"whitened {nameC}")
+        Wb = Qb * lb.rsqrt()[..., None, :]
+        mu, U = safe_eigh(Wb.mT @ C @ Wb, f"whitened {nameC}")
         return mu, Wb @ U
 
     def _setup_two(self) -> None:
@@ -300,28 +319,37 @@ class KroneckerInverse:
                 f"{tuple(G2.shape)} and A {tuple(A1.shape)}/{tuple(A2.shape)}."
             )
         self.kind = "kron2"
-        self.out_dim, self.in_dim = G1.shape[0], A1.shape[0]
+        if G1.dim() == 3:  # block form: every block's two-term sum, batched over the blocks
+            if A1.shape[0] != G1.shape[0]:
+                raise ValueError(
+                    f"KroneckerInverse: block factors G {tuple(G1.shape)} and A {tuple(A1.shape)} "
+                    "must have the same number of blocks."
+                )
+            self.blocks = G1.shape[0]
+        m, n = G1.shape[-1], A1.shape[-1]
+        self.out_dim, self.in_dim = G1.shape[:-1].numel(), n
         lam = self.damping
         if self.damping_mode == "pi":
-            self.pi = self._pi(G1, A1, "G1 and A1")
+            self.pi, G1, A1 = self._pi(G1, A1, "G1 and A1")
         else:  # pi only shapes the preconditioner of the exact solve: fall back to 1 if undefined
             try:
-                self.pi = self._pi(G1, A1, "G1 and A1")
+                self.pi, _, _ = self._pi(G1, A1, "G1 and A1")
             except ValueError:
-                self.pi = 1.0
-        eye_g = torch.eye(self.out_dim, dtype=G1.dtype, device=G1.device)
-        eye_a = torch.eye(self.in_dim, dtype=A1.dtype, device=A1.device)
-        self._G1d = G1 + (math.sqrt(lam) / self.pi) * eye_g
-        self._A1d = A1 + (self.pi * math.sqrt(lam)) * eye_a
+                self.pi = 1.0 if G1.dim() == 2 else torch.ones(G1.shape[0], dtype=G1.dtype, device=G1.device)
+        pi = self.pi[:, None, None] if isinstance(self.pi, Tensor) else self.pi  # per block
+        eye_g = torch.eye(m, dtype=G1.dtype, device=G1.device)
+        eye_a = torch.eye(n, dtype=A1.dtype, device=A1.device)
+        self._G1d = G1 + (math.sqrt(lam) / pi) * eye_g
+        self._A1d = A1 + (pi * math.sqrt(lam)) * eye_a
         mu, self._Qg = self._generalized(self._G1d, G2, "G1 + sqrt(damping)/pi*I", "G2")
         nu, self._Qa = self._generalized(self._A1d, A2, "A1 + pi*sqrt(damping)*I", "A2")
-        denom = 1.0 + mu[:, None] * nu[None, :]
+        denom = 1.0 + mu[..., :, None] * nu[..., None, :]
         if self.damping_mode == "exact" and not bool((denom > 0).all()):
             # the pi-damped two-term matrix is indefinite: precondition the exact solve with the
             # one-term exact inverse (kron(G1, A1) + λ I)^-1 instead.
             lg, self._Qg = safe_eigh(G1, "Kronecker factor G1")
             la, self._Qa = safe_eigh(A1, "Kronecker factor A1")
-            denom = lg[:, None] * la[None, :] + lam
+            denom = lg[..., :, None] * la[..., None, :] + lam
             self._check_spd(denom, "kron(G1, A1) + damping*I (preconditioner of the exact two-term solve)")
         else:
             if self.damping_mode == "pi" and self.indefinite == "clip" and lam > 0:
@@ -331,7 +359,7 @@ class KroneckerInverse:
 
     def _floor(self, denom: Tensor, lam: float) -> Tensor:
         """Raise ``1 + μ_i ν_j`` to ``λ ||x_i||^2 ||y_j||^2`` where below (module docstring)."""
-        floor = lam * self._Qg.square().sum(0)[:, None] * self._Qa.square().sum(0)[None, :]
+        floor = lam * self._Qg.square().sum(-2)[..., :, None] * self._Qa.square().sum(-2)[..., None, :]
         # pairs within _FLOOR_SLACK of the floor are left alone: a PSD sum whose null directions
         # meet those of G1 and A1 (factors of a rank-deficient batch) has quotients of exactly λ
         # there, which round-off of float32 factors puts up to ~5e-5 below (measured on the
@@ -410,6 +438,7 @@ class KroneckerInverse:
         return T if Qg is None else Qg @ T
 
     def _kron2_matvec(self, V: Tensor) -> Tensor:
+        """``G1 V A1 + G2 V A2 + λ V`` (block form: ``V [*, B, m, n]``, per block)."""
         (G1, A1), (G2, A2) = self.terms
         return G1 @ V @ A1 + G2 @ V @ A2 + self.damping * V
 
@@ -425,10 +454,13 @@ class KroneckerInverse:
         ``G1 X A1 + G2 X A2 + λ X = B``, preconditioned by the structured inverse, which also
         gives the initial guess; relative tolerance per system, no absolute floor."""
         tol = self.tol if self.tol is not None else default_tol(B.dtype, 1e-12, 1e-6)
+        shape = B.shape
+        if self.blocks is not None:  # [*, B m, n] -> [*, B, m, n]: one system per block too
+            B = B.reshape(*shape[:-2], self.blocks, -1, self.in_dim)
         try:
             X, info = cg(
-                self._kron2_matvec, B, x0=self._apply_structured(B), tol=tol, atol=0.0,
-                maxiter=self.maxiter, M=self._apply_structured, batch_dims=B.dim() - 2,
+                self._kron2_matvec, B, x0=self._apply_dense_or_diag(B), tol=tol, atol=0.0,
+                maxiter=self.maxiter, M=self._apply_dense_or_diag, batch_dims=B.dim() - 2,
             )
         except ValueError as e:
             if "non-SPD" not in str(e):
@@ -444,7 +476,7 @@ class KroneckerInverse:
                 RuntimeWarning,
                 stacklevel=3,
             )
-        return X
+        return X.reshape(shape)
 
     # ------------------------------------------------------------------ dense (tests / debugging)
     def damped_matrix(self) -> Tensor:
@@ -456,7 +488,7 @@ class KroneckerInverse:
         n = self.out_dim * self.in_dim
         eye = torch.eye(n, dtype=self.dtype, device=self.terms[0][0].device)
         if self.kind == "kron1" and self.blocks is not None:
-            G, A = self.terms[0]
+            G, A = self.terms[0] if self.damping_mode == "exact" else self._pi_factors
             if self.damping_mode == "exact":
                 return torch.block_diag(*[torch.kron(g, a) for g, a in zip(G, A)]) + lam * eye
             s, pis = math.sqrt(lam), self.pi.tolist()
@@ -465,7 +497,7 @@ class KroneckerInverse:
                 for g, a, p in zip(G, A, pis)
             ])
         if self.kind == "kron1":
-            G, A = map(_dense, self.terms[0])
+            G, A = map(_dense, self.terms[0] if self.damping_mode == "exact" else self._pi_factors)
             if self.damping_mode == "exact":
                 return torch.kron(G, A) + lam * eye
             s = math.sqrt(lam)
@@ -473,13 +505,22 @@ class KroneckerInverse:
                 G + s / self.pi * torch.eye(G.shape[0], dtype=G.dtype, device=G.device),
                 A + s * self.pi * torch.eye(A.shape[0], dtype=A.dtype, device=A.device),
             )
-        (G1, A1), (G2, A2) = self.terms
+        if self.blocks is not None:  # block form: the blocks' matrices on the diagonal
+            return torch.block_diag(*[self._kron2_dense(b) for b in range(self.blocks)])
+        return self._kron2_dense(None)
+
+    def _kron2_dense(self, b: Optional[int]) -> Tensor:
+        """The dense two-term matrix (of block ``b`` in the block form)."""
+        at = (lambda F: F) if b is None else (lambda F: F[b])
+        (G1, A1), (G2, A2) = [[at(F) for F in t] for t in self.terms]
         if self.damping_mode == "exact":
-            return torch.kron(G1, A1) + torch.kron(G2, A2) + lam * eye
-        M = torch.kron(self._G1d, self._A1d) + torch.kron(G2, A2)
+            eye = torch.eye(G1.shape[0] * A1.shape[0], dtype=self.dtype, device=G1.device)
+            return torch.kron(G1, A1) + torch.kron(G2, A2) + self.damping * eye
+        G1d, A1d = at(self._G1d), at(self._A1d)
+        M = torch.kron(G1d, A1d) + torch.kron(G2, A2)
         if self._raise is not None:  # + kron(X, Y)^-T diag(raise) kron(X, Y)^-1, X^-T = G1d X
-            B = torch.kron(self._G1d @ self._Qg, self._A1d @ self._Qa)
-            M = M + (B * self._raise.reshape(-1)) @ B.T
+            B = torch.kron(G1d @ at(self._Qg), A1d @ at(self._Qa))
+            M = M + (B * at(self._raise).reshape(-1)) @ B.T
         return M
 
     def __repr__(self) -> str:
@@ -488,6 +529,34 @@ class KroneckerInverse:
             f"KroneckerInverse(kind={self.kind}, {dims}, terms={len(self.terms)}, "
             f"damping={self.damping:g}, damping_mode={self.damping_mode!r})"
         )
+
+
+def kron_matvec(terms, V: Tensor) -> Tensor:
+    """``sum_i kron(G_i, A_i) vec(V)`` as ``sum_i G_i V A_i`` (bias terms ``[G]``: ``sum_i G_i v``)
+    for every factor form of :class:`KroneckerInverse`: dense ``[m, m]``, diagonal ``[m]`` and block
+    ``[B, m, m]`` (``V [*, B m, n]`` viewed ``[*, B, m, n]``, ``v [*, B m]`` viewed ``[*, B, m]``).
+
+    ``terms``: as :class:`KroneckerInverse` (one term may be passed unnested, e.g. ``p.kfac``);
+    ``V``: ``[*, out, in]`` (bias: ``[*, out]``). Returns the undamped product, shaped like ``V``.
+    """
+    terms = _normalize_terms(terms)
+    out = torch.zeros_like(V)
+    for t in terms:
+        G = t[0]
+        if len(t) == 1:
+            if G.dim() == 3:
+                u = V.reshape(*V.shape[:-1], G.shape[0], G.shape[1]).unsqueeze(-1)
+                out = out + (G @ u).reshape(V.shape)
+            else:
+                out = out + (V * G if G.dim() == 1 else V @ G.mT)
+            continue
+        A = t[1]
+        if G.dim() == 3:
+            Vb = V.reshape(*V.shape[:-2], G.shape[0], G.shape[1], V.shape[-1])
+            out = out + (G @ Vb @ A).reshape(V.shape)
+        else:
+            out = out + _right(_left(G, V), A)
+    return out
 
 
 # ---------------------------------------------------------------------- factor forms

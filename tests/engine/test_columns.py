@@ -121,3 +121,41 @@ def test_shared_type2_summed_from_exact_columns(monkeypatch):
     G = dense_ggn(model, nn.CrossEntropyLoss(), x, y).diagonal()
     diag = torch.cat([both[n]["diag_ggn"].flatten() for n, _ in model.named_parameters()])
     torch.testing.assert_close(diag, G, rtol=1e-10, atol=1e-12)
+
+
+def test_chunked_kfac_sums_in_place_once_for_a_shared_G(monkeypatch):
+    """KFAC alone reduces the columns chunk by chunk (``G`` summed in place): the weight and
+    the bias share one ``G`` tensor, which must be added to once per chunk, not twice; also
+    with chunks of unequal sizes rebalanced (5 columns in chunks of at most 2: 2, 2, 1)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 6, (7,))
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 6)).double()
+
+    def results(chunk_bytes):
+        monkeypatch.setattr(columns, "CHUNK_BYTES", chunk_bytes)
+        model = extend(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 6)).double())
+        model.load_state_dict(net.state_dict())
+        out = _run(model, extend(nn.CrossEntropyLoss()), x, y, KFAC(fisher_type="type-2"))
+        return {n: v["kfac"] for n, v in out.items()}
+
+    one_batch = results(2**40)
+    assert one_batch["2.bias"][0] is not None
+    for chunk_bytes in (1, 7 * 6 * 8 * 2, 7 * 6 * 8 * 3):  # 1, 2 and 3 (-> 3, 2) columns per chunk
+        chunked = results(chunk_bytes)
+        for n, fs in one_batch.items():
+            for fa, fb in zip(chunked[n], fs):
+                torch.testing.assert_close(fa, fb, rtol=1e-12, atol=1e-14)
+
+
+def test_add_into_keeps_shared_and_separate_accumulators_apart():
+    G, H = torch.ones(2, 2), torch.full((2, 2), 2.0)
+    acc = {"weight": G, "bias": G, "other": H}
+    g = torch.ones(2, 2)
+    context._add_into(acc, {"weight": g, "bias": g, "other": torch.ones(2, 2)})
+    assert acc["weight"] is acc["bias"]
+    torch.testing.assert_close(acc["weight"], torch.full((2, 2), 2.0))
+    torch.testing.assert_close(acc["other"], torch.full((2, 2), 3.0))
+    acc = {"weight": G, "bias": G}  # one accumulator, two different addends: out of place
+    context._add_into(acc, {"weight": torch.ones(2, 2), "bias": torch.zeros(2, 2)})
+    torch.testing.assert_close(acc["weight"], torch.full((2, 2), 3.0))
+    torch.testing.assert_close(acc["bias"], torch.full((2, 2), 2.0))

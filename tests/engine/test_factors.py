@@ -2,16 +2,20 @@
 import pytest
 import torch
 
-from curvlib.engine.factors import LEFT, RIGHT, gram, orientation, outer_sum
+from curvlib.engine.factors import LEFT, RIGHT, gram, gram_rows, orientation, outer_sum
 
 pytestmark = pytest.mark.usefixtures("float64")
 
 
 @pytest.mark.parametrize("o", [RIGHT, LEFT])
-@pytest.mark.parametrize("K,T", [(1, 1), (3, 1), (1, 4), (2, 3)])
-def test_outer_sum_equals_einsum(o, K, T):
-    N, Ds, Da = 5, 3, 4
-    s, a = torch.randn(K, N, T, Ds), torch.randn(N, T, Da)
+@pytest.mark.parametrize("K,T,Ds,Da", [(1, 1, 3, 4), (3, 1, 3, 4), (1, 4, 3, 4), (2, 3, 3, 4), (3, 6, 2, 7)])
+@pytest.mark.parametrize("channel_major", [False, True])
+def test_outer_sum_equals_einsum(o, K, T, Ds, Da, channel_major):
+    """Both kernels (broadcast matmul; per-sample bmm over stacked columns, taken for the last
+    shape, where T D_s + D_s D_a < T D_a) on row-major and channel-major (conv) cotangents."""
+    N = 5
+    s = torch.randn(K, N, Ds, T).transpose(2, 3) if channel_major else torch.randn(K, N, T, Ds)
+    a = torch.randn(N, T, Da)
     ref = torch.einsum("knts,nta->knsa", s, a)
     if o is LEFT:
         ref = ref.transpose(-1, -2)
@@ -49,8 +53,18 @@ def test_block_of_grams_is_the_block_of_the_per_sample_gradients(o):
 def test_gram_halves_match_matmul_and_bad_side_raises():
     x = torch.randn(7, 300)
     torch.testing.assert_close(gram(x), x.T @ x)
-    for M, D in ((9, 1029), (130, 511), (130, 512), (200, 1029)):  # one matmul; 2-3 levels of halving, odd splits
-        x = torch.randn(M, D, dtype=torch.float64)
-        torch.testing.assert_close(gram(x), x.T @ x, rtol=1e-12, atol=1e-12)
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):  # panels of 64 / 128 rows
+            torch.set_num_threads(t)
+            for M, D in ((9, 1029), (130, 64), (130, 129), (130, 511), (130, 512), (200, 1029)):
+                # one matmul (few rows, one panel); 2 panels, the last of 1 row; 4-17 panels, ragged last
+                x = torch.randn(M, D, dtype=torch.float64)
+                torch.testing.assert_close(gram(x), x.T @ x, rtol=1e-12, atol=1e-12)
+                torch.testing.assert_close(gram(x.T.contiguous().T), x.T @ x, rtol=1e-12, atol=1e-12)
+                torch.testing.assert_close(gram(x, 0.25), 0.25 * (x.T @ x), rtol=1e-12, atol=1e-12)
+                torch.testing.assert_close(gram_rows(x.view(2, -1, D) if M % 2 == 0 else x, 0.25), 0.25 * (x.T @ x), rtol=1e-12, atol=1e-12)
+    finally:
+        torch.set_num_threads(threads)
     with pytest.raises(ValueError, match="act_side"):
         orientation("up")

@@ -104,11 +104,23 @@ def test_exact_quantities_against_torch_func(case):
     torch.testing.assert_close(W.ggnmp(V), (V.reshape(2, -1) @ ggn[s, s]).reshape(V.shape))
 
 
-def test_kfac_corrected_refuses_grouped_clearly():
-    model, x = grouped(2, 4, 6, 2)
+def test_kfac_corrected_refuses_a_grouped_layer_called_twice_clearly():
+    """KFACCorrected gives grouped layers the block form (tests/layers/test_grouped_kpsvd.py); a
+    grouped layer called twice before one backward is refused with a clear error."""
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 6, 3, groups=2)
+            self.head = nn.Linear(6 * 4 * 4, 3)
+
+        def forward(self, x):
+            return self.head((self.conv(x) + self.conv(x.flip(-1))).flatten(1))
+
+    model = extend(Twice())
     loss_fn = extend(nn.CrossEntropyLoss())
-    extend(model)
-    with pytest.raises(NotImplementedError, match="grouped"):
+    x = torch.randn(N, 4, 6, 6)
+    with pytest.raises(NotImplementedError, match="grouped .* called 2 times"):
         with curvature(KFACCorrected(fisher_type="type-2")):
             loss_fn(model(x), torch.randint(0, 3, (N,))).backward()
 

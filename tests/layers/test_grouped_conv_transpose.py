@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from curvlib import curvature, extend
-from curvlib.extensions import GGNMP, KFAC, BatchGrad, KFACCorrected, DiagGGN, ExactBlockFisher
+from curvlib.extensions import GGNMP, KFAC, BatchGrad, DiagGGN, ExactBlockFisher
 from curvlib.solvers import KroneckerInverse
 from tests.utils import dense_ggn, per_sample_grads
 
@@ -101,12 +101,3 @@ def test_exact_quantities_against_torch_func(case):
     torch.testing.assert_close(W.diag_ggn, ggn[s, s].diagonal().reshape(W.shape))
     V = torch.randn(2, *W.shape)
     torch.testing.assert_close(W.ggnmp(V), (V.reshape(2, -1) @ ggn[s, s]).reshape(V.shape))
-
-
-def test_kfac_corrected_refuses_grouped_clearly():
-    model, x = grouped(2, 4, 6, 2)
-    loss_fn = extend(nn.CrossEntropyLoss())
-    extend(model)
-    with pytest.raises(NotImplementedError, match="grouped"):
-        with curvature(KFACCorrected(fisher_type="type-2")):
-            loss_fn(model(x), torch.randint(0, 3, (N,))).backward()

@@ -9,6 +9,7 @@ from torch import nn
 
 from curvlib import extend
 from curvlib.optim import NoisyNaturalGradient
+from tests.utils import dense_kron_terms
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -81,3 +82,33 @@ def test_predict_and_bad_args():
         NoisyNaturalGradient(model.parameters(), lr=0.1, dataset_size=10, prior_precision=1.0, curvature="kpsvd")
     with pytest.raises(ValueError, match="prior_precision"):
         NoisyNaturalGradient(model.parameters(), lr=0.1, dataset_size=10, prior_precision=0.0)
+
+
+@pytest.mark.parametrize("layer", ["embedding", "grouped"])
+def test_posterior_of_diagonal_and_block_factors(layer):
+    """The posterior covariance ``s^2 (C + λ I)^-1`` of an Embedding (1-D token-frequency factor)
+    and of a grouped convolution (block-form factors), weight and bias, against the dense matrix of
+    the same factors: sampling raised NotImplementedError on these forms."""
+    torch.manual_seed(0)
+    if layer == "embedding":
+        model = nn.Sequential(nn.Embedding(12, 3), nn.Flatten(), nn.Linear(6, 3))
+        x = torch.randint(0, 12, (32, 2))
+    else:
+        model = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2), nn.Flatten(), nn.Linear(6 * 2 * 2, 3))
+        x = torch.randn(32, 4, 4, 4)
+    model, loss_fn = extend(model), extend(nn.CrossEntropyLoss())
+    y = torch.randint(0, 3, (32,))
+    opt = NoisyNaturalGradient(model.parameters(), lr=0.1, dataset_size=500, prior_precision=10.0,
+                               curvature="kfac", fisher_type="type-2", ema_decay=0.0, seed=0)
+    for _ in range(2):
+        opt.zero_grad()
+        with opt.sample():
+            loss = loss_fn(model(x), y)
+            with opt.capture():
+                loss.backward()
+        opt.step()
+    lam, s2 = opt.intrinsic_damping, opt.noise_scale**2
+    for p in model[0].parameters():
+        C = dense_kron_terms(opt.state[p]["curvature"])
+        want = s2 * torch.linalg.inv(C + lam * torch.eye(p.numel()))
+        torch.testing.assert_close(opt.covariance(p), want, rtol=1e-8, atol=1e-12)

@@ -9,6 +9,7 @@ from torch import nn
 from curvlib import extend
 from curvlib.optim import NaturalGradient, Preconditioner
 from tests.optim.common import train_step
+from tests.utils import dense_kron_terms
 from tests.zoo import data, mlp
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -301,3 +302,44 @@ def test_two_level_after_a_float64_retry_of_the_inverse(monkeypatch, form):
     for a, b in zip(retried, plain):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("curv", ["kfac", "lanczos"])
+@pytest.mark.parametrize("layer", ["embedding", "grouped"])
+def test_adaptive_damping_rho_on_diagonal_and_block_factors(layer, curv):
+    """rho = (h1 - h0) / M(Δ) with the curvature products of 1-D (Embedding) and block-form
+    (grouped conv) factors, against dense Kronecker matrices. The products were ``G @ V @ A``:
+    a 1-D factor broadcast into a wrong product (Embedding: silently wrong rho) and block factors
+    raised a shape error."""
+    torch.manual_seed(0)
+    if layer == "embedding":
+        model = nn.Sequential(nn.Embedding(20, 4), nn.Flatten(), nn.Linear(12, 3))
+        x = torch.randint(0, 20, (16, 3))
+    else:
+        model = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2), nn.Flatten(), nn.Linear(6 * 4 * 4, 3))
+        x = torch.randn(16, 4, 6, 6)
+    if curv == "lanczos" and layer == "embedding":
+        pytest.skip("rank-2 KPSVD of an Embedding: covered by the grouped layer's block form")
+    model, loss_fn = extend(model.double()), extend(nn.CrossEntropyLoss())
+    x = x.double() if x.is_floating_point() else x
+    y = torch.randint(0, 3, (16,))
+    lam = 0.5
+    opt = NaturalGradient(model.parameters(), lr=0.5, curvature=curv, fisher_type="type-2", damping=lam,
+                          adaptive_damping=True, damping_interval=1, ema_decay=0.0)
+    closure = lambda: loss_fn(model(x), y)  # noqa: E731
+    opt.zero_grad()
+    loss = loss_fn(model(x), y)
+    with opt.capture():
+        loss.backward()
+    params = [p for p in model.parameters()]
+    before = [p.detach().clone() for p in params]
+    grads = [p.grad.clone() for p in params]
+    opt.step(closure)
+    with torch.no_grad():
+        h1 = float(closure())
+    M = 0.0
+    for p, p0, g in zip(params, before, grads):
+        d = (p.detach() - p0).reshape(-1)
+        C = dense_kron_terms(opt.state[p]["curvature"])
+        M += float(g.reshape(-1) @ d) + 0.5 * float(d @ C @ d) + 0.5 * lam * float(d @ d)
+    assert opt._groups[0]["last_rho"] == pytest.approx((h1 - float(loss)) / M, rel=1e-8)
