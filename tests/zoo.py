@@ -216,3 +216,14 @@ class TinyTransformer(nn.Module):
 
     def forward(self, x):
         return self.head(self.enc(self.inp(x)).mean(1))
+
+
+def factor_form_net(layer: str, n: int):
+    """A small classifier (3 classes) whose first layer has 1-D Kronecker factors
+    (``"embedding"``: token frequencies) or block-form ones (``"grouped"``: a 2-group conv),
+    and ``n`` inputs for it; seeded."""
+    torch.manual_seed(0)
+    if layer == "embedding":
+        return nn.Sequential(nn.Embedding(20, 4), nn.Flatten(), nn.Linear(12, 3)), torch.randint(0, 20, (n, 3))
+    net = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2), nn.Flatten(), nn.Linear(6 * 4 * 4, 3))
+    return net, torch.randn(n, 4, 6, 6)

@@ -10,6 +10,7 @@ from torch import nn
 from curvlib import extend
 from curvlib.optim import NoisyNaturalGradient
 from tests.utils import dense_kron_terms
+from tests.zoo import factor_form_net
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -89,13 +90,7 @@ def test_posterior_of_diagonal_and_block_factors(layer):
     """The posterior covariance ``s^2 (C + λ I)^-1`` of an Embedding (1-D token-frequency factor)
     and of a grouped convolution (block-form factors), weight and bias, against the dense matrix of
     the same factors: sampling raised NotImplementedError on these forms."""
-    torch.manual_seed(0)
-    if layer == "embedding":
-        model = nn.Sequential(nn.Embedding(12, 3), nn.Flatten(), nn.Linear(6, 3))
-        x = torch.randint(0, 12, (32, 2))
-    else:
-        model = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2), nn.Flatten(), nn.Linear(6 * 2 * 2, 3))
-        x = torch.randn(32, 4, 4, 4)
+    model, x = factor_form_net(layer, 32)
     model, loss_fn = extend(model), extend(nn.CrossEntropyLoss())
     y = torch.randint(0, 3, (32,))
     opt = NoisyNaturalGradient(model.parameters(), lr=0.1, dataset_size=500, prior_precision=10.0,

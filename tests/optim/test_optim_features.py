@@ -10,7 +10,7 @@ from curvlib import extend
 from curvlib.optim import NaturalGradient, Preconditioner
 from tests.optim.common import train_step
 from tests.utils import dense_kron_terms
-from tests.zoo import data, mlp
+from tests.zoo import data, factor_form_net, mlp
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -311,13 +311,7 @@ def test_adaptive_damping_rho_on_diagonal_and_block_factors(layer, curv):
     (grouped conv) factors, against dense Kronecker matrices. The products were ``G @ V @ A``:
     a 1-D factor broadcast into a wrong product (Embedding: silently wrong rho) and block factors
     raised a shape error."""
-    torch.manual_seed(0)
-    if layer == "embedding":
-        model = nn.Sequential(nn.Embedding(20, 4), nn.Flatten(), nn.Linear(12, 3))
-        x = torch.randint(0, 20, (16, 3))
-    else:
-        model = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2), nn.Flatten(), nn.Linear(6 * 4 * 4, 3))
-        x = torch.randn(16, 4, 6, 6)
+    model, x = factor_form_net(layer, 16)
     if curv == "lanczos" and layer == "embedding":
         pytest.skip("rank-2 KPSVD of an Embedding: covered by the grouped layer's block form")
     model, loss_fn = extend(model.double()), extend(nn.CrossEntropyLoss())
