@@ -17,7 +17,7 @@ convolution layers").
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,28 @@ SHIFT_MAX_COST = 0.6
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
+def zero_padded(module: nn.Module, x: Tensor) -> Tuple[Tensor, List[int]]:
+    """``(x, padding)`` for running ``module``'s convolution kernels on ``x [N, C, *L]`` with
+    symmetric zero ``padding`` per dimension: the module's own padding where it is that, else
+    (``padding_mode`` reflect / replicate / circular, asymmetric ``"same"``) ``x`` padded once
+    here and ``padding`` zero."""
+    d = len(module.kernel_size)
+    pad = module._reversed_padding_repeated_twice  # last dimension first
+    if module.padding_mode == "zeros" and all(pad[i] == pad[i + 1] for i in range(0, len(pad), 2)):
+        return x, [pad[2 * (d - 1 - i)] for i in range(d)]
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    return (F.pad(x, pad, mode=mode) if any(pad) else x), [0] * d
+
+
+def output_size(module: nn.Module, spatial: Sequence[int], padding: Sequence[int]) -> List[int]:
+    """The output positions per dimension of ``module`` on inputs of size ``spatial`` with the total
+    padding ``padding`` per dimension (both sides)."""
+    return [
+        (L + P - dil * (k - 1) - 1) // st + 1
+        for L, P, dil, k, st in zip(spatial, padding, module.dilation, module.kernel_size, module.stride)
+    ]
+
+
 class ConvWeightMap:
     """``V -> conv(x; V)`` and its transpose with the convolution kernels (no unfolded patches);
     see :class:`~curvlib.engine.layers.base.WeightMap`. ``B`` weights go as one convolution with
@@ -70,24 +92,11 @@ class ConvWeightMap:
     """
 
     def __init__(self, module: nn.Module, x: Tensor):
-        d = len(module.kernel_size)
-        pad = module._reversed_padding_repeated_twice
-        symmetric = all(pad[i] == pad[i + 1] for i in range(0, len(pad), 2))
-        if module.padding_mode == "zeros" and symmetric:
-            self.padding = [pad[2 * (d - 1 - i)] for i in range(d)]  # pad is last dim first
-        else:
-            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-            x = F.pad(x, pad, mode=mode) if any(pad) else x
-            self.padding = [0] * d
-        self.x = x
+        self.x, self.padding = zero_padded(module, x)
         self.stride, self.dilation = list(module.stride), list(module.dilation)
         self.shape = tuple(module.weight.shape)
-        self.conv = _CONV[d]
-        k = module.kernel_size
-        self.out_spatial = tuple(
-            (L + 2 * p - dil * (kk - 1) - 1) // st + 1
-            for L, p, dil, kk, st in zip(x.shape[2:], self.padding, self.dilation, k, self.stride)
-        )
+        self.conv = _CONV[len(module.kernel_size)]
+        self.out_spatial = tuple(output_size(module, self.x.shape[2:], [2 * p for p in self.padding]))
 
     def forward(self, V: Tensor) -> Tensor:
         B, N = V.shape[0], self.x.shape[0]
@@ -129,13 +138,9 @@ class ConvAdapter(LayerAdapter):
     def act_count(self, module: nn.Module, x: Tensor) -> int:
         """``N T`` (output positions per sample ``T``) without unfolding."""
         d = len(module.kernel_size)
-        pad = module._reversed_padding_repeated_twice
-        T = 1
-        for i in range(d):
-            total = pad[2 * (d - 1 - i)] + pad[2 * (d - 1 - i) + 1]
-            L = x.shape[x.ndim - d + i]
-            T *= (L + total - module.dilation[i] * (module.kernel_size[i] - 1) - 1) // module.stride[i] + 1
-        return self.batch_size(module, x) * T
+        pad = module._reversed_padding_repeated_twice  # last dimension first
+        total = [pad[2 * (d - 1 - i)] + pad[2 * (d - 1 - i) + 1] for i in range(d)]
+        return self.batch_size(module, x) * math.prod(output_size(module, x.shape[x.ndim - d:], total))
 
     def activations(self, module: nn.Module, x: Tensor) -> Tensor:
         return unfold(
@@ -167,18 +172,9 @@ class ConvAdapter(LayerAdapter):
         if unbatched(module, x):
             x = x.unsqueeze(0)
         d = len(module.kernel_size)
-        pad = module._reversed_padding_repeated_twice
-        if module.padding_mode == "zeros" and all(pad[i] == pad[i + 1] for i in range(0, len(pad), 2)):
-            padding = [pad[2 * (d - 1 - i)] for i in range(d)]
-        else:  # asymmetric ("same" with even kernels) or non-zero padding: pad first
-            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-            x, padding = F.pad(x, pad, mode=mode), [0] * d
+        x, padding = zero_padded(module, x)
         k = list(module.kernel_size)
-        out_size = [
-            (x.shape[2 + i] + 2 * padding[i] - module.dilation[i] * (module.kernel_size[i] - 1) - 1)
-            // module.stride[i] + 1
-            for i in range(d)
-        ]
+        out_size = output_size(module, x.shape[2:], [2 * p for p in padding])
         D = x.shape[1] * math.prod(k)
         if 4 * x.shape[0] * math.prod(out_size) < D:
             # few patches for many features (deep layers on small maps): the weight-gradient
