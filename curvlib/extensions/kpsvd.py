@@ -232,6 +232,14 @@ def _full(x: Tuple[Tensor, Optional[Tensor]]) -> Tensor:
     return xc if Q is None else xc @ Q.T
 
 
+def _minus_outer(
+    mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor], c0: Tensor, c1: Tensor
+) -> Tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+    """The products of ``R - c0 c1^T`` (and its transpose) from those of ``R``, matrix-free
+    (KFACCorrected's residual, ``c0 = vec(G)``, ``c1 = vec(A)``)."""
+    return (lambda v: mv(v) - c0 * (c1 @ v)), (lambda u: rmv(u) - c1 * (c0 @ u))
+
+
 class _Counted:
     """Wraps a product and counts its calls."""
 
@@ -336,8 +344,7 @@ class KroneckerSVDExtension(Extension):
         mv, rmv = block.matvec, block.rmatvec
         if correction is not None:
             c0, c1 = correction[0].reshape(-1), correction[1].reshape(-1)
-            mv = lambda v, f=block.matvec: f(v) - c0 * (c1 @ v)  # noqa: E731
-            rmv = lambda u, f=block.rmatvec: f(u) - c1 * (c0 @ u)  # noqa: E731
+            mv, rmv = _minus_outer(mv, rmv, c0, c1)
         mv, rmv = _Counted(mv), _Counted(rmv)
         # start: one power step R^T vec(U) from a left guess U -- the previous left factors (warm),
         # `guess`, or the identity (cold, cheaper than a product). A power step from the previous
@@ -469,8 +476,7 @@ class KroneckerSVDExtension(Extension):
                 mv = lambda v, Xb=Xb: torch.einsum("jac,jdc->ad", Xb @ v.reshape(n, n), Xb).reshape(-1)  # noqa: E731
                 rmv = lambda u, Xb=Xb: torch.einsum("jab,jad->bd", Xb, u.reshape(m, m) @ Xb).reshape(-1)  # noqa: E731
                 if c0 is not None:  # the residual R_b - vec(C0_b) vec(C1_b)^T, matrix-free
-                    mv = lambda v, f=mv, u0=c0[b], u1=c1[b]: f(v) - u0 * (u1 @ v)  # noqa: E731
-                    rmv = lambda u, f=rmv, u0=c0[b], u1=c1[b]: f(u) - u1 * (u0 @ u)  # noqa: E731
+                    mv, rmv = _minus_outer(mv, rmv, c0[b], c1[b])
                 terms.append(kronecker_svd(mv, rmv, (m, n), rank, X, self.method, None, self.maxiter, self.tol))
             U, S, V = (torch.stack(t, 1) for t in zip(*terms))  # [rank, B, ...], S [rank, B]
         root = S.clamp_min(0).sqrt()[..., None, None]
