@@ -447,11 +447,7 @@ class curvature:
 
     def _single_call(self, call: LayerCall) -> bool:
         """Whether ``call``'s layer has no other call in this backward (captured or to come)."""
-        module = call.module
-        if module in self._pending:
-            return False
-        others = state.CALLS_OF.get(hooks.calls_key(module), ())
-        return not any(o is not call and o.live and o.in_backward == call.in_backward for o in others)
+        return call.module not in self._pending and not _other_live_calls(call)
 
     def _reduce(self, call: LayerCall, key: Source, part: Tensor) -> None:
         """Fold a chunk ``part`` ``[c, *output_shape]`` of ``key``'s columns at ``call`` into the
@@ -576,8 +572,7 @@ class curvature:
         state.TAPE.pop(call.uid, None)
         call.release()
         self._pending.setdefault(module, []).append(capture)
-        others = state.CALLS_OF.get(hooks.calls_key(module), ())
-        if any(c.live and c.in_backward == call.in_backward for c in others):
+        if _other_live_calls(call):
             return  # another call of this layer is still to come (shared weights)
         self._run_group(module)
 
@@ -632,6 +627,13 @@ _PROBED: "weakref.WeakKeyDictionary[nn.Module, Set[bool]]" = weakref.WeakKeyDict
 #: models already warned about (coupled samples) / layers already warned about (no call)
 _WARNED_COUPLING: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 _WARNED_UNCALLED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def _other_live_calls(call: LayerCall) -> bool:
+    """Whether another call of ``call``'s layer in the same (main or recomputing) backward is
+    still live: recorded and not yet reached."""
+    others = state.CALLS_OF.get(hooks.calls_key(call.module), ())
+    return any(o is not call and o.live and o.in_backward == call.in_backward for o in others)
 
 
 def _add_into(acc: Dict[str, Tensor], new: Dict[str, Tensor]) -> None:
