@@ -18,7 +18,6 @@ For every source, ``sum_k sum_n X_{k,n} X_{k,n}^T`` over per-sample gradients
 from __future__ import annotations
 
 import math
-
 from typing import Any, Dict, Hashable, List, Optional, Tuple
 
 import torch

@@ -153,7 +153,6 @@ class NoisyNaturalGradient(NaturalGradient):
         return total / samples
 
 
-
 def _psd_eig(F: Tensor):
     """``(eigenvalues clamped at 0, eigenvectors)`` of a Kronecker factor in any form: dense
     ``[m, m]``, block ``[B, m, m]`` (batched) or 1-D diagonal ``[m]`` (``(F, None)``: no matrix)."""
@@ -175,5 +174,6 @@ def _from_eig(T: Tensor, Q: Optional[Tensor]) -> Tensor:
     if Q is None:
         return T
     return (Q @ T.unsqueeze(-1)).squeeze(-1) if T.ndim == Q.ndim - 1 else Q @ T
+
 
 __all__ = ["NoisyNaturalGradient"]
