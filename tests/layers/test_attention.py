@@ -12,6 +12,7 @@ from torch import nn
 
 from curvlib import curvature, extend
 from curvlib.extensions import GGNMP, KFAC, KPSVD, BatchGrad, DiagGGN, ExactBlockFisher
+from tests.optim.common import train_step
 from tests.utils import dense_ggn, per_sample_grads
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -416,10 +417,6 @@ def test_layer_called_twice_over_several_optimizer_steps():
     opt = NaturalGradient(model.parameters(), lr=0.05, curvature="kfac", damping=1e-2, kl_clip=1e-3)
     x, y = data()
     for _ in range(3):
-        opt.zero_grad()
-        loss = loss_fn(model(x), y)
-        with opt.capture():
-            loss.backward()
-        opt.step()
+        train_step(model, loss_fn, opt, x, y)
     G, A = model.layer.self_attn.in_proj_weight.kfac
     assert G.shape == (3, E, E) and A.shape == (3, E, E)

@@ -10,6 +10,7 @@ from curvlib import curvature, extend
 from curvlib.extensions import KPSVD
 from tests.layers import test_grouped_conv as conv
 from tests.layers import test_grouped_conv_transpose as convt
+from tests.optim.common import train_step
 from tests.utils import dense_ggn
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -97,12 +98,7 @@ def test_kpsvd_optimizer_steps_on_a_depthwise_convolution():
     opt = NaturalGradient(model.parameters(), lr=0.1, curvature="kpsvd", damping=1e-2)
     losses = []
     for _ in range(10):
-        opt.zero_grad()
-        loss = loss_fn(model(x), y)
-        with opt.capture():
-            loss.backward()
-        opt.step()
-        losses.append(loss.item())
+        losses.append(train_step(model, loss_fn, opt, x, y).item())
     assert losses[-1] < 0.5 * losses[0]
 
 

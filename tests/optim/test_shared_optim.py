@@ -8,6 +8,7 @@ from curvlib import curvature, extend
 from curvlib.extensions import ExactBlockFisher, KFAC
 from curvlib.optim import NaturalGradient
 from tests.extensions.test_shared_calls import SharedMLP
+from tests.optim.common import train_step
 
 LR, LAM = 0.5, 0.1
 
@@ -48,12 +49,7 @@ def test_natural_gradient_trains_a_weight_shared_model():
     opt = NaturalGradient(model.parameters(), lr=0.1, curvature="kfac", fisher_type="mc", damping=1e-2)
     losses = []
     for _ in range(40):
-        opt.zero_grad()
-        loss = loss_fn(model(x), y)
-        with opt.capture():
-            loss.backward()
-        opt.step()
-        losses.append(loss.item())
+        losses.append(train_step(model, loss_fn, opt, x, y).item())
     assert losses[-1] < 0.6 * losses[0]
 
 
