@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from curvlib.engine import factors
 from curvlib.engine.layers.base import LayerAdapter
+from curvlib.engine.lazy_columns import LazyColumns
 from curvlib.engine.records import LossCall, Objective
 
 Source = Hashable
@@ -58,6 +59,8 @@ class LayerCapture:
         backward: index of the ``backward`` call within the ``curvature`` context
             (0, 1, ... for gradient accumulation over micro-batches).
         reduced: column reductions summed by the engine (:meth:`reduction`).
+        lazy: the matrix-free columns of the sources the engine did not store
+            (:meth:`lazy_columns`), or ``None``.
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class LayerCapture:
         order: int = 0,
         backward: int = 0,
         reduced: Optional[Dict[Any, Dict[str, Tensor]]] = None,
+        lazy: Optional["LazyColumns"] = None,
     ):
         if x.numel() == 0:
             raise ValueError(
@@ -92,6 +96,7 @@ class LayerCapture:
         self.order = order
         self.backward = backward
         self.reduced = dict(reduced or {})
+        self.lazy = lazy
         self._act: Optional[Tensor] = None
         self._cot: Dict[Source, Tensor] = {}
         self._bias_cot: Dict[Source, Tensor] = {}
@@ -121,11 +126,21 @@ class LayerCapture:
         return name == "bias" or name in self.adapter.summed_params
 
     def has(self, source: Source) -> bool:
-        return source == "empirical" and "grad" in self.raw or source in self.raw
+        return source == "empirical" and "grad" in self.raw or source in self.raw or self.lazy_columns(source) is not None
+
+    def lazy_columns(self, source: Source) -> Optional["LazyColumns"]:
+        """The columns of ``source`` as products (:class:`~curvlib.engine.lazy_columns.LazyColumns`),
+        where the engine did not store them (only for extensions with ``lazy_columns = True``);
+        :meth:`cot` and the other accessors still work and form the columns then."""
+        if self.lazy is not None and source in self.lazy.V and source not in self.raw:
+            return self.lazy
+        return None
 
     def _raw(self, source: Source) -> Tensor:
         if source == "empirical":
             return self.raw["grad"] * self.empirical_scale
+        if self.lazy_columns(source) is not None:  # formed on first use (K VJPs)
+            self.raw[source] = self.lazy.columns(source)
         try:
             return self.raw[source]
         except KeyError:
@@ -162,6 +177,8 @@ class LayerCapture:
 
     def select(self, index: Tensor, scale: float = 1.0) -> "LayerCapture":
         """The capture restricted to the samples ``index``, cotangents times ``scale``."""
+        for source in list(self.lazy.V) if self.lazy is not None else []:
+            self._raw(source)
         raw = {k: v.index_select(1, index) * scale for k, v in self.raw.items()}
         return LayerCapture(
             self.module, self.adapter, self.x.index_select(0, index), raw, self.empirical_scale,
@@ -288,6 +305,7 @@ class SharedCapture(LayerCapture):
         self.x = None
         self.raw = None
         self.reduced = {}
+        self.lazy = None
         self.empirical_scale = first.empirical_scale
         self.root, self.root_inputs = first.root, first.root_inputs
         self.loss_calls = max((c.loss_calls for c in captures), key=len)

@@ -9,10 +9,10 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 import torch
 from torch import Tensor, nn
 
-from curvlib.engine import coupling, hooks, state
+from curvlib.engine import coupling, hooks, lazy_columns, state
 from curvlib.engine.capture import LayerCapture, SharedCapture, Source, finite_or_raise
 from curvlib.engine.extension import Extension
-from curvlib.engine.columns import backprop_columns, column_chunks
+from curvlib.engine.columns import backprop_columns, column_chunk, column_chunks
 from curvlib.engine.layers import adapter_for
 from curvlib.engine.losses import loss_adapter_for
 from curvlib.engine.records import LayerCall, LossCall
@@ -354,11 +354,19 @@ class curvature:
         if probe is not None:
             cots.append(probe)
             keys.append(_PROBE)
+        for c in calls:  # reached by an earlier loss of this backward matrix-free: store those
+            if c.lazy is not None:
+                c.extra.update({k: c.lazy.columns(k) for k in c.lazy.V})
+                c.lazy = None
         if not cots or not calls:
             return
         sizes = [S.shape[0] for S in cots]
         # reduced sources: not when a derived source needs the base columns stored
         streamed = set() if derived else {k for k in keys if k in self._reducers}
+        if probe is None and not derived and not streamed:
+            calls = self._leave_matrix_free(f_graph, calls, cots, keys)
+            if not calls:
+                return
         state.IN_EXTRA_BACKWARD = True
         try:
             roots = [c.root if c.root is not None else c.module for c in calls]
@@ -394,6 +402,56 @@ class curvature:
                     continue
                 old = call.extra.get(key)
                 call.extra[key] = part if old is None else torch.cat([old, part])
+
+    def _leave_matrix_free(self, f: Tensor, calls: List[LayerCall], cots: List[Tensor], keys: list) -> List[LayerCall]:
+        """Give the earliest calls matrix-free columns (:mod:`curvlib.engine.lazy_columns`) where
+        every extension of the context reads columns only through products
+        (``Extension.lazy_columns``) and the cost model prefers it; returns the calls that still
+        get stored columns."""
+        if not all(getattr(e, "lazy_columns", False) for e in self.extensions):
+            return calls
+        K = sum(S.shape[0] for S in cots)
+        ordered = sorted(calls, key=lambda c: c.uid)
+
+        def eligible(c: LayerCall) -> bool:
+            ps = [p for p in c.module.parameters(recurse=False) if p.requires_grad]
+            return (
+                bool(ps) and not c.demoted and not c.in_backward and not c.extra and _same_batch(c, f)
+                and self._single_call(c) and all(p.dtype == f.dtype for p in ps) and c.input.dtype == f.dtype
+            )
+
+        def costs(ok):
+            out = []
+            for c, e in zip(ordered, ok):
+                numel = math.prod(c.output_shape)
+                n_params = sum(1 for p in c.module.parameters(recurse=False) if p.requires_grad)
+                out.append((e, lazy_columns.forward_macs(c.module, numel), numel, n_params))
+            return out
+
+        ok = [eligible(c) for c in ordered]
+        batched = column_chunk(cots[0], [c.output_shape for c in calls]) > 1
+        cut = lazy_columns.plan(costs(ok), K, batched)
+        if cut == 0:
+            return calls
+        supported = lazy_columns.supported_between(f, [c.output_edge for c in ordered[:cut]])
+        if not all(supported):
+            ok = [e and (i >= cut or supported[i]) for i, e in enumerate(ok)]
+            cut = lazy_columns.plan(costs(ok), K, batched)
+            if cut == 0:
+                return calls
+        chosen = ordered[:cut]
+        state.IN_EXTRA_BACKWARD = True
+        try:
+            built = lazy_columns.build(
+                f, [c.output_edge for c in chosen], [c.output_shape for c in chosen], dict(zip(keys, cots))
+            )
+        finally:
+            state.IN_EXTRA_BACKWARD = False
+        for c, lazy in zip(chosen, built):
+            if lazy is None:  # (its output is f: the cut stops there)
+                break
+            c.lazy = lazy
+        return [c for c in calls if c.lazy is None]
 
     def _stream_columns(self, f, edges, V, roots, shapes, calls, keys, sizes, streamed):
         """Back-propagate the columns ``V`` (blocks ``keys`` of ``sizes`` columns) chunk by chunk
@@ -568,6 +626,7 @@ class curvature:
             order=call.uid,
             backward=self.num_backwards - 1,
             reduced=call.reduced,
+            lazy=call.lazy,
         )
         state.TAPE.pop(call.uid, None)
         call.release()

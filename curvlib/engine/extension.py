@@ -35,12 +35,17 @@ class Extension(abc.ABC):
         accumulation: how the results of several ``backward`` calls in one context combine
             (:meth:`accumulate`): ``"sum"``, ``"cat"`` (along dim 0), ``"custom"`` or ``None``
             (cannot: the engine raises at the second backward).
+        lazy_columns: ``True`` if :meth:`compute` reads the cotangent columns only through
+            ``capture.lazy_columns(source)`` products where it gets them (exact GGN products):
+            the engine may then leave the columns of early layers unstored
+            (:mod:`curvlib.engine.lazy_columns`). Default ``False``.
     """
 
     savefield: ClassVar[str]
     check_finite: ClassVar[bool]
     coupled_samples: ClassVar[str]
     accumulation: ClassVar[Optional[str]]
+    lazy_columns: ClassVar[bool] = False
 
     @abc.abstractmethod
     def sources(self) -> Set[Source]:

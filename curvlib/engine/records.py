@@ -37,6 +37,8 @@ class LayerCall:
     output_shape: torch.Size
     extra: Dict[object, Tensor] = field(default_factory=dict)
     reduced: Dict[object, Dict[str, Tensor]] = field(default_factory=dict)
+    #: the sources of ``extra`` that the engine left matrix-free (``lazy_columns.LazyColumns``)
+    lazy: Optional[Any] = None
     #: the model ran another forward before this call was back-propagated: the call is
     #: then owned by its own autograd graph (``hooks._demote``), not by the model, and
     #: ``output_edge`` is found again from the loss (``context._demoted_edges``)
@@ -59,6 +61,7 @@ class LayerCall:
         self.demoted = False
         self.extra = {}
         self.reduced = {}
+        self.lazy = None
         self.root_inputs = None
 
 

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from curvlib.engine.capture import LayerCapture
 from curvlib.engine.factors import outer_sum, per_sample_grads, structure
 from curvlib.engine.layers.base import WeightMap
+from curvlib.engine.lazy_columns import LazyColumns
 from curvlib.extensions.base import Extension
 from curvlib.extensions.operator import GGNOperator, ParameterOperator, SumOperator
 
@@ -98,6 +99,23 @@ class LayerFactors:
         self.map: Optional[WeightMap] = None  # the layer's own kernels for V a and u a^T
         self._capture: Optional[LayerCapture] = None
         self._products = 0
+        self.source = source
+        #: matrix-free columns (:mod:`curvlib.engine.lazy_columns`): products by a JVP and a VJP
+        #: through the network instead of stored ``s``, until the ski-rental rule stores them
+        self.lazy: Optional[LazyColumns] = None
+        lazy = capture.lazy_columns(source)
+        if lazy is not None and not any(capture.summed(n) and n != "bias" for n in self.params):
+            if "weight" not in self.params or not structure(capture).grouped:
+                self.lazy, self._capture = lazy, capture
+                self.num_columns = lazy.num_columns(source)
+                if "weight" in self.params:
+                    self.map = capture.adapter.weight_map(capture.module, capture.x)
+                return
+        self._init_stored(capture, source)
+
+    def _init_stored(self, capture: LayerCapture, source) -> None:
+        """The stored factorisation: ``s`` (and ``a`` or the weight map), bias vectors."""
+        mode = self.mode
         K, grouped = None, False
         if "weight" in self.params and capture.summed("weight"):
             xw = capture.sum_cot("weight", source).sum(2)  # [K, N, numel]
@@ -182,9 +200,52 @@ class LayerFactors:
         u = rearrange(u, f"n b ({m}) -> {o.outer_pattern('(n t)')}", s=D_s)
         return o.outer_to_weight(u, a2, B).reshape(B, *shape)
 
+    # ------------------------------------------------------------ matrix-free columns
+    def _store(self) -> None:
+        """Ski-rental rule of the matrix-free columns: after ``K / 2`` directions (about the cost
+        of the ``K`` stored columns), form the columns (``K`` VJPs) and take the stored path."""
+        capture, self.lazy = self._capture, None
+        self._init_stored(capture, self.source)
+
+    def _adjoint(self, name: str, B: int, s: Tensor) -> Tensor:
+        """The output-shaped ``U [B, *output.shape]`` whose cotangent vectors (the adapter's
+        ``weight_cotangents`` / ``bias_cotangents``, a layout map) are ``s``: its adjoint."""
+        cap = self._capture
+        fn = cap.adapter.bias_cotangents if name == "bias" else cap.adapter.weight_cotangents
+        zero = s.new_zeros((B,) + tuple(self.lazy.out_shape))
+        out, back = torch.func.vjp(lambda g: fn(cap.module, g, cap.x), zero)
+        return back(s.expand(out.shape))[0]
+
+    def _lazy_directions(self, name: str, V: Tensor) -> Tensor:
+        """Parameter directions ``V [B, *p.shape]`` -> output directions ``J_p V [B, *output.shape]``."""
+        B, cap = V.shape[0], self._capture
+        if name == "bias":
+            return self._adjoint("bias", B, V.reshape(B, 1, 1, -1))
+        if self.map is not None:  # [N, B, D_s T] in the output's memory order
+            return self.map.forward(V).transpose(0, 1).reshape((B,) + tuple(self.lazy.out_shape))
+        a, o = cap.act(), self.orientation
+        D_s = self.params["weight"].numel() // a.shape[-1]
+        Va = o.weight_times_act(a.reshape(-1, a.shape[-1]), V, D_s)  # [N T, B D_s]
+        return self._adjoint("weight", B, rearrange(Va, "(n t) (b s) -> b n t s", n=a.shape[0], b=B))
+
+    def _lazy_from_output(self, name: str, U: Tensor) -> Tensor:
+        """Output-shaped ``U [B, *output.shape]`` -> ``J_p^T U [B, *p.shape]`` (summed over samples)."""
+        B, cap, p = U.shape[0], self._capture, self.params[name]
+        if name == "bias":
+            return cap.adapter.bias_cotangents(cap.module, U, cap.x).sum((1, 2)).reshape(B, *p.shape)
+        if self.map is not None:
+            return self.map.backward(U.reshape(B, self.batch_size, -1).transpose(0, 1))
+        s = cap.adapter.weight_cotangents(cap.module, U, cap.x)  # [B, N, T, D_s]
+        M = torch.einsum("bnts,nta->bsa", s, cap.act())  # [B, D_s, D_a]
+        return self.orientation.from_cot_act(M).reshape(B, *p.shape)
+
     # ------------------------------------------------------------------ public
     def inner(self, name: str, V: Tensor) -> Tensor:
         """``c[k, n, b] = <X_{k,n}, V_b>`` for ``V`` of shape ``[B, *p.shape]`` -> ``[K, N, B]``."""
+        if self.lazy is not None and self.lazy.directions + V.shape[0] > self.num_columns / 2:
+            self._store()
+        if self.lazy is not None:
+            return self.lazy.inner(self.source, self._lazy_directions(name, V))
         if name == "weight" and self.xw is None:
             return self._weight_inner(V)
         B = V.shape[0]
@@ -193,6 +254,8 @@ class LayerFactors:
 
     def expand(self, name: str, c: Tensor) -> Tensor:
         """``sum_{k,n} c[k, n, b] X_{k,n}`` -> ``[B, *p.shape]``."""
+        if self.lazy is not None:
+            return self._lazy_from_output(name, self.lazy.expand(self.source, c))
         if name == "weight" and self.xw is None:
             return self._weight_expand(c)
         B = c.shape[-1]
@@ -239,6 +302,9 @@ class GGNMP(Extension):
         fisher_type: ``"type-2"`` (exact GGN of the loss; BackPACK's GGNMP), ``"mc"`` or
             ``"empirical"``.
         mc_samples: sampled targets per datum for ``"mc"``.
+        lazy_columns: with ``mode="auto"``, let the engine leave the columns of early layers
+            unstored where its cost model prefers products through the network (exact; module
+            docstring and :mod:`curvlib.engine.lazy_columns`). ``False``: always store them.
         mode: ``"auto"`` (factored, materialising per-sample gradients when that becomes
             cheaper), ``"factored"`` or ``"materialized"``.
 
@@ -266,11 +332,12 @@ class GGNMP(Extension):
     #: several backwards in one context: products and operator summed over them
     accumulation = "custom"
 
-    def __init__(self, fisher_type: str = "type-2", mc_samples: int = 1, mode: str = "auto"):
+    def __init__(self, fisher_type: str = "type-2", mc_samples: int = 1, mode: str = "auto", lazy_columns: bool = True):
         super().__init__(fisher_type, mc_samples)
         if mode not in MODES:
             raise ValueError(f"curvlib: GGNMP(mode={mode!r}) is not one of {MODES}.")
         self.mode = mode
+        self.lazy_columns = bool(lazy_columns) and mode == "auto"
         #: one ``{layer: LayerFactors}`` per backward of the last context
         self._backwards: List[Dict[nn.Module, LayerFactors]] = []
 
