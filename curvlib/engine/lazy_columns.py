@@ -81,30 +81,29 @@ def node_kind(node: Any) -> str:
 
 def supported_between(f: Tensor, edges: Sequence[Any]) -> List[bool]:
     """For each gradient edge: whether every autograd node on a path from ``f`` to it is in
-    :data:`SUPPORTED_NODES` (the edge's own node, the layer, is not crossed)."""
+    :data:`SUPPORTED_NODES` (the edge's own node, the layer, is not crossed). One iterative
+    post-order walk over the graph of ``f`` (no recursion: graphs may be thousands deep)."""
+    if f.grad_fn is None:
+        return [False] * len(edges)
     targets = {id(e.node): i for i, e in enumerate(edges)}
     ok = [True] * len(edges)
-    memo: Dict[int, set] = {}  # node -> the targets it reaches
-
-    def reach(node) -> set:
+    reach: Dict[int, frozenset] = {}  # node -> the targets it reaches
+    stack = [(f.grad_fn, False)]
+    while stack:
+        node, expanded = stack.pop()
         key = id(node)
-        if key in memo:
-            return memo[key]
-        memo[key] = set()  # (graphs are acyclic; guards re-entry)
-        out = {targets[key]} if key in targets else set()
-        below = set()
-        for nxt, _ in node.next_functions:
-            if nxt is not None:
-                below |= reach(nxt)
+        if key in reach:
+            continue
+        children = [nxt for nxt, _ in node.next_functions if nxt is not None]
+        if not expanded:
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in reach)
+            continue
+        below = frozenset().union(*(reach.get(id(c), frozenset()) for c in children))
         if below and node_kind(node) not in SUPPORTED_NODES:
             for i in below:
                 ok[i] = False
-        memo[key] = out | below
-        return memo[key]
-
-    if f.grad_fn is None:
-        return [False] * len(edges)
-    reach(f.grad_fn)
+        reach[key] = below | ({targets[key]} if key in targets else frozenset())
     return ok
 
 

@@ -283,3 +283,14 @@ def test_forward_macs():
     assert lazy_columns.forward_macs(nn.Conv2d(3, 4, 5), 4 * 10) == 4 * 10 * 75
     assert lazy_columns.forward_macs(nn.Linear(7, 2), 2 * 3) == 2 * 3 * 7
     assert lazy_columns.forward_macs(nn.LayerNorm(4), 8) == 0
+
+
+def test_support_walk_is_not_recursive():
+    """A graph far deeper than Python's recursion limit (a long unrolled chain)."""
+    x = torch.randn(3, 4, requires_grad=True)
+    h = x * 2
+    edge = torch.autograd.graph.get_gradient_edge(h)
+    for _ in range(5000):
+        h = torch.tanh(h)
+    assert lazy_columns.supported_between(h.sum(1), [edge]) == [True]
+    assert lazy_columns.supported_between(torch.cumsum(h, 1), [edge]) == [False]  # CumsumBackward
