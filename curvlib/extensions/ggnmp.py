@@ -262,6 +262,28 @@ class LayerFactors:
         x = self.xw if name == "weight" else self.xb
         return (c.reshape(-1, B).T @ x).reshape(B, *self.params[name].shape)
 
+    def inner_all(self, V: Dict[str, Tensor]) -> Tensor:
+        """``sum_name inner(name, V[name])`` over parameters of this layer (one JVP for all of
+        them when the columns are matrix-free: the output directions add up first)."""
+        B = next(iter(V.values())).shape[0]
+        if self.lazy is not None and self.lazy.directions + B > self.num_columns / 2:
+            self._store()
+        if self.lazy is not None:
+            U = sum(self._lazy_directions(name, v) for name, v in V.items())
+            return self.lazy.inner(self.source, U)
+        c = None
+        for name, v in V.items():
+            ci = self.inner(name, v)
+            c = ci if c is None else c + ci
+        return c
+
+    def expand_all(self, names: List[str], c: Tensor) -> Dict[str, Tensor]:
+        """``{name: expand(name, c)}`` (one VJP for all of them when the columns are matrix-free)."""
+        if self.lazy is not None:
+            U = self.lazy.expand(self.source, c)
+            return {name: self._lazy_from_output(name, U) for name in names}
+        return {name: self.expand(name, c) for name in names}
+
     def product(self, name: str, V: Tensor) -> Tensor:
         """Block product ``[B, *p.shape] -> [B, *p.shape]``."""
         p = self.params[name]

@@ -17,7 +17,7 @@ the captured factorisations without another pass through the network (built by
 """
 from __future__ import annotations
 
-from typing import List, Optional, Protocol, Sequence
+from typing import Dict, List, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -174,11 +174,31 @@ class GGNOperator(ParameterOperator):
         super().__init__([b.params[name] for b, name in self._entries])
 
     def matmat(self, V: List[Tensor]) -> List[Tensor]:
-        c = None
+        per_block: Dict[int, Dict[str, Tensor]] = {}
         for (block, name), v in zip(self._entries, V):
-            ci = block.inner(name, v)
+            per_block.setdefault(id(block), {})[name] = v
+        c = None
+        for block in self.blocks:  # a layer's parameters together (one JVP if matrix-free)
+            ci = _inner_all(block, per_block[id(block)])
             c = ci if c is None else c + ci
-        return [block.expand(name, c) for block, name in self._entries]
+        out = {id(block): _expand_all(block, list(per_block[id(block)]), c) for block in self.blocks}
+        return [out[id(block)][name] for block, name in self._entries]
+
+
+def _inner_all(block, V: Dict[str, Tensor]) -> Tensor:
+    if hasattr(block, "inner_all"):
+        return block.inner_all(V)
+    c = None
+    for name, v in V.items():
+        ci = block.inner(name, v)
+        c = ci if c is None else c + ci
+    return c
+
+
+def _expand_all(block, names: List[str], c: Tensor) -> Dict[str, Tensor]:
+    if hasattr(block, "expand_all"):
+        return block.expand_all(names, c)
+    return {name: block.expand(name, c) for name in names}
 
 
 class SumOperator(ParameterOperator):
