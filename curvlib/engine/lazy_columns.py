@@ -41,11 +41,11 @@ iterations makes). A backward through a layer costs its forward multiply-adds pl
 :data:`CALL_COST` per pass. Products beyond that are bounded by a ski-rental rule in
 :class:`~curvlib.extensions.ggnmp.LayerFactors`: after ``K / 2`` directions the columns are formed
 (``K`` VJPs through the stored graph) and stored products take over, so a mistaken choice costs at
-most about twice the stored columns.
+most about twice the stored columns. The whole-network operator applies a layer's parameters
+together: their output directions add up before one JVP, and one VJP serves them all.
 """
 from __future__ import annotations
 
-import math
 import re
 from typing import Any, Dict, Hashable, List, Optional, Sequence
 
