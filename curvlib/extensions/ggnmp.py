@@ -44,7 +44,7 @@ from curvlib.engine.factors import outer_sum, per_sample_grads, structure
 from curvlib.engine.layers.base import WeightMap
 from curvlib.engine.lazy_columns import LazyColumns
 from curvlib.extensions.base import Extension
-from curvlib.extensions.operator import GGNOperator, ParameterOperator, SumOperator
+from curvlib.extensions.operator import GGNOperator, ParameterOperator, SumOperator, inner_sum
 
 MODES = ("auto", "factored", "materialized")
 
@@ -272,11 +272,7 @@ class LayerFactors:
         if self.lazy is not None:
             U = sum(self._lazy_directions(name, v) for name, v in V.items())
             return self.lazy.inner(self.source, U)
-        c = None
-        for name, v in V.items():
-            ci = self.inner(name, v)
-            c = ci if c is None else c + ci
-        return c
+        return inner_sum(self, V)
 
     def expand_all(self, names: List[str], c: Tensor) -> Dict[str, Tensor]:
         """``{name: expand(name, c)}`` (one VJP for all of them when the columns are matrix-free)."""

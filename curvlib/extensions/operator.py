@@ -185,14 +185,17 @@ class GGNOperator(ParameterOperator):
         return [out[id(block)][name] for block, name in self._entries]
 
 
-def _inner_all(block, V: Dict[str, Tensor]) -> Tensor:
-    if hasattr(block, "inner_all"):
-        return block.inner_all(V)
+def inner_sum(block, V: Dict[str, Tensor]) -> Tensor:
+    """``sum_name block.inner(name, V[name])``: a layer's parameters in one coefficient."""
     c = None
     for name, v in V.items():
         ci = block.inner(name, v)
         c = ci if c is None else c + ci
     return c
+
+
+def _inner_all(block, V: Dict[str, Tensor]) -> Tensor:
+    return block.inner_all(V) if hasattr(block, "inner_all") else inner_sum(block, V)
 
 
 def _expand_all(block, names: List[str], c: Tensor) -> Dict[str, Tensor]:

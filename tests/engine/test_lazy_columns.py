@@ -159,51 +159,54 @@ def test_operator_equals_dense_ggn(all_matrix_free, name):
         torch.testing.assert_close(out, G @ v)
 
 
+def same_as_stored(model, backward, **kw):
+    """Run ``backward()`` in a context with ``GGNMP(**kw)`` matrix-free and again storing all
+    columns (same random state: same MC targets); assert equal block products. Returns the
+    matrix-free extension."""
+    outs, exts = [], []
+    for lazy in (True, False):
+        ext = GGNMP(lazy_columns=lazy, **kw)
+        torch.manual_seed(1)
+        with curvature(ext):
+            backward()
+        model.zero_grad()
+        torch.manual_seed(2)
+        outs.append([p.ggnmp(torch.randn(1, *p.shape)) for p in model.parameters()])
+        exts.append(ext)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b)
+    return exts[0]
+
+
 @pytest.mark.parametrize("fisher_type", ["mc", "empirical"])
 def test_mc_and_empirical_equal_stored_columns(all_matrix_free, fisher_type):
     model, loss_fn, x, y = setup("cnn")
-    outs = []
-    for lazy in (True, False):
-        torch.manual_seed(1)  # the same MC targets
-        ext = run(model, loss_fn, x, y, GGNMP(fisher_type=fisher_type, mc_samples=4 if fisher_type == "mc" else 1, lazy_columns=lazy))
-        assert bool(lazy_layers(ext)) == (lazy and fisher_type == "mc")  # one empirical column: never
-        torch.manual_seed(2)
-        outs.append([p.ggnmp(torch.randn(1, *p.shape)) for p in model.parameters()])
-    for a, b in zip(*outs):
-        torch.testing.assert_close(a, b)
+    ext = same_as_stored(model, lambda: loss_fn(model(x), y).backward(), fisher_type=fisher_type,
+                         mc_samples=4 if fisher_type == "mc" else 1)
+    assert bool(lazy_layers(ext)) == (fisher_type == "mc")  # one empirical column: always stored
 
 
 def test_gradient_accumulation_equals_stored_columns(all_matrix_free):
     model, loss_fn, x, y = setup("cnn")
-    outs = []
-    for lazy in (True, False):
-        ext = GGNMP(lazy_columns=lazy)
-        with curvature(ext):
-            for i in (slice(0, 3), slice(3, 6)):
-                loss_fn(model(x[i]), y[i]).backward()
-        torch.manual_seed(2)
-        outs.append([p.ggnmp(torch.randn(1, *p.shape)) for p in model.parameters()])
-        if lazy:  # both micro-batches
-            assert all(any(b.lazy is not None for b in blocks.values()) for blocks in ext._backwards)
-    for a, b in zip(*outs):
-        torch.testing.assert_close(a, b)
+
+    def backward():
+        for i in (slice(0, 3), slice(3, 6)):
+            loss_fn(model(x[i]), y[i]).backward()
+
+    ext = same_as_stored(model, backward)
+    assert all(any(b.lazy is not None for b in blocks.values()) for blocks in ext._backwards)  # both
 
 
 def test_two_losses_in_one_backward(all_matrix_free):
     """The second loss reaches a layer the first left matrix-free: its columns are stored then."""
     model, loss_fn, x, y = setup("cnn")
-    mse = extend(nn.MSELoss())
-    t = torch.randn(x.shape[0], C)
-    outs = []
-    for lazy in (True, False):
-        ext = GGNMP(lazy_columns=lazy)
-        with curvature(ext):
-            out = model(x)
-            (loss_fn(out, y) + mse(out, t)).backward()
-        torch.manual_seed(2)
-        outs.append([p.ggnmp(torch.randn(1, *p.shape)) for p in model.parameters()])
-    for a, b in zip(*outs):
-        torch.testing.assert_close(a, b)
+    mse, t = extend(nn.MSELoss()), torch.randn(x.shape[0], C)
+
+    def backward():
+        out = model(x)
+        (loss_fn(out, y) + mse(out, t)).backward()
+
+    same_as_stored(model, backward)
 
 
 def test_unsupported_operation_keeps_stored_columns(all_matrix_free):
