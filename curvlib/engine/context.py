@@ -415,8 +415,8 @@ class curvature:
 
         def eligible(c: LayerCall) -> bool:
             ps = [p for p in c.module.parameters(recurse=False) if p.requires_grad]
-            return (
-                bool(ps) and not c.demoted and not c.in_backward and not c.extra and _same_batch(c, f)
+            return (  # (GGNMP applies a norm layer's scale, a summed parameter, from stored columns)
+                bool(ps) and not adapter_for(c.module).summed_params and not c.demoted and not c.in_backward and not c.extra and _same_batch(c, f)
                 and self._single_call(c) and all(p.dtype == f.dtype for p in ps) and c.input.dtype == f.dtype
             )
 

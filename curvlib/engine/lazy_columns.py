@@ -26,8 +26,8 @@ How, on the autograd graph (no second forward):
   d<J u, z>/du`` is a backward through it for every ``z`` (third-order nodes).
 
 Only graphs whose operations between ``f`` and the layer output are known to support this
-(:data:`SUPPORTED_NODES`: linear layers, convolutions, pooling, the usual activations, views and
-elementwise arithmetic) are taken; anything else keeps stored columns (same result).
+(:data:`SUPPORTED_NODES`: linear layers, convolutions, pooling, norm layers, the usual
+activations, views and elementwise arithmetic) are taken; anything else keeps stored columns (same result).
 
 When (:func:`plan`): only where the columns go through the backward one at a time (large
 columns, :func:`curvlib.engine.columns.column_chunk`; batched columns cost far less each). The
@@ -69,7 +69,7 @@ SUPPORTED_NODES = frozenset(
     Squeeze Unsqueeze Select Slice Cat Stack Split SplitWithSizes Add Sub Mul Div Neg Sum Mean
     Sigmoid Tanh Relu Threshold LeakyRelu Gelu Silu Elu Softplus Hardtanh MaxPool2DWithIndices
     MaxPool3DWithIndices AvgPool2D AvgPool3D AdaptiveAvgPool2D AdaptiveAvgPool3D Convolution
-    ConstantPadNd Softmax LogSoftmax Flatten""".split()
+    ConstantPadNd Softmax LogSoftmax Flatten NativeBatchNorm NativeLayerNorm NativeGroupNorm""".split()
 )
 _VERSION = re.compile(r"Backward\d*$")
 

@@ -76,6 +76,11 @@ NETS = {
     "res": (ResBlock, (5, 2, 8, 8)),
     "seq": (SeqNet, (6, 3, 4)),
     "unsupported": (Unsupported, (6, 4)),
+    # norm layers between (BatchNorm in eval mode: independent samples); their own scale and
+    # shift are stored (summed parameters), which stops the matrix-free cut at them
+    "norms": (lambda: nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.Tanh(), nn.Conv2d(4, 3, 2), nn.BatchNorm2d(3),
+                                    nn.ReLU(), nn.Flatten(), nn.Linear(27, 6), nn.LayerNorm(6), nn.GELU(), nn.Linear(6, C)),
+              (6, 2, 6, 6)),
 }
 
 
@@ -96,6 +101,10 @@ def setup(name, loss="ce", n=None):
     torch.manual_seed(0)
     make, shape = NETS[name]
     model = extend(make())
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(), m.running_var.uniform_(0.5, 2.0)
+    model.eval()
     x = torch.randn(*shape)
     if loss == "ce":
         loss_fn, y = extend(nn.CrossEntropyLoss()), torch.randint(0, C, (shape[0],))
@@ -117,7 +126,7 @@ def lazy_layers(ext):
 
 
 @pytest.mark.parametrize("loss", ["ce", "mse"])
-@pytest.mark.parametrize("name", ["cnn", "res", "seq"])
+@pytest.mark.parametrize("name", ["cnn", "res", "seq", "norms"])
 def test_block_products_equal_dense_ggn(all_matrix_free, name, loss):
     model, loss_fn, x, y = setup(name, loss)
     ext = run(model, loss_fn, x, y, GGNMP())
