@@ -177,7 +177,9 @@ class LazyColumns:
         return self.V[source].shape[0]
 
     def jvp(self, U: Tensor) -> Tensor:
-        """``[B, *out_shape] -> [B, *f.shape]``: ``J U_b``."""
+        """``[B, *out_shape] -> [B, *f.shape]``: ``J U_b``, one direction at a time (like the
+        VJPs: ``is_grads_batched`` measured slower, 4 directions at the CG-Newton CNN's first
+        convolution, 1 thread: JVPs 4.7 against 4.2 ms, VJPs 3.8 against 3.4 ms)."""
         out = []
         with torch.enable_grad():
             for u in U:
