@@ -9,24 +9,21 @@ Curvature methods share one setting (the demo's): lr 0.1, damping 1.0 ("pi"), mo
 EMA 0.95, MC Fisher, no KL clip, T_cov 5, T_inv 10. Adam lr 1e-3; SGD lr 0.05, momentum 0.9 (the
 demo's).
 
-    python examples/exp_cnn.py --out examples/results
-    python examples/exp_cnn.py --methods kfac sgd --epochs 1 --out /tmp/cnn
+    python -m examples.exp_cnn --out examples/results
+    python -m examples.exp_cnn --methods kfac sgd --epochs 1 --out /tmp/cnn
 
 Writes ``cnn.csv``, ``cnn.png`` and ``cnn.md`` (test metric: accuracy) into ``--out``.
 """
 from __future__ import annotations
 
-import os
-import sys
 from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _experiment as E  # noqa: E402
-
-from curvlib import extend  # noqa: E402
+from curvlib import extend
+from examples import _experiment as E
+from examples.data import load_mnist
 
 NAME = "cnn"
 CURV = dict(lr=0.1, damping=1.0, damping_mode="pi", fisher_type="mc", momentum=0.9, ema_decay=0.95,
@@ -62,7 +59,7 @@ def parse_args(argv: Optional[List[str]] = None):
 
 
 def run(args) -> Dict[str, E.Run]:
-    Xtr, ytr, Xte, yte = E.load_mnist(args.subset, normalize=True)
+    Xtr, ytr, Xte, yte = load_mnist(args.subset, normalize=True)
     step_loss, evaluate = E.classification(Xtr, ytr, Xte, yte)
 
     return E.run_experiment(

@@ -18,8 +18,8 @@ with targets 1 / 0 (one loss, the mean of the two terms, so its D loss is half o
 KFAC: lr 0.02, damping 1e-2 ("pi"), KL clip 1e-3, momentum 0.5, EMA 0.95, MC Fisher, T_cov 5,
 T_inv 10. Adam: lr 2e-4, betas (0.5, 0.999) (Radford et al. 2016).
 
-    python examples/exp_dcgan.py --out examples/results
-    python examples/exp_dcgan.py --methods G-adam/D-adam --epochs 1 --out /tmp/gan
+    python -m examples.exp_dcgan --out examples/results
+    python -m examples.exp_dcgan --methods G-adam/D-adam --epochs 1 --out /tmp/gan
 
 Writes ``dcgan.csv`` (per epoch and combination: mean D and G loss, cumulative seconds),
 ``dcgan.png`` (losses against epoch and wall time), ``dcgan_samples.png`` (8 digits per
@@ -35,11 +35,10 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _experiment as E  # noqa: E402
-
-from curvlib import extend  # noqa: E402
-from curvlib.optim import NaturalGradient  # noqa: E402
+from curvlib import extend
+from curvlib.optim import NaturalGradient
+from examples import _experiment as E
+from examples.data import load_mnist
 
 NAME = "dcgan"
 Z = 32
@@ -182,7 +181,7 @@ def save_plots(runs, samples, out: str, title: str) -> None:
 def run(args) -> Dict[str, E.Run]:
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
-    Xtr, _, _, _ = E.load_mnist(args.subset)
+    Xtr, _, _, _ = load_mnist(args.subset)
     Xtr = Xtr * 2 - 1  # tanh range
     batches = E.epoch_batches(len(Xtr), args.batch_size, args.epochs, args.seed, args.max_steps)
     z_fixed = torch.randn(8, Z, generator=torch.Generator().manual_seed(1234))
