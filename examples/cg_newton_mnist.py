@@ -1,4 +1,5 @@
-"""Matrix-free Newton-CG on MNIST: BackPACK's CG-Newton example with ``curvlib.optim.CGNewton``.
+"""Matrix-free Newton-CG on MNIST: BackPACK's CG-Newton example with ``curvlib.optim.CGNewton``
+============================================================================================
 
 BackPACK's setup exactly (Dangel et al. 2020, docs example "Matrix-free second-order
 optimization"): the sigmoid CNN below, batch 64, lr 0.1, damping 1e-2, CG tol 0.1, atol 1e-6,

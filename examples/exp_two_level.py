@@ -1,4 +1,5 @@
-"""Experiment 2: two-level KFAC against KFAC, on the MLP autoencoder and on the demo CNN.
+"""Experiment 2: two-level KFAC against KFAC, on the MLP autoencoder and on the demo CNN
+=====================================================================================
 
 Two-level KFAC (Tselepidis, Kohler & Orvieto 2020; Koroko et al. 2023) adds to the KFAC direction
 a coarse correction ``R0^T (R0 (F + λI) R0^T)^-1 R0 (g - (F + λI) d_KFAC)`` computed with the

