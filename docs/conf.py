@@ -61,6 +61,7 @@ sphinx_gallery_conf = {
     "download_all_examples": False,
     "write_computation_times": False,
     "show_signature": False,
+    "remove_config_comments": True,  # the sphinx_gallery_thumbnail_path lines of the scripts
 }
 
 # ---------------------------------------------------------------------------- HTML

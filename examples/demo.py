@@ -9,6 +9,8 @@ comes out of the ordinary ``loss.backward()`` inside ``opt.capture()`` every ``T
 A KFAC step costs about 1.8 Adam steps here, so KFAC trains 40 epochs and Adam 70: about the
 same wall time, compared in loss per second as well as per epoch.
 
+Run from the repository root::
+
     python -m examples.demo                                # under 2 minutes on 2 CPU cores
     python -m examples.demo --epochs 4 --kfac-epochs 4     # quick look
 

@@ -3,6 +3,8 @@
 The CNN of ``train_mnist_kfac.py`` trained by ``curvlib.optim.NaturalGradient`` in
 ``DistributedDataParallel``.
 
+Run from the repository root::
+
     torchrun --standalone --nproc_per_node 2 -m examples.distributed_mnist            # 300 steps
     torchrun --standalone --nproc_per_node 2 -m examples.distributed_mnist --steps 20 # quick
     python -m examples.distributed_mnist --steps 20                                   # 1 process

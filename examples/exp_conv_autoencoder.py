@@ -10,11 +10,14 @@ only run KFAC on transposed convolutions) and Adam as a first-order reference.
 Curvature methods: lr 0.01, damping 1e-3 ("pi"), momentum 0.9, EMA 0.95, MC Fisher, KL clip 1e-3,
 T_cov 5, T_inv 10. Adam lr 1e-3.
 
+Run from the repository root::
+
     python -m examples.exp_conv_autoencoder --out examples/results
     python -m examples.exp_conv_autoencoder --methods kfac kpsvd --epochs 1 --out /tmp/cae
 
 Writes ``conv_autoencoder.csv``, ``.png`` and ``.md`` (test metric: test BCE) into ``--out``.
 """
+# sphinx_gallery_thumbnail_path = "../examples/results/conv_autoencoder.png"
 from __future__ import annotations
 
 from typing import Dict, List, Optional

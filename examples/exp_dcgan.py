@@ -19,6 +19,8 @@ with targets 1 / 0 (one loss, the mean of the two terms, so its D loss is half o
 KFAC: lr 0.02, damping 1e-2 ("pi"), KL clip 1e-3, momentum 0.5, EMA 0.95, MC Fisher, T_cov 5,
 T_inv 10. Adam: lr 2e-4, betas (0.5, 0.999) (Radford et al. 2016).
 
+Run from the repository root::
+
     python -m examples.exp_dcgan --out examples/results
     python -m examples.exp_dcgan --methods G-adam/D-adam --epochs 1 --out /tmp/gan
 
@@ -26,6 +28,7 @@ Writes ``dcgan.csv`` (per epoch and combination: mean D and G loss, cumulative s
 ``dcgan.png`` (losses against epoch and wall time), ``dcgan_samples.png`` (8 digits per
 combination from fixed noise) and ``dcgan.md`` into ``--out``.
 """
+# sphinx_gallery_thumbnail_path = "../examples/results/dcgan_samples.png"
 from __future__ import annotations
 
 import os

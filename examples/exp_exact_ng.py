@@ -13,12 +13,15 @@ of lr in {0.1, 0.3} x damping in {0.1, 0.01} after 2 epochs -- exact NG lr 0.3, 
 (KFAC diverges at 0.3), damping 0.01 for both; exact-ng-blocks diverges at lr 0.3 and runs at
 0.1). SGD is the first-order reference.
 
+Run from the repository root::
+
     python -m examples.exp_exact_ng --out examples/results
     python -m examples.exp_exact_ng --methods exact-ng kfac --epochs 2 --out /tmp/eng
 
 Writes ``exact_ng.csv``, ``.png`` and ``.md`` (test metric: accuracy); the table gives the epochs
 and seconds each method needs to reach KFAC's final training loss.
 """
+# sphinx_gallery_thumbnail_path = "../examples/results/exact_ng.png"
 from __future__ import annotations
 
 from typing import Dict, List, Optional

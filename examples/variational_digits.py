@@ -16,6 +16,8 @@ methods predict with the posterior predictive averaged over ``--samples`` weight
 accuracy, NLL (mean negative log predictive probability) and the expected calibration error
 (15 equal-width confidence bins, bin-size weighted ``|accuracy - confidence|``).
 
+Run from the repository root::
+
     python -m examples.variational_digits                        # ~1 min on 2 cores
     python -m examples.variational_digits --epochs 3 --methods vogn sgd --out /tmp/vd
 
