@@ -13,7 +13,7 @@ the same real batches and the same noise.
 
 Discriminator step (``--d-calls``): ``twice`` (default) calls D on the real and on the fake
 images and back-propagates the sum of the two losses once (curvlib treats D's two calls as
-positions for KFAC, DESIGN.md §2); ``concat`` calls D once on the concatenated real + fake batch
+positions for KFAC, docs/design.md §2); ``concat`` calls D once on the concatenated real + fake batch
 with targets 1 / 0 (one loss, the mean of the two terms, so its D loss is half of ``twice``'s).
 
 KFAC: lr 0.02, damping 1e-2 ("pi"), KL clip 1e-3, momentum 0.5, EMA 0.95, MC Fisher, T_cov 5,
