@@ -128,3 +128,14 @@ def test_links_of_included_files(tmp_path):
         "[table](path:/../examples/results/cnn.md), ![plot](results/cnn.png), [web](https://x.org/a.md), "
         "[gone](results/no.md), [here](#top)"
     )
+
+
+def test_design_citations_name_existing_sections():
+    """Docstrings cite the design document as ``docs/design.md §N``: every cited section exists."""
+    sections = set(re.findall(r"^## (\d+)\. ", (DOCS / "design.md").read_text(), flags=re.M))
+    assert sections == {str(n) for n in range(1, 7)}
+    cited = {}
+    for path in [*ROOT.glob("curvlib/**/*.py"), *ROOT.glob("examples/*.py"), *ROOT.glob("tests/**/*.py")]:
+        for n in re.findall(r"docs/design\.md\s+§(\d+)", path.read_text()):
+            cited.setdefault(n, str(path.relative_to(ROOT)))
+    assert cited and set(cited) <= sections, cited
