@@ -18,27 +18,22 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
+import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from common import interleaved_medians, model_copies, peak_memories, table
 
+sys.path.insert(0, __file__.rsplit("/", 2)[0])  # the repository root: the examples package
+from examples.cg_newton_mnist import make_cnn  # noqa: E402
+from examples.data import mnist_digits  # noqa: E402
+
 warnings.filterwarnings("ignore")
 
 LAM, LR, TOL, ATOL, MAXITER = 1e-2, 0.1, 0.1, 1e-6, 20
-
-
-def example():
-    path = Path(__file__).resolve().parents[1] / "examples" / "cg_newton_mnist.py"
-    spec = importlib.util.spec_from_file_location("cg_newton_mnist", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def main(argv=None):
@@ -57,10 +52,9 @@ def main(argv=None):
     from curvlib.optim import CGNewton
     from curvlib.solvers import cg
 
-    ex = example()
-    X, y = ex.load_mnist()
+    X, y = mnist_digits(normalize=True)
     x, y = X[:64], y[:64]
-    copies = model_copies(ex.make_cnn)
+    copies = model_copies(make_cnn)
     (ours, ours_loss), (bp, bp_loss) = copies["curvlib"], copies["backpack"]
     init = {k: v.clone() for k, v in ours.state_dict().items()}
     opt = CGNewton(ours.parameters(), lr=LR, curvature="ggn", damping=LAM, tol=tol, atol=ATOL, maxiter=MAXITER)

@@ -24,7 +24,7 @@ import warnings
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "examples"))
+sys.path.insert(0, os.path.join(HERE, ".."))  # the repository root: the examples package
 
 from common import table  # noqa: E402
 
@@ -50,13 +50,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=RuntimeWarning)  # deflation's non-convergence
 
-    import _experiment as E
-    from exp_autoencoder import make_autoencoder
     from torch import nn
 
     import curvlib
     from curvlib.extensions.base import Extension
     from curvlib.extensions.kpsvd import KPSVD, RearrangedBlock
+    from examples.data import load_mnist
+    from examples.exp_autoencoder import make_autoencoder
 
     class Keep(Extension):
         savefield = "kept_block"
@@ -65,7 +65,7 @@ def main() -> None:
             return {"weight": RearrangedBlock.from_capture(capture, self.source)}
 
     torch.manual_seed(0)
-    Xtr, _, _, _ = E.load_mnist()
+    Xtr, _, _, _ = load_mnist()
     model = curvlib.extend(make_autoencoder())
     loss_fn = curvlib.extend(nn.BCEWithLogitsLoss())
     linears = [m for m in model if isinstance(m, nn.Linear)]

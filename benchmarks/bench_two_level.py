@@ -19,9 +19,9 @@ import torch
 
 from common import interleaved_medians, table
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
-import _experiment as E  # noqa: E402
-import exp_two_level as X  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # the repository root
+from examples import _experiment as E  # noqa: E402
+from examples import exp_two_level as X  # noqa: E402
 
 
 def main() -> None:

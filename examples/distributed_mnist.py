@@ -1,9 +1,13 @@
-"""Data-parallel KFAC on MNIST over gloo on CPU: the CNN of ``train_mnist_kfac.py`` trained by
-``curvlib.optim.NaturalGradient`` in ``DistributedDataParallel``.
+"""Data-parallel KFAC on MNIST over gloo on CPU
+============================================
+The CNN of ``train_mnist_kfac.py`` trained by ``curvlib.optim.NaturalGradient`` in
+``DistributedDataParallel``.
 
-    torchrun --standalone --nproc_per_node 2 examples/distributed_mnist.py            # 300 steps
-    torchrun --standalone --nproc_per_node 2 examples/distributed_mnist.py --steps 20 # quick
-    python examples/distributed_mnist.py --steps 20                                   # 1 process
+Run from the repository root::
+
+    torchrun --standalone --nproc_per_node 2 -m examples.distributed_mnist            # 300 steps
+    torchrun --standalone --nproc_per_node 2 -m examples.distributed_mnist --steps 20 # quick
+    python -m examples.distributed_mnist --steps 20                                   # 1 process
 
 Every step draws one global batch of ``--batch-size`` digits (the same draw on every rank) and
 rank ``r`` of ``W`` trains on its slice of ``batch-size / W`` digits. ``NaturalGradient`` finds
@@ -18,11 +22,9 @@ on each rank, and the share of the step time spent communicating.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any, Dict, List
 
 import torch
@@ -32,15 +34,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from curvlib import extend
 from curvlib.optim import NaturalGradient
-
-
-def _demo():
-    """``train_mnist_kfac.py`` (its data loader and CNN)."""
-    path = Path(__file__).resolve().parent / "train_mnist_kfac.py"
-    spec = importlib.util.spec_from_file_location("train_mnist_kfac", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from examples.data import load_mnist
+from examples.train_mnist_kfac import batches, make_cnn
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,15 +55,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Train on this rank (the process group, if any, is initialized); returns what rank 0 prints."""
-    demo = _demo()
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
     local = args.batch_size // world
     torch.manual_seed(0)  # the same initialisation on every rank (DDP broadcasts it anyway)
-    (Xtr, ytr), (Xte, yte) = demo.load_mnist()
-    model = extend(demo.make_cnn())
+    Xtr, ytr, Xte, yte = load_mnist(normalize=True)
+    model = extend(make_cnn())
     net = DDP(model) if (world > 1 and not args.no_ddp) else model
     loss_fn = extend(nn.CrossEntropyLoss())
     opt = NaturalGradient(
@@ -79,7 +73,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     dp = opt.distributed
     losses: List[float] = []
     t0 = time.perf_counter()
-    for step, (x, y) in enumerate(demo.batches(Xtr, ytr, args.batch_size, args.steps, seed=1)):
+    for step, (x, y) in enumerate(batches(Xtr, ytr, args.batch_size, args.steps, seed=1)):
         x, y = x[rank * local:(rank + 1) * local], y[rank * local:(rank + 1) * local]
         opt.zero_grad()
         loss = loss_fn(net(x), y)

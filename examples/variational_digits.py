@@ -1,4 +1,5 @@
-"""Variational vs. point-estimate training on sklearn's digits: accuracy, NLL and calibration.
+"""Variational vs. point-estimate training on sklearn's digits: accuracy, NLL and calibration
+==========================================================================================
 
 A small MLP (64 -> 64 -> 10, ReLU) on ``sklearn.datasets.load_digits()`` (1,797 8x8 images; a
 fixed stratified 70/30 train/test split, ``random_state=0``; inputs standardised with the
@@ -13,10 +14,12 @@ All methods start from the same initialisation and see the same minibatches. The
 methods predict with the posterior predictive averaged over ``--samples`` weight samples
 (default 10); SGD and Adam with the softmax at their weights. Reported on the test set:
 accuracy, NLL (mean negative log predictive probability) and the expected calibration error
-(15 equal-width confidence bins, bin-size weighted |accuracy - confidence|).
+(15 equal-width confidence bins, bin-size weighted ``|accuracy - confidence|``).
 
-    python examples/variational_digits.py                        # ~1 min on 2 cores
-    python examples/variational_digits.py --epochs 3 --methods vogn sgd --out /tmp/vd
+Run from the repository root::
+
+    python -m examples.variational_digits                        # ~1 min on 2 cores
+    python -m examples.variational_digits --epochs 3 --methods vogn sgd --out /tmp/vd
 
 Writes ``variational_digits.md`` (the table) and ``variational_digits.png`` (reliability
 diagrams) into ``--out`` (default: the current directory). ``pip install curvlib[examples]``
@@ -34,6 +37,7 @@ from torch import Tensor, nn
 
 from curvlib import extend
 from curvlib.optim import NoisyNaturalGradient
+from examples.data import load_digits
 
 METHODS = ["nng-kfac", "vogn", "ivon", "sgd", "adam"]
 BAYESIAN = ("nng-kfac", "vogn", "ivon")
@@ -52,19 +56,6 @@ HYPER = {
     "sgd": dict(lr=0.05, momentum=0.9, weight_decay=1e-3),
     "adam": dict(lr=3e-3, weight_decay=1e-3),
 }
-
-
-def load_data():
-    """``(X_train, y_train, X_test, y_test)``: float32 ``[n, 64]`` standardised, int64 labels."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    X, y = load_digits(return_X_y=True)
-    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.3, random_state=SPLIT_SEED, stratify=y)
-    mean, std = Xtr.mean(0), Xtr.std(0)
-    std[std == 0] = 1.0  # constant border pixels
-    f = lambda a: torch.tensor((a - mean) / std, dtype=torch.float32)
-    return f(Xtr), torch.tensor(ytr), f(Xte), torch.tensor(yte)
 
 
 def make_mlp() -> nn.Module:
@@ -203,7 +194,7 @@ def parse_args(argv: Optional[List[str]] = None):
 
 
 def run(args) -> Dict[str, Dict[str, object]]:
-    data = load_data()
+    data = load_digits(split_seed=SPLIT_SEED)
     batches = epoch_batches(len(data[1]), args.batch_size, args.epochs, args.seed)
     bar = None
     if not args.no_progress:

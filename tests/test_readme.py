@@ -1,4 +1,9 @@
-"""Every ```python block of README.md runs on its own, as a new user runs it.
+"""Every ```python block of README.md and of the documentation's Markdown pages (``docs/``, and
+the READMEs that the site includes) runs on its own, as a new user runs it.
+
+A sketch that is not meant to run is written as ```{code-block} python (rendered the same). A
+block that trains for long is marked by the line ``<!-- test: slow -->`` right above its fence
+and runs only with ``CURVLIB_SLOW=1``: prefer shortening it.
 
 Each block runs in a process of its own, with a fresh namespace and fresh torch and curvlib state
 (default dtype, seed, capture tape, caches), in an empty directory, with this checkout's
@@ -18,13 +23,18 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 SLOW = os.environ.get("CURVLIB_SLOW") == "1"
+#: the Markdown pages whose python blocks run: the README, the site's pages and what they include
+PAGES = [README, ROOT / "benchmarks" / "README.md", ROOT / "examples" / "README.md"] + sorted(
+    p for p in (ROOT / "docs").rglob("*.md") if not {"_build", "auto_examples"} & set(p.parts)
+)
+SLOW_MARK = "<!-- test: slow -->"
 
 # Runs in a fresh interpreter: import once, then fork one child per block file (argv[1:]).
 # Prints one line MARK + JSON {"file": ..., "rc": ..., "err": ...} per block (blocks may print too).
@@ -59,11 +69,27 @@ for path in sys.argv[1:]:
 """
 
 
-def python_blocks(text: str) -> List[str]:
-    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+_BLOCK = re.compile(r"(^[^\n]*\n)?```python\n(.*?)```", flags=re.S | re.M)
+
+
+def _blocks(text: str) -> List[Tuple[str, bool]]:
+    """``(code, marked_slow)`` for every ```python block of ``text``."""
+    return [(m.group(2), (m.group(1) or "").strip() == SLOW_MARK) for m in _BLOCK.finditer(text)]
+
+
+def python_blocks(text: str, slow: bool = True) -> List[str]:
+    """The ```python blocks of ``text``; ``slow=False`` leaves out those marked slow."""
+    return [code for code, marked in _blocks(text) if slow or not marked]
+
+
+def _page_blocks() -> List[Tuple[str, int, str]]:
+    """``(page, number, code)`` for every block that runs now (numbers count all blocks)."""
+    return [(str(page.relative_to(ROOT)), i + 1, code) for page in PAGES
+            for i, (code, marked) in enumerate(_blocks(page.read_text())) if SLOW or not marked]
 
 
 BLOCKS = python_blocks(README.read_text())
+PAGE_BLOCKS = _page_blocks()
 
 
 def _env() -> Dict[str, str]:
@@ -99,18 +125,32 @@ def run_blocks(codes: List[str], workdir: Path, fresh_interpreters: bool = SLOW)
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    return run_blocks(BLOCKS, tmp_path_factory.mktemp("readme"))
+def results(tmp_path_factory) -> Dict[str, Dict[str, object]]:
+    """``code -> result``: a block that several pages show (the quick start, the optimizer loop)
+    runs once."""
+    codes = list(dict.fromkeys(code for _, _, code in PAGE_BLOCKS))
+    return dict(zip(codes, run_blocks(codes, tmp_path_factory.mktemp("readme"))))
 
 
-def test_readme_has_examples():
-    assert len(BLOCKS) >= 7
+def test_pages_have_examples():
+    """The README keeps a quick start and an optimizer loop; the user guide its examples."""
+    assert len(BLOCKS) >= 2
+    assert len(PAGE_BLOCKS) >= 20
+    guide = {page for page, _, _ in PAGE_BLOCKS if page.startswith("docs/user_guide/")}
+    assert {f"docs/user_guide/{p}.md" for p in ("extensions", "solvers", "optimizers", "layers", "distributed", "faults")} <= guide
 
 
-@pytest.mark.parametrize("i", range(len(BLOCKS)), ids=lambda i: f"block{i + 1}")
-def test_readme_block_runs_alone(i, results):
-    res = results[i]
-    assert res["rc"] == 0, f"README.md python block {i + 1} failed on its own:\n{BLOCKS[i]}\n{res['err']}"
+@pytest.mark.parametrize("i", range(len(PAGE_BLOCKS)), ids=lambda i: f"{PAGE_BLOCKS[i][0]}-block{PAGE_BLOCKS[i][1]}")
+def test_block_runs_alone(i, results):
+    page, number, code = PAGE_BLOCKS[i]
+    res = results[code]
+    assert res["rc"] == 0, f"{page} python block {number} failed on its own:\n{code}\n{res['err']}"
+
+
+def test_slow_mark_leaves_a_block_out():
+    text = "```python\na = 1\n```\n" + SLOW_MARK + "\n```python\nb = 2\n```\n```{code-block} python\nc\n```\n"
+    assert python_blocks(text) == ["a = 1\n", "b = 2\n"]
+    assert python_blocks(text, slow=False) == ["a = 1\n"]
 
 
 @pytest.mark.parametrize("fresh", [False, True], ids=["fork", "interpreter"])

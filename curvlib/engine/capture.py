@@ -272,7 +272,7 @@ class LayerCapture:
 
 
 class SharedCapture(LayerCapture):
-    """All calls of one layer that one backward reached, as one capture (DESIGN.md §2).
+    """All calls of one layer that one backward reached, as one capture (docs/design.md §2).
 
     A layer called ``C`` times before one backward (shared weights, an unrolled recurrence,
     a GAN's discriminator on real and on fake data) has the per-sample gradient

@@ -356,7 +356,7 @@ def kfac_summed_factor(capture: "LayerCapture", name: str, source: "Source") -> 
 
 @dataclass(frozen=True)
 class BlockStructure:
-    """The form of one parameter's curvature block (DESIGN.md §2).
+    """The form of one parameter's curvature block (docs/design.md §2).
 
     ``kind``:
         ``"summed"``: no activation side (a bias, a norm layer's scale): the exact block ``[G]``;

@@ -14,7 +14,7 @@ Grosse & Martens 2016; Eschenhagen et al. 2023 for expand/reduce). On Linear lay
 convolution the activation side is the *first* factor (see its adapter).
 
 A layer called ``C`` times before one backward (shared weights, unrolled recurrences, a GAN's
-discriminator on real and fake data; DESIGN.md §2) has its calls summed as positions:
+discriminator on real and fake data; docs/design.md §2) has its calls summed as positions:
 
     expand:  A = 1/(sum_c N_c T_c) sum_{c,n,t} a a^T     G = sum_{c,k,n,t} s s^T
     reduce:  A = 1/(sum_c N_c) sum_{c,n} abar_c abar_c^T  G = sum_{c,k,n} sbar_c sbar_c^T

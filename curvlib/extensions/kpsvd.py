@@ -524,7 +524,7 @@ class KPSVD(KroneckerSVDExtension):
     Shapes, as for :class:`KFAC`: ``G_i`` ``[out, out]``, ``A_i`` ``[in * prod(kernel), ...]``
     for a weight ``[out, in, *kernel]`` (the first factor is over ``p.shape[0]`` for every layer,
     so transposed convolutions get ``[in, in]`` first); the bias block ``G`` is ``[out, out]``.
-    Grouped / depthwise convolutions (``B`` groups) get the block form of DESIGN.md §2,
+    Grouped / depthwise convolutions (``B`` groups) get the block form of docs/design.md §2,
     ``[[G_i [B, m, m], A_i [B, n, n]], ...]``: per group, the terms of its diagonal block.
 
     Scaling: the curvature of the loss as the user reduced it (``reduction="mean"`` over ``N``

@@ -12,7 +12,7 @@ Inverted matrices (``λ = damping``):
       curvature", §6.3), i.e. ``Y = (G + √λ/π I)^-1 V (A + π√λ I)^-1``.
 * bias terms ``[[G]]`` (or several one-factor terms ``[[G1], [G2]]``): ``sum_i G_i + λ I``
   (both modes; there is no second factor to share the damping with).
-* factor forms (DESIGN.md §2), one term or bias terms: a **1-D** factor ``[m]`` is the diagonal
+* factor forms (docs/design.md §2), one term or bias terms: a **1-D** factor ``[m]`` is the diagonal
   matrix ``diag(F)`` (e.g. an Embedding's token frequencies): its eigendecomposition is itself,
   no ``m x m`` matrix is formed; factors with a **leading block dimension** ``G [B, m, m]``,
   ``A [B, n, n]`` mean ``blockdiag_b(kron(G[b], A[b]))`` over ``B`` consecutive slices of

@@ -1,7 +1,6 @@
 """The MNIST demo trains: KFAC-SGD lowers the loss faster than SGD (short run in CI)."""
-import importlib.util
+import importlib
 import os
-from pathlib import Path
 
 import pytest
 
@@ -9,11 +8,7 @@ SLOW = os.environ.get("CURVLIB_SLOW") == "1"
 
 
 def load_demo():
-    path = Path(__file__).resolve().parents[2] / "examples" / "train_mnist_kfac.py"
-    spec = importlib.util.spec_from_file_location("train_mnist_kfac", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module("examples.train_mnist_kfac")
 
 
 @pytest.mark.parametrize("steps", [pytest.param(300, marks=pytest.mark.slow), 60])

@@ -1,4 +1,4 @@
-"""examples/distributed_mnist.py launched exactly as the README says, with torchrun (slow: a
+"""``examples.distributed_mnist`` launched exactly as the README says, with torchrun (slow: a
 launcher and two fresh interpreters). The default suite runs the example briefly inside the
 spawned group of tests/optim/test_distributed.py instead."""
 import os
@@ -20,7 +20,7 @@ def test_torchrun_two_processes():
         pytest.skip("torchrun is not on PATH")
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run(
-        ["torchrun", "--standalone", "--nproc_per_node", "2", "examples/distributed_mnist.py", "--steps", "4", "--every", "2"],
+        ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "examples.distributed_mnist", "--steps", "4", "--every", "2"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]

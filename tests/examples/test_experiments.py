@@ -2,23 +2,18 @@
 steps on a small subset, writes its CSV, PNG and table, and lowers the training loss; runs are
 seeded and deterministic."""
 import csv
-import importlib.util
+import importlib
 import math
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
 
 def load(name):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """``examples.<name>``, the module ``python -m examples.<name>`` runs."""
+    return importlib.import_module(f"examples.{name}")
 
 
 def tiny(out, *methods, steps=2, batch=32, subset=128, extra=()):
@@ -116,7 +111,7 @@ def test_exact_ng_deterministic(tmp_path):
 
 
 def test_readme_demo(tmp_path, capsys):
-    """The README's demo (examples/demo.py): progress, table, PNG, both losses lower; the
+    """The README's demo (``python -m examples.demo``): progress, table, PNG, both losses lower; the
     summary line compares KFAC with Adam."""
     ex = load("demo")
     ex.main(tiny(tmp_path, "kfac", "adam", steps=8, batch=32, subset=256))

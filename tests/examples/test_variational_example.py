@@ -3,7 +3,6 @@
 beats chance (10 classes) on the test set, the metrics are in range, and a rerun with the same
 seed reproduces the numbers exactly."""
 import importlib.util
-from pathlib import Path
 
 import pytest
 
@@ -11,11 +10,7 @@ pytest.importorskip("sklearn")
 
 
 def load_example():
-    path = Path(__file__).resolve().parents[2] / "examples" / "variational_digits.py"
-    spec = importlib.util.spec_from_file_location("variational_digits", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module("examples.variational_digits")
 
 
 def test_variational_example_smoke(tmp_path, capsys):

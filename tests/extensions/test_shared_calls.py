@@ -1,4 +1,4 @@
-"""A layer called several times before one backward (DESIGN.md §2): shared weights, an
+"""A layer called several times before one backward (docs/design.md §2): shared weights, an
 unrolled recurrence, a GAN's discriminator on real and fake data with two extended losses.
 
 Exact quantities against dense ``torch.func`` (float64): per-sample gradients, GGN blocks,

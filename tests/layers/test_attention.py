@@ -263,7 +263,7 @@ class TwiceSeparate(Separate):
     (CASES[4], "empirical", "expand"), (CASES[5], "type-2", "reduce"), (CASES[1], "empirical", "reduce"),
 ])
 def test_module_called_twice_kfac_equals_shared_separate_linears(case, fisher_type, approx):
-    """Calls summed as positions (DESIGN.md §2): block b of the block form == the pair of the
+    """Calls summed as positions (docs/design.md §2): block b of the block form == the pair of the
     separate Linear b called twice (itself checked against curvlinops in test_shared_calls_kfac);
     in cross-attention the query block averages the L1 + L2 query rows, the key / value blocks
     the S1 + S2 key rows."""

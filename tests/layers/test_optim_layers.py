@@ -1,4 +1,4 @@
-"""One NaturalGradient step on the new layers follows DESIGN.md's reference semantics:
+"""One NaturalGradient step on the new layers follows docs/design.md's reference semantics:
 ``-lr (C_p + damping I)^-1 p.grad`` with ``C_p`` the dense matrix of the factor forms."""
 import pytest
 import torch

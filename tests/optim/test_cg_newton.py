@@ -1,4 +1,4 @@
-"""CGNewton (DESIGN.md §2): with a tight CG tolerance one step moves every parameter by
+"""CGNewton (docs/design.md §2): with a tight CG tolerance one step moves every parameter by
 ``-lr (C + λ I)^-1 g``, ``C`` the dense ``torch.func`` GGN / Hessian block or the whole-network
 system (float64); negative curvature is reported; checkpoints resume; bad input changes nothing."""
 import copy

@@ -1,4 +1,4 @@
-"""Reference semantics (DESIGN.md §2): with T_cov = T_inv = 1, no clipping, momentum or weight
+"""Reference semantics (docs/design.md §2): with T_cov = T_inv = 1, no clipping, momentum or weight
 decay and damping_mode="exact", one step moves every parameter by ``-lr (C_p + λ I)^-1 g_p``,
 with ``C_p`` from an independent reference (float64)."""
 import pytest

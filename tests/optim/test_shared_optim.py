@@ -1,5 +1,5 @@
 """NaturalGradient on layers called several times before one backward: a weight-shared model
-(with the reference step semantics of DESIGN.md §2 on it) and a tiny DCGAN-style D/G step."""
+(with the reference step semantics of docs/design.md §2 on it) and a tiny DCGAN-style D/G step."""
 import pytest
 import torch
 from torch import nn

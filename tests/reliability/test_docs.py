@@ -1,6 +1,6 @@
 """Documentation that users rely on: ``help()`` of every public extension, the docstrings of
 ``extend`` / ``curvature`` (their examples run), and the row count ``m`` of the Woodbury factors
-that README.md states."""
+that docs/user_guide/extensions.md states."""
 from __future__ import annotations
 
 import doctest
@@ -142,11 +142,11 @@ def test_woodbury_factor_rows_m_and_scaling(case):
         torch.testing.assert_close(woodbury_solve(U, g, 1e-2), torch.linalg.solve(F + 1e-2 * torch.eye(d), g))
 
 
-def test_readme_states_m_for_cross_entropy():
-    """The README's per-sample block asserts ``m = (classes - 1) x batch`` (it said ``classes x
-    batch``); the block itself runs in tests/test_readme.py."""
+def test_docs_state_m_for_cross_entropy():
+    """The per-sample block of the extensions page asserts ``m = (classes - 1) x batch`` (the
+    README said ``classes x batch``); the block itself runs in tests/test_readme.py."""
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "docs" / "user_guide" / "extensions.md").read_text()
     assert "m = classes x batch" not in text
     assert "assert U.shape == ((3 - 1) * 32, 115)" in text

@@ -16,7 +16,7 @@ Parts (``E`` = ``embed_dim``, ``N`` samples, ``L`` query and ``S`` key positions
   ``L + 2S`` otherwise), and the output of a segment is zero outside the rows it feeds (``W_q``
   rows for the query segment, ...). Its per-sample gradient ``sum_t s_t a_t^T`` is then exact
   (the zeros remove the unused products), so every exact extension treats it as a Linear.
-  KFAC gives the block form with ``B = 3`` (DESIGN.md §2): ``G [3, E, E]`` (slice ``b`` of
+  KFAC gives the block form with ``B = 3`` (docs/design.md §2): ``G [3, E, E]`` (slice ``b`` of
   ``s``), ``A [3, E, E]`` from each block's own input (``A_b = 1/(N T_b) sum a a^T``; equal for
   self-attention), and ``in_proj_bias`` ``[G [3, E, E]]``: each block is the pair of a separate
   q / k / v ``nn.Linear``.

@@ -47,7 +47,7 @@ class LayerAdapter:
 
     def blocks(self, module: nn.Module) -> int:
         """``B``: KFAC gives the weight in the block form ``p.kfac = [G [B, m, m], A [B, n, n]]``
-        (DESIGN.md §2) over ``B`` slices of the weight's rows; ``1``: one dense pair. The
+        (docs/design.md §2) over ``B`` slices of the weight's rows; ``1``: one dense pair. The
         cotangent side ``s`` is ``[.., B m]`` with slice ``b`` belonging to block ``b``; the
         activation side is laid out as :meth:`grouped` says."""
         return 1

@@ -8,7 +8,7 @@ The weight ``E`` ``[V, D]`` is ``[D_a, D_s]``, so the activation side is the *le
 
 and ``p.kfac = [A, G]``. The expand activation factor of one-hot vectors is diagonal,
 ``A = diag(count_v) / (N T)`` (``count_v`` the occurrences of token ``v`` among the ``N T``
-tokens, 0 for ``padding_idx``), returned 1-D (a 1-D factor is a diagonal matrix, DESIGN.md
+tokens, 0 for ``padding_idx``), returned 1-D (a 1-D factor is a diagonal matrix, docs/design.md
 §2): memory ``V + D^2``, never ``V^2``. ``kfac_approx="reduce"`` averages the one-hot vectors
 of a sample, whose Gram matrix is not diagonal when a sample has several tokens: it is
 refused then (dense ``V x V``), and equals expand when every sample has one token.

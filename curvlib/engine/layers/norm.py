@@ -8,7 +8,7 @@ the parameter) of per-position vectors, as for a bias::
     d gamma_n = sum_t xhat_{n,t} * g_{n,t}        d beta_n = sum_t g_{n,t}
 
 and every extension gives them the *exact* curvature block (``p.kfac = [G]``,
-``G = sum_{k,n} x_{k,n} x_{k,n}^T`` of the per-sample gradients ``x``, dense ``[C, C]``; DESIGN.md
+``G = sum_{k,n} x_{k,n} x_{k,n}^T`` of the per-sample gradients ``x``, dense ``[C, C]``; docs/design.md
 §2). Exact for the extension's source: KFAC's ``"type-2"`` source shares the loss-Hessian
 columns over the loss's own output positions (curvlinops' KFAC convention), so for a loss on
 per-position outputs (sequence models) KFAC's ``[G]`` is that estimate, while
