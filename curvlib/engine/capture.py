@@ -289,7 +289,7 @@ class SharedCapture(LayerCapture):
     over rows, works from :attr:`calls` without them).
 
     The cotangent columns ``k`` of the calls are aligned by the engine: a column of a loss that
-    does not reach a call is zero there (``curvature.process_loss``), so a GAN's two losses
+    does not reach a call is zero there (``loss_columns.align_calls``), so a GAN's two losses
     give ``K_real + K_fake`` columns on both calls.
 
     Attributes:
