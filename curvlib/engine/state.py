@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Set, Tupl
 from torch import nn
 
 if TYPE_CHECKING:  # pragma: no cover
-    from curvlib.engine.context import curvature
     from curvlib.engine.records import LayerCall
 
 
@@ -29,8 +28,9 @@ class EngineState:
 
     def __init__(self) -> None:
         # ------------------------------------------------------------ capture
-        #: the active ``curvature`` context, or ``None`` (contexts do not nest)
-        self.active: Optional["curvature"] = None
+        #: the active :class:`~curvlib.engine.context.curvature` context, or ``None`` (contexts
+        #: do not nest); typed ``Any``: this module imports no module that imports it
+        self.active: Optional[Any] = None
         #: live layer calls, ``uid -> LayerCall`` in forward order, whose backward has not been
         #: processed yet; weak: the extended model owns them (``hooks.record_call``)
         self.tape: "weakref.WeakValueDictionary[int, LayerCall]" = weakref.WeakValueDictionary()

@@ -31,7 +31,7 @@ from typing import List, Optional
 from torch import Tensor
 
 from curvlib.engine.capture import LayerCapture
-from curvlib.engine.factors import KFAC_APPROX, kfac_act_factor, kfac_cot_factor, kfac_weight_factors
+from curvlib.engine.factors import KFAC_APPROX, kfac_act_factor, kfac_cot_factor
 from curvlib.extensions.kpsvd import KroneckerSVDExtension, RearrangedBlock
 
 
@@ -132,7 +132,7 @@ class KFACCorrected(KroneckerSVDExtension):
                 f"{len(capture.calls)} times before one backward, is not supported yet; use KPSVD or "
                 "KFAC (block form) for it."
             )
-        G, A = kfac_weight_factors(capture, self.source, self.kfac_approx)
+        G, A = capture.kfac_weight_factors(self.source, self.kfac_approx)
         n = capture.batch_size if self.kfac_approx == "reduce" else capture.act_rows()
         key = (capture.module, "grouped-kfac")
         prev = self._joined.get(key)

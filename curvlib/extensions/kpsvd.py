@@ -65,7 +65,7 @@ from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from curvlib.engine.capture import LayerCapture, Source
-from curvlib.engine.factors import Orientation, gram, has_summed_params, orientation, structure
+from curvlib.engine.factors import Orientation, gram, orientation
 from curvlib.extensions.base import Extension
 from curvlib.solvers.kronecker_svd import METHODS, gram_svd_flops, kronecker_svd, kronecker_svd_gram, signed_terms
 
@@ -440,7 +440,7 @@ class KroneckerSVDExtension(Extension):
         rearranged ``R_b = sum_j X_jb ⊗ X_jb`` (re-indexed ``[m^2, n^2]``, minus
         ``vec(C0[b]) vec(C1[b])^T``) by one batched SVD when small (depthwise convolutions), else
         :func:`kronecker_svd` on its products per group."""
-        B = structure(capture).blocks
+        B = capture.structure().blocks
         X = capture.per_sample_grads("weight", self.source)
         X = X.reshape(-1, B, p.shape[0] // B, p[0].numel())  # [M, B, m, n]
         key = (capture.module, "grouped")
@@ -485,9 +485,9 @@ class KroneckerSVDExtension(Extension):
     def compute(self, capture: LayerCapture) -> Dict[str, Any]:
         out: Dict[str, Any] = {}
         params, bias_block, block = capture.params, None, None
-        if has_summed_params(capture):  # norm layers: exact blocks, one term each
+        if capture.has_summed_params:  # norm layers: exact blocks, one term each
             return self._summed_blocks(capture)
-        grouped = "weight" in params and structure(capture).grouped
+        grouped = "weight" in params and capture.structure().grouped
         if grouped and not self.block_form:
             raise NotImplementedError(
                 f"curvlib: {type(self).__name__} does not support the grouped {capture.module} "
