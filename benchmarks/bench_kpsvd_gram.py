@@ -56,7 +56,8 @@ def main() -> None:
 
     import curvlib
     from curvlib.extensions.base import Extension
-    from curvlib.extensions.kpsvd import KPSVD, RearrangedBlock
+    from curvlib.extensions.kpsvd import KPSVD
+    from curvlib.extensions.rearranged import RearrangedBlock
 
     class Keep(Extension):
         savefield = "kept_block"
