@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, ContextManager, Dict, Iterator, List, Optional, Set, Tuple
 
 from torch import nn
 
@@ -63,23 +63,23 @@ class EngineState:
         #: ``torch.compile``d graphs): their columns go one at a time (:mod:`curvlib.engine.columns`)
         self.no_batching: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
-    @contextlib.contextmanager
-    def extra_backward(self) -> Iterator[None]:
+    def extra_backward(self) -> ContextManager[None]:
         """The engine's own backward of extra cotangents runs inside this block."""
-        old, self.in_extra_backward = self.in_extra_backward, True
-        try:
-            yield
-        finally:
-            self.in_extra_backward = old
+        return self._raised("in_extra_backward")
+
+    def hooks_paused(self) -> ContextManager[None]:
+        """Extended models run inside this block record nothing (the tape is left untouched)."""
+        return self._raised("paused")
 
     @contextlib.contextmanager
-    def hooks_paused(self) -> Iterator[None]:
-        """Extended models run inside this block record nothing (the tape is left untouched)."""
-        old, self.paused = self.paused, True
+    def _raised(self, flag: str) -> Iterator[None]:
+        """``flag`` is ``True`` inside the block and restored after it."""
+        old = getattr(self, flag)
+        setattr(self, flag, True)
         try:
             yield
         finally:
-            self.paused = old
+            setattr(self, flag, old)
 
 
 #: the engine's state (module docstring)
