@@ -4,7 +4,7 @@ the small decompositions that :class:`~curvlib.solvers.kronecker_inverse.Kroneck
 Orientation (curvlib's ``p.kfac`` convention): a weight ``W`` [out, in] is flattened row-major,
 ``G`` is [out, out], ``A`` is [in, in] and ``kron(G, A) vec(V) = vec(G V A)`` (factors symmetric).
 
-Factor forms (DESIGN.md §2): a dense ``[m, m]`` matrix; a **1-D** factor ``[m]``, the diagonal
+Factor forms: a dense ``[m, m]`` matrix; a **1-D** factor ``[m]``, the diagonal
 matrix ``diag(F)`` (e.g. an Embedding's token frequencies: no ``m x m`` matrix is formed); and
 the **block form** ``[B, m, m]``, ``blockdiag_b(F[b])`` over ``B`` consecutive slices (grouped
 convolutions: ``V [B m, n]`` viewed ``[B, m, n]``).
