@@ -56,8 +56,7 @@ def main() -> None:
 
     import curvlib
     from curvlib.extensions.base import Extension
-    from curvlib.extensions.kpsvd import KPSVD
-    from curvlib.extensions.rearranged import RearrangedBlock
+    from curvlib.extensions.kpsvd import KPSVD, RearrangedBlock
 
     class Keep(Extension):
         savefield = "kept_block"
