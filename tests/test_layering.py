@@ -8,7 +8,7 @@ proves that it fails on bad imports.
 """
 import ast
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Set, Tuple
 
 import pytest
 
@@ -95,3 +95,66 @@ def test_only_optim_distributed_imports_torch_distributed():
         or name.startswith("torch.nn.parallel")
     ]
     assert not bad, bad
+
+
+def module_name(path: Path) -> str:
+    """``curvlib/engine/hooks.py`` -> ``curvlib.engine.hooks`` (a package's ``__init__.py``: the package)."""
+    parts = package_of(path)
+    return ".".join(parts if path.name == "__init__.py" else parts + [path.stem])
+
+
+def import_graph(pkg: Path, sub: str) -> Dict[str, Set[str]]:
+    """``module -> the modules of curvlib.<sub> it imports``, every import counted (module level,
+    inside functions, under ``TYPE_CHECKING``); ``from X import a`` is an import of ``X.a`` when
+    that is a module, else of ``X``. A parent package imported on the way is not counted."""
+    files = sorted((pkg / sub).rglob("*.py"))
+    modules = {module_name(p) for p in files}
+    graph: Dict[str, Set[str]] = {}
+    for path in files:
+        deps: Set[str] = set()
+        for tree_node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(tree_node, ast.Import):
+                deps.update(a.name for a in tree_node.names if a.name in modules)
+            elif isinstance(tree_node, ast.ImportFrom):
+                base = _resolve(tree_node, package_of(path), path)
+                for a in tree_node.names:
+                    full = f"{base}.{a.name}"
+                    deps.add(full if full in modules else base)
+        name = module_name(path)
+        graph[name] = {d for d in deps if d in modules and d != name}
+    return graph
+
+
+def cycles(graph: Dict[str, Set[str]]) -> List[List[str]]:
+    """One import cycle through each module that is on one (depth-first search)."""
+    found, state = [], {}
+    stack: List[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = "open"
+        stack.append(m)
+        for d in sorted(graph.get(m, ())):
+            if state.get(d) == "open":
+                found.append(stack[stack.index(d):] + [d])
+            elif d not in state:
+                visit(d)
+        stack.pop()
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+    return found
+
+
+@pytest.mark.parametrize("sub", ["engine", "extensions", "solvers"])
+def test_no_import_cycles(sub):
+    """The modules of a layer import each other in one direction too (``engine.factors`` is pure
+    tensor math: the capture reads it, never the other way)."""
+    found = cycles(import_graph(PKG, sub))
+    assert not found, [" -> ".join(c) for c in found]
+
+
+def test_cycle_search_reports_cycles():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []

@@ -261,14 +261,82 @@ class LayerCapture:
             )
         return Objective(self.root, self.root_inputs, self.loss_calls[0])
 
+    # ------------------------------------------------------------ the factorisation applied
     def per_sample_grads(self, name: str, source: Source) -> Tensor:
         """Per-sample gradients ``[K, N, *p.shape]`` of parameter ``name``.
 
         ``X_{k,n} = sum_t s_{k,n,t} a_{n,t}^T`` (or its transpose for left-side
         layers), ``sum_t s'_{k,n,t}`` for the bias.
         """
-        X = factors.per_sample_grads(self, name, source)
+        X = self.per_sample_grads_into(name, source)
         return X.view(-1, self.batch_size, *X.shape[1:])
+
+    def per_sample_grads_into(self, name: str, source: Source, out: Optional[Tensor] = None) -> Tensor:
+        """Per-sample gradients ``[K * N, *p.shape]`` of parameter ``name`` for ``source``
+        (rows ``k * N + n``), written into ``out`` if given (contiguous, that shape) and returned.
+
+        Summed parameters: ``sum_t s'``; weights: the adapter's structured product if it has one
+        (Embedding: a scatter of ``s``; grouped convolutions: one einsum per group), else
+        :func:`~curvlib.engine.factors.outer_sum` of :meth:`cot` and :meth:`act`.
+        """
+        p = self.params[name]
+        if self.summed(name):
+            sb = self.sum_cot(name, source)
+            shape = (sb.shape[0] * sb.shape[1], *p.shape)
+            if out is None:
+                out = sb.new_empty(shape)
+            torch.sum(sb, dim=2, out=out.view(sb.shape[0], sb.shape[1], -1))
+            return out
+        s = self.cot(source)
+        shape = (s.shape[0] * s.shape[1], *p.shape)
+        if out is None:
+            out = s.new_empty(shape)
+        if self.structured_weight(s, out) is not None:
+            return out  # structured activations (Embedding: a scatter of s)
+        return factors.outer_sum(s, self.act(), self.orientation, out)
+
+    def kfac_act_factor(self, kfac_approx: str = "expand", blocks: int = 1) -> Tensor:
+        """KFAC's ``A`` of the weight: the adapter's structured factor (Embedding: 1-D) if it has
+        one, else :func:`~curvlib.engine.factors.kfac_act_factor` of :meth:`act`; expand with one
+        block takes :meth:`act_gram` (the adapter's own Gram kernel, convolutions) over ``N T``."""
+        A = self.act_factor(kfac_approx)
+        if A is not None:
+            return A
+        if kfac_approx == "expand" and blocks == 1:
+            return self.act_gram(1.0 / self.act_rows())
+        return factors.kfac_act_factor(self.act(), kfac_approx, blocks)
+
+    def kfac_weight_factors(self, source: Source, kfac_approx: str = "expand") -> Tuple[Tensor, Tensor]:
+        """``(G, A)`` of the layer's (Kronecker-factored) weight, in the form of its
+        :meth:`structure`: ``[D_s, D_s], [D_a, D_a]``; ``A`` 1-D for a diagonal activation factor
+        (Embedding); ``[B, ., .]`` each for the block form. Put them in the parameter's factor order
+        with ``capture.orientation.pair(G, A)``."""
+        B = self.adapter.blocks(self.module)
+        G = factors.kfac_cot_factor(self.cot(source), kfac_approx, B)
+        return G, self.kfac_act_factor(kfac_approx, B)
+
+    def kfac_summed_factor(self, name: str, source: Source) -> Tensor:
+        """The exact block ``sum_{k,n} x x^T`` of a summed parameter (``x = sum_t s'``; KFAC's ``[G]``
+        of a norm layer's parameters)."""
+        return factors.gram_rows(self.sum_cot(name, source).sum(2))
+
+    def structure(self, name: str = "weight") -> factors.BlockStructure:
+        """The :class:`~curvlib.engine.factors.BlockStructure` of parameter ``name``."""
+        if self.summed(name):  # a bias may be in the block form too (attention's in_proj_bias)
+            B = self.adapter.bias_blocks(self.module) if name == "bias" else 1
+            return factors.BlockStructure("summed", B)
+        orient = self.orientation
+        B = self.adapter.blocks(self.module)
+        if B > 1:
+            return factors.BlockStructure("blocks", B, orient, self.adapter.grouped(self.module))
+        if type(self.adapter).act_factor is not LayerAdapter.act_factor:
+            return factors.BlockStructure("diagonal", 1, orient)
+        return factors.BlockStructure("kronecker", 1, orient)
+
+    @property
+    def has_summed_params(self) -> bool:
+        """Whether the layer has parameters besides a bias without an activation side (norm layers)."""
+        return bool(self.adapter.summed_params)
 
 
 class SharedCapture(LayerCapture):
@@ -289,7 +357,7 @@ class SharedCapture(LayerCapture):
     over rows, works from :attr:`calls` without them).
 
     The cotangent columns ``k`` of the calls are aligned by the engine: a column of a loss that
-    does not reach a call is zero there (``curvature.process_loss``), so a GAN's two losses
+    does not reach a call is zero there (``loss_columns.align_calls``), so a GAN's two losses
     give ``K_real + K_fake`` columns on both calls.
 
     Attributes:

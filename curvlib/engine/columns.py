@@ -41,21 +41,18 @@ from __future__ import annotations
 
 import math
 import warnings
-import weakref
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+
+from curvlib.engine.state import ENGINE
 
 #: bytes of the largest layer output per chunk of columns (module docstring; was 8 MiB, all
 #: 9 columns of the bench MLP in one chunk)
 CHUNK_BYTES = 4 * 2**20
 #: columns this large at the largest layer output go one at a time (:func:`column_chunk`)
 LARGE_COLUMN_BYTES = 2**20
-
-#: extended models whose backward has no batching rule for some operation (e.g. the
-#: ``out=`` kernels of ``torch.compile``d graphs): their cotangents go one at a time
-_NO_BATCHING: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 def column_chunk(V: Tensor, shapes: Sequence[Sequence[int]]) -> int:
@@ -87,7 +84,7 @@ def column_chunks(
     only one chunk of columns alive. The graph is retained. Fallback: module docstring.
     """
     K = V.shape[0]
-    batched = K > 1 and not any(r in _NO_BATCHING for r in roots)
+    batched = K > 1 and not any(r in ENGINE.no_batching for r in roots)
     if not batched:
         chunk = 1
     elif chunk is None:
@@ -115,7 +112,7 @@ def column_chunks(
             start += Vc.shape[0]
     finally:
         if fell_back:  # fell back: remember the models it reached
-            _NO_BATCHING.update(r for r, hit in zip(roots, reached) if hit)
+            ENGINE.no_batching.update(r for r, hit in zip(roots, reached) if hit)
 
 
 def backprop_columns(

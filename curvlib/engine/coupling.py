@@ -26,9 +26,15 @@ moment (e.g. a zero-initialised scale) is missed; the module scan above runs on 
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple, Type
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Type
 
-from torch import nn
+import torch
+from torch import Tensor, nn
+
+from curvlib.engine.layers import adapter_for
+from curvlib.engine.records import LayerCall
+from curvlib.engine.state import ENGINE
 
 #: module type -> predicate "this instance couples the samples in its current mode"
 _COUPLING: Dict[Type[nn.Module], Callable[[nn.Module], bool]] = {}
@@ -70,4 +76,112 @@ def describe(root: nn.Module, found: List[Tuple[str, nn.Module]]) -> str:
     return f"{names}{more} of the extended model {type(root).__name__}"
 
 
-__all__ = ["register_coupling", "is_coupling", "coupling_modules", "describe"]
+def same_batch(call: LayerCall, f: Tensor) -> bool:
+    """Whether the leading dimension of the loss input ``f`` is the batch of ``call``'s layer
+    (not so for an unbatched input, e.g. CE on ``[C]`` after a conv on ``[C_in, H, W]``, or
+    for a pending call of another model)."""
+    if call.input is None:
+        return False
+    n = adapter_for(call.module).batch_size(call.module, call.input)
+    return n == f.shape[0] and n > 1
+
+
+#: key of the probe's column among the extra cotangents of a loss
+PROBE = object()
+
+
+class CouplingCheck:
+    """Coupled-sample detection for one ``curvature`` context (module docstring): the module
+    scan per backward and model, the generic probe, and what each extension does about a
+    coupling (``Extension.coupled_samples``).
+
+    Args:
+        extensions: the context's extensions.
+    """
+
+    def __init__(self, extensions: Sequence):
+        self.extensions = list(extensions)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget what this context found (on entering it)."""
+        #: uids of layer calls whose probe column leaked to other samples
+        self.leaks: Set[int] = set()
+        #: per backward: ``id(model) -> its coupling modules`` (scanned once per backward)
+        self.found: Dict[int, list] = {}
+
+    def new_backward(self) -> None:
+        self.found = {}
+
+    def probe(self, calls: List[LayerCall], f: Tensor) -> Optional[Tensor]:
+        """On the first capture of a model (per training mode): one extra output cotangent
+        ``[1, *f.shape]``, nonzero on sample 0 only, back-propagated with the others
+        (:data:`PROBE`); a layer whose cotangent is nonzero on another sample has a coupling
+        module downstream (:meth:`observe`). ``None`` when no probe is due."""
+        if f.ndim == 0 or f.shape[0] < 2:
+            return None
+        if not any(same_batch(c, f) for c in calls):
+            return None
+        if all(e.coupled_samples == "exact" for e in self.extensions):
+            return None
+        new = False
+        for root in {id(c.root): c.root for c in calls if c.root is not None}.values():
+            modes = ENGINE.probed.setdefault(root, set())
+            if root.training not in modes:
+                modes.add(root.training)
+                new = True
+        if not new:
+            return None
+        gen = torch.Generator().manual_seed(0)  # leaves the global random stream alone
+        v = torch.zeros((1,) + tuple(f.shape), dtype=f.dtype)
+        v[0, 0] = torch.rand(f.shape[1:], generator=gen, dtype=f.dtype) + 0.5
+        return v.to(f.device)
+
+    def observe(self, call: LayerCall, part: Tensor, f: Tensor) -> None:
+        """The probe's column ``part`` ``[1, *output_shape]`` at ``call``: did sample 0's output
+        cotangent leak into other samples?"""
+        if same_batch(call, f) and bool(part[0, 1:].ne(0).any()):
+            self.leaks.add(call.uid)
+
+    def check(self, root: Optional[nn.Module], call: Optional[LayerCall] = None) -> None:
+        """Raise or warn (per extension) if ``root`` couples the samples of the batch (a known
+        coupling module, or the probe leaked at ``call``'s layer)."""
+        if call is not None and call.uid in self.leaks and root is not None:
+            name = next((n for n, m in root.named_modules() if m is call.module), type(call.module).__name__)
+            self._on_coupling(
+                root,
+                f"a module downstream of the layer '{name}' ({type(call.module).__name__}) of the "
+                f"extended model {type(root).__name__} (the output cotangent of one sample "
+                "reached the other samples there)",
+            )
+        if root is None or id(root) in self.found:
+            return
+        found = self.found[id(root)] = coupling_modules(root)
+        if not found:
+            return
+        self._on_coupling(root, describe(root, found))
+
+    def _on_coupling(self, root: nn.Module, where: str) -> None:
+        strict = [e for e in self.extensions if e.coupled_samples == "raise"]
+        if strict:
+            raise RuntimeError(
+                f"curvlib: {', '.join(type(e).__name__ for e in strict)} needs independent "
+                f"samples, but {where} couples the samples of the batch (e.g. BatchNorm with "
+                "batch statistics in training mode): per-sample gradients and exact curvature "
+                "blocks are then not what this extension computes. Call model.eval() for the "
+                "curvature backward (BatchNorm then uses its running statistics), or use KFAC, "
+                "which treats the samples as independent (with a warning)."
+            )
+        loose = [e for e in self.extensions if e.coupled_samples == "warn"]
+        if loose and root not in ENGINE.warned_coupling:
+            ENGINE.warned_coupling.add(root)
+            warnings.warn(
+                f"curvlib: {', '.join(type(e).__name__ for e in loose)} treats the samples "
+                f"as independent, but {where} couples them (e.g. BatchNorm with batch "
+                "statistics in training mode); the result is the approximation with the "
+                "coupling ignored. Call model.eval() for the curvature backward to avoid it.",
+                stacklevel=2,
+            )
+
+
+__all__ = ["register_coupling", "is_coupling", "coupling_modules", "describe", "same_batch", "PROBE", "CouplingCheck"]

@@ -1,4 +1,4 @@
-r"""The per-sample factorisation of a layer's curvature, in one place.
+r"""The per-sample factorisation of a layer's curvature, in one place: pure tensor math.
 
 Every extension is a function of a layer's captured vectors (see
 :mod:`curvlib.engine.layers.base`): activation-side ``a [N, T, D_a]`` and cotangent-side
@@ -14,29 +14,26 @@ The curvature block of a parameter is ``sum_{k,n} vec(X_kn) vec(X_kn)^T`` (exact
 
 - :class:`Orientation`: which side of the weight the activations are on, and everything that
   depends on it (factor order, einsum equations, transposes);
-- :func:`per_sample_grads`: per-sample gradients of any parameter, into an ``out=`` buffer;
+- :func:`outer_sum`: per-sample weight gradients from ``s`` and ``a``, into an ``out=`` buffer;
 - :func:`gram`, :func:`gram_rows`, :func:`block_gram`: the symmetric factor products;
-- :func:`kfac_cot_factor`, :func:`kfac_act_factor`, :func:`kfac_weight_factors`: KFAC factors
-  for ``kfac_approx`` expand / reduce (Eschenhagen et al. 2023);
-- :class:`BlockStructure` (:func:`structure`): the form of a parameter's block -- dense Kronecker,
+- :func:`kfac_cot_factor`, :func:`kfac_act_factor`: KFAC factors for ``kfac_approx`` expand /
+  reduce (Eschenhagen et al. 2023);
+- :class:`BlockStructure`: the form of a parameter's block -- dense Kronecker,
   diagonal-times-dense (a 1-D factor, Embedding), block form over ``B`` groups (grouped
   convolutions), or summed (the exact ``[G]`` of a bias or a norm layer's scale).
 
-Extensions call these and never branch on ``act_side`` themselves.
+Nothing here reads a capture: the methods of :class:`~curvlib.engine.capture.LayerCapture`
+(``per_sample_grads``, ``kfac_weight_factors``, ``structure``, ...) apply these to a layer's
+captured vectors. Extensions call those and never branch on ``act_side`` themselves.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from einops import rearrange
 from torch import Tensor
-
-from curvlib.engine.layers.base import LayerAdapter
-
-if TYPE_CHECKING:  # pragma: no cover
-    from curvlib.engine.capture import LayerCapture, Source
 
 KFAC_APPROX = ("expand", "reduce")
 
@@ -198,33 +195,6 @@ def outer_sum(s: Tensor, a: Tensor, orient: Orientation, out: Tensor) -> Tensor:
     return out
 
 
-def per_sample_grads(
-    capture: "LayerCapture", name: str, source: "Source", out: Optional[Tensor] = None
-) -> Tensor:
-    """Per-sample gradients ``[K * N, *p.shape]`` of parameter ``name`` for ``source``
-    (rows ``k * N + n``), written into ``out`` if given (contiguous, that shape).
-
-    Summed parameters: ``sum_t s'``; weights: the adapter's structured product if it has one
-    (Embedding: a scatter of ``s``; grouped convolutions: one einsum per group), else
-    :func:`outer_sum` of the captured ``s`` and ``a``.
-    """
-    p = capture.params[name]
-    if capture.summed(name):
-        sb = capture.sum_cot(name, source)
-        shape = (sb.shape[0] * sb.shape[1], *p.shape)
-        if out is None:
-            out = sb.new_empty(shape)
-        torch.sum(sb, dim=2, out=out.view(sb.shape[0], sb.shape[1], -1))
-        return out
-    s = capture.cot(source)
-    shape = (s.shape[0] * s.shape[1], *p.shape)
-    if out is None:
-        out = s.new_empty(shape)
-    if capture.structured_weight(s, out) is not None:
-        return out  # structured activations (Embedding: a scatter of s)
-    return outer_sum(s, capture.act(), capture.orientation, out)
-
-
 # ---------------------------------------------------------------- Gram matrices
 
 
@@ -323,34 +293,6 @@ def kfac_act_factor(a: Tensor, kfac_approx: str = "expand", blocks: int = 1) -> 
     return gram_rows(a, 1.0 / rows) if blocks == 1 else block_gram(a, blocks).div_(rows)
 
 
-def capture_act_factor(capture: "LayerCapture", kfac_approx: str = "expand", blocks: int = 1) -> Tensor:
-    """``A`` of a capture's weight: the adapter's structured factor (Embedding: 1-D) if it has
-    one, else :func:`kfac_act_factor` of ``capture.act()``; expand with one block takes
-    ``capture.act_gram()`` (the adapter's own Gram kernel, convolutions) over ``N T``."""
-    A = capture.act_factor(kfac_approx)
-    if A is not None:
-        return A
-    if kfac_approx == "expand" and blocks == 1:
-        return capture.act_gram(1.0 / capture.act_rows())
-    return kfac_act_factor(capture.act(), kfac_approx, blocks)
-
-
-def kfac_weight_factors(capture: "LayerCapture", source: "Source", kfac_approx: str = "expand") -> Tuple[Tensor, Tensor]:
-    """``(G, A)`` of the layer's (Kronecker-factored) weight, in the form of its
-    :func:`structure`: ``[D_s, D_s], [D_a, D_a]``; ``A`` 1-D for a diagonal activation factor
-    (Embedding); ``[B, ., .]`` each for the block form. Put them in the parameter's factor order
-    with ``capture.orientation.pair(G, A)``."""
-    B = capture.adapter.blocks(capture.module)
-    G = kfac_cot_factor(capture.cot(source), kfac_approx, B)
-    return G, capture_act_factor(capture, kfac_approx, B)
-
-
-def kfac_summed_factor(capture: "LayerCapture", name: str, source: "Source") -> Tensor:
-    """The exact block ``sum_{k,n} x x^T`` of a summed parameter (``x = sum_t s'``; KFAC's ``[G]``
-    of a norm layer's parameters)."""
-    return gram_rows(capture.sum_cot(name, source).sum(2))
-
-
 # ---------------------------------------------------------------- block structure
 
 
@@ -382,25 +324,6 @@ class BlockStructure:
         return self.kind in ("kronecker", "diagonal")
 
 
-def structure(capture: "LayerCapture", name: str = "weight") -> BlockStructure:
-    """The :class:`BlockStructure` of parameter ``name`` of ``capture``'s layer."""
-    if capture.summed(name):  # a bias may be in the block form too (attention's in_proj_bias)
-        B = capture.adapter.bias_blocks(capture.module) if name == "bias" else 1
-        return BlockStructure("summed", B)
-    orient = capture.orientation
-    B = capture.adapter.blocks(capture.module)
-    if B > 1:
-        return BlockStructure("blocks", B, orient, capture.adapter.grouped(capture.module))
-    if type(capture.adapter).act_factor is not LayerAdapter.act_factor:
-        return BlockStructure("diagonal", 1, orient)
-    return BlockStructure("kronecker", 1, orient)
-
-
-def has_summed_params(capture: "LayerCapture") -> bool:
-    """Whether the layer has parameters besides a bias without an activation side (norm layers)."""
-    return bool(capture.adapter.summed_params)
-
-
 __all__ = [
     "Orientation",
     "RIGHT",
@@ -408,17 +331,11 @@ __all__ = [
     "orientation",
     "common_orientation",
     "outer_sum",
-    "per_sample_grads",
     "gram",
     "gram_rows",
     "block_gram",
     "KFAC_APPROX",
     "kfac_cot_factor",
     "kfac_act_factor",
-    "capture_act_factor",
-    "kfac_weight_factors",
-    "kfac_summed_factor",
     "BlockStructure",
-    "structure",
-    "has_summed_params",
 ]

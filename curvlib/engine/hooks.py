@@ -7,16 +7,15 @@ Nothing is computed until a backward runs inside a ``curvature`` context.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import warnings
 import weakref
-from typing import Any, Dict, Iterator, List, Tuple, TypeVar
+from typing import ContextManager, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from curvlib.engine import state
+from curvlib.engine.state import ENGINE
 from curvlib.engine.layers import adapter_for
 from curvlib.engine.losses import loss_adapter_for
 from curvlib.engine.records import CallList, LayerCall
@@ -28,21 +27,11 @@ _ROOT_FLAG = "_curvlib_root"
 
 _CALLS = "_curvlib_calls"
 
-#: extended models whose forward is running, with the ``(args, kwargs)`` of that forward
-#: (tensors detached): tags the layer calls it makes
-_ROOTS: List[Tuple[nn.Module, Tuple[tuple, Dict[str, Any]]]] = []
 
-
-@contextlib.contextmanager
-def hooks_paused() -> Iterator[None]:
+def hooks_paused() -> ContextManager[None]:
     """Run extended models without recording anything (for extensions that re-run the
     model themselves, e.g. HMP's functional forward): the tape is left untouched."""
-    old = state.HOOKS_PAUSED
-    state.HOOKS_PAUSED = True
-    try:
-        yield
-    finally:
-        state.HOOKS_PAUSED = old
+    return ENGINE.hooks_paused()
 
 
 def _detached(x):
@@ -129,20 +118,20 @@ def extend(module: M) -> M:
 
 
 def _root_pre_hook(root: nn.Module, args, kwargs) -> None:
-    if state.HOOKS_PAUSED:
+    if ENGINE.paused:
         return None
     # a new forward of this model: the calls of its earlier forward stay alive exactly as
     # long as their autograd graph (a GAN's discriminator on real, then on fake data)
     _demote_all(getattr(root, _CALLS, ()))
     setattr(root, _CALLS, CallList())
     inputs = (tuple(_detached(a) for a in args), {k: _detached(v) for k, v in kwargs.items()})
-    _ROOTS.append((root, inputs))
+    ENGINE.forwards.append((root, inputs))
     return None
 
 
 def _release_all(calls) -> None:
     for call in calls:
-        state.TAPE.pop(call.uid, None)
+        ENGINE.tape.pop(call.uid, None)
         call.release()
 
 
@@ -161,7 +150,7 @@ def _demote_all(calls) -> None:
     a discarded forward is freed with its graph, so repeated forwards without a backward
     keep no memory). No reference cycle: the node refers to the call, the call not to
     the node. The loss hook finds the edge again by walking the graph
-    (:func:`curvlib.engine.context._demoted_edges`).
+    (:func:`curvlib.engine.loss_columns.demoted_edges`).
     """
     for call in calls:
         edge = call.output_edge
@@ -170,7 +159,7 @@ def _demote_all(calls) -> None:
         try:
             meta = edge.node.metadata
         except (AttributeError, RuntimeError):  # no node metadata: the old behaviour
-            state.TAPE.pop(call.uid, None)
+            ENGINE.tape.pop(call.uid, None)
             call.release()
             continue
         meta.setdefault(META_KEY, {})[edge.output_nr] = call
@@ -179,10 +168,10 @@ def _demote_all(calls) -> None:
 
 
 def _root_post_hook(root: nn.Module, inputs, output) -> None:
-    if state.HOOKS_PAUSED:
+    if ENGINE.paused:
         return
-    if _ROOTS and _ROOTS[-1][0] is root:
-        _ROOTS.pop()
+    if ENGINE.forwards and ENGINE.forwards[-1][0] is root:
+        ENGINE.forwards.pop()
 
 
 def _layer_forward_hook(module: nn.Module, inputs, output) -> None:
@@ -194,14 +183,14 @@ def _layer_forward_hook(module: nn.Module, inputs, output) -> None:
 def record_call(module, x: Tensor, output) -> None:
     """Record one call of an extended layer (or of a part of a composite layer, see
     :meth:`~curvlib.engine.layers.base.LayerAdapter.intercept`): input ``x`` and ``output``."""
-    if state.HOOKS_PAUSED:
+    if ENGINE.paused:
         return
     if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
         return
     in_backward = _in_backward()
-    if in_backward and state.IN_EXTRA_BACKWARD:
+    if in_backward and ENGINE.in_extra_backward:
         return  # recomputed by checkpointing inside the engine's own extra backward
-    root, root_inputs = _ROOTS[-1] if _ROOTS else (None, None)
+    root, root_inputs = ENGINE.forwards[-1] if ENGINE.forwards else (None, None)
     call = LayerCall(
         module=module,
         root=root,
@@ -221,51 +210,47 @@ def record_call(module, x: Tensor, output) -> None:
         calls = CallList()
         setattr(owner, _CALLS, calls)
     calls.append(call)
-    state.TAPE[call.uid] = call
+    ENGINE.tape[call.uid] = call
     # the live calls of this layer (a part of a composite layer, e.g. attention's in_proj, is a
     # new object per call: its calls are kept under the part's stable ``calls_key``)
     key = calls_key(module)
-    live = state.CALLS_OF.get(key)
+    live = ENGINE.calls_of.get(key)
     if live is None:
-        live = state.CALLS_OF[key] = weakref.WeakSet()
+        live = ENGINE.calls_of[key] = weakref.WeakSet()
     live.add(call)
     output.register_hook(functools.partial(_layer_output_hook, weakref.ref(call), module))
 
 
 def calls_key(module) -> object:
-    """The key of ``module``'s live calls in ``state.CALLS_OF``: the layer itself, or a part's
+    """The key of ``module``'s live calls in ``ENGINE.calls_of``: the layer itself, or a part's
     ``calls_key`` (:class:`~curvlib.engine.layers.attention.Projection`)."""
     return module if isinstance(module, nn.Module) else module.calls_key
-
-
-#: interceptions of the composite layers whose forward is running (innermost last)
-_INTERCEPTS: List[Any] = []
 
 
 def _composite_pre_hook(module: nn.Module, args) -> None:
     """A composite layer (``nn.MultiheadAttention``) applies its parameters functionally: its
     adapter's interception records the parts while its forward runs."""
-    if state.HOOKS_PAUSED or not torch.is_grad_enabled():
+    if ENGINE.paused or not torch.is_grad_enabled():
         return
     cm = adapter_for(module).intercept(module, record_call)
     cm.__enter__()
-    _INTERCEPTS.append((module, cm))
+    ENGINE.intercepts.append((module, cm))
 
 
 def _composite_post_hook(module: nn.Module, args, output) -> None:
     # always called (also when the forward raised): leave the interception of this forward
-    if _INTERCEPTS and _INTERCEPTS[-1][0] is module:
-        _INTERCEPTS.pop()[1].__exit__(None, None, None)
+    if ENGINE.intercepts and ENGINE.intercepts[-1][0] is module:
+        ENGINE.intercepts.pop()[1].__exit__(None, None, None)
 
 
 def _layer_output_hook(ref: "weakref.ref[LayerCall]", module: nn.Module, grad: Tensor):
-    if state.IN_EXTRA_BACKWARD:
+    if ENGINE.in_extra_backward:
         return None
     call = ref()
-    ctx = state.ACTIVE
+    ctx = ENGINE.active
     if ctx is None:
         if call is not None:
-            state.TAPE.pop(call.uid, None)
+            ENGINE.tape.pop(call.uid, None)
             call.release()
         return None
     if call is None or not call.live:
@@ -294,7 +279,7 @@ def _in_backward() -> bool:
 
 
 def _loss_forward_hook(loss: nn.Module, inputs, output) -> None:
-    if state.HOOKS_PAUSED:
+    if ENGINE.paused:
         return
     if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
         return
@@ -303,11 +288,11 @@ def _loss_forward_hook(loss: nn.Module, inputs, output) -> None:
 
 
 def _loss_output_hook(loss: nn.Module, holder: list, grad: Tensor):
-    if state.IN_EXTRA_BACKWARD or not holder:
+    if ENGINE.in_extra_backward or not holder:
         return None
     f, y = holder
     holder.clear()
-    ctx = state.ACTIVE
+    ctx = ENGINE.active
     if ctx is not None:
         ctx.process_loss(loss, f, y, grad)
     return None

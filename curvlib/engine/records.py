@@ -40,8 +40,8 @@ class LayerCall:
     #: the sources of ``extra`` that the engine left matrix-free (``lazy_columns.LazyColumns``)
     lazy: Optional[Any] = None
     #: the model ran another forward before this call was back-propagated: the call is
-    #: then owned by its own autograd graph (``hooks._demote``), not by the model, and
-    #: ``output_edge`` is found again from the loss (``context._demoted_edges``)
+    #: then owned by its own autograd graph (``hooks._demote_all``), not by the model, and
+    #: ``output_edge`` is found again from the loss (``loss_columns.demoted_edges``)
     demoted: bool = False
     uid: int = field(default_factory=lambda: next(_ids))
     root_inputs: Optional[Tuple[tuple, Dict[str, Any]]] = None

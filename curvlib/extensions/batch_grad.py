@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlib.engine.capture import LayerCapture, Source, finite_or_raise
-from curvlib.engine.factors import outer_sum, per_sample_grads
+from curvlib.engine.factors import outer_sum
 from curvlib.extensions.base import Extension
 
 
@@ -156,15 +156,16 @@ class BatchGrad(Extension):
                 finite_or_raise(capture.act(), capture.module, "the layer input")
             shape = (capture.batch_size, *p.shape)
             buf = reusable_buffer(p, self.savefield, shape, v) if self.reuse_buffers else None
-            out[name] = per_sample_grads(capture, name, "grad", buf)
+            out[name] = capture.per_sample_grads_into(name, "grad", buf)
         return out
 
     def __repr__(self) -> str:
         return f"BatchGrad(reuse_buffers={self.reuse_buffers})"
 
 
-#: the per-sample gradient assembly lives in the engine (:mod:`curvlib.engine.factors`);
-#: re-exported under its former names
-per_sample_into = per_sample_grads
+def per_sample_into(capture: LayerCapture, name: str, source: Source, out=None) -> Tensor:
+    """Former name of :meth:`LayerCapture.per_sample_grads_into <curvlib.engine.capture.LayerCapture.per_sample_grads_into>`
+    (the per-sample gradient assembly lives in the engine)."""
+    return capture.per_sample_grads_into(name, source, out)
 
 __all__ = ["BatchGrad", "outer_sum", "per_sample_into", "reusable_buffer"]

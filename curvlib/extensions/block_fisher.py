@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from curvlib.engine.capture import LayerCapture, finite_or_raise
 from curvlib.extensions.base import Extension
-from curvlib.engine.factors import Orientation, outer_sum, per_sample_grads, structure
+from curvlib.engine.factors import Orientation, outer_sum
 from curvlib.extensions.batch_grad import reusable_buffer
 
 
@@ -87,7 +87,7 @@ class ExactBlockFisher(Extension):
     def compute(self, capture: LayerCapture) -> Dict[str, Any]:
         out, src = {}, self.source
         for name in capture.params:
-            form = structure(capture, name)
+            form = capture.structure(name)
             if form.summed:
                 b = capture.sum_cot(name, src).sum(2)
                 b = b.reshape(-1, b.shape[-1])
@@ -181,7 +181,7 @@ class GradFactors(Extension):
                 finite_or_raise(capture.act(), capture.module, "the layer input")
             shape = (v.shape[0] * v.shape[1], *p.shape)
             buf = reusable_buffer(p, self.savefield, shape, v) if self.reuse_buffers else None
-            out[name] = per_sample_grads(capture, name, src, buf)
+            out[name] = capture.per_sample_grads_into(name, src, buf)
         return out
 
 

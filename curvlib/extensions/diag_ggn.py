@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from curvlib.engine.capture import LayerCapture
-from curvlib.engine.factors import Orientation, outer_sum, structure
+from curvlib.engine.factors import Orientation, outer_sum
 from curvlib.extensions.base import Extension
 
 
@@ -98,7 +98,7 @@ class DiagGGN(Extension):
         s2 = None
         if "weight" in params and capture.summed("weight"):
             out["weight"] = capture.sum_cot("weight", src).sum(2).square().sum((0, 1)).reshape(params["weight"].shape)
-        elif "weight" in params and structure(capture).grouped:  # grouped conv
+        elif "weight" in params and capture.structure().grouped:  # grouped conv
             out["weight"] = capture.per_sample_grads("weight", src).square().sum((0, 1))
         elif "weight" in params:
             s = capture.cot(src)

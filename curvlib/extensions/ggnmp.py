@@ -40,7 +40,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from curvlib.engine.capture import LayerCapture
-from curvlib.engine.factors import outer_sum, per_sample_grads, structure
+from curvlib.engine.factors import outer_sum
 from curvlib.engine.layers.base import WeightMap
 from curvlib.engine.lazy_columns import LazyColumns
 from curvlib.extensions.base import Extension
@@ -105,7 +105,7 @@ class LayerFactors:
         self.lazy: Optional[LazyColumns] = None
         lazy = capture.lazy_columns(source)
         if lazy is not None and not any(capture.summed(n) and n != "bias" for n in self.params):
-            if "weight" not in self.params or not structure(capture).grouped:
+            if "weight" not in self.params or not capture.structure().grouped:
                 self.lazy, self._capture = lazy, capture
                 self.num_columns = lazy.num_columns(source)
                 if "weight" in self.params:
@@ -122,7 +122,7 @@ class LayerFactors:
             K = xw.shape[0]
             self.xw = xw.reshape(-1, xw.shape[-1])
         elif "weight" in self.params:
-            grouped = structure(capture).grouped
+            grouped = capture.structure().grouped
             if not grouped and len(capture.calls) == 1:
                 self.map = capture.adapter.weight_map(capture.module, capture.x)
             self._capture = capture
@@ -141,7 +141,7 @@ class LayerFactors:
         self.num_columns = K
         if self.s is not None and grouped:
             # grouped convolution: the per-sample gradients are not one outer product sum
-            self.X = per_sample_grads(capture, "weight", source).flatten(1)
+            self.X = capture.per_sample_grads_into("weight", source).flatten(1)
         elif mode == "materialized" and self.s is not None:
             self._materialize()
 

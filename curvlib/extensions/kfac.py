@@ -39,7 +39,7 @@ from torch import Tensor
 
 from curvlib.engine import factors
 from curvlib.engine.capture import LayerCapture, Source
-from curvlib.engine.factors import KFAC_APPROX, structure
+from curvlib.engine.factors import KFAC_APPROX
 from curvlib.engine.layers.base import LayerAdapter
 from curvlib.extensions.base import Extension
 from curvlib.extensions.cross_kfac import CrossKFAC
@@ -201,8 +201,8 @@ class KFAC(Extension):
         weight and of the bias (the same tensor when the bias shares the weight's ``s``), the
         exact ``[G]`` of a norm layer's parameters. Sums over the columns ``k``."""
         params, src = capture.params, self.source
-        if factors.has_summed_params(capture):
-            return {name: factors.kfac_summed_factor(capture, name, src) for name in params}
+        if capture.has_summed_params:
+            return {name: capture.kfac_summed_factor(name, src) for name in params}
         out: Dict[str, Tensor] = {}
         B = capture.adapter.blocks(capture.module)
         if "weight" in params and not capture.summed("weight"):
@@ -224,7 +224,7 @@ class KFAC(Extension):
                 out[name] = [red[name]]
                 continue
             B = capture.adapter.blocks(capture.module)
-            A = factors.capture_act_factor(capture, self.kfac_approx, B)
+            A = capture.kfac_act_factor(self.kfac_approx, B)
             out[name] = capture.orientation.pair(red[name], A)
             self.act_index[id(capture.params[name])] = capture.orientation.act_index
         return out
@@ -235,7 +235,7 @@ class KFAC(Extension):
         red = capture.reduction(self, src) if len(capture.calls) == 1 and self.cross is None else None
         if red is not None:
             return self._from_reduction(capture, red)
-        if factors.has_summed_params(capture):  # norm layers: exact blocks sum x x^T, x = sum_t s
+        if capture.has_summed_params:  # norm layers: exact blocks sum x x^T, x = sum_t s
             if self.cross:
                 raise NotImplementedError(
                     f"curvlib: KFAC(cross_layer=True) does not support {capture.module} yet (a "
@@ -243,7 +243,7 @@ class KFAC(Extension):
                     "leave the layer's parameters out (requires_grad=False)."
                 )
             for name in params:
-                out[name] = [factors.kfac_summed_factor(capture, name, src)]
+                out[name] = [capture.kfac_summed_factor(name, src)]
             return out
         calls = capture.calls
         if len(calls) > 1 and self.cross:
@@ -264,7 +264,7 @@ class KFAC(Extension):
                 B = c.adapter.blocks(c.module)  # block form (grouped conv, attention)
                 Gc = factors.kfac_cot_factor(c.cot(src), self.kfac_approx, B)
                 Gw.append(Gc)
-                Ac = factors.capture_act_factor(c, self.kfac_approx, B)  # Embedding: 1-D
+                Ac = c.kfac_act_factor(self.kfac_approx, B)  # Embedding: 1-D
                 n = c.act_factor_rows(self.kfac_approx)  # rows per block where they differ
                 if n is None:
                     n = c.batch_size if self.kfac_approx == "reduce" else c.act_rows()
@@ -285,7 +285,7 @@ class KFAC(Extension):
         if Gb:
             out["bias"] = [Gb[0] if len(Gb) == 1 else torch.stack(Gb).sum(0)]
         if self.cross:
-            if structure(capture).kind == "blocks" or structure(capture, "bias").blocks > 1:
+            if capture.structure().kind == "blocks" or capture.structure("bias").blocks > 1:
                 raise NotImplementedError(
                     f"curvlib: KFAC(cross_layer=True) does not support the grouped {capture.module} "
                     "yet; use cross_layer=False."

@@ -1,14 +1,14 @@
 r"""KFAC corrected: the KFAC term plus the best Kronecker approximation of its residual.
 
 For a weight's exact curvature block ``F`` with Van Loan rearrangement ``R(F)`` (see
-:mod:`curvlib.extensions.kpsvd`) and KFAC factors ``(G, A)``::
+:mod:`curvlib.extensions.rearranged`) and KFAC factors ``(G, A)``::
 
     F ≈ G ⊗ A + S ⊗ R,     s vec(S0) vec(R0)^T = top singular triplet of R(F) - vec(G) vec(A)^T
 
 (Koroko et al. 2022, "Efficient approximations of the Fisher matrix in neural networks using
 Kronecker product singular value decomposition", "KFAC corrected"). The residual is applied
 matrix-free: ``R v - vec(G) <vec(A), v>`` and ``R^T u - vec(A) <vec(G), u>``, with the products of
-``R`` from the captures (:class:`~curvlib.extensions.kpsvd.RearrangedBlock`).
+``R`` from the captures (:class:`~curvlib.extensions.rearranged.RearrangedBlock`).
 
 Source: one curvature source for both terms -- the exact one (``"type-2-exact"`` for
 ``fisher_type="type-2"``). The KFAC term uses the KFAC formulas
@@ -16,7 +16,7 @@ Source: one curvature source for both terms -- the exact one (``"type-2-exact"``
 ``p.kfac`` of ``KFAC(fisher_type)`` whenever the network output has no weight-sharing positions
 (classification, regression); with per-position outputs (e.g. sequence losses) it is the KFAC
 formula applied to the exact per-position Hessian square root instead of curvlinops' shared
-columns. The correction ``S ⊗ R`` uses :mod:`~curvlib.extensions.kpsvd`'s conventions
+columns. The correction ``S ⊗ R`` uses the conventions of :mod:`~curvlib.extensions.kronecker_svd_base`
 (``sqrt`` of the singular value in each factor, sign by trace). First factors are over
 ``p.shape[0]``: ``p.kfac_corrected = [[G, A], [S, R]]`` (``[[A, G], [S, R]]`` ordered like
 ``p.kfac`` for transposed convolutions); ``[[G]]`` per bias, the exact bias block. Grouped /
@@ -26,13 +26,14 @@ group's diagonal block.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from torch import Tensor
 
 from curvlib.engine.capture import LayerCapture
-from curvlib.engine.factors import KFAC_APPROX, kfac_act_factor, kfac_cot_factor, kfac_weight_factors
-from curvlib.extensions.kpsvd import KroneckerSVDExtension, RearrangedBlock
+from curvlib.engine.factors import KFAC_APPROX, kfac_act_factor, kfac_cot_factor
+from curvlib.extensions.kronecker_svd_base import KroneckerSVDExtension
+from curvlib.extensions.rearranged import RearrangedBlock
 
 
 class KFACCorrected(KroneckerSVDExtension):
@@ -86,19 +87,11 @@ class KFACCorrected(KroneckerSVDExtension):
 
     savefield = "kfac_corrected"
     block_form = True
+    default_method = "lanczos"
 
-    def __init__(
-        self,
-        fisher_type: str = "mc",
-        mc_samples: int = 1,
-        kfac_approx: str = "expand",
-        method: str = "lanczos",
-        maxiter: Optional[int] = None,
-        tol: Optional[float] = None,
-        warm_start: bool = True,
-        algorithm: str = "auto",
-    ):
-        super().__init__(fisher_type, mc_samples, method, maxiter, tol, warm_start, algorithm)
+    def __init__(self, fisher_type: str = "mc", mc_samples: int = 1, kfac_approx: str = "expand", *solver: Any, **solver_kw: Any):
+        # solver options (method, maxiter, tol, warm_start, algorithm): KroneckerSVDExtension's
+        super().__init__(fisher_type, mc_samples, *solver, **solver_kw)
         if kfac_approx not in KFAC_APPROX:
             raise ValueError(f"curvlib: KFACCorrected(kfac_approx={kfac_approx!r}) is not one of {KFAC_APPROX}.")
         self.kfac_approx = kfac_approx
@@ -132,7 +125,7 @@ class KFACCorrected(KroneckerSVDExtension):
                 f"{len(capture.calls)} times before one backward, is not supported yet; use KPSVD or "
                 "KFAC (block form) for it."
             )
-        G, A = kfac_weight_factors(capture, self.source, self.kfac_approx)
+        G, A = capture.kfac_weight_factors(self.source, self.kfac_approx)
         n = capture.batch_size if self.kfac_approx == "reduce" else capture.act_rows()
         key = (capture.module, "grouped-kfac")
         prev = self._joined.get(key)

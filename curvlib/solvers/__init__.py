@@ -3,7 +3,8 @@
 Nothing here imports the engine, the extensions or ``torch.nn``.
 """
 from .cg import CGBlockError, CGInfo, cg, cg_blocks
-from .kronecker_inverse import KroneckerInverse, kron_matvec
+from .kronecker import kron_matvec
+from .kronecker_inverse import KroneckerInverse
 from .kronecker_svd import kronecker_svd, kronecker_svd_gram
 from .lanczos import golub_kahan, lanczos
 from .power import power_iteration_deflation

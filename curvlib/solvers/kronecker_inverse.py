@@ -1,5 +1,11 @@
 r"""Damped inverses of one or two Kronecker products, applied to weight-shaped matrices.
 
+:class:`KroneckerInverse` is the front: ``KroneckerInverse(terms, damping, damping_mode)`` checks the
+terms and becomes an instance of the class of their kind, :class:`BiasInverse` (one-factor terms),
+:class:`OneTermInverse` (``[[G, A]]``) or :class:`TwoTermInverse` (``[[G1, A1], [G2, A2]]``), each
+of which sets up and applies its own inverse. The factor forms and the small decompositions they
+share are in :mod:`curvlib.solvers.kronecker`.
+
 Orientation (curvlib's ``p.kfac`` convention): a weight ``W`` [out, in] is flattened row-major,
 ``G`` is [out, out], ``A`` is [in, in] and ``kron(G, A) vec(V) = vec(G V A)`` (factors symmetric).
 
@@ -67,47 +73,26 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import List, Optional
+from typing import ClassVar, Optional
 
 import torch
 from torch import Tensor
 
-from ._linalg import all_finite, check_damping, check_finite, default_tol, safe_eigh
+from ._linalg import check_damping, check_finite, default_tol, safe_eigh
 from .cg import cg
+from .kronecker import (
+    check_spd, damped_factor_inverse, dense_factor, factor_eig, generalized_eigh, inverse_from_eig, kron_matvec,
+    left_mul, normalize_terms, pi_damping, right_mul,
+)
 
-__all__ = ["KroneckerInverse", "kron_matvec"]
+__all__ = ["KroneckerInverse", "BiasInverse", "OneTermInverse", "TwoTermInverse", "kron_matvec"]
 
 _MODES = ("exact", "pi")
 _INDEFINITE = ("clip", "raise")
 #: whether the clipping of an indefinite two-term sum has been announced in this process
 _announced = [False]
-#: relative slack of the damping floor of two-term "pi" inverses (see ``_floor``)
+#: relative slack of the damping floor of two-term "pi" inverses (see ``TwoTermInverse._floor``)
 _FLOOR_SLACK = 1e-3
-
-
-def _normalize_terms(terms) -> List[List[Tensor]]:
-    """Accept ``[G, A]`` / ``[G]`` (one term, e.g. ``p.kfac``) or ``[[G1, A1], [G2, A2]]``."""
-    if isinstance(terms, Tensor):
-        return [[terms]]
-    terms = list(terms)
-    if not terms:
-        raise ValueError("KroneckerInverse: terms is empty; pass [[G, A]], [[G]] or [[G1, A1], [G2, A2]].")
-    if isinstance(terms[0], Tensor):
-        terms = [terms]
-    out = []
-    for i, t in enumerate(terms):
-        t = list(t)
-        if not 1 <= len(t) <= 2 or not all(isinstance(f, Tensor) for f in t):
-            raise ValueError(f"KroneckerInverse: term {i} must be [G, A] or [G] (tensors), got {len(t)} entries.")
-        for name, f in zip("GA", t):
-            if not (f.dim() == 1 or (f.dim() in (2, 3) and f.shape[-1] == f.shape[-2])):
-                raise ValueError(
-                    f"KroneckerInverse: factor {name}{i + 1} must be a square matrix [m, m], a diagonal "
-                    f"[m] or a block form [B, m, m], got shape {tuple(f.shape)}."
-                )
-            check_finite(f, f"Kronecker factor {name}{i + 1}", "the curvature factors must be finite")
-        out.append(t)
-    return out
 
 
 class KroneckerInverse:
@@ -122,13 +107,20 @@ class KroneckerInverse:
         indefinite: two terms with ``"pi"``: ``"clip"`` (default) raises the eigenvalues of an
             indefinite sum to the damping floor (module docstring), ``"raise"`` refuses it.
 
-    After construction, :attr:`clipped` is the number of eigenvalue pairs raised to the floor
-    (0 unless two indefinite terms in ``"pi"`` mode).
+    The instance is of the class of the terms' kind (:class:`BiasInverse`, :class:`OneTermInverse`,
+    :class:`TwoTermInverse`; :meth:`update` with terms of another kind changes it). Attributes of
+    every kind: ``terms``, ``damping``, ``damping_mode``, ``dtype``, ``out_dim``, ``in_dim``
+    (``None`` for a bias), ``blocks`` (``B`` of the block form, else ``None``), ``pi`` (the π of
+    ``"pi"`` damping, ``None`` for a bias) and :attr:`clipped`, the number of eigenvalue pairs
+    raised to the floor (0 unless two indefinite terms in ``"pi"`` mode).
 
     ``P(V)``: V ``[out, in]`` or ``[*B, out, in]`` (bias: ``[out]`` or ``[*B, out]``) -> same shape.
     Eigendecompositions are computed once (constructor / :meth:`update`), so ``P(V)`` costs two
     small matmuls on each side.
     """
+
+    #: ``"bias"``, ``"kron1"`` or ``"kron2"``
+    kind: ClassVar[str] = ""
 
     def __init__(
         self,
@@ -158,7 +150,7 @@ class KroneckerInverse:
             raise ValueError(f"damping_mode must be one of {_MODES}, got {damping_mode!r}.")
         self.damping = check_damping(damping)
         self.damping_mode = damping_mode
-        self.terms = _normalize_terms(terms)
+        self.terms = normalize_terms(terms)
         nf = {len(t) for t in self.terms}
         if len(nf) != 1:
             raise ValueError("KroneckerInverse: all terms must have the same number of factors (1 or 2).")
@@ -169,7 +161,6 @@ class KroneckerInverse:
         self.pi: Optional[float] = None
         self.blocks: Optional[int] = None
         self.clipped = 0
-        self._raise: Optional[Tensor] = None  # two terms, "pi": what the floor added to 1 + μν
         ndims = [f.dim() for t in self.terms for f in t]
         if (len(self.terms) > 1 and nf == {2}) and any(d == 1 for d in ndims):
             raise NotImplementedError(
@@ -188,22 +179,90 @@ class KroneckerInverse:
                 f"got dims {ndims}."
             )
         if nf == {1}:
-            self._setup_bias()
+            kind = BiasInverse
         elif len(self.terms) == 1:
-            self._setup_one()
+            kind = OneTermInverse
         elif len(self.terms) == 2:
-            self._setup_two()
+            kind = TwoTermInverse
         else:
             raise ValueError(
                 f"KroneckerInverse supports one or two [G, A] terms, got {len(self.terms)}; "
                 "more terms are not simultaneously diagonalizable — use curvlib.solvers.cg."
             )
+        self.__class__ = kind  # the front becomes the class of its kind
+        self._setup()
         return self
 
-    def _setup_bias(self) -> None:
+    def _setup(self) -> None:
+        """The cached decompositions of ``self.terms`` (each kind its own)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ apply
+    def __call__(self, V: Tensor) -> Tensor:
+        self._check_v(V)
+        return self._solve(V.to(self.dtype))
+
+    def _solve(self, V: Tensor) -> Tensor:
+        """``P(V)`` for a checked ``V`` in the factors' dtype: the structured inverse."""
+        if self.blocks is None:
+            return self._apply(V)
+        return self._apply(self._block_view(V)).reshape(V.shape)
+
+    def _apply(self, V: Tensor) -> Tensor:
+        """The structured inverse on ``V`` (block form: on :meth:`_block_view`)."""
+        raise NotImplementedError
+
+    def _check_v(self, V: Tensor) -> None:
+        if not isinstance(V, Tensor):
+            raise TypeError(f"KroneckerInverse expects a tensor, got {type(V).__name__}.")
+        ok = V.dim() >= 2 and tuple(V.shape[-2:]) == (self.out_dim, self.in_dim)
+        if not ok:
+            want = f"[out, in] or [B, out, in] with (out, in)=({self.out_dim}, {self.in_dim})"
+            raise ValueError(f"KroneckerInverse: V has shape {tuple(V.shape)}, expected {want}.")
+        check_finite(V, "KroneckerInverse input V")
+
+    def _block_view(self, V: Tensor) -> Tensor:
+        """The block form's view of a weight-shaped ``V``: ``[*, B m, n]`` as ``[*, B, m, n]``."""
+        return V.reshape(*V.shape[:-2], self.blocks, -1, self.in_dim)
+
+    def _apply_eig(self, V: Tensor) -> Tensor:
+        """``Qg [(Qg^T V Qa) * W] Qa^T`` from the cached eigenbases ``Qg``, ``Qa`` (``None``: a
+        diagonal factor) and weights ``W`` (block form: batched over the blocks)."""
+        Qg, Qa = self._Qg, self._Qa
+        if Qg is not None and Qa is not None and self.blocks is None:
+            return Qg @ ((Qg.T @ V @ Qa) * self._W) @ Qa.T
+        T = V if Qg is None else Qg.mT @ V
+        T = T if Qa is None else T @ Qa
+        T = T * self._W
+        T = T if Qa is None else T @ Qa.mT
+        return T if Qg is None else Qg @ T
+
+    # ------------------------------------------------------------------ dense (tests / debugging)
+    def damped_matrix(self) -> Tensor:
+        """The dense matrix that ``P`` inverts (``[out*in, out*in]``, row-major vec); small sizes only."""
+        raise NotImplementedError
+
+    def _eye(self) -> Tensor:
+        n = self.out_dim * self.in_dim
+        return torch.eye(n, dtype=self.dtype, device=self.terms[0][0].device)
+
+    def __repr__(self) -> str:
+        dims = f"out={self.out_dim}" + (f", in={self.in_dim}" if self.in_dim is not None else "")
+        return (
+            f"KroneckerInverse(kind={self.kind}, {dims}, terms={len(self.terms)}, "
+            f"damping={self.damping:g}, damping_mode={self.damping_mode!r})"
+        )
+
+
+class BiasInverse(KroneckerInverse):
+    """``(sum_i G_i + λ I)^-1`` for one-factor terms ``[[G1], [G2], ...]`` (both damping modes;
+    there is no second factor to share the damping with). ``V``: ``[*, out]``."""
+
+    kind = "bias"
+
+    def _setup(self) -> None:
         if len({tuple(t[0].shape) for t in self.terms}) != 1:
             raise ValueError("KroneckerInverse: all bias factors G_i must have the same shape.")
-        self.kind = "bias"
         G = sum(t[0] for t in self.terms)
         if G.dim() == 3:
             self.blocks = G.shape[0]
@@ -211,51 +270,54 @@ class KroneckerInverse:
         # (G + λI)^-1 by Cholesky, as the weights' "pi" factors (eigh of a 512 x 512 factor costs
         # about 5x a Cholesky inverse on CPU); eigh only when Cholesky fails (it then reports a
         # non-SPD factor, or falls back to float64)
-        self._Ginv = _damped_inverse(G, self.damping) if G.dim() > 1 else None
+        self._Ginv = damped_factor_inverse(G, self.damping) if G.dim() > 1 else None
         if self._Ginv is not None:
             self._Qg = None
             return
-        lg, self._Qg = _eig(G, "bias factor G")
+        lg, self._Qg = factor_eig(G, "bias factor G")
         denom = lg + self.damping
-        self._check_spd(denom, "G + damping*I")
+        check_spd(denom, "G + damping*I")
         self._W = 1.0 / denom
 
-    @staticmethod
-    def _pi(G: Tensor, A: Tensor, which: str):
-        """``(π, G, A)``: ``π = sqrt((tr A / dim A) / (tr G / dim G))`` (a tensor ``[B]`` for block
-        factors) and the factors to damp. A PSD factor with zero trace is zero, and so is its
-        Kronecker product (a dead ReLU channel ahead of a depthwise convolution zeroes its group's
-        ``A``): there ``π = 1`` and both factors are returned zeroed, so that the π-damped term is
-        ``(√λ I) ⊗ (√λ I) = λ I``, the damped zero curvature (the limit of the π rule). A negative
-        trace (a non-PSD factor) raises."""
-        if G.dim() == 3:
-            trG = torch.diagonal(G, dim1=-2, dim2=-1).mean(-1)
-            trA = torch.diagonal(A, dim1=-2, dim2=-1).mean(-1)
-            if not (bool((trG >= 0).all()) and bool((trA >= 0).all())):
-                raise ValueError(
-                    f"damping_mode='pi' needs non-negative mean traces of every block of {which} (got "
-                    f"min tr G/dim={float(trG.min()):.3g}, min tr A/dim={float(trA.min()):.3g}); the "
-                    "factors must be PSD — use damping_mode='exact'."
-                )
-            zero = (trG == 0) | (trA == 0)
-            if not bool(zero.any()):
-                return (trA / trG).sqrt(), G, A
-            pi = torch.where(zero, torch.ones_like(trG), trA / torch.where(zero, torch.ones_like(trG), trG)).sqrt()
-            return pi, G.masked_fill(zero[:, None, None], 0.0), A.masked_fill(zero[:, None, None], 0.0)
-        trG = float(_diag(G).sum()) / G.shape[0]
-        trA = float(_diag(A).sum()) / A.shape[0]
-        if not (trG >= 0 and trA >= 0):
-            raise ValueError(
-                f"damping_mode='pi' needs non-negative mean traces of {which} (got tr G/dim={trG:.3g}, "
-                f"tr A/dim={trA:.3g}); the factors must be PSD — use damping_mode='exact'."
-            )
-        if trG == 0 or trA == 0:
-            return 1.0, torch.zeros_like(G), torch.zeros_like(A)
-        return math.sqrt(trA / trG), G, A
+    def _check_v(self, V: Tensor) -> None:
+        if not isinstance(V, Tensor):
+            raise TypeError(f"KroneckerInverse expects a tensor, got {type(V).__name__}.")
+        if not (V.dim() >= 1 and V.shape[-1] == self.out_dim):
+            want = f"[out] or [B, out] with out={self.out_dim}"
+            raise ValueError(f"KroneckerInverse: V has shape {tuple(V.shape)}, expected {want}.")
+        check_finite(V, "KroneckerInverse input V")
 
-    def _setup_one(self) -> None:
+    def _block_view(self, V: Tensor) -> Tensor:
+        """``[*, B m]`` as ``[*, B, m]``."""
+        return V.reshape(*V.shape[:-1], self.blocks, -1)
+
+    def _apply(self, V: Tensor) -> Tensor:
+        if self._Ginv is not None:  # symmetric: V Ginv = (Ginv V^T)^T
+            if self.blocks is not None:
+                return (V.unsqueeze(-2) @ self._Ginv).squeeze(-2)
+            return V @ self._Ginv
+        Q = self._Qg
+        if Q is None:
+            return V * self._W
+        if self.blocks is not None:
+            V = V.unsqueeze(-2)
+            return (((V @ Q) * self._W.unsqueeze(-2)) @ Q.mT).squeeze(-2)
+        return ((V @ Q) * self._W) @ Q.T
+
+    def damped_matrix(self) -> Tensor:
+        G = dense_factor(sum(t[0] for t in self.terms))
+        return G + self.damping * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+
+
+class OneTermInverse(KroneckerInverse):
+    """The inverse of one damped Kronecker product ``[[G, A]]`` (module docstring): ``"exact"``
+    ``kron(G, A) + λ I`` by the factors' eigenbases, ``"pi"`` ``kron(G + √λ/π I, A + π√λ I)`` by
+    the two damped factor inverses. Dense, diagonal (1-D) or block ``[B, ., .]`` factors."""
+
+    kind = "kron1"
+
+    def _setup(self) -> None:
         G, A = self.terms[0]
-        self.kind = "kron1"
         if G.dim() == 3:
             if A.shape[0] != G.shape[0]:
                 raise ValueError(
@@ -268,57 +330,78 @@ class KroneckerInverse:
             self.out_dim, self.in_dim = G.shape[0], A.shape[0]
         lam = self.damping
         if self.damping_mode == "exact":
-            lg, self._Qg = _eig(G, "Kronecker factor G")
-            la, self._Qa = _eig(A, "Kronecker factor A")
+            lg, self._Qg = factor_eig(G, "Kronecker factor G")
+            la, self._Qa = factor_eig(A, "Kronecker factor A")
             denom = lg[..., :, None] * la[..., None, :] + lam
-            self._check_spd(denom, "kron(G, A) + damping*I")
+            check_spd(denom, "kron(G, A) + damping*I")
             self._W = 1.0 / denom
             return
         # "pi": the weights are separable, so P(V) = Ginv V Ainv (two matmuls) with the damped
         # factor inverses, by Cholesky (about 4x faster than eigh for a 784 x 784 factor on CPU);
         # eigh only when a Cholesky factorization fails (it falls back to float64 and reports a
         # non-SPD factor)
-        self.pi, G, A = self._pi(G, A, "G and A")
+        self.pi, G, A = pi_damping(G, A, "G and A")
         self._pi_factors = (G, A)
         pi = self.pi[:, None] if isinstance(self.pi, Tensor) else self.pi
         cg_, ca = math.sqrt(lam) / pi, pi * math.sqrt(lam)
         self._Qg = self._Qa = None
         if G.dim() == 3:  # block shifts [B, 1] -> [B, 1, 1] for matrices
-            self._Ginv = _damped_inverse(G, cg_[..., None])
-            self._Ainv = _damped_inverse(A, ca[..., None]) if self._Ginv is not None else None
+            self._Ginv = damped_factor_inverse(G, cg_[..., None])
+            self._Ainv = damped_factor_inverse(A, ca[..., None]) if self._Ginv is not None else None
         else:
-            self._Ginv = _damped_inverse(G, cg_)
-            self._Ainv = _damped_inverse(A, ca) if self._Ginv is not None else None
+            self._Ginv = damped_factor_inverse(G, cg_)
+            self._Ainv = damped_factor_inverse(A, ca) if self._Ginv is not None else None
         if self._Ginv is not None and self._Ainv is not None:
             return
-        lg, Qg = _eig(G, "Kronecker factor G")
-        la, Qa = _eig(A, "Kronecker factor A")
-        self._check_spd(lg + cg_, "G + sqrt(damping)/pi*I")
-        self._check_spd(la + ca, "A + pi*sqrt(damping)*I")
-        self._Ginv = _inverse_from_eig(lg + cg_, Qg)
-        self._Ainv = _inverse_from_eig(la + ca, Qa)
+        lg, Qg = factor_eig(G, "Kronecker factor G")
+        la, Qa = factor_eig(A, "Kronecker factor A")
+        check_spd(lg + cg_, "G + sqrt(damping)/pi*I")
+        check_spd(la + ca, "A + pi*sqrt(damping)*I")
+        self._Ginv = inverse_from_eig(lg + cg_, Qg)
+        self._Ainv = inverse_from_eig(la + ca, Qa)
 
-    @staticmethod
-    def _generalized(B: Tensor, C: Tensor, nameB: str, nameC: str):
-        """X with ``X^T B X = I`` and ``X^T C X = diag(mu)`` for SPD ``B``: returns ``(mu, X)``."""
-        lb, Qb = safe_eigh(B, nameB)
-        if not bool((lb > 0).all()):
-            raise ValueError(
-                f"{nameB} must be positive definite for the simultaneous diagonalization "
-                f"(smallest eigenvalue {float(lb.min()):.3g}); increase damping or check the factors."
-            )
-        Wb = Qb * lb.rsqrt()[..., None, :]
-        mu, U = safe_eigh(Wb.mT @ C @ Wb, f"whitened {nameC}")
-        return mu, Wb @ U
+    def _apply(self, V: Tensor) -> Tensor:
+        if self.damping_mode == "pi":
+            return right_mul(left_mul(self._Ginv, V), self._Ainv)
+        return self._apply_eig(V)
 
-    def _setup_two(self) -> None:
+    def damped_matrix(self) -> Tensor:
+        lam, eye = self.damping, self._eye()
+        if self.blocks is not None:
+            G, A = self.terms[0] if self.damping_mode == "exact" else self._pi_factors
+            if self.damping_mode == "exact":
+                return torch.block_diag(*[torch.kron(g, a) for g, a in zip(G, A)]) + lam * eye
+            s, pis = math.sqrt(lam), self.pi.tolist()
+            return torch.block_diag(*[
+                torch.kron(g + s / p * torch.eye(g.shape[0], dtype=g.dtype), a + s * p * torch.eye(a.shape[0], dtype=a.dtype))
+                for g, a, p in zip(G, A, pis)
+            ])
+        G, A = map(dense_factor, self.terms[0] if self.damping_mode == "exact" else self._pi_factors)
+        if self.damping_mode == "exact":
+            return torch.kron(G, A) + lam * eye
+        s = math.sqrt(lam)
+        return torch.kron(
+            G + s / self.pi * torch.eye(G.shape[0], dtype=G.dtype, device=G.device),
+            A + s * self.pi * torch.eye(A.shape[0], dtype=A.dtype, device=A.device),
+        )
+
+
+class TwoTermInverse(KroneckerInverse):
+    """The inverse of a damped two-term sum ``[[G1, A1], [G2, A2]]`` (module docstring): ``"pi"``
+    exactly by simultaneous diagonalization (indefinite sums clipped at the damping floor or
+    refused, ``indefinite``), ``"exact"`` ``kron(G1, A1) + kron(G2, A2) + λ I`` by PCG
+    preconditioned with the ``"pi"`` inverse. Dense or block ``[B, ., .]`` factors."""
+
+    kind = "kron2"
+
+    def _setup(self) -> None:
         (G1, A1), (G2, A2) = self.terms
         if G1.shape != G2.shape or A1.shape != A2.shape:
             raise ValueError(
                 f"KroneckerInverse: the two terms must have matching factor sizes, got G {tuple(G1.shape)}/"
                 f"{tuple(G2.shape)} and A {tuple(A1.shape)}/{tuple(A2.shape)}."
             )
-        self.kind = "kron2"
+        self._raise: Optional[Tensor] = None  # "pi": what the floor added to 1 + μν
         if G1.dim() == 3:  # block form: every block's two-term sum, batched over the blocks
             if A1.shape[0] != G1.shape[0]:
                 raise ValueError(
@@ -330,10 +413,10 @@ class KroneckerInverse:
         self.out_dim, self.in_dim = G1.shape[:-1].numel(), n
         lam = self.damping
         if self.damping_mode == "pi":
-            self.pi, G1, A1 = self._pi(G1, A1, "G1 and A1")
+            self.pi, G1, A1 = pi_damping(G1, A1, "G1 and A1")
         else:  # pi only shapes the preconditioner of the exact solve: fall back to 1 if undefined
             try:
-                self.pi, _, _ = self._pi(G1, A1, "G1 and A1")
+                self.pi, _, _ = pi_damping(G1, A1, "G1 and A1")
             except ValueError:
                 self.pi = 1.0 if G1.dim() == 2 else torch.ones(G1.shape[0], dtype=G1.dtype, device=G1.device)
         pi = self.pi[:, None, None] if isinstance(self.pi, Tensor) else self.pi  # per block
@@ -341,8 +424,8 @@ class KroneckerInverse:
         eye_a = torch.eye(n, dtype=A1.dtype, device=A1.device)
         self._G1d = G1 + (math.sqrt(lam) / pi) * eye_g
         self._A1d = A1 + (pi * math.sqrt(lam)) * eye_a
-        mu, self._Qg = self._generalized(self._G1d, G2, "G1 + sqrt(damping)/pi*I", "G2")
-        nu, self._Qa = self._generalized(self._A1d, A2, "A1 + pi*sqrt(damping)*I", "A2")
+        mu, self._Qg = generalized_eigh(self._G1d, G2, "G1 + sqrt(damping)/pi*I", "G2")
+        nu, self._Qa = generalized_eigh(self._A1d, A2, "A1 + pi*sqrt(damping)*I", "A2")
         denom = 1.0 + mu[..., :, None] * nu[..., None, :]
         if self.damping_mode == "exact" and not bool((denom > 0).all()):
             # the pi-damped two-term matrix is indefinite: precondition the exact solve with the
@@ -350,11 +433,11 @@ class KroneckerInverse:
             lg, self._Qg = safe_eigh(G1, "Kronecker factor G1")
             la, self._Qa = safe_eigh(A1, "Kronecker factor A1")
             denom = lg[..., :, None] * la[..., None, :] + lam
-            self._check_spd(denom, "kron(G1, A1) + damping*I (preconditioner of the exact two-term solve)")
+            check_spd(denom, "kron(G1, A1) + damping*I (preconditioner of the exact two-term solve)")
         else:
             if self.damping_mode == "pi" and self.indefinite == "clip" and lam > 0:
                 denom = self._floor(denom, lam)
-            self._check_spd(denom, "kron(G1 + sqrt(damping)/pi I, A1 + pi sqrt(damping) I) + kron(G2, A2)")
+            check_spd(denom, "kron(G1 + sqrt(damping)/pi I, A1 + pi sqrt(damping) I) + kron(G2, A2)")
         self._W = 1.0 / denom
 
     def _floor(self, denom: Tensor, lam: float) -> Tensor:
@@ -383,71 +466,18 @@ class KroneckerInverse:
             )
         return torch.maximum(denom, floor)
 
-    @staticmethod
-    def _check_spd(eigs: Tensor, what: str) -> None:
-        if not bool((eigs > 0).all()):
-            raise ValueError(
-                f"non-SPD curvature: {what} has a non-positive eigenvalue ({float(eigs.min()):.3g}); "
-                "the factors must be positive semi-definite — increase damping or check the factors."
-            )
+    def _apply(self, V: Tensor) -> Tensor:
+        return self._apply_eig(V)
 
-    # ------------------------------------------------------------------ apply
-    def _check_v(self, V: Tensor) -> None:
-        if not isinstance(V, Tensor):
-            raise TypeError(f"KroneckerInverse expects a tensor, got {type(V).__name__}.")
-        if self.kind == "bias":
-            ok = V.dim() >= 1 and V.shape[-1] == self.out_dim
-            want = f"[out] or [B, out] with out={self.out_dim}"
-        else:
-            ok = V.dim() >= 2 and tuple(V.shape[-2:]) == (self.out_dim, self.in_dim)
-            want = f"[out, in] or [B, out, in] with (out, in)=({self.out_dim}, {self.in_dim})"
-        if not ok:
-            raise ValueError(f"KroneckerInverse: V has shape {tuple(V.shape)}, expected {want}.")
-        check_finite(V, "KroneckerInverse input V")
-
-    def _apply_structured(self, V: Tensor) -> Tensor:
-        if self.blocks is not None:  # block form: [*, B m, n] viewed [*, B, m, n]
-            shape = V.shape
-            tail = (self.blocks, -1) if self.kind == "bias" else (self.blocks, -1, self.in_dim)
-            V = V.reshape(*shape[: V.dim() - (1 if self.kind == "bias" else 2)], *tail)
-            return self._apply_dense_or_diag(V).reshape(shape)
-        return self._apply_dense_or_diag(V)
-
-    def _apply_dense_or_diag(self, V: Tensor) -> Tensor:
-        if self.kind == "bias":
-            if self._Ginv is not None:  # symmetric: V Ginv = (Ginv V^T)^T
-                if self.blocks is not None:
-                    return (V.unsqueeze(-2) @ self._Ginv).squeeze(-2)
-                return V @ self._Ginv
-            Q = self._Qg
-            if Q is None:
-                return V * self._W
-            if self.blocks is not None:
-                V = V.unsqueeze(-2)
-                return (((V @ Q) * self._W.unsqueeze(-2)) @ Q.mT).squeeze(-2)
-            return ((V @ Q) * self._W) @ Q.T
-        if self.kind == "kron1" and self.damping_mode == "pi":
-            return _right(_left(self._Ginv, V), self._Ainv)
-        Qg, Qa = self._Qg, self._Qa
-        if Qg is not None and Qa is not None and self.blocks is None:
-            return Qg @ ((Qg.T @ V @ Qa) * self._W) @ Qa.T
-        T = V if Qg is None else Qg.mT @ V
-        T = T if Qa is None else T @ Qa
-        T = T * self._W
-        T = T if Qa is None else T @ Qa.mT
-        return T if Qg is None else Qg @ T
+    def _solve(self, V: Tensor) -> Tensor:
+        if self.damping_mode == "exact":
+            return self._pcg(V)
+        return super()._solve(V)
 
     def _kron2_matvec(self, V: Tensor) -> Tensor:
         """``G1 V A1 + G2 V A2 + λ V`` (block form: ``V [*, B, m, n]``, per block)."""
         (G1, A1), (G2, A2) = self.terms
         return G1 @ V @ A1 + G2 @ V @ A2 + self.damping * V
-
-    def __call__(self, V: Tensor) -> Tensor:
-        self._check_v(V)
-        V = V.to(self.dtype)
-        if self.kind == "kron2" and self.damping_mode == "exact":
-            return self._pcg(V)
-        return self._apply_structured(V)
 
     def _pcg(self, B: Tensor) -> Tensor:
         """Batched PCG (:func:`curvlib.solvers.cg`, one system per leading index) on
@@ -456,11 +486,11 @@ class KroneckerInverse:
         tol = self.tol if self.tol is not None else default_tol(B.dtype, 1e-12, 1e-6)
         shape = B.shape
         if self.blocks is not None:  # [*, B m, n] -> [*, B, m, n]: one system per block too
-            B = B.reshape(*shape[:-2], self.blocks, -1, self.in_dim)
+            B = self._block_view(B)
         try:
             X, info = cg(
-                self._kron2_matvec, B, x0=self._apply_dense_or_diag(B), tol=tol, atol=0.0,
-                maxiter=self.maxiter, M=self._apply_dense_or_diag, batch_dims=B.dim() - 2,
+                self._kron2_matvec, B, x0=self._apply(B), tol=tol, atol=0.0,
+                maxiter=self.maxiter, M=self._apply, batch_dims=B.dim() - 2,
             )
         except ValueError as e:
             if "non-SPD" not in str(e):
@@ -474,37 +504,11 @@ class KroneckerInverse:
                 f"KroneckerInverse (two terms, damping_mode='exact'): PCG did not reach relative residual "
                 f"{tol:g} in {self.maxiter} iterations; increase maxiter/damping or use damping_mode='pi'.",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
         return X.reshape(shape)
 
-    # ------------------------------------------------------------------ dense (tests / debugging)
     def damped_matrix(self) -> Tensor:
-        """The dense matrix that ``P`` inverts (``[out*in, out*in]``, row-major vec); small sizes only."""
-        lam = self.damping
-        if self.kind == "bias":
-            G = _dense(sum(t[0] for t in self.terms))
-            return G + lam * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
-        n = self.out_dim * self.in_dim
-        eye = torch.eye(n, dtype=self.dtype, device=self.terms[0][0].device)
-        if self.kind == "kron1" and self.blocks is not None:
-            G, A = self.terms[0] if self.damping_mode == "exact" else self._pi_factors
-            if self.damping_mode == "exact":
-                return torch.block_diag(*[torch.kron(g, a) for g, a in zip(G, A)]) + lam * eye
-            s, pis = math.sqrt(lam), self.pi.tolist()
-            return torch.block_diag(*[
-                torch.kron(g + s / p * torch.eye(g.shape[0], dtype=g.dtype), a + s * p * torch.eye(a.shape[0], dtype=a.dtype))
-                for g, a, p in zip(G, A, pis)
-            ])
-        if self.kind == "kron1":
-            G, A = map(_dense, self.terms[0] if self.damping_mode == "exact" else self._pi_factors)
-            if self.damping_mode == "exact":
-                return torch.kron(G, A) + lam * eye
-            s = math.sqrt(lam)
-            return torch.kron(
-                G + s / self.pi * torch.eye(G.shape[0], dtype=G.dtype, device=G.device),
-                A + s * self.pi * torch.eye(A.shape[0], dtype=A.dtype, device=A.device),
-            )
         if self.blocks is not None:  # block form: the blocks' matrices on the diagonal
             return torch.block_diag(*[self._kron2_dense(b) for b in range(self.blocks)])
         return self._kron2_dense(None)
@@ -522,91 +526,3 @@ class KroneckerInverse:
             B = torch.kron(G1d @ at(self._Qg), A1d @ at(self._Qa))
             M = M + (B * at(self._raise).reshape(-1)) @ B.T
         return M
-
-    def __repr__(self) -> str:
-        dims = f"out={self.out_dim}" + (f", in={self.in_dim}" if self.in_dim is not None else "")
-        return (
-            f"KroneckerInverse(kind={self.kind}, {dims}, terms={len(self.terms)}, "
-            f"damping={self.damping:g}, damping_mode={self.damping_mode!r})"
-        )
-
-
-def kron_matvec(terms, V: Tensor) -> Tensor:
-    """``sum_i kron(G_i, A_i) vec(V)`` as ``sum_i G_i V A_i`` (bias terms ``[G]``: ``sum_i G_i v``)
-    for every factor form of :class:`KroneckerInverse`: dense ``[m, m]``, diagonal ``[m]`` and block
-    ``[B, m, m]`` (``V [*, B m, n]`` viewed ``[*, B, m, n]``, ``v [*, B m]`` viewed ``[*, B, m]``).
-
-    ``terms``: as :class:`KroneckerInverse` (one term may be passed unnested, e.g. ``p.kfac``);
-    ``V``: ``[*, out, in]`` (bias: ``[*, out]``). Returns the undamped product, shaped like ``V``.
-    """
-    terms = _normalize_terms(terms)
-    out = torch.zeros_like(V)
-    for t in terms:
-        G = t[0]
-        if len(t) == 1:
-            if G.dim() == 3:
-                u = V.reshape(*V.shape[:-1], G.shape[0], G.shape[1]).unsqueeze(-1)
-                out = out + (G @ u).reshape(V.shape)
-            else:
-                out = out + (V * G if G.dim() == 1 else V @ G.mT)
-            continue
-        A = t[1]
-        if G.dim() == 3:
-            Vb = V.reshape(*V.shape[:-2], G.shape[0], G.shape[1], V.shape[-1])
-            out = out + (G @ Vb @ A).reshape(V.shape)
-        else:
-            out = out + _right(_left(G, V), A)
-    return out
-
-
-# ---------------------------------------------------------------------- factor forms
-def _eig(F: Tensor, name: str):
-    """``(eigenvalues, eigenvectors)`` of a factor: ``(F, None)`` for a 1-D (diagonal) one
-    (no matrix formed), batched ``safe_eigh`` for ``[B, m, m]``."""
-    if F.dim() == 1:
-        return F, None
-    return safe_eigh(F, name)
-
-
-def _damped_inverse(F: Tensor, c) -> Optional[Tensor]:
-    """``(F + c I)^-1`` by Cholesky (``1 / (F + c)`` for a 1-D diagonal factor; ``c`` a number
-    or ``[B, 1, 1]`` for block factors ``[B, m, m]``); ``None`` when ``F + c I`` is not
-    numerically positive definite."""
-    if F.dim() == 1:
-        d = F + c
-        return 1.0 / d if bool((d > 0).all()) else None
-    M = F.clone()
-    M.diagonal(dim1=-2, dim2=-1).add_(c if isinstance(c, (int, float)) else c.squeeze(-1))
-    L, info = torch.linalg.cholesky_ex(M)
-    if bool((info != 0).any()):
-        return None
-    inv = torch.cholesky_inverse(L)
-    return inv if all_finite(inv) else None
-
-
-def _diag(F: Tensor) -> Tensor:
-    return F if F.dim() == 1 else torch.diagonal(F, dim1=-2, dim2=-1)
-
-
-def _dense(F: Tensor) -> Tensor:
-    """The dense matrix of a factor (tests / :meth:`KroneckerInverse.damped_matrix`)."""
-    if F.dim() == 3:
-        return torch.block_diag(*F)
-    return torch.diag(F) if F.dim() == 1 else F
-
-
-def _inverse_from_eig(lam: Tensor, Q: Optional[Tensor]) -> Tensor:
-    """``Q diag(1/lam) Q^T`` (``[..., m, m]``), or the 1-D ``1/lam`` for a diagonal factor."""
-    if Q is None:
-        return 1.0 / lam
-    return (Q / lam[..., None, :]) @ Q.mT
-
-
-def _left(M: Tensor, V: Tensor) -> Tensor:
-    """``M V`` for a matrix or diagonal (1-D) ``M``."""
-    return M[:, None] * V if M.dim() == 1 else M @ V
-
-
-def _right(V: Tensor, M: Tensor) -> Tensor:
-    """``V M`` for a matrix or diagonal (1-D) ``M``."""
-    return V * M if M.dim() == 1 else V @ M

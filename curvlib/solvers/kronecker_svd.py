@@ -6,7 +6,7 @@ For a symmetric block ``F`` (``d0 d1 x d0 d1``) its rearrangement
 ``F ≈ sum_i s_i U_i ⊗ V_i`` (Van Loan & Pitsianis 1993, "Approximation with Kronecker
 products"). :func:`kronecker_svd` finds them from the products ``R v`` / ``R^T u`` only (power
 iteration with deflation or Golub–Kahan–Lanczos); building those products from per-sample
-gradients is :class:`curvlib.extensions.kpsvd.RearrangedBlock`'s job.
+gradients is :class:`curvlib.extensions.rearranged.RearrangedBlock`'s job.
 
 Sign convention: the joint sign of ``(U_i, V_i)`` makes the trace of the factor with the larger
 ``|trace| / ||.||_F`` positive -- for the leading term of a positive semi-definite block both

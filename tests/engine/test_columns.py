@@ -10,7 +10,7 @@ from torch import nn
 
 import curvlib
 from curvlib import curvature, extend
-from curvlib.engine import columns, context
+from curvlib.engine import columns, loss_columns
 from curvlib.extensions import GGNMP, KFAC, DiagGGN
 from tests.utils import dense_ggn
 
@@ -38,13 +38,13 @@ def _run(model, loss_fn, x, y, *exts):
 
 def _count_columns(monkeypatch):
     seen = []
-    real = context.backprop_columns
+    real = loss_columns.backprop_columns
 
     def spy(f, edges, V, roots, shapes):
         seen.append(V.shape[0])
         return real(f, edges, V, roots, shapes)
 
-    monkeypatch.setattr(context, "backprop_columns", spy)
+    monkeypatch.setattr(loss_columns, "backprop_columns", spy)
     return seen
 
 
@@ -151,11 +151,11 @@ def test_add_into_keeps_shared_and_separate_accumulators_apart():
     G, H = torch.ones(2, 2), torch.full((2, 2), 2.0)
     acc = {"weight": G, "bias": G, "other": H}
     g = torch.ones(2, 2)
-    context._add_into(acc, {"weight": g, "bias": g, "other": torch.ones(2, 2)})
+    loss_columns.add_into(acc, {"weight": g, "bias": g, "other": torch.ones(2, 2)})
     assert acc["weight"] is acc["bias"]
     torch.testing.assert_close(acc["weight"], torch.full((2, 2), 2.0))
     torch.testing.assert_close(acc["other"], torch.full((2, 2), 3.0))
     acc = {"weight": G, "bias": G}  # one accumulator, two different addends: out of place
-    context._add_into(acc, {"weight": torch.ones(2, 2), "bias": torch.zeros(2, 2)})
+    loss_columns.add_into(acc, {"weight": torch.ones(2, 2), "bias": torch.zeros(2, 2)})
     torch.testing.assert_close(acc["weight"], torch.full((2, 2), 3.0))
     torch.testing.assert_close(acc["bias"], torch.full((2, 2), 2.0))

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from curvlib import curvature, extend
-from curvlib.engine import state
+from curvlib.engine.state import ENGINE
 from curvlib.extensions import KFAC
 
 
@@ -25,14 +25,14 @@ def test_no_grad_forward_records_nothing_and_tape_is_freed():
     loss_fn = extend(nn.CrossEntropyLoss())
     with torch.no_grad():
         model(torch.randn(5, 3))
-    assert not [c for c in state.TAPE.values() if c.module in (model[0], model[2])]
+    assert not [c for c in ENGINE.tape.values() if c.module in (model[0], model[2])]
     x = torch.randn(5, 3)
     loss = loss_fn(model(x), torch.randint(0, 2, (5,)))
-    assert len([c for c in state.TAPE.values() if c.module in (model[0], model[2])]) == 2
+    assert len([c for c in ENGINE.tape.values() if c.module in (model[0], model[2])]) == 2
     with curvature(KFAC(fisher_type="type-2")):
         loss.backward()
-    mine = lambda: [c for c in state.TAPE.values() if c.module in (model[0], model[2])]
-    assert not mine() and state.ACTIVE is None
+    mine = lambda: [c for c in ENGINE.tape.values() if c.module in (model[0], model[2])]
+    assert not mine() and ENGINE.active is None
     # a forward without backward is dropped at the next forward of the same model
     model(x)
     model(x)
@@ -43,9 +43,9 @@ def test_plain_backward_outside_the_context_releases_records():
     model = extend(nn.Sequential(nn.Linear(3, 4)))
     x = torch.randn(5, 3)
     out = model(x)
-    call = [c for c in state.TAPE.values() if c.module is model[0]][-1]
+    call = [c for c in ENGINE.tape.values() if c.module is model[0]][-1]
     out.sum().backward()
-    assert call.uid not in state.TAPE
+    assert call.uid not in ENGINE.tape
     assert call.input is None and call.output_edge is None  # tensors released
 
 
@@ -69,8 +69,8 @@ def test_loss_weight_scales_the_curvature():
 def test_forward_without_backward_is_freed_with_the_model():
     model = extend(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
     model(torch.randn(5, 3))  # grad enabled, never back-propagated
-    uids = [c.uid for c in state.TAPE.values() if c.module in (model[0], model[2])]
+    uids = [c.uid for c in ENGINE.tape.values() if c.module in (model[0], model[2])]
     assert len(uids) == 2
     del model
     gc.collect()
-    assert not any(u in state.TAPE for u in uids)
+    assert not any(u in ENGINE.tape for u in uids)

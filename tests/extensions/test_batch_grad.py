@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from curvlib import curvature, extend
-from curvlib.engine import state
+from curvlib.engine.state import ENGINE
 from curvlib.extensions.batch_grad import BatchGrad
 from tests.utils import per_sample_grads, run
 from tests.zoo import LOSSES, NETS, problem
@@ -103,4 +103,4 @@ def test_nan_in_captured_gradient_is_reported():
         run(model, loss_fn, x, y, BatchGrad())
     with torch.no_grad():
         model(x)  # a new forward drops the calls the failed backward left on the engine's tape
-    assert not any(c.root is model for c in state.TAPE.values())
+    assert not any(c.root is model for c in ENGINE.tape.values())

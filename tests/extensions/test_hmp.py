@@ -7,7 +7,7 @@ from torch import nn
 from torch.func import functional_call, hessian
 
 from curvlib import curvature, extend
-from curvlib.engine import state
+from curvlib.engine.state import ENGINE
 from curvlib.extensions.ggnmp import GGNMP
 from curvlib.extensions.hmp import HMP
 from tests.utils import dense_ggn, param_slices
@@ -97,9 +97,9 @@ def test_loss_weight_and_kwargs_and_untouched_tape():
     # a new forward: its tape must survive HMP's own re-run of the model
     x2, y2 = torch.randn(7, 4), torch.randint(0, 3, (7,))
     loss2 = loss_fn(model(x2), y2)
-    tape = set(state.TAPE)
+    tape = set(ENGINE.tape)
     torch.testing.assert_close(model.l1.weight.hmp(V), 2 * (V.reshape(2, -1) @ Hw).reshape(V.shape))
-    assert set(state.TAPE) == tape
+    assert set(ENGINE.tape) == tape
     g = GGNMP()
     with curvature(g):
         loss2.backward()
@@ -167,7 +167,7 @@ def test_memory_released():
     with curvature(ext) as ctx:
         loss.backward()
     assert ctx.loss_calls == []
-    assert not [c for c in state.TAPE.values() if c.root is model]
+    assert not [c for c in ENGINE.tape.values() if c.root is model]
     model[0].weight.hmp(torch.randn(1, 5, 4))
     graph = ext._graph
     assert graph._grads is not None

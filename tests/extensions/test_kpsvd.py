@@ -14,7 +14,9 @@ from curvlib import extend
 from curvlib.engine.capture import LayerCapture
 from curvlib.extensions.base import Extension
 from curvlib.extensions.kfac import KFAC
-from curvlib.extensions.kpsvd import KPSVD, RearrangedBlock, kronecker_svd
+from curvlib.extensions.kpsvd import KPSVD
+from curvlib.extensions.rearranged import RearrangedBlock
+from curvlib.solvers.kronecker_svd import kronecker_svd
 from tests.utils import close, exact_blocks, rearrange_dense, run as backward
 from tests.zoo import kpsvd_nets as nets, kpsvd_setup as setup
 

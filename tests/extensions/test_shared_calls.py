@@ -377,11 +377,11 @@ def test_a_discarded_forward_is_freed_with_its_graph():
     import gc
     import weakref
 
-    from curvlib.engine import state
+    from curvlib.engine.state import ENGINE
 
     model = extend(nn.Sequential(nn.Linear(4, 3)))
     out = model(torch.randn(5, 4))
-    (call,) = list(state.CALLS_OF[model[0]])
+    (call,) = list(ENGINE.calls_of[model[0]])
     ref = weakref.ref(call)
     del call
     model(torch.randn(5, 4))  # the first call is handed to its graph, which `out` keeps

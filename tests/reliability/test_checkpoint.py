@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from curvlib import curvature, extend
-from curvlib.engine import state
+from curvlib.engine.state import ENGINE
 from curvlib.extensions import KFAC, BatchGrad
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -64,4 +64,4 @@ def test_reentrant_checkpoint_with_extra_cotangents_names_cause_and_fix(fisher_t
     with pytest.raises(RuntimeError, match=r"use_reentrant=True.*\n?.*use_reentrant=False") as err:
         capture(True, fisher_type)
     assert "must be extended" not in str(err.value)
-    assert state.ACTIVE is None
+    assert ENGINE.active is None

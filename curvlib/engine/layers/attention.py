@@ -78,7 +78,7 @@ class Projection:
 
     @property
     def calls_key(self) -> object:
-        """The engine's key for the live calls of this part (``state.CALLS_OF``): one object per
+        """The engine's key for the live calls of this part (``ENGINE.calls_of``): one object per
         ``(owner, name)``, kept on the owner. A part object lives only as long as its call
         records, so it cannot be that key itself: the parts of the next forward would be
         registered under a key whose death (when the earlier records are dropped, possibly
