@@ -466,7 +466,7 @@ class Method:
 #: curvlib's shared settings (the demo's, examples/demo.py): MC Fisher, pi damping, factors every
 #: 5 steps, inverses every 20, EMA 0.95, heavy-ball momentum 0.9, KL clip 1e-2
 CURVLIB = dict(fisher_type="mc", damping_mode="pi", T_cov=5, T_inv=20, ema_decay=0.95, momentum=0.9, kl_clip=1e-2)
-CURVLIB_GRID = _grid(lr=[0.03, 0.1, 0.3], damping=[1e-2, 1e-1])
+CURVLIB_GRID = _grid(lr=[0.03, 0.1, 0.3], damping=[1e-1])
 
 
 def _curvlib(curvature: str, grid: Optional[List[Dict[str, Any]]] = None, **extra: Any) -> Method:
@@ -493,7 +493,7 @@ METHODS: Dict[str, Method] = {
                    "pytorch_optimizer 4.1.0 Muon (momentum 0.95, Nesterov, Newton-Schulz in float32 on CPU), AdamW lr 1e-3 "
                    "for embeddings/head/biases/norms"),
     "asdl-kfac": Method(lambda m, pb, **s: ASDLTrainer(m, pb, momentum=0.9, T_cov=5, T_inv=20, ema_decay=0.95, **s),
-                        _grid(lr=[0.03, 0.1, 0.3], damping=[1e-2, 1e-1]), "asdl",
+                        _grid(lr=[0.03, 0.1, 0.3], damping=[1e-1]), "asdl",
                         "asdl KfacGradientMaker + SGD momentum 0.9, T_cov 5, T_inv 20, EMA 0.95"),
     "singd": Method(lambda m, pb, **s: SINGDTrainer(m, pb, **s), _grid(lr=[1e-3, 3e-3, 1e-2], damping=[1e-3]), "singd",
                     "singd SINGD (dense, T 10, lr_cov 1e-2, momentum 0.9), AdamW lr 1e-3 for unsupported layers"),
