@@ -559,8 +559,10 @@ def prune(runs: List[Run], epoch: int) -> None:
 
 
 def run_problem(problem: Problem, methods: List[str], epochs: int, budget_factor: Optional[float],
-                prune_at: Sequence[int], seed: int, quick: bool, log=print) -> List[Run]:
-    """Train every grid point of ``methods`` on ``problem`` in lockstep (module docstring)."""
+                prune_at: Sequence[int], seed: int, quick: bool,
+                on_epoch: Optional[Callable[[int, List[Run]], None]] = None) -> List[Run]:
+    """Train every grid point of ``methods`` on ``problem`` in lockstep (module docstring);
+    ``on_epoch(epoch, runs)`` after every lockstep epoch (progress, partial results)."""
     runs: List[Run] = []
     init_loss = problem.full_loss(problem.model)
     for m in methods:
@@ -597,8 +599,10 @@ def run_problem(problem: Problem, methods: List[str], epochs: int, budget_factor
         if epoch in prune_at:
             prune(runs, epoch)
         live = [r for r in runs if r.alive]
-        log(f"[{problem.name}] epoch {epoch}/{epochs}: {len(live)} runs live; "
-            + ", ".join(f"{r.method}({r.label}) {r.rows[-1]['train_loss']:.4g}" for r in live[:40]), flush=True)
+        print(f"[{problem.name}] epoch {epoch}/{epochs}: {len(live)} runs live; "
+              + ", ".join(f"{r.method}({r.label}) {r.rows[-1]['train_loss']:.4g}" for r in live[:40]), flush=True)
+        if on_epoch is not None:
+            on_epoch(epoch, runs)
         if not live:
             break
     for r in runs:
@@ -753,17 +757,23 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, Any]]:
         prune_at = [] if args.quick else args.prune_at
         budget = None if args.quick else (args.budget_factor or None)
         LOADS.clear()
-        runs = run_problem(problem, methods, epochs, budget, prune_at, args.seed, args.quick)
-        summary = summarize(problem, runs, methods)
-        text = (f"## {problem.title}\n\n{epochs} epochs, common target {problem.target:g}; "
-                f"{conditions(args.threads, args.seed, budget, prune_at)}\n\n{table(problem, summary)}\n\nMethods: "
-                + "; ".join(f"{m}: {METHODS[m].note}" for m in methods) + "\n")
-        print(text, flush=True)
-        with open(os.path.join(args.out, f"{name}.md"), "w") as f:
-            f.write(text)
-        write_csv(os.path.join(args.out, f"{name}.csv"), problem, runs)
-        save_png(os.path.join(args.out, f"{name}.png"), problem, summary)
-        results[name] = dict(summary=summary, runs=runs)
+
+        def write(epoch: int, runs: List[Run], final: bool = False) -> Dict[str, Any]:
+            summary = summarize(problem, runs, methods)
+            done = "" if final else f" (partial: after lockstep epoch {epoch})"
+            text = (f"## {problem.title}\n\n{epochs} epochs{done}, common target {problem.target:g}; "
+                    f"{conditions(args.threads, args.seed, budget, prune_at)}\n\n{table(problem, summary)}\n\nMethods: "
+                    + "; ".join(f"{m}: {METHODS[m].note}" for m in methods) + "\n")
+            with open(os.path.join(args.out, f"{name}.md"), "w") as f:
+                f.write(text)
+            write_csv(os.path.join(args.out, f"{name}.csv"), problem, runs)
+            if final:
+                print(text, flush=True)
+                save_png(os.path.join(args.out, f"{name}.png"), problem, summary)
+            return summary
+
+        runs = run_problem(problem, methods, epochs, budget, prune_at, args.seed, args.quick, on_epoch=write)
+        results[name] = dict(summary=write(epochs, runs, final=True), runs=runs)
     return results
 
 
