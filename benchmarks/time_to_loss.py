@@ -28,6 +28,8 @@ Python standard-library sources), ``resnet`` (a small ResNet with BatchNorm in t
     python benchmarks/time_to_loss.py --problems cnn autoencoder
     python benchmarks/time_to_loss.py --quick                       # about a minute
     python benchmarks/time_to_loss.py --problems cnn --methods adamw kfac --epochs 5 --out /tmp/ttl
+    python benchmarks/time_to_loss.py --problems autoencoder --methods adamw kfac --points adamw:lr=0.003 \
+        kfac:lr=0.3,damping=0.01                                    # chosen points instead of the grids
 
 The peers outside torch are a benchmark-only extra (``pip install -e .[bench]``, setup.cfg);
 ASDL is installed with ``pip install --no-deps asdfghjkl==0.1a5`` (``import asdl``).
@@ -732,6 +734,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="stop a run at this multiple of AdamW's total time (0: no budget)")
     p.add_argument("--prune-at", type=int, nargs="*", default=[5, 15],
                    help="epochs at which each method keeps the better half of its grid")
+    p.add_argument("--points", nargs="+", default=[], metavar="METHOD:KEY=VALUE,...",
+                   help="run only these settings of a method instead of its grid (one or more per method), "
+                        "e.g. adamw:lr=0.003 kfac:lr=0.3,damping=0.01")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0, help="the batches' shuffling generator")
     p.add_argument("--out", default=DEFAULT_OUT)
@@ -740,8 +745,29 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _value(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_points(specs: Sequence[str]) -> Dict[str, List[Dict[str, Any]]]:
+    """``["kfac:lr=0.3,damping=0.01", ...]`` -> ``{"kfac": [{"lr": 0.3, "damping": 0.01}], ...}``."""
+    points: Dict[str, List[Dict[str, Any]]] = {}
+    for spec in specs:
+        method, _, rest = spec.partition(":")
+        if method not in METHODS or not rest:
+            raise SystemExit(f"time_to_loss.py: --points {spec!r}: use METHOD:KEY=VALUE[,KEY=VALUE] with a METHOD of {sorted(METHODS)}")
+        points.setdefault(method, []).append({k: _value(v) for k, v in (kv.split("=", 1) for kv in rest.split(","))})
+    return points
+
+
 def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, Any]]:
     args = parse_args(argv)
+    points = parse_points(args.points)
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     methods = []
@@ -772,6 +798,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, Any]]:
                 save_png(os.path.join(args.out, f"{name}.png"), problem, summary)
             return summary
 
+        problem.grids.update(points)
         runs = run_problem(problem, methods, epochs, budget, prune_at, args.seed, args.quick, on_epoch=write)
         results[name] = dict(summary=write(epochs, runs, final=True), runs=runs)
     return results
