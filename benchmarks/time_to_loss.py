@@ -498,12 +498,12 @@ class Run:
     setting: Dict[str, Any]
     trainer: Optional[Trainer] = None
     rows: List[Dict[str, Any]] = field(default_factory=list)  # epoch, steps, seconds, train_loss
-    step_times: List[float] = field(default_factory=list)
     status: str = "ok"  # ok | diverged: ... | pruned at epoch k | budget
+    label_text: Optional[str] = None  # the setting as text (runs read back from a CSV)
 
     @property
     def label(self) -> str:
-        return _fmt(self.setting)
+        return self.label_text if self.label_text is not None else _fmt(self.setting)
 
     @property
     def seconds(self) -> float:
@@ -532,7 +532,6 @@ def train_epoch(run: Run, problem: Problem, batches: List[Tensor]) -> None:
             t0 = time.perf_counter()
             loss = run.trainer.step(x, y)
             dt = time.perf_counter() - t0
-            run.step_times.append(dt)
             seconds += dt
             steps += 1
             if not math.isfinite(loss):
@@ -613,13 +612,32 @@ def run_problem(problem: Problem, methods: List[str], epochs: int, budget_factor
 
 
 # ============================================================================ results
+def _mean_step(run: Run) -> Optional[float]:
+    """Seconds per step over the run (curvature and inverse updates amortised)."""
+    steps = run.rows[-1]["steps"]
+    return run.seconds / steps if steps and math.isfinite(run.seconds) else None
+
+
+def runs_from_csv(path: str) -> List[Run]:
+    """The runs of a CSV written by :func:`write_csv` (to redo a table or plot)."""
+    runs: Dict[tuple, Run] = {}
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            key = (row["method"], row["setting"])
+            run = runs.setdefault(key, Run(row["method"], {}, status=row["status"]))
+            run.rows.append(dict(epoch=int(row["epoch"]), steps=int(row["steps"]), seconds=float(row["seconds"]),
+                                 train_loss=float(row["train_loss"])))
+            run.label_text = row["setting"]
+    return list(runs.values())
+
+
 def summarize(problem: Problem, runs: List[Run], methods: List[str]) -> Dict[str, Any]:
     """Per method: the best grid point (reaches AdamW's final loss first, then the lowest loss)
     and what the table shows."""
     adam = [r for r in runs if r.method == "adamw" and r.alive and r.rows[-1]["epoch"] > 0]
     adam_best = min(adam, key=lambda r: r.rows[-1]["train_loss"]) if adam else None
     adam_final = adam_best.rows[-1]["train_loss"] if adam_best else None
-    adam_step = statistics.median(adam_best.step_times) if adam_best and adam_best.step_times else None
+    adam_step = _mean_step(adam_best) if adam_best else None
     rows = []
     for m in methods:
         mine = [r for r in runs if r.method == m]
@@ -639,7 +657,7 @@ def summarize(problem: Problem, runs: List[Run], methods: List[str]) -> Dict[str
         rows.append(dict(
             method=m, best=best, setting=best.label, final_loss=best.rows[-1]["train_loss"],
             epochs=best.rows[-1]["epoch"], seconds=best.seconds, t_adam=t_adam, t_target=t_target,
-            step_ratio=(statistics.median(best.step_times) / adam_step) if adam_step and best.step_times else None,
+            step_ratio=(_mean_step(best) / adam_step) if adam_step and _mean_step(best) else None,
             failed=failed, n=len(mine),
         ))
     rows.sort(key=lambda r: (r["t_adam"] if r["t_adam"] is not None else math.inf,
@@ -656,7 +674,7 @@ def table(problem: Problem, summary: Dict[str, Any]) -> str:
     af = summary["adam_final"]
     head = ["method", "best setting", "final loss", "epochs", "seconds",
             f"s to AdamW's final loss ({af:.4g})" if af is not None else "s to AdamW's final loss",
-            f"s to {problem.target:g}", "step / AdamW step", "grid points diverged"]
+            f"s to {problem.target:g}", "step / AdamW step (mean)", "grid points diverged"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in summary["rows"]:
         fl = r["final_loss"]
@@ -740,9 +758,28 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0, help="the batches' shuffling generator")
     p.add_argument("--out", default=DEFAULT_OUT)
+    p.add_argument("--from-csv", action="store_true",
+                   help="train nothing: redo the tables and PNGs of --problems from the CSVs in --out")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 128 samples (32 sequences), 2 steps per epoch, 2 epochs, the middle grid point")
     return p.parse_args(argv)
+
+
+def rerender(out: str, problem: Problem, methods: List[str]) -> Dict[str, Any]:
+    """``PROBLEM.md`` and ``PROBLEM.png`` again from ``PROBLEM.csv`` in ``out`` (the heading and
+    the conditions line of the old ``PROBLEM.md`` are kept)."""
+    runs = runs_from_csv(os.path.join(out, f"{problem.name}.csv"))
+    methods = [m for m in methods if any(r.method == m for r in runs)]
+    summary = summarize(problem, runs, methods)
+    md = os.path.join(out, f"{problem.name}.md")
+    head = open(md).read().split("\n\n")[:2] if os.path.exists(md) else [f"## {problem.title}", ""]
+    text = "\n\n".join(head) + f"\n\n{table(problem, summary)}\n\nMethods: " + "; ".join(
+        f"{m}: {METHODS[m].note}" for m in methods) + "\n"
+    with open(md, "w") as f:
+        f.write(text)
+    save_png(os.path.join(out, f"{problem.name}.png"), problem, summary)
+    print(text)
+    return dict(summary=summary, runs=runs)
 
 
 def _value(text: str) -> Any:
@@ -779,6 +816,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, Any]]:
     results = {}
     for name in args.problems:
         problem = PROBLEMS[name](args.quick)
+        if args.from_csv:
+            results[name] = rerender(args.out, problem, methods)
+            continue
         epochs = args.epochs or (2 if args.quick else problem.epochs)
         prune_at = [] if args.quick else args.prune_at
         budget = None if args.quick else (args.budget_factor or None)
