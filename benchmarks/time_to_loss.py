@@ -9,7 +9,8 @@ on the whole training set after each epoch is not. ``torch.set_num_threads(1)`` 
 Per problem: the training loss per epoch of every run (CSV), loss against seconds of each method's
 best grid point (PNG, log scale), and a table (printed and ``PROBLEM.md``): the best setting, its
 final loss and epochs, the seconds to reach AdamW's final loss (the best AdamW point's loss after
-``--epochs``) and the problem's common target, and the median step time over AdamW's. A method's
+``--epochs``) and the problem's common target, and the mean step time (total seconds / steps:
+curvature and inverse updates amortised) over AdamW's. A method's
 best grid point is the one that reaches AdamW's final loss first (then: the lowest loss it
 reached). A run that raises or produces a non-finite loss is recorded as diverged (the error and
 the step), never a crash of the benchmark; a peer whose package is absent is skipped.
