@@ -1,6 +1,6 @@
 """A module with parameters but no adapter (PReLU): extend warns naming it, its parameters get no
-curvature, and the optimizers move them by the plain gradient (DESIGN.md §2). Until issue 21 this
-was checked on LSTM / GRU, which now have an adapter (tests/layers/test_recurrent.py)."""
+curvature, and the optimizers move them by the plain gradient. Until issue 21 this was checked on
+LSTM / GRU, which now have an adapter (tests/layers/test_recurrent.py)."""
 import pytest
 import torch
 from torch import nn

@@ -15,7 +15,7 @@ from torch.func import functional_call, grad, hessian, jacrev
 
 from curvlib import curvature, extend
 from curvlib.extensions import GGNMP, KFAC, BatchGrad, DiagGGN, ExactBlockFisher
-from tests.utils import dense_ggn
+from tests.utils import assert_exact_quantities, dense_ggn
 
 D, H, T, N, C = 3, 4, 5, 4, 3
 
@@ -306,12 +306,7 @@ def test_exact_quantities_against_torch_func(case):
     for name, p in model.named_parameters():
         s = slice(i, i + p.numel())
         i += p.numel()
-        block = ggn[s, s]
-        torch.testing.assert_close(p.grad_batch, psg[name] / N)
-        torch.testing.assert_close(p.block_fisher, block)
-        torch.testing.assert_close(p.diag_ggn, block.diagonal().reshape(p.shape))
-        V = torch.randn(2, *p.shape)
-        torch.testing.assert_close(p.ggnmp(V), (V.reshape(2, -1) @ block).reshape(V.shape))
+        assert_exact_quantities(p, psg[name] / N, ggn[s, s])
     # the whole-network operator, cross-layer terms included
     start, i = {}, 0
     for p in model.parameters():
@@ -485,6 +480,76 @@ def test_one_step_kfac_equals_curvlinops_on_the_linear_twin(cell, fisher_type):
     for p in model.rnn.parameters():
         block = torch.kron(*p.kfac) if len(p.kfac) == 2 else p.kfac[0]
         torch.testing.assert_close(block, ref[pairs[p]])
+
+
+# ------------------------------------------------------------------------------------ cells
+#: cell -> the recurrent layer with the same step
+CELL_OF = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn-tanh": nn.RNNCell,
+           "rnn-relu": lambda d, h, bias: nn.RNNCell(d, h, bias, nonlinearity="relu")}
+
+
+class CellLoop(nn.Module):
+    """``model``'s one-layer recurrent layer as its cell in a Python loop over the steps (the
+    same weights; the zero initial state left to the cell)."""
+
+    def __init__(self, model, cell):
+        super().__init__()
+        rnn = model.rnn
+        self.cell = CELL_OF[cell](D, H, rnn.bias)
+        with torch.no_grad():
+            for name, p in self.cell.named_parameters():
+                p.copy_(getattr(rnn, name + "_l0"))
+        self.head = copy.deepcopy(model.head)
+
+    def forward(self, x):
+        state = None
+        for t in range(x.shape[1]):
+            state = self.cell(x[:, t], state)
+        return self.head(state[0] if isinstance(state, tuple) else state)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("cell", list(CELL_OF))
+def test_cells_in_a_loop_are_bitwise_the_plain_cells(cell, dtype):
+    model = CellLoop(make((cell, 1, False, True, True, False, False)), cell).to(dtype)
+    plain = copy.deepcopy(model)
+    extend(model)
+    x = torch.randn(N, T, D, dtype=dtype)
+    ours, ref = model(x), plain(x)
+    assert torch.equal(ours, ref)
+    ours.sin().sum().backward(), ref.sin().sum().backward()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert torch.equal(p.grad, q.grad)
+
+
+@pytest.mark.usefixtures("float64")
+@pytest.mark.parametrize("fisher_type", ["type-2", "mc", "empirical"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn-relu"])
+def test_cells_in_a_loop_equal_the_recurrent_layer(cell, fisher_type):
+    """A cell called once per step: its calls summed as positions give the recurrent layer's
+    KFAC (expand) and exact quantities; these equal torch.func on the plain loop."""
+    model = make((cell, 1, False, True, True, False, False))
+    loop = CellLoop(model, cell)
+    plain = copy.deepcopy(loop)
+    x, y = torch.randn(N, T, D), torch.randint(0, C, (N,))
+    exts = lambda: (KFAC(fisher_type=fisher_type, mc_samples=2 if fisher_type == "mc" else 1), BatchGrad(),
+                    DiagGGN(fisher_type="type-2"))
+    for m in (model, loop):
+        extend(m)
+        torch.manual_seed(7)
+        loss = extend(nn.CrossEntropyLoss())(m(x), y)
+        with curvature(*exts()):
+            loss.backward()
+    psg = per_sample_grads_loop(plain, nn.CrossEntropyLoss(), x, y)
+    ggn = dense_ggn(plain, nn.CrossEntropyLoss(), x, y).diagonal()
+    i = 0
+    for name, p in loop.named_parameters():
+        q = getattr(model.rnn, name.split(".")[1] + "_l0") if name.startswith("cell.") else model.get_parameter(name)
+        for u, v in zip(p.kfac, q.kfac):
+            torch.testing.assert_close(u, v)
+        torch.testing.assert_close(p.grad_batch, psg[name] / N)
+        torch.testing.assert_close(p.diag_ggn.flatten(), ggn[i:i + p.numel()])
+        i += p.numel()
 
 
 # -------------------------------------------------------------------------------- training

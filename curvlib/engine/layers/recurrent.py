@@ -1,4 +1,5 @@
-"""``nn.LSTM``, ``nn.GRU``, ``nn.RNN``: the recurrence unrolled into Linear parts over time steps.
+"""``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` (and their cells): the recurrence unrolled into Linear parts
+over time steps.
 
 The fused recurrent kernels (``torch.lstm``, ``torch.gru``, ``torch.rnn_tanh``, ``torch.rnn_relu``)
 apply all weights inside one call, so no module hook sees them. While an extended recurrent layer
@@ -10,6 +11,10 @@ in float64 and, for GRU / RNN, in float32 (the float32 LSTM kernel on CPU is one
 outputs differ from it by round-off). The module's Python forward is untouched (argument checks,
 unbatched inputs, default ``(h0, c0)``, ``proj_size``, dropout between layers in training mode,
 with the mask drawn by the same ``torch.dropout`` call on the same tensor).
+
+The cells ``nn.LSTMCell``, ``nn.GRUCell``, ``nn.RNNCell`` (one step per call, in a user's loop) run
+the same step: their parts ``ih`` and ``hh`` are one Linear call each per step, and the calls of one
+backward are summed as positions, as for every layer called several times.
 
 Parts, for layer ``k`` and direction ``{sfx}`` (``""`` or ``"_reverse"``), each a
 :class:`~curvlib.engine.layers.attention.Projection` (a Linear over positions; ``N`` samples,
@@ -57,8 +62,11 @@ from curvlib.engine.layers.base import LayerAdapter
 
 #: the fused kernels and the mode of the module that calls each
 _KERNELS = {torch.lstm: "LSTM", torch.gru: "GRU", torch.rnn_tanh: "RNN_TANH", torch.rnn_relu: "RNN_RELU"}
-#: gates per hidden unit
-_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+#: the one-step kernels of the cells (``nn.LSTMCell``, ``nn.GRUCell``, ``nn.RNNCell``)
+_CELL_KERNELS = {torch.lstm_cell: "LSTM", torch.gru_cell: "GRU", torch.rnn_tanh_cell: "RNN_TANH",
+                 torch.rnn_relu_cell: "RNN_RELU"}
+#: the modes of ``nn.RNNBase`` with a kernel above
+_MODES = ("GRU", "LSTM", "RNN_RELU", "RNN_TANH")
 
 
 def _tap(like: Tensor, N: int, T: int, G: int) -> Tuple[Tensor, Tuple[Tensor, ...]]:
@@ -73,6 +81,27 @@ def _stacked(states: Sequence[Tensor]) -> Tensor:
     """The states ``[N, H]`` of the ``T`` steps as a part's input ``[N, T, H]`` (no graph)."""
     with torch.no_grad():
         return torch.stack([s.detach() for s in states], 1)
+
+
+def _cell(mode: str, xw: Tensor, hw: Tensor, hidden):
+    """One step of PyTorch's CPU cell (``RNN.cpp``: ``LSTMCell``, ``GRUCell``, ``SimpleCell``) from
+    the input and hidden projections ``xw``, ``hw`` ``[N, G]``: the new ``h`` (``(h, c)`` for LSTM,
+    ``h`` before the projection), the same operations in the same order."""
+    if mode == "LSTM":
+        i, f, g, o = (hw + xw).chunk(4, 1)
+        c = f.sigmoid() * hidden[1] + i.sigmoid() * g.tanh()
+        return o.sigmoid() * c.tanh(), c
+    if mode == "GRU":
+        # the sigmoids on row-strided views, as PyTorch's in-place ones (the rows of H are
+        # vectorised the same way: the values are bitwise the fused module's)
+        H = hidden.shape[-1]
+        (xw_rz, xw_n), (hw_rz, hw_n) = xw.split([2 * H, H], 1), hw.split([2 * H, H], 1)
+        r, z = (hw_rz + xw_rz).chunk(2, 1)
+        r, z = r.sigmoid(), z.sigmoid()
+        n = (xw_n + hw_n * r).tanh()
+        return (hidden - n) * z + n
+    pre = hw + xw
+    return pre.tanh() if mode == "RNN_TANH" else pre.relu()
 
 
 class _Direction:
@@ -105,30 +134,12 @@ class _Direction:
         h_in: List[Optional[Tensor]] = [None] * T
         outputs: List[Optional[Tensor]] = [None] * T
         for t in (range(T - 1, -1, -1) if reverse else range(T)):
-            h = hidden[0] if lstm else hidden
-            h_in[t] = h
-            hh = F.linear(h, self.w_hh, self.b_hh) + taps_hh[t]
-            if lstm:
-                c = hidden[1]
-                i, f, g, o = (hh + steps[t]).chunk(4, 1)
-                c = f.sigmoid() * c + i.sigmoid() * g.tanh()
-                h = o.sigmoid() * c.tanh()
-                if self.w_hr is not None:
-                    m_in[t] = h
-                    h = F.linear(h, self.w_hr) + taps_hr[t]
-                hidden = (h, c)
-            elif self.mode == "GRU":
-                # the sigmoids on row-strided views, as PyTorch's in-place ones (the rows of H
-                # are vectorised the same way: the values are bitwise the fused module's)
-                H = h.shape[-1]
-                r, z = (hh[:, :2 * H] + steps[t][:, :2 * H]).chunk(2, 1)
-                r, z = r.sigmoid(), z.sigmoid()
-                n = (steps[t][:, 2 * H:] + hh[:, 2 * H:] * r).tanh()
-                hidden = h = (h - n) * z + n
-            else:
-                pre = hh + steps[t]
-                hidden = h = pre.tanh() if self.mode == "RNN_TANH" else pre.relu()
-            outputs[t] = h
+            h_in[t] = hidden[0] if lstm else hidden
+            hidden = _cell(self.mode, steps[t], F.linear(h_in[t], self.w_hh, self.b_hh) + taps_hh[t], hidden)
+            if self.w_hr is not None:
+                m_in[t] = hidden[0]
+                hidden = (F.linear(hidden[0], self.w_hr) + taps_hr[t], hidden[1])
+            outputs[t] = hidden[0] if lstm else hidden
         self.record(self.part("hh", self.w_hh, self.b_hh), _stacked(h_in), Z_hh)
         if self.w_hr is not None:
             self.record(self.part("hr", self.w_hr), _stacked(m_in), Z_hr)
@@ -175,6 +186,22 @@ def _unrolled(module: nn.Module, record, mode: str, args: tuple, kwargs: dict):
     return output, torch.stack(finals, 0)
 
 
+def _cell_step(module: nn.Module, record, mode: str, args: tuple, kwargs: dict):
+    """A cell's kernel call ``(input, hx, w_ih, w_hh, b_ih, b_hh)`` (one step, ``input [N, D]``):
+    the parts ``ih`` and ``hh`` are Linear calls on ``input`` and ``h`` (a cell called once per step
+    by a user's loop has its calls summed as positions, as every layer called several times)."""
+    names = ("input", "hx", "w_ih", "w_hh", "b_ih", "b_hh")
+    a = dict(zip(names, args))
+    a.update(kwargs)
+    x, hx, w_ih, w_hh = a["input"], a["hx"], a["w_ih"], a["w_hh"]
+    b_ih, b_hh = a.get("b_ih"), a.get("b_hh")
+    h = hx[0] if mode == "LSTM" else hx
+    xw, hw = F.linear(x, w_ih, b_ih), F.linear(h, w_hh, b_hh)
+    record(Projection(module, "ih", w_ih, b_ih), x, xw)
+    record(Projection(module, "hh", w_hh, b_hh), h, hw)
+    return _cell(mode, xw, hw, hx)
+
+
 def _packed(args: tuple) -> bool:
     """Whether a fused kernel call is the ``PackedSequence`` overload ``(data, batch_sizes, hx,
     params, ...)`` (the padded one is ``(input, hx, params, has_biases, ...)``)."""
@@ -192,8 +219,11 @@ class _Intercept(TorchFunctionMode):
     def __torch_function__(self, func, types_, args=(), kwargs=None):
         kwargs = kwargs or {}
         mode = _KERNELS.get(func)
-        if mode is None or not any(p.requires_grad for p in self.module.parameters()):
+        cell = _CELL_KERNELS.get(func)
+        if (mode is None and cell is None) or not any(p.requires_grad for p in self.module.parameters()):
             return func(*args, **kwargs)
+        if cell is not None:
+            return _cell_step(self.module, self.record, cell, args, kwargs)
         if _packed(args):
             raise NotImplementedError(
                 f"curvlib: {self.module} got a PackedSequence; curvature of recurrent layers "
@@ -208,16 +238,17 @@ class _Intercept(TorchFunctionMode):
 
 class RecurrentAdapter(LayerAdapter):
     """``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` (tanh, relu): a composite layer whose parts are the
-    input, hidden and projection Linears of every layer and direction (module docstring)."""
+    input, hidden and projection Linears of every layer and direction; ``nn.LSTMCell``,
+    ``nn.GRUCell``, ``nn.RNNCell``: the parts ``ih`` and ``hh`` of one step (module docstring)."""
 
-    module_types = (nn.RNNBase,)
+    module_types = (nn.RNNBase, nn.RNNCellBase)
     composite = True
 
     def check(self, module: nn.Module) -> None:
-        if getattr(module, "mode", None) not in _GATES:
+        if isinstance(module, nn.RNNBase) and getattr(module, "mode", None) not in _MODES:
             raise NotImplementedError(
                 f"curvlib: {module} is an nn.RNNBase of mode {getattr(module, 'mode', None)!r}; "
-                f"curvature of recurrent layers supports the modes {sorted(_GATES)} "
+                f"curvature of recurrent layers supports the modes {_MODES} "
                 "(nn.LSTM, nn.GRU, nn.RNN)."
             )
 
