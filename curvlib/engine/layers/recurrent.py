@@ -228,10 +228,10 @@ class _Intercept(TorchFunctionMode):
             raise NotImplementedError(
                 f"curvlib: {self.module} got a PackedSequence; curvature of recurrent layers "
                 "supports padded batches only (the per-sample structure of packed data is not "
-                "recorded). Pass the padded tensor [N, T, D] (batch_first=True) or [T, N, D] "
-                "(torch.nn.utils.rnn.pad_packed_sequence) and read each sequence's outputs at its "
-                "own length, or run this forward without gradients (torch.no_grad()) when no "
-                "curvature is needed."
+                "recorded). Pass the padded batch (torch.nn.utils.rnn.pad_packed_sequence) and read "
+                "each sequence's outputs at its own length (a bidirectional layer's reverse "
+                "direction then starts at the padding), or run this forward under torch.no_grad() "
+                "when no curvature is needed."
             )
         return _unrolled(self.module, self.record, mode, args, kwargs)
 
