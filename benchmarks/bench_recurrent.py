@@ -5,6 +5,8 @@ fused module.
 Rows (forward + backward, median seconds over interleaved repetitions):
 
 - ``fused, not extended``: the plain module (PyTorch's kernel; oneDNN for float32 LSTM on CPU);
+  ``fused, native kernel``: the same with oneDNN off (PyTorch's own CPU kernel, whose operations
+  the unrolled path repeats);
 - ``extended, plain backward``: the extended model outside any curvature context (the unrolled
   forward runs for every forward with gradients, since the forward cannot know whether the
   backward will be captured);
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -54,6 +57,7 @@ def main() -> None:
     ap.add_argument("--clock", default="process", choices=["process", "wall"],
                     help="process: the process's CPU time (a loaded shared machine inflates it much less)")
     args = ap.parse_args()
+    warnings.filterwarnings("ignore", message="TF32 acceleration")  # from torch.backends.mkldnn.flags
     clock = time.process_time if args.clock == "process" else time.perf_counter
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -62,8 +66,15 @@ def main() -> None:
     ours = curvlib.extend(copy.deepcopy(plain))
     plain_loss, loss_fn = nn.CrossEntropyLoss(), curvlib.extend(nn.CrossEntropyLoss())
     x, y = torch.randn(32, 32, 64, dtype=dtype), torch.randint(0, 10, (32,))
+    def native(fn):
+        def run():
+            with torch.backends.mkldnn.flags(enabled=False):
+                fn()
+        return run
+
     fns = {
         "fused, not extended": backward_fn(plain, plain_loss, x, y),
+        "fused, native kernel": native(backward_fn(plain, plain_loss, x, y)),
         "extended, plain backward": backward_fn(ours, loss_fn, x, y),
         "extended, KFAC mc": backward_fn(ours, loss_fn, x, y, lambda: curvlib.curvature(KFAC(fisher_type="mc"))),
         "extended, KFAC type-2": backward_fn(ours, loss_fn, x, y, lambda: curvlib.curvature(KFAC(fisher_type="type-2"))),
