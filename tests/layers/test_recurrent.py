@@ -633,6 +633,13 @@ def test_packed_sequence_is_refused_naming_the_module():
         rnn(packed)
 
 
+def test_unknown_rnn_mode_is_refused_at_extend():
+    rnn = nn.RNNBase("LSTM", D, H)
+    rnn.mode = "QRNN"  # a subclass with a kernel of its own
+    with pytest.raises(NotImplementedError, match=r"nn.RNNBase of mode 'QRNN'"):
+        extend(rnn)
+
+
 def test_inference_and_frozen_layers_run_the_fused_kernel():
     """Without gradients (or with every parameter frozen) nothing is unrolled or recorded."""
     rnn = extend(nn.GRU(D, H))

@@ -153,7 +153,7 @@ def _unrolled(module: nn.Module, record, mode: str, args: tuple, kwargs: dict):
     a = dict(zip(names, args))
     a.update(kwargs)
     x, hx, params = a["input"], a["hx"], list(a["params"])
-    has_biases, num_layers, p = bool(a["has_biases"]), int(a["num_layers"]), float(a["dropout"])
+    has_biases, num_layers, dropout = bool(a["has_biases"]), int(a["num_layers"]), float(a["dropout"])
     train, bidirectional, batch_first = bool(a["train"]), bool(a["bidirectional"]), bool(a["batch_first"])
     lstm = mode == "LSTM"
     dirs = 2 if bidirectional else 1
@@ -178,8 +178,8 @@ def _unrolled(module: nn.Module, record, mode: str, args: tuple, kwargs: dict):
             outs.append(torch.stack(steps, 0))
             finals.append(final)
         layer_input = outs[0] if dirs == 1 else torch.cat(outs, outs[0].dim() - 1)
-        if p != 0 and train and layer < num_layers - 1:
-            layer_input = torch.dropout(layer_input, p, True)
+        if dropout != 0 and train and layer < num_layers - 1:  # between layers, as PyTorch
+            layer_input = torch.dropout(layer_input, dropout, True)
     output = layer_input.transpose(0, 1) if batch_first else layer_input
     if lstm:
         return output, torch.stack([h for h, _ in finals], 0), torch.stack([c for _, c in finals], 0)
@@ -212,7 +212,7 @@ class _Intercept(TorchFunctionMode):
     """Active during one forward of an extended recurrent layer: runs its fused kernel unrolled
     with recording parts (module docstring)."""
 
-    def __init__(self, module: nn.RNNBase, record):
+    def __init__(self, module: nn.Module, record):
         super().__init__()
         self.module, self.record = module, record
 
