@@ -33,6 +33,17 @@ def dense_ggn(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor) -> Ten
     return J.T @ H @ J
 
 
+def assert_exact_quantities(p: nn.Parameter, grad_batch: Tensor, block: Tensor) -> None:
+    """``p.grad_batch``, ``p.block_fisher``, ``p.diag_ggn`` and ``p.ggnmp`` (as written by ``BatchGrad``,
+    ``ExactBlockFisher``, ``DiagGGN``, ``GGNMP``) against the reference per-sample gradients and
+    the dense curvature block ``[p.numel(), p.numel()]`` of ``p.flatten()``."""
+    torch.testing.assert_close(p.grad_batch, grad_batch)
+    torch.testing.assert_close(p.block_fisher, block)
+    torch.testing.assert_close(p.diag_ggn, block.diagonal().reshape(p.shape))
+    V = torch.randn(2, *p.shape, dtype=block.dtype)
+    torch.testing.assert_close(p.ggnmp(V), (V.reshape(2, -1) @ block).reshape(V.shape))
+
+
 def param_slices(model: nn.Module) -> List[slice]:
     out, i = [], 0
     for p in model.parameters():

@@ -49,9 +49,10 @@ def extend(module: M) -> M:
         ``module`` itself, so ``model = extend(model)`` and ``extend(model)`` are the same.
 
     For a model, every sub-layer with an adapter (Linear, ConvNd and ConvTransposeNd incl.
-    grouped, Embedding, LayerNorm, RMSNorm, GroupNorm, BatchNormNd, MultiheadAttention; the table
-    ``curvlib.engine.layers.ADAPTERS``) is hooked (attention, which applies its parameters
-    functionally, records its projections through its adapter's interception); a sub-module
+    grouped, Embedding, LayerNorm, RMSNorm, GroupNorm, BatchNormNd, MultiheadAttention, LSTM, GRU,
+    RNN and their cells; the table ``curvlib.engine.layers.ADAPTERS``) is hooked (attention and the
+    recurrent layers, which apply their parameters functionally, record their linear parts through
+    their adapter's interception); a sub-module
     that owns parameters but has no adapter gets a warning naming it (its parameters get no
     curvature), and a layer an adapter
     refuses (e.g. a configuration it does not support) raises here, naming it. For a loss

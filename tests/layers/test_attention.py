@@ -13,7 +13,7 @@ from torch import nn
 from curvlib import curvature, extend
 from curvlib.extensions import GGNMP, KFAC, KPSVD, BatchGrad, DiagGGN, ExactBlockFisher
 from tests.optim.common import train_step
-from tests.utils import dense_ggn, per_sample_grads
+from tests.utils import assert_exact_quantities, dense_ggn, per_sample_grads
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -228,11 +228,7 @@ def test_exact_quantities_against_torch_func(case, make):
     for n in names:
         p, s = params[n], starts[n]
         block = ggn[s, s]
-        torch.testing.assert_close(p.grad_batch, psg[n] / N)
-        torch.testing.assert_close(p.block_fisher, block)
-        torch.testing.assert_close(p.diag_ggn, block.diagonal().reshape(p.shape))
-        V = torch.randn(2, *p.shape)
-        torch.testing.assert_close(p.ggnmp(V), (V.reshape(2, -1) @ block).reshape(V.shape))
+        assert_exact_quantities(p, psg[n] / N, block)
         if p.ndim == 2:  # rank-1 KPSVD: the top singular triplet of the rearranged exact block
             (G1, A1), = p.kpsvd
             d0, d1 = p.shape

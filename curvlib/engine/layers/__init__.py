@@ -12,6 +12,7 @@ from curvlib.engine.layers.conv_transpose import ConvTransposeAdapter
 from curvlib.engine.layers.embedding import EmbeddingAdapter
 from curvlib.engine.layers.linear import LinearAdapter
 from curvlib.engine.layers.norm import BatchNormAdapter, GroupNormAdapter, LayerNormAdapter, RMSNormAdapter
+from curvlib.engine.layers.recurrent import RecurrentAdapter
 
 ADAPTERS: Dict[Type[nn.Module], LayerAdapter] = {}
 
@@ -25,7 +26,7 @@ def register_adapter(adapter: LayerAdapter) -> None:
 for _a in (
     LinearAdapter(), ConvAdapter(), ConvTransposeAdapter(), EmbeddingAdapter(),
     LayerNormAdapter(), RMSNormAdapter(), GroupNormAdapter(), BatchNormAdapter(),
-    MultiheadAttentionAdapter(), ProjectionAdapter(),
+    MultiheadAttentionAdapter(), ProjectionAdapter(), RecurrentAdapter(),
 ):
     register_adapter(_a)
 
