@@ -42,6 +42,13 @@ are the same columns (no extra work; equal to curvlinops); an output with ``P`` 
 sample (sequences, segmentation) costs ``K = C P`` columns, for which ``"mc"`` is the unbiased
 estimate at ``K = mc_samples``. One backward in either case.
 
+Uniqueness: inside an eigenspace of a repeated eigenvalue the eigenbasis is any orthonormal
+basis (``torch.linalg.eigh`` picks one), and ``S``, hence the block, depends on that choice. The
+null space of an expand factor is harmless: every per-sample gradient is orthogonal to it
+(``X_n q = sum_t s (a^T q) = 0`` for ``A q = 0``), so ``S`` is 0 there for any basis. The reduce
+``A`` averages ``a`` over positions first, so with fewer samples than its dimension its null
+space meets the per-sample gradients and the block is basis-dependent (curvlinops' as well).
+
 Scaling: the columns carry the loss reduction (:mod:`curvlib.engine.capture`), so with
 ``reduction="mean"`` ``S = 1/N sum_n (Q0^T grad l_n Q1)^2`` (``1/(N M)`` over ``M`` mc samples),
 with ``"sum"`` the plain sum: curvlinops' scaling.
@@ -143,6 +150,11 @@ class EKFAC(Extension):
     the eigenbasis ``torch.ones(d)`` and block-form factors one per block (module docstring).
     Equal to curvlinops' ``EKFACLinearOperator(separate_weight_and_bias=True)`` on Linear and
     Conv layers.
+
+    Scaling: as the loss, ``S = 1/N sum_n (Q0^T grad l_n Q1)^2`` for ``reduction="mean"`` over
+    ``N`` samples (``1/(N mc_samples)`` for ``"mc"``), the plain sum for ``"sum"``; the per-sample
+    gradients are summed over positions (conv, sequences). ``"mc"`` and ``"type-2"`` need the
+    loss to be extended (``loss_fn = curvlib.extend(torch.nn.CrossEntropyLoss())``).
 
     Computed in the same backward as KFAC (no second one): the factors, their eigenvectors and
     ``S`` from the captured layer inputs and output-side vectors.
