@@ -41,13 +41,11 @@ def assert_blocks_close(model, ref):
 
 NETS = {
     "mlp": (lambda: nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.Sigmoid(), nn.Linear(4, 3)), (8, 6), 3),
-    # 24 samples: the reduce factors have full rank (module docstring of EKFAC: a degenerate
-    # eigenspace of a factor leaves the basis, hence the block, undetermined there)
     "cnn": (
         lambda: nn.Sequential(
             nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(3, 2, 2, dilation=2), nn.Flatten(), nn.Linear(2, 4)
         ),
-        (24, 2, 6, 6),
+        (6, 2, 6, 6),
         4,
     ),
 }
@@ -57,8 +55,10 @@ LOSSES = {
 }
 
 
-def problem(net, loss, reduction):
+def problem(net, loss, reduction, n=None):
+    """``(model, loss_fn, x, y)``, ``n`` samples (default: the net's)."""
     make, shape, c = NETS[net]
+    shape = (n or shape[0], *shape[1:])
     make_loss, make_y = LOSSES[loss]
     return make(), make_loss(reduction=reduction), torch.randn(*shape), make_y(shape[0], c)
 
@@ -81,8 +81,10 @@ def test_equals_curvlinops(net, loss, reduction, fisher_type):
 @pytest.mark.parametrize("net", ["mlp", "cnn"])
 @pytest.mark.parametrize("fisher_type", ["type-2", "empirical"])
 def test_reduce_equals_curvlinops(net, fisher_type):
-    """``kfac_approx="reduce"`` changes the eigenbasis only; ``S`` stays the per-sample one."""
-    model, loss_fn, x, y = problem(net, "ce", "mean")
+    """``kfac_approx="reduce"`` changes the eigenbasis only; ``S`` stays the per-sample one. 24
+    samples: the reduce factors have full rank (EKFAC's module docstring: in a degenerate
+    eigenspace of a factor the basis, hence the block, is not determined)."""
+    model, loss_fn, x, y = problem(net, "ce", "mean", n=24)
     ref = curvlinops_ekfac_blocks(model, loss_fn, [(x, y)], fisher_type=fisher_type, kfac_approx="reduce")
     extend(model), extend(loss_fn)
     with curvature(EKFAC(fisher_type=fisher_type, kfac_approx="reduce")):
