@@ -14,7 +14,7 @@ exact block of the capture source: of all matrices with eigenvectors ``Q``, the 
 ``F`` in Frobenius norm (George et al., section 3). Only the eigenvalues change; the
 eigenbasis is KFAC's.
 
-The other factor forms (DESIGN.md §2) keep their meaning:
+The other factor forms (docs/design.md §2) keep their meaning:
 
 - one factor (a bias, a norm layer's scale: ``p.kfac = [G]``): ``p.ekfac = [[Q0], S]``,
   ``S = sum_{k,n} (Q0^T x_{k,n})^2`` ``[d0]`` for the per-sample gradients ``x = sum_t s'``.
@@ -298,7 +298,7 @@ class EKFAC(Extension):
         B = Q_cot.shape[0] if Q_cot.dim() == 3 else 1
         s = capture.cot(src)  # [K, N, T, D_s]
         d0 = p.shape[0]
-        if B == 1 and Q_cot.dim() == 2 and Q_act.dim() == 2 and factors.structure(capture, name).kind == "kronecker":
+        if B == 1 and Q_cot.dim() == 2 and Q_act.dim() == 2:  # a dense pair: X = sum_t s a^T
             return orient.from_cot_act(_dense_S(s, capture.act(), Q_cot, Q_act)).contiguous()
         s = _rotate_last(s, Q_cot, B)
         X = s.new_empty(s.shape[0] * s.shape[1], *p.shape)
