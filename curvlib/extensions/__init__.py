@@ -3,6 +3,7 @@
 | extension | savefield | quantity |
 |---|---|---|
 | :class:`KFAC` | ``kfac`` | ``[G, A]`` Kronecker factors (``[G]`` for a bias) |
+| :class:`EKFAC` | ``ekfac`` | ``[[Q0, Q1], S]``: KFAC's eigenbasis, eigenvalues from per-sample gradients |
 | :class:`KPSVD` | ``kpsvd`` | best rank-r Kronecker approximation of the exact block |
 | :class:`KFACCorrected` | ``kfac_corrected`` | KFAC term + best Kronecker fit of the residual |
 | :class:`GGNMP` | ``ggnmp`` | block curvature products; ``ext.operator()`` for the whole network |
@@ -20,6 +21,7 @@ from curvlib.extensions.batch_grad import BatchGrad
 from curvlib.extensions.block_fisher import ExactBlockFisher, GradFactors, grad_factor_blocks, stack_grad_factors
 from curvlib.extensions.cross_kfac import CrossKFAC
 from curvlib.extensions.diag_ggn import DiagGGN
+from curvlib.extensions.ekfac import EKFAC, kfac_eigenbasis
 from curvlib.extensions.ggnmp import GGNMP
 from curvlib.extensions.hmp import HMP
 from curvlib.extensions.kfac import KFAC
@@ -32,6 +34,8 @@ from curvlib.extensions.sub_batch import SubBatch
 __all__ = [
     "Extension",
     "KFAC",
+    "EKFAC",
+    "kfac_eigenbasis",
     "KPSVD",
     "KFACCorrected",
     "GGNMP",

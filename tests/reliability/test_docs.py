@@ -20,7 +20,7 @@ from tests.utils import dense_ggn
 
 PUBLIC_EXTENSIONS = [
     "KFAC", "KPSVD", "KFACCorrected", "GGNMP", "HMP", "BatchGrad", "DiagGGN",
-    "ExactBlockFisher", "GradFactors", "CrossKFAC", "PCHMP",
+    "ExactBlockFisher", "GradFactors", "CrossKFAC", "PCHMP", "EKFAC",
 ]
 SHAPE = re.compile(r"\[[^\]\[]*(,|\d|\*)[^\]\[]*\]")  # e.g. [N, *p.shape], [out, out], [12, 12]
 
