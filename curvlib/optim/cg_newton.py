@@ -11,7 +11,7 @@ Per step and param group, with ``g = p.grad``:
 - ``p <- p - lr d_p``; a parameter without curvature (its layer has no adapter) moves by
   ``-lr g_p``.
 
-Curvatures (:data:`~curvlib.optim.curvatures.CG_CURVATURES`): ``"ggn"`` (GGN / Fisher of
+Curvatures (:mod:`curvlib.optim.products`): ``"ggn"`` (GGN / Fisher of
 ``fisher_type``, :class:`~curvlib.extensions.GGNMP`; Schraudolph 2002, Martens 2010),
 ``"hessian"`` (:class:`~curvlib.extensions.HMP`), ``"pch-abs"`` / ``"pch-clip"``
 (positive-curvature Hessian, :class:`~curvlib.extensions.PCHMP`; Chen et al. 2019, "BDA-PCH").
@@ -42,9 +42,9 @@ from torch import Tensor
 
 from curvlib.extensions.base import FISHER_TYPES
 from curvlib.optim.core import LR, CurvatureOptimizer, GroupPlan, StepPlan
-from curvlib.optim.curvatures import CG_CURVATURES
+from curvlib.optim.products import CG_CURVATURES, kfac_inverse, restricted
 from curvlib.optim.hyperparams import HyperParameter, check_value, defaults_of, document, number, one_of
-from curvlib.solvers import CGBlockError, KroneckerInverse, cg, cg_blocks
+from curvlib.solvers import CGBlockError, cg, cg_blocks
 
 #: the hyper-parameters of CGNewton (the defaults are BackPACK's CGNOptimizer's)
 CG_HYPERPARAMETERS = (
@@ -127,7 +127,7 @@ class CGNewton(CurvatureOptimizer):
                     self._warn_plain(n, kind.name)
                     continue
                 A = self._averaged(lambda v, prod=prod: prod(v.unsqueeze(0)).squeeze(0))  # damped by cg_blocks
-                systems.append((p, g, n, A, _kfac_inverse(p, lam) if kfac else None))
+                systems.append((p, g, n, A, kfac_inverse(p, lam) if kfac else None))
             for (p, g, n, _, _), (d, info) in zip(systems, self._solve_blocks(systems, group)):
                 dirs[p] = d
                 plan.log.append(_entry(gp.index, [n], info))
@@ -139,8 +139,8 @@ class CGNewton(CurvatureOptimizer):
                 if not any(p is q for q in inside):
                     self._warn_plain(n, kind.name)
             if inside:
-                A = _damped(self._averaged(_restricted(op, inside)), lam)
-                Ms = [_kfac_inverse(p, lam) for p in inside] if kfac else None
+                A = _damped(self._averaged(restricted(op, inside)), lam)
+                Ms = [kfac_inverse(p, lam) for p in inside] if kfac else None
                 M = (lambda vs: [m(v) for m, v in zip(Ms, vs)]) if kfac else None
                 ds, info = self._solve(A, [p.grad for p in inside], inside, M, group, f"param group {gp.index}")
                 names = [n for p, n in zip(gp.params, gp.names) if any(p is q for q in inside)]
@@ -224,33 +224,6 @@ def _raise_if_nonfinite(e: Exception, group: Mapping[str, Any], where: str) -> N
 def _damped(A: Callable, lam: float) -> Callable:
     """``v -> A v + λ v`` on a list of tensors."""
     return lambda v: [o + lam * t for o, t in zip(A(v), v)]
-
-
-def _restricted(op, params: List[Tensor]) -> Callable:
-    """The operator's block over ``params`` (a subset of ``op.params``, zero elsewhere)."""
-    if len(params) == len(op.params):
-        return lambda vs: op(list(vs))
-    idx = [next(i for i, q in enumerate(op.params) if q is p) for p in params]
-
-    def apply(vs):
-        full = [torch.zeros_like(q) for q in op.params]
-        for i, v in zip(idx, vs):
-            full[i] = v
-        out = op(full)
-        return [out[i] for i in idx]
-
-    return apply
-
-
-def _kfac_inverse(p: Tensor, lam: float) -> Callable:
-    """``(kron(G, A) + λ I)^-1`` of ``p.kfac`` (exact damping; the identity without KFAC factors)."""
-    factors = p.__dict__.get("kfac")
-    if factors is None:
-        return lambda v: v
-    P = KroneckerInverse(list(factors), lam if lam > 0 else 1e-8, damping_mode="exact")
-    if p.ndim > 1:
-        return lambda v: P(v.reshape(p.shape[0], -1)).reshape(p.shape)
-    return P
 
 
 def _entry(gi: int, names: List[str], info) -> Dict[str, Any]:

@@ -20,6 +20,9 @@ says
   multiplies a vector (:meth:`CurvatureKind.mvp`, for Levenberg–Marquardt damping);
 - whether it can run data-parallel and which savefields are averaged across processes.
 
+The kinds of :class:`~curvlib.optim.CGNewton` (exact products, no running curvature) are in
+:mod:`curvlib.optim.products`.
+
 A curvature value (``C`` below) is what the optimizer stores per parameter: a tensor or a
 (nested) list of tensors, so that ``state_dict()`` stays loadable with ``weights_only=True``.
 
@@ -48,13 +51,13 @@ from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from curvlib.extensions import GGNMP, HMP, DiagGGN, GradFactors, KFAC, KFACCorrected, KPSVD, SubBatch
+from curvlib.extensions import GGNMP, DiagGGN, GradFactors, KFAC, KFACCorrected, KPSVD, SubBatch
 from curvlib.extensions.base import Extension
-from curvlib.extensions.pchmp import PCHMP
 from curvlib.optim.hyperparams import HyperParameter, Rule, one_of
 from curvlib.optim.tensors import Value, tree_leaves, tree_map
 from curvlib.solvers import KroneckerInverse, kron_matvec, two_level_direction, woodbury_solve, woodbury_solve_blocks
 from curvlib.solvers.two_level import COARSE_FORMS, COARSE_SPACES
+
 
 def _as_matrix(p: Tensor, v: Tensor) -> Tensor:
     """``v`` (shaped like ``p``) as ``[p.shape[0], -1]`` for a weight, unchanged for a vector."""
@@ -436,93 +439,8 @@ class ExactNGKind(CurvatureKind):
         return [(U.T @ c).reshape(v.shape) for U, v in zip(Us, vs)]
 
 
-# ---------------------------------------------------------------- Newton-CG (CGNewton)
-
-
-class ProductKind(CurvatureKind):
-    """The exact curvature blocks of :class:`~curvlib.optim.CGNewton`, applied matrix-free by
-    their extension's product (``p.<savefield>``, or ``ext.operator()`` for the whole network),
-    with ``precondition="kfac"``: the KFAC factors of the same batch."""
-
-    ema = False
-
-    def product(self, group) -> Extension:
-        raise NotImplementedError
-
-    def kfac_fisher_type(self, group) -> str:
-        """The fisher_type of the KFAC factors of ``precondition="kfac"``."""
-        return "type-2"
-
-    def extensions(self, group):
-        exts = [self.product(group)]
-        if group["precondition"] == "kfac":
-            exts.append(KFAC(fisher_type=self.kfac_fisher_type(group)))
-        return exts
-
-    def averaged_fields(self, group):
-        # the products are averaged in each CG iteration (one all-reduce per product)
-        return ("kfac",) if group["precondition"] == "kfac" else ()
-
-    def validate(self, group, where):
-        if group["fisher_type"] != "type-2":
-            raise ValueError(f"{where}: fisher_type applies to curvature='ggn' only; leave it at 'type-2'.")
-
-
-class GGNKind(ProductKind):
-    """``ggn``: the GGN / Fisher of ``fisher_type`` (Schraudolph 2002, Martens 2010)."""
-
-    name = "ggn"
-    savefield = "ggnmp"
-    distributed = True
-
-    def product(self, group):
-        return GGNMP(fisher_type=group["fisher_type"])
-
-    def kfac_fisher_type(self, group):
-        return group["fisher_type"]
-
-    def validate(self, group, where):
-        pass  # every fisher_type
-
-
-class HessianKind(ProductKind):
-    """``hessian``: the exact Hessian blocks."""
-
-    name = "hessian"
-    savefield = "hmp"
-    distributed = True
-
-    def product(self, group):
-        return HMP()
-
-
-class PCHKind(ProductKind):
-    """``pch-abs`` / ``pch-clip``: the positive-curvature Hessian (Chen et al. 2019, "BDA-PCH")."""
-
-    savefield = "pchmp"
-    not_distributed = "the positive-curvature Hessian modifies each batch's blocks (not linear in the batch)"
-
-    def __init__(self, modify: str):
-        self.name, self.modify = f"pch-{modify}", modify
-
-    def product(self, group):
-        return PCHMP(modify=self.modify, convention=group["pch_convention"])
-
-    def validate(self, group, where):
-        super().validate(group, where)
-        if not group["block_diagonal"]:
-            raise ValueError(
-                f"{where}: the positive-curvature Hessian is defined block by block (Chen et al.; BackPACK's "
-                "PCHMP); use block_diagonal=True, or curvature='ggn' for a whole-network system."
-            )
-
-
-def _registry(*kinds: CurvatureKind) -> Dict[str, CurvatureKind]:
-    return {k.name: k for k in kinds}
-
-
 #: the kinds of :class:`~curvlib.optim.NaturalGradient` (and Preconditioner, NoisyNaturalGradient)
-CURVATURES: Dict[str, CurvatureKind] = _registry(
+CURVATURES: Dict[str, CurvatureKind] = {k.name: k for k in (
     KFACKind(),
     KPSVDKind("kpsvd", "power", 1),
     KPSVDKind("deflation", "deflation", 2),
@@ -532,10 +450,7 @@ CURVATURES: Dict[str, CurvatureKind] = _registry(
     DiagKind(),
     ExactNGKind("exact-ng", blocks=False),
     ExactNGKind("exact-ng-blocks", blocks=True),
-)
-
-#: the kinds of :class:`~curvlib.optim.CGNewton`
-CG_CURVATURES: Dict[str, CurvatureKind] = _registry(GGNKind(), HessianKind(), PCHKind("abs"), PCHKind("clip"))
+)}
 
 
 def kind_for(name: Optional[str], kinds: Mapping[str, CurvatureKind] = CURVATURES) -> Optional[CurvatureKind]:
@@ -558,6 +473,5 @@ def options_of(kinds: Mapping[str, CurvatureKind]) -> Tuple[HyperParameter, ...]
 
 
 __all__ = [
-    "CurvatureKind", "CURVATURES", "CG_CURVATURES", "kind_for", "options_of", "unwrap", "Solve", "tree_map",
-    "tree_leaves",
+    "CurvatureKind", "CURVATURES", "kind_for", "options_of", "unwrap", "Solve", "tree_map", "tree_leaves",
 ]
