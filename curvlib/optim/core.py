@@ -27,6 +27,8 @@ A subclass says how one group's directions are planned (:meth:`_plan_group`) and
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple
@@ -45,6 +47,9 @@ from curvlib.optim.tensors import first_nonfinite
 from curvlib.optim.state import (
     CaptureRecord, CoreState, GroupState, groups_for_saving, migrate_param_state, restore_callables,
 )
+
+#: where the frames of warnings are not attributed (this package and torch)
+_INTERNAL = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
 
 #: the constructor arguments every optimizer shares (documentation rows)
 SEED = HyperParameter(
@@ -205,16 +210,22 @@ class CurvatureOptimizer(Optimizer):
             return repr(names[i])
         return f"parameter {i} of param group {gi} (shape {tuple(p.shape)})"
 
-    def _warn_plain(self, name: str, kind: str) -> None:
-        if ("plain", name) in self.core.warned:
+    def _warn_once(self, key: Any, message: str) -> None:
+        """A ``UserWarning`` the first time ``key`` is met, attributed to the caller's line
+        (the first frame outside :mod:`curvlib.optim` and ``torch``)."""
+        if key in self.core.warned:
             return
-        self.core.warned.add(("plain", name))
-        warnings.warn(
+        self.core.warned.add(key)
+        level, frame = 1, sys._getframe(1)
+        while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+            level, frame = level + 1, frame.f_back
+        warnings.warn(message, UserWarning, stacklevel=level + 1)
+
+    def _warn_plain(self, name: str, kind: str) -> None:
+        self._warn_once(("plain", name), (
             f"curvlib.optim: {name} gets no {kind!r} curvature (its layer has no curvlib adapter or was "
-            "not extended); it takes the plain (momentum-SGD) step.",
-            UserWarning,
-            stacklevel=5,
-        )
+            "not extended); it takes the plain (momentum-SGD) step."
+        ))
 
     # ------------------------------------------------------------------ capture
     def _due(self, gi: int, k: int) -> bool:

@@ -22,7 +22,6 @@ the next update is ``k + T(k)``), or for ``T_cov`` the string ``"auto"``: the in
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, List, Mapping, Optional, Tuple
 
 from torch import Tensor
@@ -110,14 +109,11 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
     def check_group(self, group: Mapping[str, Any], gi: int) -> None:
         super().check_group(group, gi)
         kind = self._kind(group)
-        if kind is not None and not kind.ema and group["ema_decay"] > 0 and ("ema", kind.name) not in self.core.warned:
-            self.core.warned.add(("ema", kind.name))
-            warnings.warn(
+        if kind is not None and not kind.ema and group["ema_decay"] > 0:
+            self._warn_once(("ema", kind.name), (
                 f"curvlib.optim: curvature={kind.name!r} keeps the exact factors of the latest curvature batch; "
-                "ema_decay does not apply to it (set ema_decay=0 to silence this).",
-                UserWarning,
-                stacklevel=4,
-            )
+                "ema_decay does not apply to it (set ema_decay=0 to silence this)."
+            ))
 
     def _lr_for(self, group: Mapping[str, Any], p: Tensor) -> float:
         """The learning rate ``kl_clip`` assumes for ``p``."""
