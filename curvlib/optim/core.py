@@ -43,10 +43,10 @@ from curvlib.extensions.sub_batch import SubBatchSampler
 from curvlib.optim import distributed
 from curvlib.optim.curvatures import CURVATURES, CurvatureKind, kind_for
 from curvlib.optim.hyperparams import REQUIRED, HyperParameter, Table, number, validate_group
-from curvlib.optim.tensors import first_nonfinite
 from curvlib.optim.state import (
     CaptureRecord, CoreState, GroupState, groups_for_saving, migrate_param_state, restore_callables,
 )
+from curvlib.optim.tensors import first_nonfinite
 
 #: where the frames of warnings are not attributed (this package and torch)
 _INTERNAL = (os.path.dirname(__file__), os.path.dirname(torch.__file__))

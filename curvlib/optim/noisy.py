@@ -37,17 +37,27 @@ import torch
 from torch import Tensor
 
 from curvlib.optim.core import CHECK_SYNC, PROCESS_GROUP, SEED
-from curvlib.optim.hyperparams import HyperParameter, Rule, check_value, document, number, replace_entries
+from curvlib.optim.hyperparams import REQUIRED, HyperParameter, Rule, check_value, document, number, replace_entries
 from curvlib.optim.natural_gradient import NaturalGradient
 
-#: hyper-parameters that the variational model fixes
-_FIXED = ("damping", "damping_mode", "weight_decay", "weight_decay_mode", "adaptive_damping")
-_FIXED_BY_PRIOR = "fixed by the prior: `λ = kl_weight · prior_precision / dataset_size`"
+#: the hyper-parameters that the variational model fixes: (value, meaning) as the docs show them
+_FIXED_AS = {
+    "damping": ("λ", "fixed by the prior: `λ = kl_weight · prior_precision / dataset_size`"),
+    "damping_mode": ('"exact"', "fixed: `C + λ I`"),
+    "weight_decay": ("λ", "fixed: `λ μ`, the prior's gradient"),
+    "weight_decay_mode": ('"l2"', "fixed: added to the gradient before preconditioning"),
+    "adaptive_damping": ("False", "fixed: the damping is the prior's"),
+}
+_FIXED = tuple(_FIXED_AS)
 
-DATASET_SIZE = HyperParameter("dataset_size", "int", None, "`N`, the number of training examples (the loss is a mean "
-                              "over a batch)", number(1, integer=True))
-PRIOR_PRECISION = HyperParameter("prior_precision", "float", None, "precision `α` of the Gaussian prior `N(0, α^-1 I)`",
-                                 number(0, low_open=True, finite=True))
+DATASET_SIZE = HyperParameter(
+    "dataset_size", "int", REQUIRED, "`N`, the number of training examples (the loss is a mean over a batch)",
+    number(1, integer=True),
+)
+PRIOR_PRECISION = HyperParameter(
+    "prior_precision", "float", REQUIRED, "precision `α` of the Gaussian prior `N(0, α^-1 I)`",
+    number(0, low_open=True, finite=True),
+)
 KL_WEIGHT = HyperParameter("kl_weight", "float", 1.0, "weight of the KL term (1: the ELBO; < 1 tempers the posterior)",
                            number(0, low_open=True, finite=True))
 CURVATURE = HyperParameter("curvature", "str", "kfac", "`\"kfac\"` (noisy K-FAC) or `\"diag\"` (VOGN)",
@@ -62,8 +72,8 @@ class NoisyNaturalGradient(NaturalGradient):
 
     hyperparameters = replace_entries(
         NaturalGradient.hyperparameters,
-        curvature=dict(meaning=CURVATURE.meaning),
-        **{name: dict(meaning=_FIXED_BY_PRIOR, default_text="(fixed)") for name in _FIXED},
+        curvature=dict(meaning=CURVATURE.meaning + " (the constructor's argument)"),
+        **{name: dict(default_text=value, meaning=meaning) for name, (value, meaning) in _FIXED_AS.items()},
     )
     arguments = (DATASET_SIZE, PRIOR_PRECISION, KL_WEIGHT, SEED, PROCESS_GROUP, CHECK_SYNC)
 
