@@ -1,6 +1,6 @@
 r"""``CGNewton``: matrix-free Newton steps ``(C + λ I) d = g`` solved by conjugate gradients.
 
-Per step and param group, with ``g = p.grad``:
+Per step and param group (docs/design.md §2), with ``g = p.grad``:
 
 - ``block_diagonal=True``: one CG per parameter ``p`` on ``(C_pp + λ I) d_p = g_p``, ``C_pp`` the
   exact block of the chosen curvature, applied through its savefield (``p.ggnmp``, ``p.hmp``,
