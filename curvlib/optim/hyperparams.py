@@ -21,6 +21,7 @@ that every value the optimizers accepted before the table existed is still accep
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -202,10 +203,18 @@ def docstring_section(table: Sequence[HyperParameter], arguments: Sequence[Hyper
     return "\n".join(lines) + "\n"
 
 
+_CODE = re.compile(r"(?<!`)`([^`]+)`(?!`)")
+
+
+def _rst(text: str) -> str:
+    """Markdown code spans (the tables' ``\`x\```) as reStructuredText literals."""
+    return _CODE.sub(r"``\1``", text)
+
+
 def _doc_entry(hp: HyperParameter) -> List[str]:
     allowed = _allowed(hp)
     head = f"    - ``{hp.name}`` ({hp.type}; default {_default(hp)}" + (f"; {allowed}" if allowed else "") + "):"
-    return [head, f"      {hp.meaning}"]
+    return [_rst(head), f"      {_rst(hp.meaning)}"]
 
 
 def document(cls: type) -> type:
