@@ -98,7 +98,11 @@ def extend(module: M) -> M:
         module.register_forward_pre_hook(_root_pre_hook, with_kwargs=True)
         module.register_forward_hook(_root_post_hook, always_call=True)
         setattr(module, _ROOT_FLAG, True)
-    for name, sub in module.named_modules():
+    subs = list(module.named_modules())
+    # parameters an adapted layer applies (a parameter tied to one, e.g. ALBERT's
+    # predictions.bias = decoder.bias, gets its curvature there: no warning for its owner)
+    covered = {id(p) for _, sub in subs if adapter_for(sub) is not None for p in sub.parameters(recurse=False)}
+    for name, sub in subs:
         adapter = adapter_for(sub)
         if adapter is not None:
             adapter.check(sub)
@@ -109,7 +113,7 @@ def extend(module: M) -> M:
                 else:
                     sub.register_forward_hook(_layer_forward_hook)
                 setattr(sub, _FLAG, True)
-        elif any(p.requires_grad for p in sub.parameters(recurse=False)):
+        elif any(p.requires_grad and id(p) not in covered for p in sub.parameters(recurse=False)):
             warnings.warn(
                 f"curvlib: module '{name or type(sub).__name__}' ({type(sub).__name__}) "
                 "has parameters but no layer adapter; its parameters get no curvature "
