@@ -29,6 +29,15 @@ accepts, the factors are combined call by call (a loop over the calls of one lay
 (its ``A`` is ``C`` times this one for calls of equal size): this one is the stacked-position
 convention of expand, under which the shared weight is a weight-sharing layer like a
 convolution.
+
+A parameter used by several *layers* (weight tying, :mod:`curvlib.engine.tying`: GPT-2's
+``lm_head.weight = wte.weight``) gets one term per layer, in forward order, each the pair that
+layer would give its own copy of the parameter and ordered like ``p.flatten()``:
+``p.kfac = [[A_wte [V], G_wte [D, D]], [G_head [V, V], A_head [D, D]]]`` for the ``[V, D]``
+weight, ``kron(F1, F2) + kron(H1, H2)`` approximating its block (the two-term form of
+``p.kfac_corrected``, inverted exactly by :class:`~curvlib.solvers.KroneckerInverse`); a
+parameter that every use sums over positions (a tied bias) gets ``[G1 + G2]``. Over several
+backwards each term accumulates as above, with its own row counts.
 """
 from __future__ import annotations
 
