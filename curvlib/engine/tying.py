@@ -164,8 +164,13 @@ class TiedLayer:
             uses = ", ".join(repr(m) for m in self.layers)
             return f"the tied parameter of shape {tuple(self.param.shape)} (used by {uses})"
         pnames, lnames = names
-        uses = ", ".join(f"{type(m.owner if not isinstance(m, nn.Module) else m).__name__} '{n}'" for m, n in zip(self.layers, lnames))
+        uses = ", ".join(f"{type(_owner(m)).__name__} '{n}'" for m, n in zip(self.layers, lnames))
         return f"the tied parameter {' = '.join(pnames)} (used by {uses})"
+
+
+def _owner(layer: Any) -> Any:
+    """The module a layer's parameters belong to (a part's ``owner``; a module itself)."""
+    return layer if isinstance(layer, nn.Module) else getattr(layer, "owner", layer)
 
 
 def _qualified(root: Optional[nn.Module], p: Tensor, layers: Sequence[Any]) -> Optional[Tuple[List[str], List[str]]]:
@@ -176,10 +181,9 @@ def _qualified(root: Optional[nn.Module], p: Tensor, layers: Sequence[Any]) -> O
     mods = {id(m): n for n, m in root.named_modules(remove_duplicate=False)}
     lnames = []
     for m in layers:
-        if isinstance(m, nn.Module):
-            lnames.append(mods.get(id(m), type(m).__name__) or "(root)")
-        else:
-            lnames.append(f"{mods.get(id(m.owner), type(m.owner).__name__)}.{m.name}")
+        owner = _owner(m)
+        name = mods.get(id(owner), type(owner).__name__) or "(root)"
+        lnames.append(name if owner is m else f"{name}.{getattr(m, 'name', type(m).__name__)}")
     return (pnames or [f"[{tuple(p.shape)}]"]), lnames
 
 

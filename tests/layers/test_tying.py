@@ -501,6 +501,38 @@ def test_tied_after_extend_and_one_use_called_twice():
     assert len(W.kfac) == 2 and W.kfac[0][0].dim() == 1
 
 
+def test_a_part_of_a_composite_layer_is_a_use():
+    """The grouping is on the parameter, not on module types: an RNN's recurrent weight (applied by
+    the RNN's ``hh`` part, recorded by its adapter) tied to a Linear's weight."""
+
+    class RNNTied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.out = nn.RNN(D, D, batch_first=True), nn.Linear(D, D)
+            self.out.weight = self.rnn.weight_hh_l0
+
+        def forward(self, x):
+            return self.out(self.rnn(x)[0])
+
+    torch.manual_seed(0)
+    x = torch.randn(N, T, D)
+    case = extended(Case(RNNTied(), nn.MSELoss(), x, torch.randn_like(x), ["out"], []))
+    with curvature(BatchGrad(), ExactBlockFisher(fisher_type="type-2"), KFAC(fisher_type="type-2")):
+        case.loss().backward()
+    W = case.tied
+    torch.testing.assert_close(W.grad_batch, per_sample_grads(case, [W])[0])
+    torch.testing.assert_close(W.block_fisher, dense_ggn(case, [W]))
+    twin = copy.deepcopy(case.model)
+    twin.out.weight = nn.Parameter(twin.out.weight.detach().clone())
+    extend(twin)
+    with curvature(KFAC(fisher_type="type-2")):
+        case.loss(twin).backward()
+    torch.testing.assert_close(kron_sum(W.kfac), kron_sum([twin.rnn.weight_hh_l0.kfac, twin.out.weight.kfac]))
+    with pytest.raises(NotImplementedError, match=r"rnn\.weight_hh_l0 = out\.weight \(used by RNN 'rnn\.hh_l0', Linear 'out'\)"):
+        with curvature(KFACCorrected(fisher_type="type-2")):
+            case.loss().backward()
+
+
 def test_one_use_in_a_backward_is_an_untied_layer():
     """A backward that reaches only one use of the parameter gives that layer's own quantities."""
     case = extended(make("lm"))
