@@ -33,6 +33,7 @@ summed over layers (all layers share the ``(k, n)`` index: one batched backprop)
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -68,7 +69,25 @@ def _mergeable(s: Tensor, outer: int, inner: int) -> bool:
     return n_out == 1 or n_in == 1 or s.stride(outer) == s.stride(inner) * n_in
 
 
-class LayerFactors:
+class _BlockProducts:
+    """``product`` from ``inner`` and ``expand`` (of :class:`LayerFactors` and :class:`TiedFactors`)."""
+
+    params: Dict[str, nn.Parameter]
+    module: object
+
+    def product(self, name: str, V: Tensor) -> Tensor:
+        """Block product ``[B, *p.shape] -> [B, *p.shape]``."""
+        p = self.params[name]
+        if V.ndim != p.ndim + 1 or V.shape[1:] != p.shape:
+            raise ValueError(
+                f"curvlib: {name}.ggnmp of {self.module} expects [V, *{tuple(p.shape)}], got "
+                f"{tuple(V.shape)} (add a leading dimension for one vector: v.unsqueeze(0))."
+            )
+        with torch.no_grad():
+            return self.expand(name, self.inner(name, V))
+
+
+class LayerFactors(_BlockProducts):
     """One layer's per-sample factorisation of the curvature source, with products.
 
     Holds the captured ``a [N, T, D_a]`` and ``s [K, N, T, D_s]`` (as views, no copies),
@@ -281,19 +300,8 @@ class LayerFactors:
             return {name: self._lazy_from_output(name, U) for name in names}
         return {name: self.expand(name, c) for name in names}
 
-    def product(self, name: str, V: Tensor) -> Tensor:
-        """Block product ``[B, *p.shape] -> [B, *p.shape]``."""
-        p = self.params[name]
-        if V.ndim != p.ndim + 1 or V.shape[1:] != p.shape:
-            raise ValueError(
-                f"curvlib: {name}.ggnmp of {self.module} expects [V, *{tuple(p.shape)}], got "
-                f"{tuple(V.shape)} (add a leading dimension for one vector: v.unsqueeze(0))."
-            )
-        with torch.no_grad():
-            return self.expand(name, self.inner(name, V))
 
-
-class TiedFactors:
+class TiedFactors(_BlockProducts):
     """The factorisation of a parameter used by several layers (weight tying,
     :mod:`curvlib.engine.tying`): its per-sample gradient is the sum of its uses',
     ``X_{k,n} = sum_u X^(u)_{k,n}``, so ``c_{kn} = <X_{k,n}, V> = sum_u <X^(u)_{k,n}, V>`` and
@@ -323,30 +331,11 @@ class TiedFactors:
 
     def inner(self, name: str, V: Tensor) -> Tensor:
         """``c[k, n, b] = sum_u <X^(u)_{k,n}, V_b>`` ``[K, N, B]``."""
-        c = None
-        for f, n in self.uses:
-            ci = f.inner(n, V)
-            c = ci if c is None else c + ci
-        return c
+        return functools.reduce(torch.add, [f.inner(n, V) for f, n in self.uses])
 
     def expand(self, name: str, c: Tensor) -> Tensor:
         """``sum_u sum_{k,n} c[k, n, b] X^(u)_{k,n}`` ``[B, *p.shape]``."""
-        out = None
-        for f, n in self.uses:
-            o = f.expand(n, c)
-            out = o if out is None else out + o
-        return out
-
-    def product(self, name: str, V: Tensor) -> Tensor:
-        """Block product ``[B, *p.shape] -> [B, *p.shape]``."""
-        p = self.params[name]
-        if V.ndim != p.ndim + 1 or V.shape[1:] != p.shape:
-            raise ValueError(
-                f"curvlib: {name}.ggnmp of {self.module} expects [V, *{tuple(p.shape)}], got "
-                f"{tuple(V.shape)} (add a leading dimension for one vector: v.unsqueeze(0))."
-            )
-        with torch.no_grad():
-            return self.expand(name, self.inner(name, V))
+        return functools.reduce(torch.add, [f.expand(n, c) for f, n in self.uses])
 
 
 class GGNMP(Extension):
