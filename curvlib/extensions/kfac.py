@@ -165,7 +165,7 @@ class KFAC(Extension):
         combined ``A`` weights each backward's by its row count."""
         if capture.summed(name) or (isinstance(new, list) and len(new) == 1):
             return [old[0] + new[0]]
-        if capture.uses is not None:
+        if capture.uses is not None or not isinstance(old[0], Tensor):
             return self._accumulate_tied(capture, name, old, new)
         n0, n1 = counts
         o = capture.orientation
@@ -285,8 +285,8 @@ class KFAC(Extension):
     def _accumulate_tied(self, capture: LayerCapture, name: str, old: Any, new: Any) -> Any:
         """The terms of several backwards: per term ``G`` adds up, ``A`` is weighted by rows."""
         p = capture.params[name]
-        total, rows = self._tied_rows[id(p)]
-        if len(old) != len(new) or not isinstance(old[0], list) or [r[1] for r in total] != [r[1] for r in rows]:
+        total, rows = self._tied_rows.get(id(p), ([], []))
+        if capture.uses is None or len(old) != len(new) or not isinstance(old[0], list) or [r[1] for r in total] != [r[1] for r in rows]:
             raise ValueError(
                 f"curvlib: KFAC of {capture.module} over several backwards of one context: the "
                 "parameter's uses differ between the backwards (another set of layers used it), "

@@ -542,6 +542,10 @@ def test_one_use_in_a_backward_is_an_untied_layer():
     G, A = case.tied.kfac  # the head's [G, A] alone
     assert G.shape == (V, V) and A.shape == (D, D)
     assert case.tied.grad_batch.shape == (N, V, D)
+    with pytest.raises(ValueError, match="uses differ between the backwards"):  # KFAC cannot match the terms
+        with curvature(KFAC(fisher_type="empirical")):
+            case.loss().backward()
+            case.loss_fn(case.model.head(torch.tanh(case.model.mid(torch.randn(N, T, D)))).transpose(1, 2), case.y).backward()
 
 
 def test_no_warning_for_a_module_whose_parameter_an_adapted_layer_applies():
