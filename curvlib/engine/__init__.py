@@ -6,11 +6,13 @@ from curvlib.engine.extension import Extension
 from curvlib.engine.hooks import extend
 from curvlib.engine.layers import LayerAdapter, adapter_for, register_adapter
 from curvlib.engine.losses import LossAdapter, loss_adapter_for
+from curvlib.engine.tying import TiedCapture
 
 __all__ = [
     "extend",
     "curvature",
     "LayerCapture",
+    "TiedCapture",
     "Extension",
     "source_key",
     "LayerAdapter",

@@ -19,6 +19,7 @@ from curvlib.engine.state import ENGINE
 from curvlib.engine.layers import adapter_for
 from curvlib.engine.losses import loss_adapter_for
 from curvlib.engine.records import CallList, LayerCall
+from curvlib.engine.tying import group_key, note_params
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -97,7 +98,11 @@ def extend(module: M) -> M:
         module.register_forward_pre_hook(_root_pre_hook, with_kwargs=True)
         module.register_forward_hook(_root_post_hook, always_call=True)
         setattr(module, _ROOT_FLAG, True)
-    for name, sub in module.named_modules():
+    subs = list(module.named_modules())
+    # parameters an adapted layer applies (a parameter tied to one, e.g. ALBERT's
+    # predictions.bias = decoder.bias, gets its curvature there: no warning for its owner)
+    covered = {id(p) for _, sub in subs if adapter_for(sub) is not None for p in sub.parameters(recurse=False)}
+    for name, sub in subs:
         adapter = adapter_for(sub)
         if adapter is not None:
             adapter.check(sub)
@@ -108,7 +113,7 @@ def extend(module: M) -> M:
                 else:
                     sub.register_forward_hook(_layer_forward_hook)
                 setattr(sub, _FLAG, True)
-        elif any(p.requires_grad for p in sub.parameters(recurse=False)):
+        elif any(p.requires_grad and id(p) not in covered for p in sub.parameters(recurse=False)):
             warnings.warn(
                 f"curvlib: module '{name or type(sub).__name__}' ({type(sub).__name__}) "
                 "has parameters but no layer adapter; its parameters get no curvature "
@@ -213,7 +218,9 @@ def record_call(module, x: Tensor, output) -> None:
     calls.append(call)
     ENGINE.tape[call.uid] = call
     # the live calls of this layer (a part of a composite layer, e.g. attention's in_proj, is a
-    # new object per call: its calls are kept under the part's stable ``calls_key``)
+    # new object per call: its calls are kept under the part's stable ``calls_key``); layers that
+    # share a parameter (weight tying) keep theirs under their group's key
+    note_params(module)
     key = calls_key(module)
     live = ENGINE.calls_of.get(key)
     if live is None:
@@ -223,9 +230,12 @@ def record_call(module, x: Tensor, output) -> None:
 
 
 def calls_key(module) -> object:
-    """The key of ``module``'s live calls in ``ENGINE.calls_of``: the layer itself, or a part's
-    ``calls_key`` (:class:`~curvlib.engine.layers.attention.Projection`)."""
-    return module if isinstance(module, nn.Module) else module.calls_key
+    """The key of ``module``'s calls, the one place that decides which calls are combined: the
+    layer itself, or a part's ``calls_key`` (:class:`~curvlib.engine.layers.attention.Projection`);
+    for layers that share a parameter with another layer, their
+    :class:`~curvlib.engine.tying.TieGroup` (weight tying). Keys ``ENGINE.calls_of`` (liveness),
+    the context's pending captures and the alignment of cotangent columns."""
+    return group_key(module)
 
 
 def _composite_pre_hook(module: nn.Module, args) -> None:
