@@ -10,7 +10,10 @@ Per step ``k`` (counted from 0) and param group with a curvature:
    damped inverse when due (``k >= next_inv``, or the damping / damping mode / curvature changed),
    and computes the direction ``d_p = (C_p + λ I)^-1 g_p``; parameters without curvature (no
    adapter, or a group with ``curvature=None``) get ``d_p = g_p``. With ``kl_clip`` the group's
-   direction is scaled by ``min(1, sqrt(kl_clip / (lr^2 sum_p <d_p, g_p>)))``.
+   direction is scaled by ``min(1, sqrt(kl_clip / sum_p lr_p^2 <d_p, g_p>))`` (``lr_p`` the learning
+   rate that applies ``d_p``: the group's, or for :class:`Preconditioner` the wrapped optimizer's
+   group of ``p``). A binding clip makes the step ``lr_p nu d_p`` with ``nu ∝ 1 / lr``: the
+   lr cancels (docs/user_guide/optimizers.md, "kl_clip and the learning rate").
 3. Nothing is written before every quantity of the step is known to be finite
    (:mod:`curvlib.optim.core`).
 
@@ -80,7 +83,10 @@ RUNNING: Tuple[HyperParameter, ...] = (
         "whole batch's", Rule(lambda v, g: 0.0 < float(v) <= 1.0, "in (0, 1]"),
     ),
     HyperParameter(
-        "kl_clip", "float or None", None, "scale the group's direction by `min(1, sqrt(kl_clip / (lr^2 sum_p <d_p, g_p>)))`",
+        "kl_clip", "float or None", None,
+        "scale the group's direction by `ν = min(1, sqrt(kl_clip / sum_p lr_p^2 <d_p, g_p>))`; a binding clip "
+        "(`ν < 1`) cancels the lr: the step is `lr ν d` with `lr ν = sqrt(kl_clip / <d, g>)`, the same for every lr "
+        "(tune the pair: docs/user_guide/optimizers.md, \"kl_clip and the learning rate\")",
         Rule(lambda v, g: v is None or v > 0, "> 0, or None (no clipping)"),
     ),
 )
@@ -123,10 +129,14 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
         kind = self._kind(group)
         gp.dirs = list(gp.grads) if kind is None else self._precondition(plan, gp, group, kind)
         if group["kl_clip"] is not None:
-            vg = sum(float((d * g).sum()) for d, g in zip(gp.dirs, gp.grads))
-            lr = self._lr_for(group, gp.params[0])
-            if vg > 0 and lr > 0:
-                nu = min(1.0, math.sqrt(group["kl_clip"] / (lr * lr * vg)))
+            # the KL of the whole update, each parameter with its own lr (Preconditioner: the
+            # wrapped optimizer may give every layer its own): sum_p lr_p^2 <d_p, g_p>
+            kl = 0.0
+            for p, d, g in zip(gp.params, gp.dirs, gp.grads):
+                lr = self._lr_for(group, p)
+                kl += lr * lr * float((d * g).sum())
+            if kl > 0:
+                nu = min(1.0, math.sqrt(group["kl_clip"] / kl))
                 if nu < 1.0:
                     gp.dirs = [d * nu for d in gp.dirs]
 
