@@ -93,6 +93,8 @@ class StepPlan:
     groups: List[GroupPlan] = field(default_factory=list)
     #: entries to write into ``opt.state[p]``
     state: Dict[Tensor, Dict[str, Any]] = field(default_factory=dict)
+    #: keys to remove from ``opt.state[p]`` (stale per-sample curvature)
+    drop: Dict[Tensor, Tuple[str, ...]] = field(default_factory=dict)
     #: new cached inverses by group index
     solves: Dict[int, Tuple[Any, Any]] = field(default_factory=dict)
     #: one dict per CG solve (CGNewton)
@@ -366,6 +368,9 @@ class CurvatureOptimizer(Optimizer):
         self._apply(plan)
         for p, entry in plan.state.items():
             self.state[p].update(entry)
+        for p, keys in plan.drop.items():
+            for key in keys:
+                self.state[p].pop(key, None)
         self.core.groups[:] = plan.schedule
         self.core.solves.update(plan.solves)
         self.core.generator_before = None

@@ -171,6 +171,7 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
             new = kind.read(p, group)
             if new is None:
                 self._warn_plain(n, kind.name)
+                self._drop_stale(plan, p, kind)
                 curvs.append(None)
                 continue
             if first_nonfinite(tree_leaves(new)) is not None:
@@ -184,8 +185,14 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
                 num += sum(float((a - b).square().sum()) for a, b in zip(tree_leaves(run), tree_leaves(old)))
                 den += sum(float(b.square().sum()) for b in tree_leaves(old))
             plan.state.setdefault(p, {}).update(running=run, **kind.after_read(p, record.extensions))
+            if not kind.ema:  # per-sample factors: remember their batch (the capture step)
+                plan.state[p]["batch"] = k
             curvs.append(run)
         if cov_due:
+            seen = {id(p) for p in gp.params}
+            for p in group["params"]:  # not used in this batch (no gradient)
+                if id(p) not in seen:
+                    self._drop_stale(plan, p, kind)
             gs.cov_updates += 1
             gs.last_change = math.sqrt(num / den) if den > 0 else None
             if group["T_cov"] == "auto":
@@ -196,6 +203,15 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
             else:
                 gs.next_cov = k + interval(group["T_cov"], k, "T_cov")
         return curvs
+
+    def _drop_stale(self, plan: StepPlan, p: Tensor, kind: CurvatureKind) -> None:
+        """On a capture step, forget the curvature of ``p`` (not captured in this batch) when it is
+        per-sample data (``exact-ng*``: factors ``U`` whose rows are the samples of the batch they
+        came from; combining them with this batch's rows, or solving with them at all next to this
+        batch's factors, mixes two batches sample by sample). ``p`` then takes the plain step
+        until a capture sees it again. Moving averages (``kind.ema``) keep theirs."""
+        if not kind.ema and p in self.state and "running" in self.state[p]:
+            plan.drop[p] = ("running", "inverse_of", "batch", "inverse_batch")
 
     def _inverse(self, plan: StepPlan, gi: int, group: Mapping[str, Any], kind: CurvatureKind, params, curvs):
         """The group's damped inverse: the cached one, or one built now (from the running
@@ -210,7 +226,11 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
         if not scheduled and cached is not None and cached[0] == key and same_setup:
             return cached[1]
         snapshot = [self.state.get(p, {}).get("inverse_of") for p in params]
-        resumable = all(s is not None and same_structure(s, c) for s, c in zip(snapshot, curvs))
+        if kind.ema:
+            resumable = all(s is not None and same_structure(s, c) for s, c in zip(snapshot, curvs))
+        else:  # per-sample factors (rows: the samples of any batch size): the snapshots must share one batch
+            batches = {self.state.get(p, {}).get("inverse_batch") for p in params}
+            resumable = len(batches) == 1 and None not in batches and None not in snapshot
         if scheduled or not resumable:
             sources, lam_build = curvs, lam  # a new inverse of the running curvature
         else:  # same curvature snapshot, new damping / mode, or rebuilt after load_state_dict
@@ -221,7 +241,11 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
         )
         plan.solves[gi] = (key, solve)
         for p, c in zip(params, sources):
-            plan.state.setdefault(p, {})["inverse_of"] = c
+            entry = plan.state.setdefault(p, {})
+            if not kind.ema:
+                batch = entry.get("batch", self.state.get(p, {}).get("batch"))
+                entry["inverse_batch"] = batch if sources is curvs else self.state[p].get("inverse_batch")
+            entry["inverse_of"] = c
         # rank-2 Kronecker inverses of indefinite sums: eigenvalue pairs raised to the damping
         # floor (KroneckerInverse.clipped; announced once by the solver)
         for p, part in zip(params, solve.parts or []):
