@@ -28,6 +28,7 @@ from curvlib.optim.core import LR, StepPlan
 from curvlib.optim.damping import levenberg_marquardt, quadratic_model
 from curvlib.optim.hyperparams import HyperParameter, Rule, check_value, defaults_of, document, number, one_of
 from curvlib.optim.running import CORE_DEFAULTS, CORE_HYPERPARAMETERS, RunningCurvatureOptimizer
+from curvlib.optim.tensors import working_dtype
 
 
 def _lm(group: Mapping[str, Any]) -> bool:
@@ -186,8 +187,9 @@ class NaturalGradient(RunningCurvatureOptimizer):
             by_id = {id(p): d for p, d in zip(gp.params, deltas)}
             cd_map = {}
             if cparams:
-                cds = kind.mvp(cparams, [self.state[p]["running"] for p in cparams], [by_id[id(p)] for p in cparams])
-                cd_map = {id(p): c for p, c in zip(cparams, cds)}
+                deltas_c = [by_id[id(p)].to(working_dtype(p.dtype)) for p in cparams]  # float16: float32 curvature
+                cds = kind.mvp(cparams, [self.state[p]["running"] for p in cparams], deltas_c)
+                cd_map = {id(p): c.to(p.dtype) for p, c in zip(cparams, cds)}
             curv_deltas = [cd_map.get(id(p), torch.zeros_like(d)) for p, d in zip(gp.params, deltas)]
             model = quadratic_model(gp.grads, deltas, curv_deltas, float(group["damping"]))
             rho = (h1 - h0) / model if model < 0 else -math.inf

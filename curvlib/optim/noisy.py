@@ -56,6 +56,7 @@ from torch import Tensor
 from curvlib.optim.core import CHECK_SYNC, PROCESS_GROUP, SEED
 from curvlib.optim.hyperparams import REQUIRED, HyperParameter, Rule, check_value, document, number, replace_entries
 from curvlib.optim.natural_gradient import NaturalGradient
+from curvlib.optim.tensors import working_dtype
 
 #: the hyper-parameters that the variational model fixes: (value, meaning) as the docs show them
 _FIXED_AS = {
@@ -160,7 +161,7 @@ class NoisyNaturalGradient(NaturalGradient):
     def covariance(self, p: Tensor) -> Tensor:
         """The dense posterior covariance ``[p.numel(), p.numel()]`` of ``p`` (small layers only)."""
         n = p.numel()
-        E = torch.eye(n, dtype=p.dtype, device=p.device)
+        E = torch.eye(n, dtype=working_dtype(p.dtype), device=p.device)
         cols = [self._noise(p, E[i].reshape(p.shape)).flatten() for i in range(n)]
         R = torch.stack(cols, dim=1)  # Σ^{1/2} (symmetric)
         return R @ R.T
@@ -180,7 +181,7 @@ class NoisyNaturalGradient(NaturalGradient):
         means = [p.detach().clone() for p in params]
         with torch.no_grad():
             for p in params:
-                eps = torch.randn(p.shape, generator=gen, dtype=_work_dtype(p.dtype), device="cpu").to(p.device)
+                eps = torch.randn(p.shape, generator=gen, dtype=working_dtype(p.dtype), device="cpu").to(p.device)
                 p.add_(self._noise(p, eps).to(p.dtype))
         self._sampling = True
         try:
@@ -287,11 +288,6 @@ class NoisyNaturalGradient(NaturalGradient):
             group["damping"] = group["weight_decay"] = lam
             group["damping_mode"], group["weight_decay_mode"], group["adaptive_damping"] = "exact", "l2", False
         self._pre_sample = None
-
-
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for float16 / bfloat16 parameters (their factors and noise are kept in float32)."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _psd_eig(F: Tensor):

@@ -34,7 +34,7 @@ from curvlib.optim import distributed
 from curvlib.optim.core import CurvatureOptimizer, GroupPlan, StepPlan
 from curvlib.optim.curvatures import CURVATURES, CurvatureKind, options_of
 from curvlib.optim.hyperparams import HyperParameter, Rule, defaults_of, number, one_of
-from curvlib.optim.tensors import first_nonfinite, same_structure, tree_leaves
+from curvlib.optim.tensors import first_nonfinite, same_structure, tree_leaves, upcast, working_dtype
 
 
 def _interval_rule(auto: bool) -> Rule:
@@ -150,7 +150,9 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
         solve = self._inverse(plan, gp.index, group, kind, cparams, [c for c in curvs if c is not None])
         record = self._captured()
         extras = kind.extras(group, record.extensions) if record is not None else {}
-        cdirs = iter(solve([g for g, h in zip(gp.grads, has) if h], extras))
+        # float16 / bfloat16 parameters: solved in their curvature's float32, cast back
+        cgrads = [g.to(working_dtype(g.dtype)) for g, h in zip(gp.grads, has) if h]
+        cdirs = iter(solve(cgrads, extras))
         return [next(cdirs).to(g.dtype) if h else g for g, h in zip(gp.grads, has)]
 
     def _running(self, plan: StepPlan, gp: GroupPlan, group: Mapping[str, Any], kind: CurvatureKind) -> List[Any]:
@@ -163,12 +165,14 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
         num = den = 0.0
         for p, n in zip(gp.params, gp.names):
             old = self.state.get(p, {}).get("running")
+            old = None if old is None else upcast(old)  # float16 / bfloat16 models: float32 curvature
             if not cov_due:
                 if old is None:
                     self._warn_plain(n, kind.name)
                 curvs.append(old)
                 continue
             new = kind.read(p, group)
+            new = None if new is None else upcast(new)
             if new is None:
                 self._warn_plain(n, kind.name)
                 self._drop_stale(plan, p, kind)
