@@ -63,7 +63,8 @@ PROCESS_GROUP = HyperParameter(
     "(one process); see `curvlib.optim.distributed`",
 )
 CHECK_SYNC = HyperParameter(
-    "check_sync", "bool", False, "data-parallel: compare a parameter checksum across ranks at every step",
+    "check_sync", "bool", False,
+    "data-parallel: compare a parameter checksum and the hyper-parameters (damping, lr, ...) across ranks at every step",
 )
 LR = HyperParameter("lr", "float", REQUIRED, "learning rate", number(0), enforced=False)  # constructor argument
 
