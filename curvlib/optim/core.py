@@ -102,6 +102,8 @@ class StepPlan:
     log: List[Dict[str, Any]] = field(default_factory=list)
     #: filled by the commit: applied updates by parameter id (Levenberg–Marquardt)
     deltas: Dict[int, Tensor] = field(default_factory=dict)
+    #: the curvature times each direction, ``C d``, by parameter id (CGNewton's Levenberg–Marquardt)
+    curv_dirs: Dict[int, Tensor] = field(default_factory=dict)
 
 
 class CaptureTransaction:
