@@ -168,9 +168,12 @@ class CouplingCheck:
                 f"curvlib: {', '.join(type(e).__name__ for e in strict)} needs independent "
                 f"samples, but {where} couples the samples of the batch (e.g. BatchNorm with "
                 "batch statistics in training mode): per-sample gradients and exact curvature "
-                "blocks are then not what this extension computes. Call model.eval() for the "
-                "curvature backward (BatchNorm then uses its running statistics), or use KFAC, "
-                "which treats the samples as independent (with a warning)."
+                "blocks are then not what this extension computes. To train such a network in "
+                "training mode, use KFAC (curvature='kfac' in curvlib.optim), which treats the "
+                "samples as independent (an approximation, announced once). model.eval() makes "
+                "the samples independent, but a training step taken in eval mode trains with the "
+                "running statistics (and does not update them): use it only for a curvature "
+                "backward that is not a training step."
             )
         loose = [e for e in self.extensions if e.coupled_samples == "warn"]
         if loose and root not in ENGINE.warned_coupling:
@@ -179,7 +182,11 @@ class CouplingCheck:
                 f"curvlib: {', '.join(type(e).__name__ for e in loose)} treats the samples "
                 f"as independent, but {where} couples them (e.g. BatchNorm with batch "
                 "statistics in training mode); the result is the approximation with the "
-                "coupling ignored. Call model.eval() for the curvature backward to avoid it.",
+                "coupling ignored (announced once per model). This is the supported way to train "
+                "BatchNorm networks in training mode with curvlib.optim: keep the model in train "
+                "mode. Do not switch to model.eval() for a training step (it would train with the "
+                "running statistics); eval mode is only for a curvature backward that is not a "
+                "training step.",
                 stacklevel=2,
             )
 

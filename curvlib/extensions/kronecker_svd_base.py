@@ -342,6 +342,8 @@ class KroneckerSVDExtension(Extension):
     def compute(self, capture: LayerCapture) -> Dict[str, Any]:
         out: Dict[str, Any] = {}
         params, bias_block, block = capture.params, None, None
+        for name in params:  # a NaN / Inf input is the engine's FloatingPointError, not a solver's error
+            capture.finite_inputs(name, self.source)
         if capture.uses is not None:  # a tied parameter (engine.tying): from per-sample gradients
             ((name, p),) = params.items()
             if capture.summed(name):

@@ -28,6 +28,15 @@ Logging: after each step, ``opt.state[p]`` holds ``cg_iterations`` (iterations r
 start of the next step with ``warm_start=True``). ``opt.last_cg`` lists one dict per solve of
 the last step.
 
+Faults: a non-finite gradient, loss (closure), product or direction raises ``FloatingPointError``
+before anything moves (as :class:`NaturalGradient`): skip the batch, lower ``lr`` or raise
+``damping``. A Newton step trusts its quadratic model; where the model is poor (ReLU networks,
+unscaled inputs, small damping) a fixed damping lets the loss grow by orders of magnitude without
+any non-finite value. ``adaptive_damping=True`` (with ``step(closure)``, ``closure`` returning the
+loss of the batch) adapts ``damping`` by Levenberg–Marquardt every ``damping_interval`` steps,
+with the exact curvature product of the step in the quadratic model
+``M(Δ) = g^T Δ + 1/2 Δ^T (C + λ I) Δ`` (:mod:`curvlib.optim.damping`, Martens 2010 §4.1).
+
 Options: ``warm_start=True`` starts CG from the previous direction (Martens 2010, §4.5);
 ``precondition="kfac"`` preconditions CG with the damped KFAC inverse
 ``(kron(G, A) + λ I)^-1`` of the same batch (type-2 factors, :class:`~curvlib.solvers.KroneckerInverse`
@@ -35,6 +44,7 @@ with ``damping_mode="exact"``), block by block; it changes the CG path, not the 
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
@@ -44,6 +54,8 @@ from curvlib.extensions.base import FISHER_TYPES
 from curvlib.optim.core import LR, CurvatureOptimizer, GroupPlan, StepPlan
 from curvlib.optim.products import CG_CURVATURES, kfac_inverse, restricted
 from curvlib.optim.hyperparams import HyperParameter, check_value, defaults_of, document, number, one_of
+from curvlib.optim.damping import adapt_groups, lm_groups
+from curvlib.optim.natural_gradient import LM_HYPERPARAMETERS
 from curvlib.solvers import CGBlockError, cg, cg_blocks
 
 #: the hyper-parameters of CGNewton (the defaults are BackPACK's CGNOptimizer's)
@@ -63,6 +75,8 @@ CG_HYPERPARAMETERS = (
                    "`\"paper\"` (Chen et al.) or `\"backpack\"` (BackPACK 1.7.1's PCHMP), see `curvlib.extensions.PCHMP`",
                    one_of("paper", "backpack")),
 )
+
+CG_HYPERPARAMETERS = CG_HYPERPARAMETERS + LM_HYPERPARAMETERS
 
 #: hyper-parameters of CGNewton and their defaults (BackPACK's CGNOptimizer's defaults)
 CG_DEFAULTS: Dict[str, Any] = defaults_of(CG_HYPERPARAMETERS)
@@ -108,6 +122,43 @@ class CGNewton(CurvatureOptimizer):
         """One dict per CG solve of the last step (``opt.core.last_cg``)."""
         return self.core.last_cg
 
+    def _evaluate(self, closure: Optional[Callable[[], Any]]) -> Any:
+        """The loss before the update (required on Levenberg–Marquardt steps); a non-finite one
+        raises before anything moves."""
+        if closure is None:
+            if lm_groups(self.param_groups, self.core.step):
+                raise RuntimeError(
+                    f"{self._where}: adaptive_damping needs the loss before and after the update on this step; "
+                    "call opt.step(closure) with closure = lambda: loss_fn(model(x), y)."
+                )
+            return None
+        loss = super()._evaluate(closure)
+        value = None if loss is None else float(loss)
+        if self.core.distributed is not None:
+            value = self.core.distributed.mean_scalar(value)
+        if value is not None and not math.isfinite(value):
+            raise FloatingPointError(
+                f"{self._where}: the loss (closure) is NaN or Inf; the step was not taken and parameters and "
+                "optimizer state are unchanged. Skip this batch, lower the learning rate, increase damping or "
+                "use adaptive_damping=True."
+            )
+        return loss if self.core.distributed is None else value
+
+    def _after_commit(self, plan: StepPlan, closure: Optional[Callable[[], Any]]) -> None:
+        """Levenberg–Marquardt with the step's exact products ``C d`` (``plan.curv_dirs``)."""
+        if not lm_groups(self.param_groups, plan.step):
+            return
+        h1 = float(closure())
+        if self.core.distributed is not None:
+            h1 = self.core.distributed.mean_scalar(h1)
+
+        def curv_deltas(gi, params, deltas):
+            lr = float(self.param_groups[gi]["lr"])
+            return [plan.curv_dirs[id(p)].to(d.dtype) * -lr if id(p) in plan.curv_dirs else torch.zeros_like(d)
+                    for p, d in zip(params, deltas)]
+
+        adapt_groups(self, plan, float(plan.loss), h1, curv_deltas)
+
     def _averaged(self, A: Callable) -> Callable:
         dp = self.core.distributed
         return A if dp is None else dp.averaged(A)
@@ -128,10 +179,13 @@ class CGNewton(CurvatureOptimizer):
                     continue
                 A = self._averaged(lambda v, prod=prod: prod(v.unsqueeze(0)).squeeze(0))  # damped by cg_blocks
                 systems.append((p, g, n, A, kfac_inverse(p, lam) if kfac else None))
-            for (p, g, n, _, _), (d, info) in zip(systems, self._solve_blocks(systems, group)):
+            lm = gp.index in lm_groups(self.param_groups, plan.step)
+            for (p, g, n, A, _), (d, info) in zip(systems, self._solve_blocks(systems, group)):
                 dirs[p] = d
                 plan.log.append(_entry(gp.index, [n], info))
                 plan.state[p] = _cg_state(info, d)
+                if lm:  # the undamped product C d of the quadratic model (one more product)
+                    plan.curv_dirs[id(p)] = A(d)
         else:
             op = product.operator()
             inside = [p for p in gp.params if any(p is q for q in op.params)]
@@ -139,7 +193,8 @@ class CGNewton(CurvatureOptimizer):
                 if not any(p is q for q in inside):
                     self._warn_plain(n, kind.name)
             if inside:
-                A = _damped(self._averaged(restricted(op, inside)), lam)
+                C = self._averaged(restricted(op, inside))
+                A = _damped(C, lam)
                 Ms = [kfac_inverse(p, lam) for p in inside] if kfac else None
                 M = (lambda vs: [m(v) for m, v in zip(Ms, vs)]) if kfac else None
                 ds, info = self._solve(A, [p.grad for p in inside], inside, M, group, f"param group {gp.index}")
@@ -148,6 +203,9 @@ class CGNewton(CurvatureOptimizer):
                 for p, d in zip(inside, ds):
                     dirs[p] = d
                     plan.state[p] = _cg_state(info, d)
+                if gp.index in lm_groups(self.param_groups, plan.step):  # C d of the quadratic model
+                    for p, cd in zip(inside, C(list(ds))):
+                        plan.curv_dirs[id(p)] = cd
         gp.dirs = [dirs.get(p, g).to(p.dtype) for p, g in zip(gp.params, gp.grads)]
         gp.values = torch._foreach_add([p.detach() for p in gp.params], gp.dirs, alpha=-float(group["lr"]))
 
@@ -194,8 +252,11 @@ class CGNewton(CurvatureOptimizer):
             raise
 
     def _apply(self, plan: StepPlan) -> None:
+        keep = set(lm_groups(self.param_groups, plan.step))
         for gp in plan.groups:
             for p, v in zip(gp.params, gp.values or []):
+                if gp.index in keep:
+                    plan.deltas[id(p)] = v - p.detach()
                 p.copy_(v)
         self.core.last_cg = plan.log
         for gi, schedule in enumerate(plan.schedule):
@@ -217,7 +278,8 @@ def _raise_if_nonfinite(e: Exception, group: Mapping[str, Any], where: str) -> N
     if "NaN" in str(e) or "Inf" in str(e):
         raise FloatingPointError(
             f"curvlib.optim.CGNewton: the {group['curvature']!r} products of {where} are not finite "
-            f"({e}); the step was not taken and state is unchanged. Skip this batch."
+            f"({e}); the step was not taken and state is unchanged. Skip this batch (opt.zero_grad()); if it "
+            "recurs, lower the learning rate, increase damping or use adaptive_damping=True with step(closure)."
         ) from e
 
 

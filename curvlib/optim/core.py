@@ -63,7 +63,8 @@ PROCESS_GROUP = HyperParameter(
     "(one process); see `curvlib.optim.distributed`",
 )
 CHECK_SYNC = HyperParameter(
-    "check_sync", "bool", False, "data-parallel: compare a parameter checksum across ranks at every step",
+    "check_sync", "bool", False,
+    "data-parallel: compare a parameter checksum and the hyper-parameters (damping, lr, ...) across ranks at every step",
 )
 LR = HyperParameter("lr", "float", REQUIRED, "learning rate", number(0), enforced=False)  # constructor argument
 
@@ -93,12 +94,16 @@ class StepPlan:
     groups: List[GroupPlan] = field(default_factory=list)
     #: entries to write into ``opt.state[p]``
     state: Dict[Tensor, Dict[str, Any]] = field(default_factory=dict)
+    #: keys to remove from ``opt.state[p]`` (stale per-sample curvature)
+    drop: Dict[Tensor, Tuple[str, ...]] = field(default_factory=dict)
     #: new cached inverses by group index
     solves: Dict[int, Tuple[Any, Any]] = field(default_factory=dict)
     #: one dict per CG solve (CGNewton)
     log: List[Dict[str, Any]] = field(default_factory=list)
     #: filled by the commit: applied updates by parameter id (Levenberg–Marquardt)
     deltas: Dict[int, Tensor] = field(default_factory=dict)
+    #: the curvature times each direction, ``C d``, by parameter id (CGNewton's Levenberg–Marquardt)
+    curv_dirs: Dict[int, Tensor] = field(default_factory=dict)
 
 
 class CaptureTransaction:
@@ -366,6 +371,9 @@ class CurvatureOptimizer(Optimizer):
         self._apply(plan)
         for p, entry in plan.state.items():
             self.state[p].update(entry)
+        for p, keys in plan.drop.items():
+            for key in keys:
+                self.state[p].pop(key, None)
         self.core.groups[:] = plan.schedule
         self.core.solves.update(plan.solves)
         self.core.generator_before = None

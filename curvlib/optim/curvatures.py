@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from curvlib.extensions import GGNMP, DiagGGN, GradFactors, KFAC, KFACCorrected, KPSVD, SubBatch
 from curvlib.extensions.base import Extension
 from curvlib.optim.hyperparams import HyperParameter, Rule, one_of
-from curvlib.optim.tensors import Value, tree_leaves, tree_map
+from curvlib.optim.tensors import Value, tree_leaves, tree_map, working_dtype
 from curvlib.solvers import KroneckerInverse, kron_matvec, two_level_direction, woodbury_solve, woodbury_solve_blocks
 from curvlib.solvers.two_level import COARSE_FORMS, COARSE_SPACES
 
@@ -341,11 +341,11 @@ class TwoLevelKind(KFACKind):
 
             def fisher_mvp(xs):  # the group's block of the whole-network operator, batched
                 B = xs[0].shape[0]
-                full = [torch.zeros(B, *q.shape, dtype=xs[0].dtype, device=xs[0].device) for q in op.params]
+                full = [torch.zeros(B, *q.shape, dtype=q.dtype, device=xs[0].device) for q in op.params]
                 for i, x in zip(pos, xs):
-                    full[i] = x
+                    full[i] = x.to(full[i].dtype)
                 out = op.matmat(full)
-                return [out[i] for i in pos]
+                return [out[i].to(x.dtype) for i, x in zip(pos, xs)]  # float16 operator: back to float32
 
             cross = None
             if space == "tpselepedis":
@@ -355,7 +355,7 @@ class TwoLevelKind(KFACKind):
                 cpos = [cindex[id(p)] for p in params]
                 cross = [[nested[i][j] for j in cpos] for i in cpos]
             d, _ = two_level_direction(
-                [g.to(p.dtype) for g, p in zip(grads, params)], precond, fisher_mvp, damping,
+                [g.to(working_dtype(p.dtype)) for g, p in zip(grads, params)], precond, fisher_mvp, damping,
                 coarse_space=space, krylov=krylov, factors=list(curvs), cross_factors=cross,
                 coarse_damping=group["coarse_damping"], batched=True, form=group.get("coarse_form", "additive"),
             )

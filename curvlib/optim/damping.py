@@ -95,4 +95,26 @@ def quadratic_model(
     return total
 
 
-__all__ = ["robust_inverse", "levenberg_marquardt", "quadratic_model"]
+def lm_groups(param_groups, k: int) -> List[int]:
+    """The param groups that adapt their damping at step ``k`` (``adaptive_damping``, every
+    ``damping_interval`` steps)."""
+    return [gi for gi, g in enumerate(param_groups) if g.get("adaptive_damping") and k % g["damping_interval"] == 0]
+
+
+def adapt_groups(opt, plan, h0: float, h1: float, curv_deltas) -> None:
+    """Levenberg–Marquardt on every group of :func:`lm_groups` after a committed step (module
+    docstring): ``curv_deltas(gi, params, deltas) -> C Δ`` per parameter (zeros where there is
+    no curvature); writes the group's new ``damping`` and ``opt.core.groups[gi].last_rho``."""
+    for gi in lm_groups(opt.param_groups, plan.step):
+        group, gp = opt.param_groups[gi], plan.groups[gi]
+        deltas = [plan.deltas[id(p)] for p in gp.params]
+        model = quadratic_model(gp.grads, deltas, curv_deltas(gi, gp.params, deltas), float(group["damping"]))
+        rho = (h1 - h0) / model if model < 0 and math.isfinite(h1) else -math.inf
+        group["damping"] = levenberg_marquardt(
+            float(group["damping"]), rho, float(group["damping_decay"]),
+            float(group["min_damping"]), float(group["max_damping"]),
+        )
+        opt.core.groups[gi].last_rho = rho
+
+
+__all__ = ["robust_inverse", "levenberg_marquardt", "quadratic_model", "lm_groups", "adapt_groups"]

@@ -37,7 +37,8 @@ ranks), so it matches in distribution.
 **Communication per step.** (1) A tiny all-reduce (MAX) of ``[W per-rank non-finite flags, layout
 size, gradient checksum, parameter checksum]`` (signs folded in, so MAX gives min and max): every
 rank learns whether any rank hit a NaN/Inf, whether the gradients are already synchronized (DDP:
-identical on all ranks) and, with ``check_sync=True``, whether the parameters drifted apart.
+identical on all ranks) and, with ``check_sync=True``, whether the parameters drifted apart or
+the ranks' hyper-parameters differ (a checksum of their printed values; the one that differs is named).
 (2) On curvature steps, **one bucketed all-reduce** of the captured curvature (symmetric factors
 as upper triangles, ``m (m+1) / 2`` of ``m^2`` entries), the row counts of the ``A`` factors and,
 without DDP, the gradients; on other steps without DDP, an all-reduce of the gradients only.
@@ -59,6 +60,7 @@ names (:meth:`CurvatureKind.averaged_fields`), and :func:`build_inverse` runs (3
 from __future__ import annotations
 
 import time
+import zlib
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -238,15 +240,20 @@ class DataParallel:
         gen.manual_seed(base + 7919 * self.rank)
 
     # ------------------------------------------------------------------ checks
-    def agree(self, step: int, bad: bool, layout: int, grads: List[Tensor], params: List[Tensor]) -> bool:
+    def agree(
+        self, step: int, bad: bool, layout: int, grads: List[Tensor], params: List[Tensor],
+        hyper: Optional[List[Dict[str, str]]] = None,
+    ) -> bool:
         """The small MAX all-reduce: raise the same error on every rank if any rank is ``bad``
-        (non-finite), the ranks' layouts differ, or (``check_sync``) their parameters differ;
-        returns whether the gradients are identical on all ranks (synchronized, e.g. by DDP)."""
+        (non-finite), the ranks' layouts differ, or (``check_sync``) their parameters or their
+        hyper-parameters ``hyper`` (one dict of printed values per param group) differ; returns
+        whether the gradients are identical on all ranks (synchronized, e.g. by DDP)."""
         gsum = float(sum(g.double().sum() for g in grads)) if grads and not bad else 0.0
         psum = float(sum(p.detach().double().sum() for p in params)) if self.check_sync else 0.0
-        v = torch.zeros(self.world + 6, dtype=torch.float64)
+        hsum = float(zlib.crc32(repr(hyper).encode())) if self.check_sync and hyper is not None else 0.0
+        v = torch.zeros(self.world + 8, dtype=torch.float64)
         v[self.rank] = float(bad)
-        v[self.world:] = torch.tensor([layout, -layout, gsum, -gsum, psum, -psum], dtype=torch.float64)
+        v[self.world:] = torch.tensor([layout, -layout, gsum, -gsum, psum, -psum, hsum, -hsum], dtype=torch.float64)
         v = self._all_reduce(v.to(self.device), dist.ReduceOp.MAX).cpu()
         flags = [r for r in range(self.world) if v[r] > 0]
         if flags:
@@ -271,6 +278,12 @@ class DataParallel:
                     f"(checksums between {pmn!r} and {pmx!r}); they were not broadcast at the start "
                     "(DistributedDataParallel does it) or were changed on one rank only."
                 )
+            if float(v[self.world + 6]) != -float(v[self.world + 7]):  # every rank sees it: gather to name it
+                every: List[Any] = [None] * self.world
+                dist.all_gather_object(every, hyper, group=self.group)
+                raise RuntimeError(f"curvlib.optim: check_sync: {_first_difference(every)} before step {step}; "
+                                   "every rank must use the same hyper-parameters (set them, and run schedulers, "
+                                   "on all ranks alike).")
         return bool(v[self.world + 2] == -v[self.world + 3])
 
     # ------------------------------------------------------------------ the bucket
@@ -393,6 +406,29 @@ class DataParallel:
         return parts, used_all
 
 
+def _first_difference(every: List[Any]) -> str:
+    """Words for the first hyper-parameter whose printed value differs across ranks."""
+    if any(h is None or len(h) != len(every[0]) for h in every):
+        return "the ranks have different numbers of param groups"
+    for gi, group in enumerate(every[0]):
+        for key in sorted(set().union(*(h[gi].keys() for h in every))):
+            values = [h[gi].get(key) for h in every]
+            if len(set(values)) > 1:
+                shown = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+                return f"param group {gi} has {key} = {shown}"
+    return "the hyper-parameters differ across ranks"
+
+
+def hyper_parameters(param_groups: List[Mapping[str, Any]]) -> List[Dict[str, str]]:
+    """Each group's hyper-parameters as printed values (``repr``; callables by their name), the
+    ``params`` left out: what ``check_sync`` compares across ranks."""
+    out = []
+    for g in param_groups:
+        out.append({k: (f"<callable {getattr(v, '__qualname__', type(v).__name__)}>" if callable(v) else repr(v))
+                    for k, v in g.items() if k not in ("params", "param_names")})
+    return out
+
+
 # ---------------------------------------------------------------- the optimizer's side
 
 
@@ -451,7 +487,8 @@ def synchronize(opt: Any) -> None:
     with_grad = [p for p in params if p.grad is not None]
     bad = any(not finite(p.grad) for p in with_grad) or any(not finite(t) for e in entries for t in tree_leaves(e[2]))
     layout = sum(p.grad.numel() for p in with_grad) + sum(t.numel() for e in entries for t in tree_leaves(e[2]))
-    synced = dp.agree(k, bad, layout, [p.grad for p in with_grad], params)
+    hyper = hyper_parameters(opt.param_groups) if dp.check_sync else None
+    synced = dp.agree(k, bad, layout, [p.grad for p in with_grad], params, hyper)
     grads, values = dp.reduce([p.grad for p in with_grad], [e[2:] for e in entries], not synced)
     if not synced:
         for p, g in zip(with_grad, grads):

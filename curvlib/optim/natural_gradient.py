@@ -25,9 +25,10 @@ import torch
 from torch import Tensor
 
 from curvlib.optim.core import LR, StepPlan
-from curvlib.optim.damping import levenberg_marquardt, quadratic_model
+from curvlib.optim.damping import adapt_groups, lm_groups
 from curvlib.optim.hyperparams import HyperParameter, Rule, check_value, defaults_of, document, number, one_of
 from curvlib.optim.running import CORE_DEFAULTS, CORE_HYPERPARAMETERS, RunningCurvatureOptimizer
+from curvlib.optim.tensors import working_dtype
 
 
 def _lm(group: Mapping[str, Any]) -> bool:
@@ -65,6 +66,10 @@ STEP_HYPERPARAMETERS = (
     HyperParameter("min_damping", "float", 1e-8, "LM: lower clamp of the damping"),
     HyperParameter("max_damping", "float", 1e4, "LM: upper clamp of the damping"),
 )
+
+#: the Levenberg–Marquardt rows (shared with CGNewton)
+LM_HYPERPARAMETERS = tuple(hp for hp in STEP_HYPERPARAMETERS if hp.name in (
+    "adaptive_damping", "damping_interval", "damping_decay", "min_damping", "max_damping"))
 
 #: hyper-parameters of NaturalGradient beyond the core, with their defaults
 STEP_DEFAULTS = defaults_of(STEP_HYPERPARAMETERS)
@@ -115,7 +120,7 @@ class NaturalGradient(RunningCurvatureOptimizer):
 
     def _lm_groups(self, k: int) -> List[int]:
         """The groups that adapt their damping at step ``k``."""
-        return [gi for gi, g in enumerate(self.param_groups) if g["adaptive_damping"] and k % g["damping_interval"] == 0]
+        return lm_groups(self.param_groups, k)
 
     def _evaluate(self, closure: Optional[Callable[[], Any]]) -> Any:
         """The loss before the update: ``closure`` (no backward needed) runs under ``no_grad``;
@@ -172,30 +177,24 @@ class NaturalGradient(RunningCurvatureOptimizer):
 
     def _after_commit(self, plan: StepPlan, closure: Optional[Callable[[], Any]]) -> None:
         """Levenberg–Marquardt: ``rho = (h1 - h0) / M(Δ)`` (Martens & Grosse §6.5)."""
-        lm_groups = self._lm_groups(plan.step)
-        if not lm_groups:
+        if not self._lm_groups(plan.step):
             return
         h0, h1 = float(plan.loss), float(closure())
         if self.core.distributed is not None:
             h1 = self.core.distributed.mean_scalar(h1)
-        for gi in lm_groups:
-            group, gp = self.param_groups[gi], plan.groups[gi]
-            kind = self._kind(group)
-            deltas = [plan.deltas[id(p)] for p in gp.params]
-            cparams = [p for p in gp.params if "running" in self.state[p]]
-            by_id = {id(p): d for p, d in zip(gp.params, deltas)}
+
+        def curv_deltas(gi, params, deltas):
+            kind = self._kind(self.param_groups[gi])
+            by_id = {id(p): d for p, d in zip(params, deltas)}
+            cparams = [p for p in params if "running" in self.state[p]]
             cd_map = {}
             if cparams:
-                cds = kind.mvp(cparams, [self.state[p]["running"] for p in cparams], [by_id[id(p)] for p in cparams])
-                cd_map = {id(p): c for p, c in zip(cparams, cds)}
-            curv_deltas = [cd_map.get(id(p), torch.zeros_like(d)) for p, d in zip(gp.params, deltas)]
-            model = quadratic_model(gp.grads, deltas, curv_deltas, float(group["damping"]))
-            rho = (h1 - h0) / model if model < 0 else -math.inf
-            group["damping"] = levenberg_marquardt(
-                float(group["damping"]), rho, float(group["damping_decay"]),
-                float(group["min_damping"]), float(group["max_damping"]),
-            )
-            self.core.groups[gi].last_rho = rho
+                deltas_c = [by_id[id(p)].to(working_dtype(p.dtype)) for p in cparams]  # float16: float32 curvature
+                cds = kind.mvp(cparams, [self.state[p]["running"] for p in cparams], deltas_c)
+                cd_map = {id(p): c.to(p.dtype) for p, c in zip(cparams, cds)}
+            return [cd_map.get(id(p), torch.zeros_like(d)) for p, d in zip(params, deltas)]
+
+        adapt_groups(self, plan, h0, h1, curv_deltas)
 
 
-__all__ = ["NaturalGradient", "STEP_DEFAULTS", "STEP_HYPERPARAMETERS"]
+__all__ = ["NaturalGradient", "STEP_DEFAULTS", "STEP_HYPERPARAMETERS", "LM_HYPERPARAMETERS"]

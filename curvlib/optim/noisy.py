@@ -26,12 +26,29 @@ Usage (the backward must run inside ``sample()``: the weights are restored on ex
             loss.backward()
     opt.step()
     probs = opt.predict(lambda x: model(x).softmax(-1), x, samples=10)
+
+``sample()`` draws from the optimizer's training generator (saved in the checkpoint; a failed
+step restores it, so the batch can be skipped or retried with the same draws); ``step()`` inside
+``sample()`` is refused (the means are restored on exit, which would discard the step).
+``predict()`` and ``predictive()`` draw from their own generator (``opt.predict_generator``, or
+the ``generator=`` argument), so validation during training does not change the training run.
+
+**Regression.** The likelihood is the loss: ``nn.MSELoss()`` (mean) is the Gaussian NLL per datum
+with noise variance ``σ² = 1/2``, up to a constant (``(y - f)² = (y - f)² / (2 σ²)``). For data
+with noise standard deviation ``σ``, train on ``MSELoss()(f, y) / (2 σ²)``
+(:meth:`NoisyNaturalGradient.gaussian_nll_scale` gives the factor ``1 / (2 σ²)``); otherwise the
+posterior is that of ``σ² = 1/2``, far too wide when ``σ`` is small. The predictive mean and
+spread of a regression model, ``σ`` included::
+
+    mean, std = opt.predictive(model, x, samples=50, noise_std=sigma)
+
+(``std² = Var_w[f_w(x)] + σ²``: the weights' spread plus the observation noise.)
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Iterator, List, Optional
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -39,6 +56,7 @@ from torch import Tensor
 from curvlib.optim.core import CHECK_SYNC, PROCESS_GROUP, SEED
 from curvlib.optim.hyperparams import REQUIRED, HyperParameter, Rule, check_value, document, number, replace_entries
 from curvlib.optim.natural_gradient import NaturalGradient
+from curvlib.optim.tensors import working_dtype
 
 #: the hyper-parameters that the variational model fixes: (value, meaning) as the docs show them
 _FIXED_AS = {
@@ -98,6 +116,16 @@ class NoisyNaturalGradient(NaturalGradient):
             params, lr, seed=seed, curvature=curvature, mc_samples=mc_samples, damping=lam,
             damping_mode="exact", weight_decay=lam, weight_decay_mode="l2", **hyper,
         )
+        #: the generator of :meth:`predict` / :meth:`predictive` (never the training generator's
+        #: draws: validation does not change the training run); seeded from a copy of it
+        self.predict_generator = torch.Generator()
+        probe = torch.Generator()
+        probe.set_state(self.core.generator.get_state())
+        self.predict_generator.manual_seed(int(torch.randint(0, 2**62, (1,), generator=probe)) ^ 0x5EED)
+        #: inside :meth:`sample` (``step()`` is refused there)
+        self._sampling = False
+        #: ``(step, generator state)`` before the first training draw of the current step
+        self._pre_sample: Optional[Tuple[int, Tensor]] = None
 
     @property
     def intrinsic_damping(self) -> float:
@@ -133,40 +161,133 @@ class NoisyNaturalGradient(NaturalGradient):
     def covariance(self, p: Tensor) -> Tensor:
         """The dense posterior covariance ``[p.numel(), p.numel()]`` of ``p`` (small layers only)."""
         n = p.numel()
-        E = torch.eye(n, dtype=p.dtype, device=p.device)
+        E = torch.eye(n, dtype=working_dtype(p.dtype), device=p.device)
         cols = [self._noise(p, E[i].reshape(p.shape)).flatten() for i in range(n)]
         R = torch.stack(cols, dim=1)  # Σ^{1/2} (symmetric)
         return R @ R.T
 
     @contextlib.contextmanager
-    def sample(self) -> Iterator[None]:
-        """Evaluate the model at ``w ~ N(μ, Σ)`` inside the block (draws from the optimizer's
-        generator); the means are restored on exit, the gradients (at ``w``) are kept."""
+    def sample(self, generator: Optional[torch.Generator] = None) -> Iterator[None]:
+        """Evaluate the model at ``w ~ N(μ, Σ)`` inside the block; the means are restored on exit,
+        the gradients (at ``w``) are kept. ``generator``: where ``ε`` is drawn from (``None``: the
+        optimizer's training generator, restored if the step fails). ``step()`` belongs after
+        the block (inside it, it is refused)."""
+        if self._sampling:
+            raise RuntimeError(f"{self._where}: sample() inside sample(); draw one weight sample at a time.")
+        gen = self.core.generator if generator is None else generator
+        if gen is self.core.generator and (self._pre_sample is None or self._pre_sample[0] != self.core.step):
+            self._pre_sample = (self.core.step, gen.get_state().clone())
         params: List[Tensor] = [p for g in self.param_groups for p in g["params"]]
         means = [p.detach().clone() for p in params]
         with torch.no_grad():
             for p in params:
-                eps = torch.randn(p.shape, generator=self.core.generator, dtype=p.dtype, device="cpu").to(p.device)
-                p.add_(self._noise(p, eps))
+                eps = torch.randn(p.shape, generator=gen, dtype=working_dtype(p.dtype), device="cpu").to(p.device)
+                p.add_(self._noise(p, eps).to(p.dtype))
+        self._sampling = True
         try:
             yield
         finally:
+            self._sampling = False
             with torch.no_grad():
                 for p, m in zip(params, means):
                     p.copy_(m)
 
-    @torch.no_grad()
-    def predict(self, fn: Callable[[Tensor], Tensor], x: Tensor, samples: int = 10) -> Tensor:
-        """``(1/S) sum_s fn(x)`` at ``S`` posterior samples; ``fn`` returns probabilities
-        (e.g. ``lambda x: model(x).softmax(-1)``)."""
-        if samples < 1:
-            raise ValueError(f"curvlib.optim.NoisyNaturalGradient.predict: samples={samples!r} must be >= 1.")
-        total = None
+    def step(self, closure: Optional[Callable[[], Any]] = None):
+        """The step at the means (:class:`NaturalGradient`), after the ``sample()`` block."""
+        if self._sampling:
+            raise RuntimeError(
+                f"{self._where}: step() inside sample(): the means are restored when the block exits, which "
+                "would throw the step away. Call opt.step() after the `with opt.sample():` block."
+            )
+        return super().step(closure)
+
+    def _rollback(self) -> None:
+        """A failed step also undoes the weight sample's draws of this step (they come before the
+        capture saves the generator)."""
+        pre = self._pre_sample
+        if pre is not None and pre[0] == self.core.step:
+            self.core.generator.set_state(pre[1])
+            self.core.generator_before = None
+        else:
+            super()._rollback()
+        self._pre_sample = None
+
+    def _commit(self, plan) -> None:
+        super()._commit(plan)
+        self._pre_sample = None
+
+    @staticmethod
+    def gaussian_nll_scale(noise_std: float) -> float:
+        """``1 / (2 σ²)``: multiply a mean ``nn.MSELoss`` by it to train on the Gaussian likelihood
+        with noise standard deviation ``σ`` (plain MSE is ``σ² = 1/2``; module docstring)."""
+        if not (isinstance(noise_std, (int, float)) and math.isfinite(noise_std) and noise_std > 0):
+            raise ValueError(f"curvlib.optim.NoisyNaturalGradient: noise_std={noise_std!r} must be a number > 0.")
+        return 1.0 / (2.0 * float(noise_std) ** 2)
+
+    def _draws(self, fn: Callable[[Tensor], Tensor], x: Tensor, samples: int, generator, where: str) -> Iterator[Tensor]:
+        if not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"curvlib.optim.NoisyNaturalGradient.{where}: samples={samples!r} must be an int >= 1.")
+        gen = self.predict_generator if generator is None else generator
         for _ in range(samples):
-            with self.sample():
-                out = fn(x)
+            with self.sample(gen):
+                yield fn(x)
+
+    @torch.no_grad()
+    def predict(
+        self, fn: Callable[[Tensor], Tensor], x: Tensor, samples: int = 10, generator: Optional[torch.Generator] = None
+    ) -> Tensor:
+        """``(1/S) sum_s fn(x)`` at ``S`` posterior samples; ``fn`` returns probabilities
+        (e.g. ``lambda x: model(x).softmax(-1)``). Draws from ``generator`` (``None``:
+        ``opt.predict_generator``), never from the training generator."""
+        total = None
+        for out in self._draws(fn, x, samples, generator, "predict"):
             total = out if total is None else total + out
         return total / samples
+
+    @torch.no_grad()
+    def predictive(
+        self, fn: Callable[[Tensor], Tensor], x: Tensor, samples: int = 10, noise_std: Optional[float] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tuple[Tensor, Tensor]:
+        """The predictive mean and standard deviation of a regression output ``fn(x)`` (e.g.
+        ``model``): ``mean = (1/S) sum_s f_s``, ``std = sqrt(Var_s[f_s] + noise_std²)`` (the
+        population variance over the ``S`` weight samples, plus the observation noise when
+        ``noise_std`` is given; see the module docstring for the loss scaling that matches it)."""
+        if noise_std is not None:
+            self.gaussian_nll_scale(noise_std)  # validates
+        outs = torch.stack(list(self._draws(fn, x, samples, generator, "predictive")))
+        mean = outs.mean(0)
+        var = outs.var(0, correction=0)
+        if noise_std is not None:
+            var = var + float(noise_std) ** 2
+        return mean, var.sqrt()
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["curvlib"]["noisy"] = {
+            "dataset_size": self.dataset_size, "prior_precision": self.prior_precision, "kl_weight": self.kl_weight,
+            "predict_generator": self.predict_generator.get_state().clone(),
+        }
+        return sd
+
+    def load_state_dict(self, state_dict) -> None:
+        """Load a checkpoint; the prior (``dataset_size``, ``prior_precision``, ``kl_weight``) is the
+        checkpoint's, and every group's damping and weight decay are set to its ``λ``, so the step
+        and the noise use the same prior (a checkpoint without them keeps this optimizer's prior)."""
+        noisy = (state_dict.get("curvlib") or {}).get("noisy")
+        super().load_state_dict(state_dict)
+        if noisy is not None:
+            self.dataset_size = int(noisy["dataset_size"])
+            self.prior_precision, self.kl_weight = float(noisy["prior_precision"]), float(noisy["kl_weight"])
+            self.noise_scale = math.sqrt(self.kl_weight / self.dataset_size)
+            if "predict_generator" in noisy:
+                self.predict_generator.set_state(noisy["predict_generator"].to(torch.uint8).cpu())
+        lam = self.intrinsic_damping
+        for group in self.param_groups:
+            group["damping"] = group["weight_decay"] = lam
+            group["damping_mode"], group["weight_decay_mode"], group["adaptive_damping"] = "exact", "l2", False
+        self._pre_sample = None
 
 
 def _psd_eig(F: Tensor):

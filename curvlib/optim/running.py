@@ -10,7 +10,10 @@ Per step ``k`` (counted from 0) and param group with a curvature:
    damped inverse when due (``k >= next_inv``, or the damping / damping mode / curvature changed),
    and computes the direction ``d_p = (C_p + λ I)^-1 g_p``; parameters without curvature (no
    adapter, or a group with ``curvature=None``) get ``d_p = g_p``. With ``kl_clip`` the group's
-   direction is scaled by ``min(1, sqrt(kl_clip / (lr^2 sum_p <d_p, g_p>)))``.
+   direction is scaled by ``min(1, sqrt(kl_clip / sum_p lr_p^2 <d_p, g_p>))`` (``lr_p`` the learning
+   rate that applies ``d_p``: the group's, or for :class:`Preconditioner` the wrapped optimizer's
+   group of ``p``). A binding clip makes the step ``lr_p nu d_p`` with ``nu ∝ 1 / lr``: the
+   lr cancels (docs/user_guide/optimizers.md, "kl_clip and the learning rate").
 3. Nothing is written before every quantity of the step is known to be finite
    (:mod:`curvlib.optim.core`).
 
@@ -31,7 +34,7 @@ from curvlib.optim import distributed
 from curvlib.optim.core import CurvatureOptimizer, GroupPlan, StepPlan
 from curvlib.optim.curvatures import CURVATURES, CurvatureKind, options_of
 from curvlib.optim.hyperparams import HyperParameter, Rule, defaults_of, number, one_of
-from curvlib.optim.tensors import first_nonfinite, same_structure, tree_leaves
+from curvlib.optim.tensors import first_nonfinite, same_structure, tree_leaves, upcast, working_dtype
 
 
 def _interval_rule(auto: bool) -> Rule:
@@ -80,7 +83,10 @@ RUNNING: Tuple[HyperParameter, ...] = (
         "whole batch's", Rule(lambda v, g: 0.0 < float(v) <= 1.0, "in (0, 1]"),
     ),
     HyperParameter(
-        "kl_clip", "float or None", None, "scale the group's direction by `min(1, sqrt(kl_clip / (lr^2 sum_p <d_p, g_p>)))`",
+        "kl_clip", "float or None", None,
+        "scale the group's direction by `ν = min(1, sqrt(kl_clip / sum_p lr_p^2 <d_p, g_p>))`; a binding clip "
+        "(`ν < 1`) cancels the lr: the step is `lr ν d` with `lr ν = sqrt(kl_clip / <d, g>)`, the same for every lr "
+        "(tune the pair: docs/user_guide/optimizers.md, \"kl_clip and the learning rate\")",
         Rule(lambda v, g: v is None or v > 0, "> 0, or None (no clipping)"),
     ),
 )
@@ -123,10 +129,14 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
         kind = self._kind(group)
         gp.dirs = list(gp.grads) if kind is None else self._precondition(plan, gp, group, kind)
         if group["kl_clip"] is not None:
-            vg = sum(float((d * g).sum()) for d, g in zip(gp.dirs, gp.grads))
-            lr = self._lr_for(group, gp.params[0])
-            if vg > 0 and lr > 0:
-                nu = min(1.0, math.sqrt(group["kl_clip"] / (lr * lr * vg)))
+            # the KL of the whole update, each parameter with its own lr (Preconditioner: the
+            # wrapped optimizer may give every layer its own): sum_p lr_p^2 <d_p, g_p>
+            kl = 0.0
+            for p, d, g in zip(gp.params, gp.dirs, gp.grads):
+                lr = self._lr_for(group, p)
+                kl += lr * lr * float((d * g).sum())
+            if kl > 0:
+                nu = min(1.0, math.sqrt(group["kl_clip"] / kl))
                 if nu < 1.0:
                     gp.dirs = [d * nu for d in gp.dirs]
 
@@ -140,7 +150,9 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
         solve = self._inverse(plan, gp.index, group, kind, cparams, [c for c in curvs if c is not None])
         record = self._captured()
         extras = kind.extras(group, record.extensions) if record is not None else {}
-        cdirs = iter(solve([g for g, h in zip(gp.grads, has) if h], extras))
+        # float16 / bfloat16 parameters: solved in their curvature's float32, cast back
+        cgrads = [g.to(working_dtype(g.dtype)) for g, h in zip(gp.grads, has) if h]
+        cdirs = iter(solve(cgrads, extras))
         return [next(cdirs).to(g.dtype) if h else g for g, h in zip(gp.grads, has)]
 
     def _running(self, plan: StepPlan, gp: GroupPlan, group: Mapping[str, Any], kind: CurvatureKind) -> List[Any]:
@@ -153,14 +165,17 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
         num = den = 0.0
         for p, n in zip(gp.params, gp.names):
             old = self.state.get(p, {}).get("running")
+            old = None if old is None else upcast(old)  # float16 / bfloat16 models: float32 curvature
             if not cov_due:
                 if old is None:
                     self._warn_plain(n, kind.name)
                 curvs.append(old)
                 continue
             new = kind.read(p, group)
+            new = None if new is None else upcast(new)
             if new is None:
                 self._warn_plain(n, kind.name)
+                self._drop_stale(plan, p, kind)
                 curvs.append(None)
                 continue
             if first_nonfinite(tree_leaves(new)) is not None:
@@ -174,8 +189,14 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
                 num += sum(float((a - b).square().sum()) for a, b in zip(tree_leaves(run), tree_leaves(old)))
                 den += sum(float(b.square().sum()) for b in tree_leaves(old))
             plan.state.setdefault(p, {}).update(running=run, **kind.after_read(p, record.extensions))
+            if not kind.ema:  # per-sample factors: remember their batch (the capture step)
+                plan.state[p]["batch"] = k
             curvs.append(run)
         if cov_due:
+            seen = {id(p) for p in gp.params}
+            for p in group["params"]:  # not used in this batch (no gradient)
+                if id(p) not in seen:
+                    self._drop_stale(plan, p, kind)
             gs.cov_updates += 1
             gs.last_change = math.sqrt(num / den) if den > 0 else None
             if group["T_cov"] == "auto":
@@ -186,6 +207,15 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
             else:
                 gs.next_cov = k + interval(group["T_cov"], k, "T_cov")
         return curvs
+
+    def _drop_stale(self, plan: StepPlan, p: Tensor, kind: CurvatureKind) -> None:
+        """On a capture step, forget the curvature of ``p`` (not captured in this batch) when it is
+        per-sample data (``exact-ng*``: factors ``U`` whose rows are the samples of the batch they
+        came from; combining them with this batch's rows, or solving with them at all next to this
+        batch's factors, mixes two batches sample by sample). ``p`` then takes the plain step
+        until a capture sees it again. Moving averages (``kind.ema``) keep theirs."""
+        if not kind.ema and p in self.state and "running" in self.state[p]:
+            plan.drop[p] = ("running", "inverse_of", "batch", "inverse_batch")
 
     def _inverse(self, plan: StepPlan, gi: int, group: Mapping[str, Any], kind: CurvatureKind, params, curvs):
         """The group's damped inverse: the cached one, or one built now (from the running
@@ -200,7 +230,11 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
         if not scheduled and cached is not None and cached[0] == key and same_setup:
             return cached[1]
         snapshot = [self.state.get(p, {}).get("inverse_of") for p in params]
-        resumable = all(s is not None and same_structure(s, c) for s, c in zip(snapshot, curvs))
+        if kind.ema:
+            resumable = all(s is not None and same_structure(s, c) for s, c in zip(snapshot, curvs))
+        else:  # per-sample factors (rows: the samples of any batch size): the snapshots must share one batch
+            batches = {self.state.get(p, {}).get("inverse_batch") for p in params}
+            resumable = len(batches) == 1 and None not in batches and None not in snapshot
         if scheduled or not resumable:
             sources, lam_build = curvs, lam  # a new inverse of the running curvature
         else:  # same curvature snapshot, new damping / mode, or rebuilt after load_state_dict
@@ -211,7 +245,11 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
         )
         plan.solves[gi] = (key, solve)
         for p, c in zip(params, sources):
-            plan.state.setdefault(p, {})["inverse_of"] = c
+            entry = plan.state.setdefault(p, {})
+            if not kind.ema:
+                batch = entry.get("batch", self.state.get(p, {}).get("batch"))
+                entry["inverse_batch"] = batch if sources is curvs else self.state[p].get("inverse_batch")
+            entry["inverse_of"] = c
         # rank-2 Kronecker inverses of indefinite sums: eigenvalue pairs raised to the damping
         # floor (KroneckerInverse.clipped; announced once by the solver)
         for p, part in zip(params, solve.parts or []):

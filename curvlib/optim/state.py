@@ -7,7 +7,10 @@ An optimizer of :mod:`curvlib.optim` keeps three things:
 
   ``running`` (the running curvature, a tensor or nested list of tensors; checkpoints saved
   before the rename call it ``curvature`` and are migrated on load), ``inverse_of`` (the
-  curvature the current inverse was built from), ``inverse_clipped``, ``kpsvd_warm``,
+  curvature the current inverse was built from), ``batch`` / ``inverse_batch`` (``exact-ng*``: the
+  capture step of the per-sample factors in ``running`` / ``inverse_of``; factors of a parameter
+  that a later capture did not see are dropped, never solved with another batch's),
+  ``inverse_clipped``, ``kpsvd_warm``,
   ``momentum_buffer``, ``exp_avg``, ``exp_avg_sq``, ``adam_step`` (NaturalGradient) and
   ``cg_iterations``, ``cg_residual``, ``cg_converged``, ``cg_negative_curvature``,
   ``direction`` (CGNewton);

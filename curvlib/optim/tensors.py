@@ -24,6 +24,21 @@ def tree_leaves(tree: Value) -> List[Tensor]:
     return [t for part in tree for t in tree_leaves(part)]
 
 
+#: parameter dtypes whose curvature is kept in float32 (no factorization runs in them on CPU, and
+#: their range and precision lose the small eigenvalues a damped inverse depends on)
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a curvature of ``dtype`` is kept and inverted in: float32 for float16 / bfloat16."""
+    return torch.float32 if dtype in LOW_PRECISION else dtype
+
+
+def upcast(value: Value) -> Value:
+    """A curvature value with its float16 / bfloat16 leaves as float32 (others unchanged)."""
+    return tree_map(lambda t: t.float() if t.dtype in LOW_PRECISION else t, value)
+
+
 def same_structure(a: Value, b: Value) -> bool:
     """Equally nested, with leaves of equal shapes."""
     la, lb = tree_leaves(a), tree_leaves(b)
@@ -51,4 +66,4 @@ def first_nonfinite(ts: List[Tensor]) -> Optional[int]:
     return next((i for i, t in enumerate(ts) if not finite(t)), None)
 
 
-__all__ = ["Value", "tree_map", "tree_leaves", "same_structure", "finite", "first_nonfinite"]
+__all__ = ["Value", "tree_map", "tree_leaves", "LOW_PRECISION", "working_dtype", "upcast", "same_structure", "finite", "first_nonfinite"]

@@ -15,7 +15,7 @@ factors are then PSD.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 from einops import rearrange
@@ -75,6 +75,15 @@ def kronecker_svd(
         start = torch.eye(r1, dtype=dt, device=dev).reshape(n, 1) / math.sqrt(r1)
     else:
         start = v0[:, :k].to(dtype=dt, device=dev)
+        zero = torch.linalg.vector_norm(start, dim=0) == 0
+        if bool(zero.any()):
+            # a start R^T vec(U) that vanished: R is zero (zero curvature: a loss times 0,
+            # saturated logits; KFACCorrected's residual of a one-sample type-2 block), or U is
+            # orthogonal to its range. Zero curvature is valid: zero triplets; else a random start.
+            z = noise(start.shape[1])
+            if bool(zero.all()) and float(torch.linalg.vector_norm(matvec(z[:, 0]))) == 0:
+                return _zero_terms(r0, r1, k, rank, dt, dev)
+            start = torch.where(zero[None, :], z, start)
         start = start / torch.linalg.vector_norm(start, dim=0).clamp_min(torch.finfo(dt).tiny)
     if method == "lanczos":
         # a sum of (approximate) singular vectors spans a nearly invariant Krylov space; the
@@ -100,6 +109,13 @@ def kronecker_svd(
     U = rearrange(U, "(a b) k -> k a b", a=r0)
     V = rearrange(V, "(a b) k -> k a b", a=r1)
     return signed_terms(U, S.to(dt), V, rank)
+
+
+def _zero_terms(r0: int, r1: int, k: int, rank: int, dt: torch.dtype, dev: Any) -> Tuple[Tensor, Tensor, Tensor]:
+    """``k`` zero triplets of a zero operator (unit identity-shaped singular vectors, ``S = 0``)."""
+    U = (torch.eye(r0, dtype=dt, device=dev) / math.sqrt(r0)).expand(k, r0, r0).clone()
+    V = (torch.eye(r1, dtype=dt, device=dev) / math.sqrt(r1)).expand(k, r1, r1).clone()
+    return signed_terms(U, torch.zeros(k, dtype=dt, device=dev), V, rank)
 
 
 def signed_terms(U: Tensor, S: Tensor, V: Tensor, rank: int) -> Tuple[Tensor, Tensor, Tensor]:
