@@ -239,6 +239,21 @@ def _check_batch1(root: nn.Module) -> None:
             )
 
 
+def _outside_capture(fn):
+    """Run ``fn`` (the engine's own bookkeeping during a forward) without the operation capture
+    seeing its tensor operations (each would cost a ``__torch_function__`` call)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if ENGINE.op_capture is None:
+            return fn(*args, **kwargs)
+        with torch._C.DisableTorchFunction():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_outside_capture
 def _layer_forward_hook(module: nn.Module, inputs, output):
     if not inputs or not isinstance(inputs[0], Tensor):
         return None
@@ -283,6 +298,7 @@ def _merged_rows(module: nn.Module, x: Tensor, output) -> Optional[Layout]:
     return L
 
 
+@_outside_capture
 def record_call(module, x: Tensor, output) -> Optional[LayerCall]:
     """Record one call of an extended layer (or of a part, see
     :meth:`~curvlib.engine.layers.base.LayerAdapter.intercept` and :mod:`curvlib.engine.operations`):

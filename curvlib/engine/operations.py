@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from curvlib.engine.layers import OP_RULES, adapter_for
-from curvlib.engine.layers.batch_layout import ATTR, is_default, layout_of, propagate
+from curvlib.engine.layers.batch_layout import ATTR, SHAPE_OPS, is_default, layout_of, propagate
 from curvlib.engine.layers.op_broadcast import _BINARY, _INPLACE, _WHERE
 from curvlib.engine.layers.ops import NOT_COVERED, OpCall, ParamUse
 from curvlib.engine.state import ENGINE
@@ -266,17 +266,17 @@ class OpCapture(TorchFunctionMode):
         grad = torch.is_grad_enabled()
         uses: List[ParamUse] = []
         watched: List[Tuple[int, Tensor]] = []
-        if grad:
-            for i, a in enumerate(args):
-                if isinstance(a, Tensor):
-                    self._scan(a, uses, watched, i)
-                elif isinstance(a, (list, tuple)):
-                    for b in a:
-                        if isinstance(b, Tensor):
-                            self._scan(b, uses, watched, -1)
-            for a in kwargs.values():
-                if isinstance(a, Tensor):
-                    self._scan(a, uses, watched, -1)
+        laid = False  # an argument has a stored layout
+        for i, a in enumerate(args):
+            if isinstance(a, Tensor):
+                laid |= self._scan(a, uses, watched, i, grad)
+            elif isinstance(a, (list, tuple)):
+                for b in a:
+                    if isinstance(b, Tensor):
+                        laid |= self._scan(b, uses, watched, -1, grad)
+        for a in kwargs.values():
+            if isinstance(a, Tensor):
+                laid |= self._scan(a, uses, watched, -1, grad)
         if uses:
             out = self._with_params(func, args, kwargs, uses)
         elif watched and func in _BROADCASTING:
@@ -284,18 +284,24 @@ class OpCapture(TorchFunctionMode):
             watched = [(i, t) for i, t in watched if i not in handled]
         else:
             out = func(*args, **kwargs)
-        propagate(func, args, kwargs, out)
+        if laid or func in SHAPE_OPS:
+            propagate(func, args, kwargs, out)
         if watched:
             self._other_uses(func, watched, out)
         return out
 
-    def _scan(self, t: Tensor, uses: List[ParamUse], watched: list, i: int) -> None:
-        if id(t) in self.loose or PVIEW in t.__dict__:
-            u = self.param_use(t)
-            if u is not None:
-                uses.append(u)
-        if WATCH in t.__dict__:
-            watched.append((i, t))
+    def _scan(self, t: Tensor, uses: List[ParamUse], watched: list, i: int, grad: bool) -> bool:
+        """Note a parameter use (with gradients) or a watched output among the arguments; whether
+        ``t`` has a stored layout."""
+        d = t.__dict__
+        if grad:
+            if id(t) in self.loose or PVIEW in d:
+                u = self.param_use(t)
+                if u is not None:
+                    uses.append(u)
+            if WATCH in d:
+                watched.append((i, t))
+        return ATTR in d
 
     def _with_params(self, func, args, kwargs, uses: List[ParamUse]):
         rule = OP_RULES.get(func)

@@ -60,7 +60,7 @@ _TB = torch._C.TensorBase
 
 def layout_of(t: Tensor) -> Layout:
     """``t``'s layout (the default one unless a shape operation of the capture stored another)."""
-    L = t.__dict__.get(ATTR) if hasattr(t, "__dict__") else None
+    L = t.__dict__.get(ATTR)
     if L is not None:
         return L
     return Layout(0, t.shape[0] if t.ndim else 1, 1)
@@ -238,20 +238,15 @@ def _tensors(args: tuple, kwargs: dict):
             yield a
 
 
-def _has_layout(args: tuple, kwargs: dict) -> bool:
-    return any(ATTR in t.__dict__ for t in _tensors(args, kwargs) if hasattr(t, "__dict__"))
-
-
 def propagate(func: Callable, args: tuple, kwargs: dict, out: Any) -> None:
     """Store the layout of ``out`` (the result of ``func(*args, **kwargs)``) where it is not the
-    default one (module docstring)."""
+    default one (module docstring). The caller calls it for the shape operations and for the
+    operations with an argument that has a stored layout."""
     if func in SHAPE_OPS:
         x = args[0] if args else kwargs.get("input")
         if not isinstance(x, Tensor):
             return
         _shape_op(func, x, args, kwargs, out)
-        return
-    if not _has_layout(args, kwargs):
         return
     outs = out if isinstance(out, (tuple, list)) else (out,)
     for o in outs:
