@@ -111,6 +111,17 @@ _PARAM_VIEWS: Dict[Any, Callable] = {
 }
 
 
+def _offset(args, kwargs, out, t):
+    """``w + c`` / ``w - c`` for a number ``c`` (Gemma's ``1 + weight``): the same Jacobian."""
+    other = args[1] if len(args) > 1 else kwargs.get("other")
+    ok = isinstance(other, (int, float)) and not isinstance(other, bool) and out.shape == t.shape
+    return "same" if ok else None
+
+
+for _f in (_TB.add, _TB.sub, torch.add, torch.sub):
+    _PARAM_VIEWS[_f] = _offset
+
+
 def _transpose_pair(args, kwargs, out, t):
     return _transposed(args, kwargs, out, t) if t.ndim == 2 else None
 

@@ -19,13 +19,7 @@ from tests.utils import dense_ggn, param_slices, per_sample_grads
 N, T, D, V = 4, 5, 3, 6
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 class Positions(nn.Module):

@@ -24,13 +24,7 @@ from tests.utils import assert_exact_quantities, dense_ggn, param_slices, per_sa
 V, D, H, C, N, T = 7, 4, 5, 3, 4, 6
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 class Functional(nn.Module):
@@ -108,21 +102,25 @@ def test_outputs_are_unchanged_and_no_warning():
         torch.testing.assert_close(f(x), ref, rtol=0, atol=0)
 
 
-def test_exact_quantities_against_torch_func():
-    f = Functional()
-    plain = copy.deepcopy(f)
-    x, y = data()
-    extend(f)
+def assert_exact(model: nn.Module, x, y) -> None:
+    """BatchGrad, DiagGGN, ExactBlockFisher and GGNMP of every parameter against torch.func on a
+    copy without hooks; no curvlib warning."""
+    plain = copy.deepcopy(model)
+    extend(model)
     loss_fn = extend(nn.CrossEntropyLoss())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with curvature(BatchGrad(), DiagGGN(fisher_type="type-2"), ExactBlockFisher(fisher_type="type-2"),
                        GGNMP(fisher_type="type-2")):
-            loss_fn(f(x), y).backward()
+            loss_fn(model(x), y).backward()
     psg = per_sample_grads(plain, nn.CrossEntropyLoss(), x, y)
     ggn = dense_ggn(plain, nn.CrossEntropyLoss(), x, y)
-    for (name, p), sl in zip(f.named_parameters(), param_slices(f)):
+    for (name, p), sl in zip(model.named_parameters(), param_slices(model)):
         assert_exact_quantities(p, psg[name] / N, ggn[sl, sl])
+
+
+def test_exact_quantities_against_torch_func():
+    assert_exact(Functional(), *data())
 
 
 @pytest.mark.parametrize("fisher_type,approx", [("type-2", "expand"), ("mc", "expand"), ("empirical", "expand")])
@@ -192,20 +190,7 @@ class Convs(nn.Module):
 
 
 def test_more_operations_exact():
-    m = Convs()
-    plain = copy.deepcopy(m)
-    x, y = torch.randn(N, 3, 3), torch.randint(0, 2, (N,))
-    extend(m)
-    loss_fn = extend(nn.CrossEntropyLoss())
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        with curvature(BatchGrad(), ExactBlockFisher(fisher_type="type-2"), DiagGGN(fisher_type="type-2"),
-                       GGNMP(fisher_type="type-2")):
-            loss_fn(m(x), y).backward()
-    psg = per_sample_grads(plain, nn.CrossEntropyLoss(), x, y)
-    ggn = dense_ggn(plain, nn.CrossEntropyLoss(), x, y)
-    for (name, p), sl in zip(m.named_parameters(), param_slices(m)):
-        assert_exact_quantities(p, psg[name] / N, ggn[sl, sl])
+    assert_exact(Convs(), torch.randn(N, 3, 3), torch.randint(0, 2, (N,)))
 
 
 def test_conv_transpose_kfac_equals_the_module():
@@ -324,21 +309,25 @@ def test_module_on_merged_rows_gets_per_sample_quantities():
 
 
 def test_parameter_views_and_uncovered_uses():
-    """``x @ W.T`` is ``F.linear``; ``W.exp()`` is not covered: the curvature backward names both."""
+    """``x @ W.T`` is ``F.linear``, ``(1 + g.float())`` is ``g`` (Gemma's norm scale); ``t.exp()``
+    is not covered: the curvature backward names the parameter and the operation."""
 
     class Views(nn.Module):
         def __init__(self):
             super().__init__()
-            self.W, self.t = nn.Parameter(torch.randn(3, D)), nn.Parameter(torch.zeros(3))
+            self.W, self.t, self.g = nn.Parameter(torch.randn(3, D)), nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(D))
 
         def forward(self, x):
-            return (x @ self.W.T) * self.t.exp()
+            return ((x * (1.0 + self.g.float())) @ self.W.T) * self.t.exp()
 
     m = extend(Views())
-    x = torch.randn(N, D)
-    loss = extend(nn.MSELoss())(m(x), torch.randn(N, 3))
-    with pytest.warns(UserWarning, match=r"parameter 't' reaches the loss through Tensor.exp"):
+    plain = copy.deepcopy(m)
+    x, y = torch.randn(N, D), torch.randn(N, 3)
+    loss = extend(nn.MSELoss())(m(x), y)
+    with pytest.warns(UserWarning, match=r"parameter 't' reaches the loss through Tensor.exp") as rec:
         with curvature(KFAC(fisher_type="type-2"), BatchGrad()):
             loss.backward()
-    assert len(m.W.kfac) == 2 and not hasattr(m.t, "kfac")
-    torch.testing.assert_close(m.W.grad_batch.sum(0), m.W.grad)
+    assert len(rec) == 1 and len(m.W.kfac) == 2 and len(m.g.kfac) == 1 and not hasattr(m.t, "kfac")
+    psg = per_sample_grads(plain, nn.MSELoss(), x, y)
+    for name in ("W", "g"):
+        torch.testing.assert_close(getattr(m, name).grad_batch, psg[name] / N)

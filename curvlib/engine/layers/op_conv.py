@@ -93,9 +93,7 @@ class ConvRule(OpRule):
             part = ConvPart(wu.owner, part_name(call.op, uses), wu.param, bu.param if bu else None,
                             stride, padding, dilation, groups, label=call.label(uses))
         if x.ndim == d + 2:  # batched: the samples must be the convolution's batch
-            L = call.layout(x)
-            if not (L.known and L.dim == 0 and L.rows == 1):
-                call.unknown_batch(uses, "input", L)
+            call.samples_first(uses, x)
         y = call.func(*call.args, **call.kwargs)
         call.record(part, x, y)
         return y

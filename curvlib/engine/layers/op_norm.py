@@ -124,9 +124,7 @@ class NormRule(OpRule):
         else:
             part = BatchNormPart(first.owner, name, w, b, a["running_mean"], a["running_var"],
                                  bool(a.get("training") or False), eps, label=label)
-        L = call.layout(x)
-        if not (L.known and L.dim == 0 and L.rows == 1):
-            call.unknown_batch(uses, "input", L)
+        call.samples_first(uses, x)
         y = call.func(*call.args, **call.kwargs)
         call.record(part, x, y)
         return y

@@ -84,6 +84,13 @@ class OpCall:
         """How messages name the part of ``uses``: ``"addmm of 'h.0.attn.c_attn.weight', ..."``."""
         return f"{self.op} of " + ", ".join(f"'{u.name}'" for u in uses)
 
+    def samples_first(self, uses: Sequence[ParamUse], x: Tensor) -> None:
+        """Raise unless the samples are exactly dimension 0 of the input ``x`` (operations whose
+        batch dimension is their own: convolutions, ``group_norm``, ``batch_norm``)."""
+        L = layout_of(x)
+        if not (L.known and L.dim == 0 and L.rows == 1):
+            self.unknown_batch(uses, "input", L)
+
     def unknown_batch(self, uses: Sequence[ParamUse], what: str, L: Layout) -> None:
         """Raise: the samples of ``what`` (an argument of this call) cannot be located."""
         names = ", ".join(f"'{u.name}'" for u in uses)
