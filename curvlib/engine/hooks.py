@@ -55,10 +55,13 @@ def extend(module: M) -> M:
     grouped, Embedding, LayerNorm, RMSNorm, GroupNorm, BatchNormNd, MultiheadAttention, LSTM, GRU,
     RNN and their cells; the table ``curvlib.engine.layers.ADAPTERS``) is hooked (attention and the
     recurrent layers, which apply their parameters functionally, record their linear parts through
-    their adapter's interception); a sub-module
-    that owns parameters but has no adapter gets a warning naming it (its parameters get no
-    curvature), and a layer an adapter
-    refuses (e.g. a configuration it does not support) raises here, naming it. For a loss
+    their adapter's interception), and a layer an adapter refuses (e.g. a configuration it does not
+    support) raises here, naming it. The other parameters (of modules without an adapter, e.g. HF
+    ``Conv1D`` or ``LlamaRMSNorm``) are captured by the operations that apply them while the model's
+    forward runs (:mod:`curvlib.engine.operations`: ``F.linear``, ``@``, ``conv*``,
+    ``F.embedding``, the norm functions, elementwise broadcasts); a parameter that reaches the loss
+    through an operation no rule covers is named, with the operation, in a warning at the
+    curvature backward. For a loss
     (CrossEntropyLoss, NLLLoss, MSELoss, BCEWithLogitsLoss) the loss value is hooked so that
     ``fisher_type="mc"`` and ``"type-2"`` can back-propagate the loss's curvature; another
     ``_Loss`` raises ``NotImplementedError`` (use ``fisher_type="empirical"`` with it, unextended).
