@@ -47,7 +47,7 @@ def main(argv=None):
     from backpack import backpack
     from backpack.extensions import GGNMP as BPGGNMP
 
-    import curvlib.optim.cg_newton as cg_newton
+    import curvlib.optim.products as products  # where CGNewton's kinds build their extensions
     from curvlib.extensions import GGNMP
     from curvlib.optim import CGNewton
     from curvlib.solvers import cg
@@ -70,11 +70,12 @@ def main(argv=None):
         iters["curvlib"].append(sum(e["iterations"] for e in opt.last_cg))
 
     def stored_step():  # the same optimizer, its capture's GGNMP storing every column
-        cg_newton.GGNMP = functools.partial(GGNMP, lazy_columns=False)
+        products.GGNMP = functools.partial(GGNMP, lazy_columns=False)
         try:
             curvlib_step()
         finally:
-            cg_newton.GGNMP = GGNMP
+            products.GGNMP = GGNMP
+        assert not opt.core.capture.extensions[0].lazy_columns, "the stored row must store every column"
 
     def backpack_step():
         bp.load_state_dict(init)

@@ -37,7 +37,7 @@ ROOT = __file__.rsplit("/", 2)[0]
 sys.path.insert(0, ROOT)
 from curvlib import extend  # noqa: E402
 from curvlib.optim import NaturalGradient  # noqa: E402
-from curvlib.optim.curvatures import curvature_for  # noqa: E402
+from curvlib.optim.curvatures import kind_for  # noqa: E402
 
 BATCH = 256
 WARMUP = 3
@@ -99,13 +99,13 @@ def _worker(rank, world, tmp, steps, out):
                 ts.append(time.perf_counter() - t0)
             r["ddp_comm"] = statistics.median(ts) / step
         if method == "kfac":
-            curv = curvature_for("kfac")
+            curv = kind_for("kfac")
             params = [p for p in model.parameters()]
-            values = [opt.state[p]["curvature"] for p in params]
+            values = [opt.state[p]["running"] for p in params]
             t0 = time.perf_counter()
             curv.inverse(params, values, 1e-1, "pi", opt.param_groups[0])
             r["inv_unsharded"] = time.perf_counter() - t0
-            builds = max(1, opt._groups[0]["inv_updates"] - 1)  # builds in the timed steps (T_inv=10)
+            builds = max(1, opt.core.groups[0].inv_updates - 1)  # builds in the timed steps (T_inv=10)
             if world > 1:
                 dp = opt.distributed
                 r["opt_comm"] = dp.stats["comm_seconds"] / total

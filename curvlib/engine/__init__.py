@@ -7,11 +7,13 @@ from curvlib.engine.hooks import extend
 from curvlib.engine.layers import LayerAdapter, adapter_for, register_adapter, register_op_rule
 from curvlib.engine.layers.ops import OpRule
 from curvlib.engine.losses import LossAdapter, loss_adapter_for
+from curvlib.engine.tying import TiedCapture
 
 __all__ = [
     "extend",
     "curvature",
     "LayerCapture",
+    "TiedCapture",
     "Extension",
     "source_key",
     "LayerAdapter",

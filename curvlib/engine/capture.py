@@ -17,6 +17,7 @@ For every source, ``sum_k sum_n X_{k,n} X_{k,n}^T`` over per-sample gradients
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Dict, Hashable, List, Optional, Tuple
 
@@ -101,6 +102,20 @@ class LayerCapture:
         self._cot: Dict[Source, Tensor] = {}
         self._bias_cot: Dict[Source, Tensor] = {}
 
+    #: the parameter names :attr:`params` is restricted to (:meth:`restricted`), ``None``: all
+    _only: Optional[frozenset] = None
+    #: a tied parameter's uses ``[(capture, name), ...]`` (:class:`~curvlib.engine.tying.TiedCapture`),
+    #: ``None`` for the captures of one layer
+    uses: Optional[List[Tuple["LayerCapture", str]]] = None
+
+    def restricted(self, names) -> "LayerCapture":
+        """This capture with :attr:`params` restricted to ``names`` (a shallow copy sharing the
+        cached vectors): a layer whose other parameters are tied to other layers gets its own
+        parameters' quantities from it (:mod:`curvlib.engine.tying`)."""
+        out = copy.copy(self)
+        out._only = frozenset(names)
+        return out
+
     @property
     def act_side(self) -> str:
         return self.adapter.act_side
@@ -115,6 +130,8 @@ class LayerCapture:
         """``"weight"`` / ``"bias"`` parameters that require gradients."""
         out = {}
         for name in ("weight", "bias"):
+            if self._only is not None and name not in self._only:
+                continue
             p = getattr(self.module, name, None)
             if isinstance(p, nn.Parameter) and p.requires_grad:
                 out[name] = p
@@ -180,11 +197,13 @@ class LayerCapture:
         for source in list(self.lazy.V) if self.lazy is not None else []:
             self._raw(source)
         raw = {k: v.index_select(1, index) * scale for k, v in self.raw.items()}
-        return LayerCapture(
+        out = LayerCapture(
             self.module, self.adapter, self.x.index_select(0, index), raw, self.empirical_scale,
             root=self.root, root_inputs=self.root_inputs, loss_calls=self.loss_calls,
             order=self.order, backward=self.backward,
         )
+        out._only = self._only
+        return out
 
     def act(self) -> Tensor:
         """Activation-side vectors ``[N, T, D_a]``."""
@@ -294,6 +313,17 @@ class LayerCapture:
         if self.structured_weight(s, out) is not None:
             return out  # structured activations (Embedding: a scatter of s)
         return factors.outer_sum(s, self.act(), self.orientation, out)
+
+    def finite_inputs(self, name: str, source: Source) -> Tuple[int, int]:
+        """Raise ``FloatingPointError`` at a NaN / Inf in what the per-sample gradients of parameter
+        ``name`` are built from (the ``source`` cotangent vectors and, for a weight, the layer
+        input): a check of the inputs instead of the (larger) result. Returns ``(K, N)``."""
+        v = self.sum_cot(name, source) if self.summed(name) else self.cot(source)
+        what = "the output gradient" if source == "grad" else f"the {source!r} cotangents"
+        finite_or_raise(v, self.module, f"{what} ({name})")
+        if not self.summed(name) and self.float_input:
+            finite_or_raise(self.act(), self.module, "the layer input")
+        return v.shape[0], v.shape[1]
 
     def kfac_act_factor(self, kfac_approx: str = "expand", blocks: int = 1) -> Tensor:
         """KFAC's ``A`` of the weight: the adapter's structured factor (Embedding: 1-D) if it has
@@ -482,7 +512,9 @@ class SharedCapture(LayerCapture):
         return out
 
     def select(self, index: Tensor, scale: float = 1.0) -> "SharedCapture":
-        return SharedCapture([c.select(index, scale) for c in self._calls])
+        out = SharedCapture([c.select(index, scale) for c in self._calls])
+        out._only = self._only
+        return out
 
 
 def in_param_dtype(

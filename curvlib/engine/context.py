@@ -21,8 +21,10 @@ from curvlib.engine.extension import Extension
 from curvlib.engine.layers import adapter_for
 from curvlib.engine.loss_columns import LossColumns, empirical_scale, other_live_calls
 from curvlib.engine.losses import loss_adapter_for
+from curvlib.engine.hooks import calls_key
 from curvlib.engine.records import LayerCall, LossCall
 from curvlib.engine.state import ENGINE
+from curvlib.engine.tying import TieGroup, split_group
 
 
 class curvature:
@@ -146,8 +148,9 @@ class curvature:
         self._roots: Dict[int, nn.Module] = {}
         self._all_roots: Dict[int, nn.Module] = {}
         self.coupling.reset()
-        #: per backward: captures of layers with further live calls, waiting for them
-        self._pending: Dict[nn.Module, List[LayerCapture]] = {}
+        #: per backward: captures of layers with further live calls, waiting for them, by
+        #: ``hooks.calls_key`` (a layer, or the group of layers that share a parameter)
+        self._pending: Dict[object, List[LayerCapture]] = {}
 
     # ----------------------------------------------------------------- context
     def __enter__(self) -> "curvature":
@@ -322,20 +325,28 @@ class curvature:
         )
         ENGINE.tape.pop(call.uid, None)
         call.release()
-        self._pending.setdefault(module, []).append(capture)
+        key = calls_key(module)
+        self._pending.setdefault(key, []).append(capture)
         if other_live_calls(call):
-            return  # another call of this layer is still to come (shared weights)
-        self._run_group(module)
+            return  # another call of this layer (or of a layer sharing a parameter) is to come
+        self._run_group(key)
 
-    def _run_group(self, module: nn.Module) -> None:
-        """Run the extensions on the captured calls of ``module`` in this backward."""
-        captures = self._pending.pop(module)
-        capture = captures[0] if len(captures) == 1 else SharedCapture(captures)
+    def _run_group(self, key: object) -> None:
+        """Run the extensions on the captured calls under ``key`` (:func:`~curvlib.engine.hooks.calls_key`)
+        in this backward: one layer's calls as one capture; a :class:`~curvlib.engine.tying.TieGroup`'s
+        as its layers' untied parameters and one capture per tied parameter
+        (:func:`~curvlib.engine.tying.split_group`)."""
+        captures = self._pending.pop(key)
+        if isinstance(key, TieGroup):
+            units = split_group(captures)
+        else:
+            units = [captures[0] if len(captures) == 1 else SharedCapture(captures)]
         with torch.no_grad():
-            for i, ext in enumerate(self.extensions):
-                self._run_extension(i, ext, capture)
-        # a part of a composite layer (attention's projections) counts for its owner
-        self._processed.add(module if isinstance(module, nn.Module) else module.owner)
+            for capture in units:
+                for i, ext in enumerate(self.extensions):
+                    self._run_extension(i, ext, capture)
+        for c in captures:  # a part of a composite layer (attention's projections) counts for its owner
+            self._processed.add(c.module if isinstance(c.module, nn.Module) else c.module.owner)
         self.num_captures += 1
 
     def _run_extension(self, i: int, ext: Extension, capture: LayerCapture) -> None:
@@ -346,13 +357,12 @@ class curvature:
             prev = self._written.get((i, id(p)))
             if prev is None:
                 continue
-            if prev[1] == b:
-                raise NotImplementedError(
+            if prev[1] == b:  # the calls of a parameter's layers are joined (engine.tying)
+                raise RuntimeError(
                     f"curvlib: {ext.savefield} of the {name} of {capture.module} was computed "
-                    "twice in one backward: the parameter belongs to two extended layers "
-                    "(weight tying across modules, e.g. decoder.weight = encoder.weight). "
-                    "A layer called several times is supported, one parameter shared by two "
-                    "layers is not: call one module twice instead of tying two."
+                    "twice in one backward: the engine did not join all layers that use this "
+                    "parameter (weight tying established during the backward?). Please report "
+                    "this with the model."
                 )
             # taken off the parameter so that compute() does not reuse it as a buffer
             earlier[name] = p.__dict__.pop(ext.savefield, None)
@@ -361,7 +371,7 @@ class curvature:
         for name, value in values.items():
             if ext.check_finite and self.check_finite:
                 finite_or_raise(value, capture.module, f"{ext.savefield} of the {name}")
-            p = getattr(capture.module, name)
+            p = capture.params[name]
             count = n
             if earlier.get(name) is not None:
                 n_old = self._written[(i, id(p))][2]

@@ -58,7 +58,12 @@ class Extension(abc.ABC):
 
     @abc.abstractmethod
     def compute(self, capture: LayerCapture) -> Dict[str, Any]:
-        """``{"weight": value, "bias": value, ...}`` for the parameters of ``capture``'s layer."""
+        """``{"weight": value, "bias": value, ...}`` for the parameters of ``capture``'s layer
+        (``capture.params``: a layer whose other parameters are tied to other layers gets a
+        capture restricted to its own). A parameter used by several layers (weight tying) comes
+        alone in a :class:`~curvlib.engine.tying.TiedCapture` (``capture.uses`` is not ``None``;
+        ``capture.structure(name).kind == "tied"``): no ``act()`` / ``cot()``, its per-sample
+        gradients (the sum over the uses) and its uses' own captures instead."""
 
     @abc.abstractmethod
     def count(self, capture: LayerCapture) -> int:

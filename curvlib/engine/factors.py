@@ -20,7 +20,8 @@ The curvature block of a parameter is ``sum_{k,n} vec(X_kn) vec(X_kn)^T`` (exact
   reduce (Eschenhagen et al. 2023);
 - :class:`BlockStructure`: the form of a parameter's block -- dense Kronecker,
   diagonal-times-dense (a 1-D factor, Embedding), block form over ``B`` groups (grouped
-  convolutions), or summed (the exact ``[G]`` of a bias or a norm layer's scale).
+  convolutions), summed (the exact ``[G]`` of a bias or a norm layer's scale), or tied (one
+  parameter used by several layers, :mod:`curvlib.engine.tying`).
 
 Nothing here reads a capture: the methods of :class:`~curvlib.engine.capture.LayerCapture`
 (``per_sample_grads``, ``kfac_weight_factors``, ``structure``, ...) apply these to a layer's
@@ -304,7 +305,9 @@ class BlockStructure:
         ``"summed"``: no activation side (a bias, a norm layer's scale): the exact block ``[G]``;
         ``"kronecker"``: one dense pair ``[F0, F1]``;
         ``"diagonal"``: a pair with a 1-D (diagonal) activation factor (Embedding);
-        ``"blocks"``: the block form over ``blocks`` groups, ``[F0 [B, ., .], F1 [B, ., .]]``.
+        ``"blocks"``: the block form over ``blocks`` groups, ``[F0 [B, ., .], F1 [B, ., .]]``;
+        ``"tied"``: a parameter used by several layers (:mod:`curvlib.engine.tying`): no single
+        orientation, its per-sample gradient the sum of its uses'.
     """
 
     kind: str
@@ -322,6 +325,13 @@ class BlockStructure:
     def kronecker(self) -> bool:
         """A single Kronecker pair (dense or diagonal-times-dense), not the block form."""
         return self.kind in ("kronecker", "diagonal")
+
+    @property
+    def factored(self) -> bool:
+        """Whether the per-sample gradients of a (non-summed) weight are one ``sum_t s a^T`` of the
+        capture's ``cot()`` and ``act()`` in :attr:`orientation`. ``False`` for the grouped layout
+        and for tied parameters: extensions then read ``capture.per_sample_grads``."""
+        return not (self.grouped or self.kind == "tied")
 
 
 __all__ = [

@@ -21,6 +21,7 @@ from curvlib.engine.layers.batch_layout import ATTR, Layout, graph_layout, is_de
 from curvlib.engine.losses import loss_adapter_for
 from curvlib.engine.operations import WATCH, LooseParameters, OpCapture, Watch
 from curvlib.engine.records import CallList, LayerCall
+from curvlib.engine.tying import group_key, note_params
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -335,7 +336,9 @@ def record_call(module, x: Tensor, output) -> Optional[LayerCall]:
     calls.append(call)
     ENGINE.tape[call.uid] = call
     # the live calls of this layer (a part of a composite layer, e.g. attention's in_proj, is a
-    # new object per call: its calls are kept under the part's stable ``calls_key``)
+    # new object per call: its calls are kept under the part's stable ``calls_key``); layers that
+    # share a parameter (weight tying) keep theirs under their group's key
+    note_params(module)
     key = calls_key(module)
     live = ENGINE.calls_of.get(key)
     if live is None:
@@ -373,9 +376,12 @@ def _drop_call(call: LayerCall) -> None:
 
 
 def calls_key(module) -> object:
-    """The key of ``module``'s live calls in ``ENGINE.calls_of``: the layer itself, or a part's
-    ``calls_key`` (:class:`~curvlib.engine.layers.attention.Projection`)."""
-    return module if isinstance(module, nn.Module) else module.calls_key
+    """The key of ``module``'s calls, the one place that decides which calls are combined: the
+    layer itself, or a part's ``calls_key`` (:class:`~curvlib.engine.layers.attention.Projection`);
+    for layers that share a parameter with another layer, their
+    :class:`~curvlib.engine.tying.TieGroup` (weight tying). Keys ``ENGINE.calls_of`` (liveness),
+    the context's pending captures and the alignment of cotangent columns."""
+    return group_key(module)
 
 
 def _composite_pre_hook(module: nn.Module, args) -> None:

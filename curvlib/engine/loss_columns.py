@@ -138,20 +138,21 @@ def demoted_edges(f: Tensor, uids: Set[int]) -> Dict[int, Any]:
 
 
 def other_live_calls(call: LayerCall) -> bool:
-    """Whether another call of ``call``'s layer in the same (main or recomputing) backward is
-    still live: recorded and not yet reached."""
+    """Whether another call of ``call``'s layer (or of a layer sharing a parameter with it) in the
+    same (main or recomputing) backward is still live: recorded and not yet reached."""
     others = ENGINE.calls_of.get(calls_key(call.module), ())
     return any(o is not call and o.live and o.in_backward == call.in_backward for o in others)
 
 
 def align_calls(calls: List[LayerCall], grads: List[Optional[Tensor]]) -> List[Optional[Tensor]]:
-    """Give every live call of a layer the same cotangent columns: a loss whose columns
-    reach one call of a layer but not another (a GAN's loss on real data does not reach the
-    discriminator's call on fake data) gives zeros there, so that the calls' per-sample
-    gradients add up column by column (:class:`~curvlib.engine.capture.SharedCapture`)."""
-    by_module: Dict[nn.Module, List[int]] = {}
-    for i, c in enumerate(calls):
-        by_module.setdefault(c.module, []).append(i)
+    """Give every live call of a layer (and of the layers sharing a parameter with it,
+    ``hooks.calls_key``) the same cotangent columns: a loss whose columns reach one call of a
+    layer but not another (a GAN's loss on real data does not reach the discriminator's call on
+    fake data) gives zeros there, so that the calls' per-sample gradients add up column by column
+    (:class:`~curvlib.engine.capture.SharedCapture`, :class:`~curvlib.engine.tying.TiedCapture`)."""
+    by_module: Dict[object, List[int]] = {}
+    for i, c in enumerate(calls):  # by calls_key: a layer, or the layers sharing a parameter
+        by_module.setdefault(calls_key(c.module), []).append(i)
     for idx in by_module.values():
         if len(idx) < 2:
             continue
@@ -165,12 +166,12 @@ def align_calls(calls: List[LayerCall], grads: List[Optional[Tensor]]) -> List[O
 
 
 def align_pending(
-    pending: Dict[nn.Module, List[LayerCapture]], calls: List[LayerCall], grads: list, widths: Dict[Any, int]
+    pending: Dict[object, List[LayerCapture]], calls: List[LayerCall], grads: list, widths: Dict[Any, int]
 ) -> None:
     """Zero columns of this loss for the already captured calls (``pending``) of a layer whose
     other calls this loss reaches: the backward can reach one call of a layer (a discriminator
     on fake data) before the hook of another loss (the one on real data) runs."""
-    got = {c.module for c, g in zip(calls, grads) if g is not None}
+    got = {calls_key(c.module) for c, g in zip(calls, grads) if g is not None}
     for module in got & set(pending):
         for cap in pending[module]:
             ref = cap.raw["grad"]
@@ -269,7 +270,7 @@ class LossColumns:
         return cols
 
     def deliver(
-        self, f_graph: Tensor, cols: Columns, pending: Dict[nn.Module, List[LayerCapture]], empirical_scale: float
+        self, f_graph: Tensor, cols: Columns, pending: Dict[object, List[LayerCapture]], empirical_scale: float
     ) -> None:
         """Back-propagate ``cols`` from the loss input ``f_graph`` to the live calls it reaches
         (and the coupling probe's column, when one is due) into ``call.extra`` / ``call.reduced``
@@ -321,12 +322,12 @@ class LossColumns:
                 call.extra[key] = part if old is None else torch.cat([old, part])
 
     @staticmethod
-    def _single_call(call: LayerCall, pending: Dict[nn.Module, List[LayerCapture]]) -> bool:
+    def _single_call(call: LayerCall, pending: Dict[object, List[LayerCapture]]) -> bool:
         """Whether ``call``'s layer has no other call in this backward (captured or to come)."""
-        return call.module not in pending and not other_live_calls(call)
+        return calls_key(call.module) not in pending and not other_live_calls(call)
 
     def _leave_matrix_free(
-        self, f: Tensor, calls: List[LayerCall], cols: Columns, pending: Dict[nn.Module, List[LayerCapture]]
+        self, f: Tensor, calls: List[LayerCall], cols: Columns, pending: Dict[object, List[LayerCapture]]
     ) -> List[LayerCall]:
         """Give the earliest calls matrix-free columns (:mod:`curvlib.engine.lazy_columns`) where
         every extension of the context reads columns only through products

@@ -175,12 +175,19 @@ class LooseParameters:
 def loose_parameters(root: nn.Module) -> Dict[int, Tuple[nn.Parameter, str, nn.Module]]:
     """``id(p) -> (p, name, owner)`` for the parameters of ``root`` outside the adapters: those of
     modules without an adapter, and those besides ``weight`` / ``bias`` of a simple adapted module
-    (a composite adapter, attention or a recurrent layer, describes all of its own)."""
+    (a composite adapter, attention or a recurrent layer, describes all of its own). A parameter
+    that an adapted layer applies is described there even where another module holds it too
+    (tied: ALBERT's ``predictions.bias = decoder.bias``)."""
     out: Dict[int, Tuple[nn.Parameter, str, nn.Module]] = {}
+    described = {}
     for mname, m in root.named_modules():
         adapter = adapter_for(m)
         for pname, p in m.named_parameters(recurse=False):
-            if adapter is not None and (adapter.composite or pname in ("weight", "bias")):
+            described[id(p)] = described.get(id(p), False) or (
+                adapter is not None and (adapter.composite or pname in ("weight", "bias")))
+    for mname, m in root.named_modules():
+        for pname, p in m.named_parameters(recurse=False):
+            if described[id(p)]:  # also when tied to an adapted layer's (ALBERT's predictions.bias)
                 continue
             out.setdefault(id(p), (p, f"{mname}.{pname}" if mname else pname, m))
     return out

@@ -39,6 +39,15 @@ class EngineState:
         #: unrolled loops, a model run on two batches before one backward) has its calls of one
         #: backward combined (``curvature.process_layer``)
         self.calls_of: "weakref.WeakKeyDictionary[object, weakref.WeakSet[LayerCall]]" = weakref.WeakKeyDictionary()
+        # ------------------------------------------------------------ weight tying
+        #: ``parameter -> weakref`` of the first layer key (a module, or a part's ``calls_key``)
+        #: that applied it (:func:`curvlib.engine.tying.note_params`)
+        self.param_layer: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        #: ``layer key -> its parameters`` when last recorded (a changed tuple is registered anew)
+        self.layer_params: "weakref.WeakKeyDictionary[object, tuple]" = weakref.WeakKeyDictionary()
+        #: ``layer key -> TieGroup`` of the layers that share a parameter with another layer: the
+        #: group is their common key in ``calls_of`` and in the context's pending captures
+        self.tie_groups: "weakref.WeakKeyDictionary[object, Any]" = weakref.WeakKeyDictionary()
         #: the extended models whose forward is running (innermost last), each with the
         #: ``(args, kwargs)`` of that forward (tensors detached): tags the calls it makes
         self.forwards: List[Tuple[nn.Module, Tuple[tuple, Dict[str, Any]]]] = []

@@ -26,7 +26,7 @@ from typing import Any, Dict, Sequence
 import torch
 from torch import Tensor, nn
 
-from curvlib.engine.capture import LayerCapture, Source, finite_or_raise
+from curvlib.engine.capture import LayerCapture, Source
 from curvlib.engine.factors import outer_sum
 from curvlib.extensions.base import Extension
 
@@ -150,12 +150,9 @@ class BatchGrad(Extension):
     def compute(self, capture: LayerCapture) -> Dict[str, Any]:
         out = {}
         for name, p in capture.params.items():
-            v = capture.sum_cot(name, "grad") if capture.summed(name) else capture.cot("grad")
-            finite_or_raise(v, capture.module, f"the output gradient ({name})")
-            if not capture.summed(name) and capture.float_input:
-                finite_or_raise(capture.act(), capture.module, "the layer input")
-            shape = (capture.batch_size, *p.shape)
-            buf = reusable_buffer(p, self.savefield, shape, v) if self.reuse_buffers else None
+            _, N = capture.finite_inputs(name, "grad")
+            shape = (N, *p.shape)
+            buf = reusable_buffer(p, self.savefield, shape, p) if self.reuse_buffers else None
             out[name] = capture.per_sample_grads_into(name, "grad", buf)
         return out
 

@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterable, List, Tuple
 import torch
 from torch import Tensor, nn
 
-from curvlib.engine.capture import LayerCapture, finite_or_raise
+from curvlib.engine.capture import LayerCapture
 from curvlib.extensions.base import Extension
 from curvlib.engine.factors import Orientation, outer_sum
 from curvlib.extensions.batch_grad import reusable_buffer
@@ -92,7 +92,7 @@ class ExactBlockFisher(Extension):
                 b = capture.sum_cot(name, src).sum(2)
                 b = b.reshape(-1, b.shape[-1])
                 out[name] = b.T @ b
-            elif form.grouped:  # grouped: from per-sample gradients
+            elif not form.factored:  # grouped layout, tied parameter: from per-sample gradients
                 U = capture.per_sample_grads(name, src).flatten(2).flatten(0, 1)
                 out[name] = U.T @ U
             else:
@@ -175,12 +175,9 @@ class GradFactors(Extension):
     def compute(self, capture: LayerCapture) -> Dict[str, Any]:
         out, src = {}, self.source
         for name, p in capture.params.items():
-            v = capture.sum_cot(name, src) if capture.summed(name) else capture.cot(src)
-            finite_or_raise(v, capture.module, f"the {src!r} cotangents ({name})")
-            if not capture.summed(name) and capture.float_input:
-                finite_or_raise(capture.act(), capture.module, "the layer input")
-            shape = (v.shape[0] * v.shape[1], *p.shape)
-            buf = reusable_buffer(p, self.savefield, shape, v) if self.reuse_buffers else None
+            K, N = capture.finite_inputs(name, src)
+            shape = (K * N, *p.shape)
+            buf = reusable_buffer(p, self.savefield, shape, p) if self.reuse_buffers else None
             out[name] = capture.per_sample_grads_into(name, src, buf)
         return out
 

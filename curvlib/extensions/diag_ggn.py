@@ -12,6 +12,9 @@ source (see :mod:`curvlib.engine.capture`), without materialising them where pos
   (a_{nt} ⊙ a_{nt'})^T`` — one matmul with contraction ``N T^2`` (``N T^2 D_s D_a`` flops),
   cheaper when ``T < K`` (e.g. short sequences with many classes).
 - bias: ``sum_{k,n} (sum_t s'_{knt})^2``.
+- grouped convolutions and tied parameters (one parameter used by several layers,
+  :mod:`curvlib.engine.tying`): from the per-sample gradients ``X_{k,n}`` (for a tied parameter
+  the sum of its uses' in the parameter's shape, so the cross terms between the uses are in).
 
 With ``fisher_type="type-2"`` this is BackPACK's ``DiagGGNExact`` (the exact per-position
 loss-Hessian square root is used); ``"mc"`` is BackPACK's ``DiagGGNMC`` for the same samples.
@@ -98,7 +101,7 @@ class DiagGGN(Extension):
         s2 = None
         if "weight" in params and capture.summed("weight"):
             out["weight"] = capture.sum_cot("weight", src).sum(2).square().sum((0, 1)).reshape(params["weight"].shape)
-        elif "weight" in params and capture.structure().grouped:  # grouped conv
+        elif "weight" in params and not capture.structure().factored:  # grouped conv, tied weight
             out["weight"] = capture.per_sample_grads("weight", src).square().sum((0, 1))
         elif "weight" in params:
             s = capture.cot(src)
@@ -106,7 +109,9 @@ class DiagGGN(Extension):
                 s2 = _sum_k_squares(s)
             D = _diag_weight(s, capture.act(), capture.orientation, s2)
             out["weight"] = D.reshape(params["weight"].shape)
-        if "bias" in params:
+        if "bias" in params and not capture.summed("bias"):  # a bias tied to a layer's weight
+            out["bias"] = capture.per_sample_grads("bias", src).square().sum((0, 1))
+        elif "bias" in params:
             sb = capture.bias_cot(src)
             if s2 is not None and sb is capture.cot(src):  # T = 1, shared cotangents
                 out["bias"] = s2.sum(0)

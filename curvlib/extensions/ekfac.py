@@ -268,6 +268,14 @@ class EKFAC(Extension):
     def compute(self, capture: LayerCapture) -> Dict[str, Any]:
         src = self.source
         out: Dict[str, Any] = {}
+        if capture.uses is not None and self.bases is None:
+            raise NotImplementedError(
+                f"curvlib: EKFAC of {capture.module}, which is used by {len(capture.uses)} layers "
+                "(weight tying): its KFAC curvature is a sum of Kronecker terms (one per use), "
+                "which has no Kronecker eigenbasis. Give one (EKFAC(bases={p: [Q0, Q1]}), e.g. the "
+                "eigenvectors of the first term of p.kfac), or use KFAC (inverted exactly by "
+                "KroneckerInverse), KPSVD or the exact extensions for it."
+            )
         for name, Q in self._eigenbases(capture).items():
             if capture.summed(name):
                 S = self._summed_S(capture, name, Q, src)
@@ -293,6 +301,14 @@ class EKFAC(Extension):
         per-sample gradients of the cotangent-side-rotated ``s``, rotated on the activation
         side after."""
         p = capture.params[name]
+        if capture.uses is not None:  # a tied parameter: its per-sample gradients, in p's order
+            Q0, Q1 = _check(Q, 2, capture, name)
+            if Q0.dim() == 3 or Q1.dim() == 3:
+                raise ValueError(f"curvlib: EKFAC of {capture.module} takes a dense or 1-D basis pair, not the block form.")
+            X = capture.per_sample_grads(name, src).flatten(0, 1).reshape(-1, p.shape[0], p[0].numel())
+            X = X if Q0.dim() == 1 else Q0.T @ X  # (a 1-D basis is the identity, kfac_eigenbasis)
+            X = X if Q1.dim() == 1 else X @ Q1
+            return X.square_().sum(0)
         orient = capture.orientation
         Q_cot, Q_act = orient.unpair(_check(Q, 2, capture, name))
         B = Q_cot.shape[0] if Q_cot.dim() == 3 else 1

@@ -33,6 +33,7 @@ summed over layers (all layers share the ``(k, n)`` index: one batched backprop)
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -68,7 +69,25 @@ def _mergeable(s: Tensor, outer: int, inner: int) -> bool:
     return n_out == 1 or n_in == 1 or s.stride(outer) == s.stride(inner) * n_in
 
 
-class LayerFactors:
+class _BlockProducts:
+    """``product`` from ``inner`` and ``expand`` (of :class:`LayerFactors` and :class:`TiedFactors`)."""
+
+    params: Dict[str, nn.Parameter]
+    module: object
+
+    def product(self, name: str, V: Tensor) -> Tensor:
+        """Block product ``[B, *p.shape] -> [B, *p.shape]``."""
+        p = self.params[name]
+        if V.ndim != p.ndim + 1 or V.shape[1:] != p.shape:
+            raise ValueError(
+                f"curvlib: {name}.ggnmp of {self.module} expects [V, *{tuple(p.shape)}], got "
+                f"{tuple(V.shape)} (add a leading dimension for one vector: v.unsqueeze(0))."
+            )
+        with torch.no_grad():
+            return self.expand(name, self.inner(name, V))
+
+
+class LayerFactors(_BlockProducts):
     """One layer's per-sample factorisation of the curvature source, with products.
 
     Holds the captured ``a [N, T, D_a]`` and ``s [K, N, T, D_s]`` (as views, no copies),
@@ -281,16 +300,42 @@ class LayerFactors:
             return {name: self._lazy_from_output(name, U) for name in names}
         return {name: self.expand(name, c) for name in names}
 
-    def product(self, name: str, V: Tensor) -> Tensor:
-        """Block product ``[B, *p.shape] -> [B, *p.shape]``."""
-        p = self.params[name]
-        if V.ndim != p.ndim + 1 or V.shape[1:] != p.shape:
-            raise ValueError(
-                f"curvlib: {name}.ggnmp of {self.module} expects [V, *{tuple(p.shape)}], got "
-                f"{tuple(V.shape)} (add a leading dimension for one vector: v.unsqueeze(0))."
+
+class TiedFactors(_BlockProducts):
+    """The factorisation of a parameter used by several layers (weight tying,
+    :mod:`curvlib.engine.tying`): its per-sample gradient is the sum of its uses',
+    ``X_{k,n} = sum_u X^(u)_{k,n}``, so ``c_{kn} = <X_{k,n}, V> = sum_u <X^(u)_{k,n}, V>`` and
+    ``sum_{k,n} c_{kn} X_{k,n} = sum_u sum_{k,n} c_{kn} X^(u)_{k,n}``: products through each use's
+    :class:`LayerFactors` (no per-sample gradients formed), exact with the cross terms between
+    the uses. Same interface as :class:`LayerFactors` (:class:`~curvlib.extensions.operator.FactorBlock`).
+
+    Args:
+        capture: the tied parameter's capture; ``uses``: ``[(LayerFactors, name), ...]`` of its
+            uses (each restricted to the parameter, named ``name`` there).
+    """
+
+    def __init__(self, capture: LayerCapture, uses: List[Tuple[LayerFactors, str]]):
+        self.module = capture.module
+        self.params: Dict[str, nn.Parameter] = capture.params
+        self.order = capture.order
+        self.batch_size = capture.batch_size
+        self.uses = uses
+        (self.name,) = self.params
+        cols = {f.num_columns for f, _ in uses}
+        if len(cols) != 1:
+            raise RuntimeError(
+                f"curvlib: the uses of {self.module} got {sorted(cols)} cotangent columns; the "
+                "products need one (column, sample) index. Please report this with the model."
             )
-        with torch.no_grad():
-            return self.expand(name, self.inner(name, V))
+        (self.num_columns,) = cols
+
+    def inner(self, name: str, V: Tensor) -> Tensor:
+        """``c[k, n, b] = sum_u <X^(u)_{k,n}, V_b>`` ``[K, N, B]``."""
+        return functools.reduce(torch.add, [f.inner(n, V) for f, n in self.uses])
+
+    def expand(self, name: str, c: Tensor) -> Tensor:
+        """``sum_u sum_{k,n} c[k, n, b] X^(u)_{k,n}`` ``[B, *p.shape]``."""
+        return functools.reduce(torch.add, [f.expand(n, c) for f, n in self.uses])
 
 
 class GGNMP(Extension):
@@ -371,7 +416,10 @@ class GGNMP(Extension):
     def compute(self, capture: LayerCapture) -> Dict[str, Any]:
         if not capture.params:
             return {}
-        block = LayerFactors(capture, self.source, self.mode)
+        if capture.uses is not None:  # a tied parameter: the sum over its uses
+            block = TiedFactors(capture, [(LayerFactors(u, self.source, self.mode), n) for u, n in capture.uses])
+        else:
+            block = LayerFactors(capture, self.source, self.mode)
         while len(self._backwards) <= capture.backward:
             self._backwards.append({})
         self._backwards[capture.backward][capture.module] = block
@@ -416,4 +464,4 @@ class _BlockProduct:
         return f"ggnmp({self.name} of {self.blocks[0].module})"
 
 
-__all__ = ["GGNMP", "LayerFactors"]
+__all__ = ["GGNMP", "LayerFactors", "TiedFactors"]

@@ -29,6 +29,15 @@ accepts, the factors are combined call by call (a loop over the calls of one lay
 (its ``A`` is ``C`` times this one for calls of equal size): this one is the stacked-position
 convention of expand, under which the shared weight is a weight-sharing layer like a
 convolution.
+
+A parameter used by several *layers* (weight tying, :mod:`curvlib.engine.tying`: GPT-2's
+``lm_head.weight = wte.weight``) gets one term per layer, in forward order, each the pair that
+layer would give its own copy of the parameter and ordered like ``p.flatten()``:
+``p.kfac = [[A_wte [V], G_wte [D, D]], [G_head [V, V], A_head [D, D]]]`` for the ``[V, D]``
+weight, ``kron(F1, F2) + kron(H1, H2)`` approximating its block (the two-term form of
+``p.kfac_corrected``, inverted exactly by :class:`~curvlib.solvers.KroneckerInverse`); a
+parameter that every use sums over positions (a tied bias) gets ``[G1 + G2]``. Over several
+backwards each term accumulates as above, with its own row counts.
 """
 from __future__ import annotations
 
@@ -124,12 +133,16 @@ class KFAC(Extension):
         #: id(weight) -> index of its activation factor ``A`` in ``p.kfac`` (1 for ``[G, A]``,
         #: 0 for ``[A, G]``); ``A`` is a mean over rows, the other factors carry the loss scaling
         self.act_index: Dict[int, int] = {}
+        #: id(tied parameter) -> ``[(rows, act index)]`` per term of this context and of the
+        #: latest backward (:meth:`_tied`, :meth:`accumulate`)
+        self._tied_rows: Dict[int, Tuple[list, list]] = {}
 
     def sources(self) -> Set[Source]:
         return super().sources() | (self.cross.sources() if self.cross else set())
 
     def begin(self) -> None:
         self.act_index = {}
+        self._tied_rows = {}
         if self.cross:
             self.cross.begin()
 
@@ -139,7 +152,10 @@ class KFAC(Extension):
 
     def count(self, capture: LayerCapture) -> int:
         """Rows averaged in ``A``: ``N T`` (expand) or ``N`` (reduce), summed over the calls
-        of a layer called several times (the calls are positions)."""
+        of a layer called several times (the calls are positions) and over the uses of a tied
+        parameter."""
+        if capture.uses is not None:
+            return sum(self.count(u) for u, _ in capture.uses)
         if self.kfac_approx == "reduce" or "weight" not in capture.params or capture.summed("weight"):
             return sum(c.batch_size for c in capture.calls)
         return capture.act_rows()
@@ -147,8 +163,10 @@ class KFAC(Extension):
     def accumulate(self, capture: LayerCapture, name: str, old: Any, new: Any, counts: Tuple[int, int]) -> Any:
         """``G`` adds up (the loss scaling is in ``s``); ``A`` is a mean over rows, so the
         combined ``A`` weights each backward's by its row count."""
-        if capture.summed(name):
+        if capture.summed(name) or (isinstance(new, list) and len(new) == 1):
             return [old[0] + new[0]]
+        if capture.uses is not None or not isinstance(old[0], Tensor):
+            return self._accumulate_tied(capture, name, old, new)
         n0, n1 = counts
         o = capture.orientation
         (G0, A0), (G1, A1) = o.unpair(old), o.unpair(new)
@@ -229,7 +247,61 @@ class KFAC(Extension):
             self.act_index[id(capture.params[name])] = capture.orientation.act_index
         return out
 
+    def _tied(self, capture: LayerCapture) -> Dict[str, Any]:
+        """A parameter used by several layers (weight tying, :mod:`curvlib.engine.tying`): each
+        use's KFAC term, in the order of ``p.flatten()`` (each use's factors ordered by its own
+        orientation, the first over ``p.shape[0]``):
+
+            p.kfac = [[F1, F2], [H1, H2], ...]      kron(F1, F2) + kron(H1, H2) + ...
+
+        one term per layer using ``p`` (forward order; a layer called several times is one term,
+        its calls as positions), each exactly the term the use would get with its own copy of
+        ``p``; ``[G1 + G2 + ...]`` when every use sums ``p`` over positions (a tied bias)."""
+        ((name, p),) = capture.params.items()
+        if self.cross:
+            raise NotImplementedError(
+                f"curvlib: KFAC(cross_layer=True) does not support {capture.module}: the "
+                "cross-layer factors need one reduced vector per layer and sample. Use "
+                "cross_layer=False (its p.kfac is the sum of the uses' Kronecker terms)."
+            )
+        terms, rows = [], []
+        for u, n in capture.uses:
+            terms.append(self.compute(u)[n])
+            rows.append((self.count(u), None if u.summed(n) else u.orientation.act_index))
+        self.act_index.pop(id(p), None)  # (a nested value: no single activation factor)
+        if all(len(t) == 1 for t in terms):
+            return {name: [torch.stack([t[0] for t in terms]).sum(0)]}
+        if any(len(t) == 1 for t in terms):
+            raise NotImplementedError(
+                f"curvlib: KFAC of {capture.module}: some uses sum the parameter over positions "
+                "(a norm layer's scale or a bias, one factor) and some use it as a weight (two "
+                "factors); their sum has no Kronecker form. Use the exact extensions "
+                "(ExactBlockFisher, DiagGGN, GGNMP) for it."
+            )
+        total = self._tied_rows.get(id(p))
+        self._tied_rows[id(p)] = (total[0] if total is not None else rows, rows)
+        return {name: terms}
+
+    def _accumulate_tied(self, capture: LayerCapture, name: str, old: Any, new: Any) -> Any:
+        """The terms of several backwards: per term ``G`` adds up, ``A`` is weighted by rows."""
+        p = capture.params[name]
+        total, rows = self._tied_rows.get(id(p), ([], []))
+        if capture.uses is None or len(old) != len(new) or not isinstance(old[0], list) or [r[1] for r in total] != [r[1] for r in rows]:
+            raise ValueError(
+                f"curvlib: KFAC of {capture.module} over several backwards of one context: the "
+                "parameter's uses differ between the backwards (another set of layers used it), "
+                "so their Kronecker terms cannot be matched. Run the same model in every backward."
+            )
+        out = []
+        for (n0, ia), (n1, _), F_old, F_new in zip(total, rows, old, new):
+            term = [F_old[i] + F_new[i] if i != ia else (F_old[i] * n0 + F_new[i] * n1) / (n0 + n1) for i in range(2)]
+            out.append(term)
+        self._tied_rows[id(p)] = ([(n0 + n1, ia) for (n0, ia), (n1, _) in zip(total, rows)], rows)
+        return out
+
     def compute(self, capture: LayerCapture) -> Dict[str, Any]:
+        if capture.uses is not None:
+            return self._tied(capture)
         params, src, out = capture.params, self.source, {}
         G = None
         red = capture.reduction(self, src) if len(capture.calls) == 1 and self.cross is None else None

@@ -107,6 +107,12 @@ class KPSVD(KroneckerSVDExtension):
     def grouped_weight_terms(self, p: Tensor, capture: LayerCapture) -> List[List[Tensor]]:
         return self._grouped_terms(p, capture, self.rank)
 
+    def tied_weight_terms(self, p: Tensor, name: str, capture: LayerCapture) -> List[List[Tensor]]:
+        """A parameter used by several layers (weight tying): the best rank-``rank`` Kronecker
+        approximation of its exact block, from the per-sample gradients summed over the uses
+        (the grouped route with one group)."""
+        return [[g[0], a[0]] for g, a in self._grouped_terms(p, capture, self.rank, name=name)]
+
     def weight_terms(
         self, p: Tensor, capture: LayerCapture, block: RearrangedBlock, bias_block: Optional[Tensor]
     ) -> List[List[Tensor]]:

@@ -274,7 +274,8 @@ class KroneckerSVDExtension(Extension):
         raise NotImplementedError
 
     def _grouped_terms(
-        self, p: Tensor, capture: LayerCapture, rank: int, correction: Optional[Tuple[Tensor, Tensor]] = None
+        self, p: Tensor, capture: LayerCapture, rank: int, correction: Optional[Tuple[Tensor, Tensor]] = None,
+        name: str = "weight",
     ) -> List[List[Tensor]]:
         r"""Block form of a grouped layer (``B`` groups, weight rows of group ``b`` = block ``b``
         of ``p.shape[0]``): ``[[G_i [B, m, m], A_i [B, n, n]], ...]`` with, per group, the top
@@ -285,8 +286,8 @@ class KroneckerSVDExtension(Extension):
         rearranged ``R_b = sum_j X_jb ⊗ X_jb`` (re-indexed ``[m^2, n^2]``, minus
         ``vec(C0[b]) vec(C1[b])^T``) by one batched SVD when small (depthwise convolutions), else
         :func:`kronecker_svd` on its products per group."""
-        B = capture.structure().blocks
-        X = capture.per_sample_grads("weight", self.source)
+        B = capture.structure(name).blocks
+        X = capture.per_sample_grads(name, self.source)
         X = X.reshape(-1, B, p.shape[0] // B, p[0].numel())  # [M, B, m, n]
         key = (capture.module, "grouped")
         prev = self._joined.get(key)
@@ -327,9 +328,25 @@ class KroneckerSVDExtension(Extension):
         root = S.clamp_min(0).sqrt()[..., None, None]
         return [[g, a] for g, a in zip(U * root, V * root)]
 
+    def tied_weight_terms(self, p: Tensor, name: str, capture: LayerCapture) -> List[List[Tensor]]:
+        """The terms of a parameter used by several layers (weight tying, ``capture.uses``); by
+        default refused, naming the parameter."""
+        raise NotImplementedError(
+            f"curvlib: {type(self).__name__} does not support {capture.module}, which is used by "
+            f"{len(capture.uses)} layers (weight tying). Use KFAC (the sum of the uses' Kronecker "
+            "terms, inverted exactly by KroneckerInverse), KPSVD (the best Kronecker approximation "
+            "of the tied parameter's exact block) or the exact extensions (ExactBlockFisher, "
+            "DiagGGN, GGNMP)."
+        )
+
     def compute(self, capture: LayerCapture) -> Dict[str, Any]:
         out: Dict[str, Any] = {}
         params, bias_block, block = capture.params, None, None
+        if capture.uses is not None:  # a tied parameter (engine.tying): from per-sample gradients
+            ((name, p),) = params.items()
+            if capture.summed(name):
+                return self._summed_blocks(capture)
+            return {name: self.tied_weight_terms(p, name, capture)}
         if capture.has_summed_params:  # norm layers: exact blocks, one term each
             return self._summed_blocks(capture)
         grouped = "weight" in params and capture.structure().grouped

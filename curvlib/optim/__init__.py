@@ -6,7 +6,15 @@
 - :class:`Preconditioner`: the same core; ``step()`` replaces ``p.grad`` by the direction, to
   compose with any ``torch.optim`` optimizer.
 
-Curvatures (``curvature=``): see :mod:`curvlib.optim.curvatures`.
+Curvatures (``curvature=``): see :mod:`curvlib.optim.curvatures`. Every hyper-parameter, with
+its meaning: ``help(NaturalGradient)``, or :func:`curvlib.optim.hyperparams.markdown_table`.
+
+Modules: :mod:`~curvlib.optim.core` (the step template shared by all optimizers: generator,
+capture, plan / check / commit, checkpoints), :mod:`~curvlib.optim.running` (the running
+curvature and its damped inverse), :mod:`~curvlib.optim.curvatures` (one strategy class per
+curvature), :mod:`~curvlib.optim.hyperparams` (the hyper-parameter tables),
+:mod:`~curvlib.optim.state` (what an optimizer keeps), :mod:`~curvlib.optim.damping`,
+:mod:`~curvlib.optim.distributed`; one module per optimizer.
 """
 from curvlib.optim.cg_newton import CG_DEFAULTS, CGNewton
 from curvlib.optim.curvatures import CURVATURES

@@ -11,11 +11,11 @@ Per step and param group (docs/design.md §2), with ``g = p.grad``:
 - ``p <- p - lr d_p``; a parameter without curvature (its layer has no adapter) moves by
   ``-lr g_p``.
 
-Curvatures: ``"ggn"`` (GGN / Fisher of ``fisher_type``, :class:`~curvlib.extensions.GGNMP`;
-Schraudolph 2002, Martens 2010), ``"hessian"`` (:class:`~curvlib.extensions.HMP`),
-``"pch-abs"`` / ``"pch-clip"`` (positive-curvature Hessian, :class:`~curvlib.extensions.PCHMP`;
-Chen et al. 2019, "BDA-PCH"). This is BackPACK's CG-Newton example (Dangel et al. 2020) as an
-optimizer.
+Curvatures (:mod:`curvlib.optim.products`): ``"ggn"`` (GGN / Fisher of
+``fisher_type``, :class:`~curvlib.extensions.GGNMP`; Schraudolph 2002, Martens 2010),
+``"hessian"`` (:class:`~curvlib.extensions.HMP`), ``"pch-abs"`` / ``"pch-clip"``
+(positive-curvature Hessian, :class:`~curvlib.extensions.PCHMP`; Chen et al. 2019, "BDA-PCH").
+This is BackPACK's CG-Newton example (Dangel et al. 2020) as an optimizer.
 
 On an indefinite system (Hessian), CG stops at the first direction of non-positive curvature
 (:func:`curvlib.solvers.cg` with ``negative_curvature="stop"``): the direction is the CG iterate
@@ -35,50 +35,40 @@ with ``damping_mode="exact"``), block by block; it changes the CG path, not the 
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 from torch import Tensor
 
-from curvlib.extensions import GGNMP, HMP, KFAC
 from curvlib.extensions.base import FISHER_TYPES
-from curvlib.extensions.pchmp import PCHMP
-from curvlib.optim import state as st
-from curvlib.optim.preconditioner import CurvatureOptimizer, _Capture, _finite
-from curvlib.solvers import CGBlockError, KroneckerInverse, cg, cg_blocks
+from curvlib.optim.core import LR, CurvatureOptimizer, GroupPlan, StepPlan
+from curvlib.optim.products import CG_CURVATURES, kfac_inverse, restricted
+from curvlib.optim.hyperparams import HyperParameter, check_value, defaults_of, document, number, one_of
+from curvlib.solvers import CGBlockError, cg, cg_blocks
 
-CG_CURVATURES = ("ggn", "hessian", "pch-abs", "pch-clip")
-
-#: hyper-parameters of CGNewton and their defaults (BackPACK's CGNOptimizer's defaults)
-CG_DEFAULTS: Dict[str, Any] = dict(
-    curvature="ggn",
-    fisher_type="type-2",
-    damping=1e-2,
-    maxiter=100,
-    tol=1e-1,
-    atol=1e-8,
-    block_diagonal=True,
-    warm_start=False,
-    precondition=None,
-    pch_convention="paper",
+#: the hyper-parameters of CGNewton (the defaults are BackPACK's CGNOptimizer's)
+CG_HYPERPARAMETERS = (
+    HyperParameter("curvature", "str", "ggn", "the curvature blocks (module docstring)", one_of(*CG_CURVATURES)),
+    HyperParameter("fisher_type", "str", "type-2", "for `\"ggn\"`: `\"type-2\"` (exact GGN), `\"mc\"` or `\"empirical\"`",
+                   one_of(*FISHER_TYPES)),
+    HyperParameter("damping", "float", 1e-2, "`λ` added to the curvature", number(0, finite=True)),
+    HyperParameter("maxiter", "int", 100, "CG iterations at most (per system)", number(1, integer=True)),
+    HyperParameter("tol", "float", 1e-1, "CG stopping rule `||r|| <= max(tol ||g||, atol)`", number(0)),
+    HyperParameter("atol", "float", 1e-8, "CG absolute tolerance", number(0)),
+    HyperParameter("block_diagonal", "bool", True, "one CG per parameter (`True`) or one on the whole network"),
+    HyperParameter("warm_start", "bool", False, "start CG from the previous step's direction"),
+    HyperParameter("precondition", "str or None", None, "`\"kfac\"`: precondition CG with the damped KFAC inverse",
+                   one_of(None, "kfac")),
+    HyperParameter("pch_convention", "str", "paper",
+                   "`\"paper\"` (Chen et al.) or `\"backpack\"` (BackPACK 1.7.1's PCHMP), see `curvlib.extensions.PCHMP`",
+                   one_of("paper", "backpack")),
 )
 
-
-class _CGCapture(_Capture):
-    """``opt.capture()`` of :class:`CGNewton`: clears stale savefields, saves the generator."""
-
-    def __enter__(self):
-        opt = self.opt
-        self._begin()
-        for group in opt.param_groups:
-            for p in group["params"]:
-                for ext in self.extensions:
-                    p.__dict__.pop(ext.savefield, None)
-        self.ctx.__enter__()
-        return self.ctx
+#: hyper-parameters of CGNewton and their defaults (BackPACK's CGNOptimizer's defaults)
+CG_DEFAULTS: Dict[str, Any] = defaults_of(CG_HYPERPARAMETERS)
 
 
+@document
 class CGNewton(CurvatureOptimizer):
     r"""Newton-CG with GGN, Hessian or positive-curvature-Hessian products (module docstring).
 
@@ -90,254 +80,83 @@ class CGNewton(CurvatureOptimizer):
         for x, y in loader:
             opt.zero_grad()
             loss = loss_fn(model(x), y)
-            with opt.capture():
+            with opt.capture():   # every step needs one
                 loss.backward()
             opt.step()
-
-    Args:
-        params: parameters or param groups (dicts may override every keyword below).
-        lr: learning rate.
-        curvature: ``"ggn"``, ``"hessian"``, ``"pch-abs"`` or ``"pch-clip"``.
-        fisher_type: for ``"ggn"``: ``"type-2"`` (exact GGN), ``"mc"`` or ``"empirical"``.
-        damping: ``λ >= 0`` added to the curvature.
-        maxiter, tol, atol: CG stopping rule ``||r|| <= max(tol ||g||, atol)`` (per system).
-        block_diagonal: one CG per parameter (True) or one on the whole network (False).
-        warm_start: start CG from the previous step's direction.
-        precondition: ``None`` or ``"kfac"``.
-        pch_convention: ``"paper"`` (Chen et al.) or ``"backpack"`` (BackPACK 1.7.1's PCHMP), see
-            :class:`~curvlib.extensions.PCHMP`.
-        seed: seed of the generator for MC targets (``fisher_type="mc"``), saved in the state.
     """
+
+    hyperparameters = (LR,) + CG_HYPERPARAMETERS
+    kinds = CG_CURVATURES
+    direction_name = "Newton direction"
 
     def __init__(
         self, params, lr: float, seed: Optional[int] = None, *, process_group: Any = "auto",
         check_sync: bool = False, **hyper: Any,
     ):
-        if not (isinstance(lr, (int, float)) and lr >= 0):
-            raise ValueError(f"curvlib.optim.CGNewton: lr={lr!r} must be a number >= 0.")
+        check_value(LR, lr, self._where)
         unknown = set(hyper) - set(CG_DEFAULTS)
         if unknown:
             raise TypeError(
-                f"curvlib.optim.CGNewton: unknown arguments {sorted(unknown)}; the hyper-parameters are "
-                f"{sorted(CG_DEFAULTS)}."
+                f"{self._where}: unknown arguments {sorted(unknown)}; the hyper-parameters are {sorted(CG_DEFAULTS)}."
             )
         defaults = dict(CG_DEFAULTS, lr=lr)
         defaults.update(hyper)
-        self.last_cg: List[Dict[str, Any]] = []
         super().__init__(params, defaults, seed, process_group=process_group, check_sync=check_sync)
 
-    # ------------------------------------------------------------------ validation
-    def _validate(self, g: Dict[str, Any], gi: int) -> None:
-        where = f"curvlib.optim.CGNewton: param group {gi}"
-        if g["curvature"] not in CG_CURVATURES:
-            raise ValueError(f"{where}: curvature={g['curvature']!r}; use one of {CG_CURVATURES}.")
-        if g["fisher_type"] not in FISHER_TYPES:
-            raise ValueError(f"{where}: fisher_type={g['fisher_type']!r} is not one of {FISHER_TYPES}.")
-        if g["fisher_type"] != "type-2" and g["curvature"] != "ggn":
-            raise ValueError(f"{where}: fisher_type applies to curvature='ggn' only; leave it at 'type-2'.")
-        if not (isinstance(g["damping"], (int, float)) and g["damping"] >= 0 and math.isfinite(g["damping"])):
-            raise ValueError(f"{where}: damping={g['damping']!r} must be a finite number >= 0.")
-        if not (isinstance(g["maxiter"], int) and g["maxiter"] >= 1):
-            raise ValueError(f"{where}: maxiter={g['maxiter']!r} must be an int >= 1.")
-        for name in ("tol", "atol"):
-            if not (isinstance(g[name], (int, float)) and g[name] >= 0):
-                raise ValueError(f"{where}: {name}={g[name]!r} must be a number >= 0.")
-        if g["precondition"] not in (None, "kfac"):
-            raise ValueError(f"{where}: precondition={g['precondition']!r}; use None or 'kfac'.")
-        if g["pch_convention"] not in ("paper", "backpack"):
-            raise ValueError(f"{where}: pch_convention={g['pch_convention']!r}; use 'paper' or 'backpack'.")
-        if g["curvature"].startswith("pch") and not g["block_diagonal"]:
-            raise ValueError(
-                f"{where}: the positive-curvature Hessian is defined block by block (Chen et al.; "
-                "BackPACK's PCHMP); use block_diagonal=True, or curvature='ggn' for a whole-network system."
-            )
-
-    def _check_distributed(self, g: Dict[str, Any], gi: int) -> None:
-        if g["curvature"].startswith("pch"):
-            raise NotImplementedError(
-                f"curvlib.optim.CGNewton: param group {gi}: curvature={g['curvature']!r} cannot run "
-                "data-parallel: the positive-curvature Hessian modifies each batch's blocks (not linear in "
-                "the batch). Use 'ggn' or 'hessian' with torch.distributed, or process_group=None."
-            )
-
-    def _curvature_entries(self, k: int):
-        """Data-parallel: the KFAC factors of ``precondition="kfac"`` (averaged like
-        NaturalGradient's); the curvature products themselves are all-reduced in each CG iteration."""
-        kf = next((e for e in self._captured[1] if isinstance(e, KFAC)), None)
-        if kf is None:
-            return []
-        counts = self._capture_ctx.counts(kf)
-        out = []
-        for g in self.param_groups:
-            if g["precondition"] != "kfac":
-                continue
-            for p in g["params"]:
-                value = p.__dict__.get("kfac") if p.grad is not None else None
-                if value is not None:
-                    out.append((p, "kfac", value, self._roles("kfac", p, value, kf), counts.get(id(p), 1), True))
-        return out
+    @property
+    def last_cg(self) -> List[Dict[str, Any]]:
+        """One dict per CG solve of the last step (``opt.core.last_cg``)."""
+        return self.core.last_cg
 
     def _averaged(self, A: Callable) -> Callable:
-        """Data-parallel: ``v -> 1/W sum_r C_r v``, the product of the loss whose gradient the
-        optimizer averages (one all-reduce per product; every rank runs the same CG iterations)."""
-        dp = self._dp
-        if dp is None:
-            return A
+        dp = self.core.distributed
+        return A if dp is None else dp.averaged(A)
 
-        def apply(v):
-            out = A(v)
-            return dp.mean(list(out)) if isinstance(out, (list, tuple)) else dp.mean([out])[0]
-
-        return apply
-
-    # ------------------------------------------------------------------ capture
-    def _extensions(self, group: Dict[str, Any]) -> List[Any]:
-        c = group["curvature"]
-        if c == "ggn":
-            exts = [GGNMP(fisher_type=group["fisher_type"])]
-        elif c == "hessian":
-            exts = [HMP()]
-        else:
-            exts = [PCHMP(modify=c.split("-")[1], convention=group["pch_convention"])]
-        if group["precondition"] == "kfac":
-            ft = group["fisher_type"] if c == "ggn" else "type-2"
-            exts.append(KFAC(fisher_type=ft))
-        return exts
-
-    def _extensions_due(self, k: int) -> List[Any]:
-        exts: Dict[Any, Any] = {}
-        for g in self.param_groups:
-            for ext in self._extensions(g):
-                key = (ext.savefield, repr(ext))
-                if key in exts:
+    def _plan_group(self, plan: StepPlan, gp: GroupPlan, group: Mapping[str, Any]) -> None:
+        """One Newton-CG direction per parameter (new values in ``gp.values``)."""
+        record = self._require_capture(gp.index)
+        kind = self._kind(group)
+        product = next(e for e in record.extensions if e.savefield == kind.savefield)
+        kfac, lam = group["precondition"] == "kfac", float(group["damping"])
+        dirs: Dict[Tensor, Tensor] = {}
+        if group["block_diagonal"]:
+            systems = []  # one CG system per parameter with curvature, solved in one loop
+            for p, g, n in zip(gp.params, gp.grads, gp.names):
+                prod = p.__dict__.get(kind.savefield)
+                if prod is None:
+                    self._warn_plain(n, kind.name)
                     continue
-                if any(e.savefield == ext.savefield for e in exts.values()):
-                    raise ValueError(
-                        f"curvlib.optim.CGNewton: two param groups need different {ext.savefield!r} "
-                        "extensions; give all groups with that curvature the same fisher_type / modify."
-                    )
-                exts[key] = ext
-        return list(exts.values())
-
-    def capture(self):
-        """The ``curvlib.curvature`` context for this step's backward (every step needs one)."""
-        return _CGCapture(self, self._extensions_due(self._step), self._step)
-
-    # ------------------------------------------------------------------ step
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None):
-        """One Newton-CG step on the gradients and curvature of the last ``capture()``."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        try:
-            if self._captured is None or self._captured[0] != self._step:
-                raise RuntimeError(
-                    "curvlib.optim.CGNewton: no curvature was captured for this step. Run the backward "
-                    "inside `with opt.capture(): loss.backward()` (and call opt.step() once per capture)."
-                )
-            new_params, new_state, log = self._plan()
-        except BaseException:
-            self._fail()
-            raise
-        for p, v in new_params.items():
-            p.copy_(v)
-        for p, s in new_state.items():
-            self.state[p].update(s)
-        self.last_cg = log
-        self._groups[:] = [dict(g, last_cg=l) for g, l in zip(self._groups, self._group_logs(log))]
-        self._gen_before = None
-        self._captured = None
-        self._step += 1
-        return loss
-
-    def _group_logs(self, log: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-        out = []
-        for gi in range(len(self.param_groups)):
-            mine = [e for e in log if e["group"] == gi]
-            out.append({
-                "iterations": sum(e["iterations"] for e in mine),
-                "residual": max((e["residual"] for e in mine), default=0.0),
-                "negative_curvature": any(e["negative_curvature"] for e in mine),
-            })
-        return out
-
-    def _plan(self):
-        """New parameter values, state entries and CG log, computed without side effects."""
-        exts = self._captured[1]
-        if self._dp is not None:
-            self._sync(self._curvature_entries(self._step))
-        new_params: Dict[Tensor, Tensor] = {}
-        new_state: Dict[Tensor, Dict[str, Any]] = {}
-        log: List[Dict[str, Any]] = []
-        for gi, group in enumerate(self.param_groups):
-            idx = [i for i, p in enumerate(group["params"]) if p.grad is not None]
-            params = [group["params"][i] for i in idx]
-            grads = [p.grad for p in params]
-            bad = _first_nonfinite(grads)
-            if bad is not None:
-                raise FloatingPointError(
-                    f"curvlib.optim.CGNewton: the gradient of {self._name(gi, idx[bad], params[bad])} contains NaN "
-                    "or Inf; the step was not taken and parameters and optimizer state are unchanged. Skip this "
-                    "batch (opt.zero_grad()) or lower the learning rate."
-                )
-            names = [self._name(gi, i, p) for i, p in zip(idx, params)]
-            if not params:
-                continue
-            curv_ext = next(e for e in exts if e.savefield == self._extensions(group)[0].savefield)
-            field = curv_ext.savefield
-            kfac = group["precondition"] == "kfac"
-            lam = float(group["damping"])
-            dirs: Dict[Tensor, Tensor] = {}
-            if group["block_diagonal"]:
-                systems = []  # one CG system per parameter with curvature, solved in one loop
-                for p, g, n in zip(params, grads, names):
-                    prod = p.__dict__.get(field)
-                    if prod is None:
-                        self._warn_plain(n, group["curvature"])
-                        continue
-                    A = self._averaged(lambda v, prod=prod: prod(v.unsqueeze(0)).squeeze(0))  # damped by cg_blocks
-                    systems.append((p, g, n, A, _kfac_inverse(p, lam) if kfac else None))
-                for (p, g, n, _, _), (d, info) in zip(systems, self._solve_blocks(systems, group)):
+                A = self._averaged(lambda v, prod=prod: prod(v.unsqueeze(0)).squeeze(0))  # damped by cg_blocks
+                systems.append((p, g, n, A, kfac_inverse(p, lam) if kfac else None))
+            for (p, g, n, _, _), (d, info) in zip(systems, self._solve_blocks(systems, group)):
+                dirs[p] = d
+                plan.log.append(_entry(gp.index, [n], info))
+                plan.state[p] = _cg_state(info, d)
+        else:
+            op = product.operator()
+            inside = [p for p in gp.params if any(p is q for q in op.params)]
+            for p, n in zip(gp.params, gp.names):
+                if not any(p is q for q in inside):
+                    self._warn_plain(n, kind.name)
+            if inside:
+                A = _damped(self._averaged(restricted(op, inside)), lam)
+                Ms = [kfac_inverse(p, lam) for p in inside] if kfac else None
+                M = (lambda vs: [m(v) for m, v in zip(Ms, vs)]) if kfac else None
+                ds, info = self._solve(A, [p.grad for p in inside], inside, M, group, f"param group {gp.index}")
+                names = [n for p, n in zip(gp.params, gp.names) if any(p is q for q in inside)]
+                plan.log.append(_entry(gp.index, names, info))
+                for p, d in zip(inside, ds):
                     dirs[p] = d
-                    log.append(_entry(gi, [n], info))
-                    new_state[p] = _cg_state(info, d)
-            else:
-                op = curv_ext.operator()
-                inside = [p for p in params if any(p is q for q in op.params)]
-                for p, n in zip(params, names):
-                    if not any(p is q for q in inside):
-                        self._warn_plain(n, group["curvature"])
-                if inside:
-                    A = _damped(self._averaged(_restricted(op, inside)), lam)
-                    gs = [p.grad for p in inside]
-                    Ms = [_kfac_inverse(p, lam) for p in inside] if kfac else None
-                    M = (lambda vs: [m(v) for m, v in zip(Ms, vs)]) if kfac else None
-                    ds, info = self._solve(A, gs, inside, M, group, f"param group {gi}")
-                    log.append(_entry(gi, [n for p, n in zip(params, names) if any(p is q for q in inside)], info))
-                    for p, d in zip(inside, ds):
-                        dirs[p] = d
-                        new_state[p] = _cg_state(info, d)
-            lr = float(group["lr"])
-            ds = [dirs.get(p, g).to(p.dtype) for p, g in zip(params, grads)]
-            bad = _first_nonfinite(ds)
-            if bad is not None:
-                raise FloatingPointError(
-                    f"curvlib.optim.CGNewton: the Newton direction of {names[bad]} contains NaN or Inf; the step "
-                    "was not taken and state is unchanged. Increase damping or skip this batch."
-                )
-            news = torch._foreach_add([p.detach() for p in params], ds, alpha=-lr)
-            bad = _first_nonfinite(news)
-            if bad is not None:
-                raise FloatingPointError(
-                    f"curvlib.optim.CGNewton: the update of {names[bad]} is NaN or Inf; the step was not taken and "
-                    "state is unchanged. Lower the learning rate or increase damping."
-                )
-            new_params.update(zip(params, news))
-        return new_params, new_state, log
+                    plan.state[p] = _cg_state(info, d)
+        gp.dirs = [dirs.get(p, g).to(p.dtype) for p, g in zip(gp.params, gp.grads)]
+        gp.values = torch._foreach_add([p.detach() for p in gp.params], gp.dirs, alpha=-float(group["lr"]))
 
-    def _solve_blocks(self, systems, group) -> List[Tuple[Tensor, Any]]:
+    def _warm(self, params: List[Tensor], group: Mapping[str, Any]) -> List[Optional[Tensor]]:
+        """The previous directions (``warm_start``; ``None`` where there is none)."""
+        prev = [self.state.get(p, {}).get("direction") for p in params]
+        return [d if group["warm_start"] and d is not None and d.shape == p.shape else None for d, p in zip(prev, params)]
+
+    def _solve_blocks(self, systems, group) -> List[Any]:
         """One CG per parameter block (:func:`~curvlib.solvers.cg_blocks`: every block keeps its own
         CG scalars and stopping rule, all blocks of one dtype and device advance in one loop).
         ``systems``: ``(p, g, name, A, M)``; returns ``(d, info)`` in that order."""
@@ -346,11 +165,7 @@ class CGNewton(CurvatureOptimizer):
         for i, (_, g, _, _, _) in enumerate(systems):
             kinds.setdefault((g.dtype, g.device), []).append(i)
         for idx in kinds.values():
-            ps = [systems[i][0] for i in idx]
-            x0 = None
-            if group["warm_start"]:
-                prev = [self.state.get(p, {}).get("direction") for p in ps]
-                x0 = [d if d is not None and d.shape == p.shape else None for d, p in zip(prev, ps)]
+            x0 = self._warm([systems[i][0] for i in idx], group) if group["warm_start"] else None
             Ms = [systems[i][4] for i in idx]
             try:
                 ds, infos = cg_blocks(
@@ -367,11 +182,8 @@ class CGNewton(CurvatureOptimizer):
         return out
 
     def _solve(self, A, b, params, M, group, where):
-        x0 = None
-        if group["warm_start"]:
-            prev = [self.state.get(p, {}).get("direction") for p in params]
-            if all(d is not None and d.shape == p.shape for d, p in zip(prev, params)):
-                x0 = prev if isinstance(b, list) else prev[0]
+        prev = self._warm(params, group)
+        x0 = prev if all(d is not None for d in prev) else None
         try:
             return cg(
                 A, b, x0=x0, tol=float(group["tol"]), atol=float(group["atol"]), maxiter=int(group["maxiter"]),
@@ -381,8 +193,25 @@ class CGNewton(CurvatureOptimizer):
             _raise_if_nonfinite(e, group, where)
             raise
 
+    def _apply(self, plan: StepPlan) -> None:
+        for gp in plan.groups:
+            for p, v in zip(gp.params, gp.values or []):
+                p.copy_(v)
+        self.core.last_cg = plan.log
+        for gi, schedule in enumerate(plan.schedule):
+            schedule.last_cg = _totals([e for e in plan.log if e["group"] == gi])
 
-def _raise_if_nonfinite(e: Exception, group: dict, where: str) -> None:
+
+def _totals(log: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """A group's CG totals of one step (``opt.core.groups[i].last_cg``)."""
+    return {
+        "iterations": sum(e["iterations"] for e in log),
+        "residual": max((e["residual"] for e in log), default=0.0),
+        "negative_curvature": any(e["negative_curvature"] for e in log),
+    }
+
+
+def _raise_if_nonfinite(e: Exception, group: Mapping[str, Any], where: str) -> None:
     """A CG error caused by non-finite products (the solvers name NaN / Inf) as the optimizer's
     ``FloatingPointError``; other errors are left to the caller to re-raise."""
     if "NaN" in str(e) or "Inf" in str(e):
@@ -392,79 +221,24 @@ def _raise_if_nonfinite(e: Exception, group: dict, where: str) -> None:
         ) from e
 
 
-def _first_nonfinite(ts: List[Tensor]) -> Optional[int]:
-    """Index of the first tensor with a NaN or Inf entry (``None``: all finite): one stacked check
-    of the tensors' 1-norms (a non-finite norm, or tensors of mixed dtypes, are then checked one
-    by one, as an overflowing norm of finite entries is possible)."""
-    if not ts:
-        return None
-    try:
-        if bool(torch.isfinite(torch.stack(torch._foreach_norm(ts, 1))).all()):
-            return None
-    except RuntimeError:  # mixed dtypes or devices
-        pass
-    return next((i for i, t in enumerate(ts) if not _finite(t)), None)
-
-
 def _damped(A: Callable, lam: float) -> Callable:
-    """``v -> A v + λ v`` on a tensor or a list of tensors."""
-
-    def apply(v):
-        out = A(v)
-        if isinstance(v, list):
-            return [o + lam * t for o, t in zip(out, v)]
-        return out + lam * v
-
-    return apply
-
-
-def _restricted(op, params: List[Tensor]) -> Callable:
-    """The operator's block over ``params`` (a subset of ``op.params``, zero elsewhere)."""
-    if len(params) == len(op.params):
-        return lambda vs: op(list(vs))
-    idx = [next(i for i, q in enumerate(op.params) if q is p) for p in params]
-
-    def apply(vs):
-        full = [torch.zeros_like(q) for q in op.params]
-        for i, v in zip(idx, vs):
-            full[i] = v
-        out = op(full)
-        return [out[i] for i in idx]
-
-    return apply
-
-
-def _kfac_inverse(p: Tensor, lam: float) -> Optional[Callable]:
-    """``(kron(G, A) + λ I)^-1`` of ``p.kfac`` (exact damping; None without KFAC factors)."""
-    factors = p.__dict__.get("kfac")
-    if factors is None:
-        return lambda v: v
-    lam = lam if lam > 0 else 1e-8
-    P = KroneckerInverse(list(factors), lam, damping_mode="exact")
-    if p.ndim > 1:
-        return lambda v: P(v.reshape(p.shape[0], -1)).reshape(p.shape)
-    return P
+    """``v -> A v + λ v`` on a list of tensors."""
+    return lambda v: [o + lam * t for o, t in zip(A(v), v)]
 
 
 def _entry(gi: int, names: List[str], info) -> Dict[str, Any]:
     return {
-        "group": gi,
-        "params": names,
-        "iterations": int(info.iterations),
-        "residual": float(info.residual_norm),
-        "converged": bool(info.converged),
-        "negative_curvature": bool(getattr(info, "negative_curvature", False)),
+        "group": gi, "params": names, "iterations": int(info.iterations), "residual": float(info.residual_norm),
+        "converged": bool(info.converged), "negative_curvature": bool(getattr(info, "negative_curvature", False)),
     }
 
 
 def _cg_state(info, d) -> Dict[str, Any]:
     return {
-        "cg_iterations": int(info.iterations),
-        "cg_residual": float(info.residual_norm),
-        "cg_converged": bool(info.converged),
-        "cg_negative_curvature": bool(getattr(info, "negative_curvature", False)),
+        "cg_iterations": int(info.iterations), "cg_residual": float(info.residual_norm),
+        "cg_converged": bool(info.converged), "cg_negative_curvature": bool(getattr(info, "negative_curvature", False)),
         "direction": d.detach().clone() if isinstance(d, Tensor) else d,
     }
 
 
-__all__ = ["CGNewton", "CG_DEFAULTS", "CG_CURVATURES"]
+__all__ = ["CGNewton", "CG_DEFAULTS", "CG_HYPERPARAMETERS", "CG_CURVATURES"]

@@ -1,11 +1,27 @@
-r"""One small class per curvature of :class:`~curvlib.optim.NaturalGradient`.
+r"""The kinds of curvature the ``curvature=`` hyper-parameter names: one small strategy class each.
 
-Each class says which extension(s) the curvature needs (:meth:`Curvature.extensions`), how a
-parameter's new curvature is read from its savefield (:meth:`Curvature.read`), how the running
-curvature mixes with it (:meth:`Curvature.mix`, an exponential moving average), how the damped
-inverse is built from it (:meth:`Curvature.inverse`, a :class:`Solve` over the group's
-parameters) and how the curvature multiplies a vector (:meth:`Curvature.mvp`, for the quadratic
-model of Levenberg–Marquardt damping).
+A :class:`CurvatureKind` is everything that depends on which curvature a param group uses, so
+that the optimizer core (:mod:`curvlib.optim.core`, :mod:`curvlib.optim.running`) branches on no
+curvature name. (The class is called a *kind* so that "curvature" names one thing in
+:mod:`curvlib.optim`: the hyper-parameter whose values are the kinds' names; the capture
+context is ``curvlib.curvature``, the per-parameter state the ``running`` curvature.) Each kind
+says
+
+- which options it reads beyond the core's hyper-parameters (:attr:`CurvatureKind.options`,
+  rows of the optimizer's table) and how it checks a group (:meth:`CurvatureKind.validate`);
+- which extension(s) it needs (:meth:`CurvatureKind.extensions`), what it prepares on the
+  extensions before a capture (:meth:`CurvatureKind.before_capture`: KPSVD warm starts) and
+  what it keeps from them after (:meth:`CurvatureKind.after_read`);
+- how a parameter's new curvature is read from its savefield (:meth:`CurvatureKind.read`), how
+  the running curvature mixes with it (:meth:`CurvatureKind.mix`, an exponential moving
+  average), how the damped inverse is built from it (:meth:`CurvatureKind.inverse`, a
+  :class:`Solve` over the group's parameters), which per-step quantities the solve takes
+  (:meth:`CurvatureKind.extras`: two-level's whole-network operator) and how the curvature
+  multiplies a vector (:meth:`CurvatureKind.mvp`, for Levenberg–Marquardt damping);
+- whether it can run data-parallel and which savefields are averaged across processes.
+
+The kinds of :class:`~curvlib.optim.CGNewton` (exact products, no running curvature) are in
+:mod:`curvlib.optim.products`.
 
 A curvature value (``C`` below) is what the optimizer stores per parameter: a tensor or a
 (nested) list of tensors, so that ``state_dict()`` stays loadable with ``weights_only=True``.
@@ -30,30 +46,17 @@ factors of the latest curvature batch (a moving average of ``U^T U`` has no fixe
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, ClassVar, Dict, List, Optional
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from curvlib.extensions import DiagGGN, GGNMP, GradFactors, KFAC, KFACCorrected, KPSVD
+from curvlib.extensions import GGNMP, DiagGGN, GradFactors, KFAC, KFACCorrected, KPSVD, SubBatch
 from curvlib.extensions.base import Extension
+from curvlib.optim.hyperparams import HyperParameter, Rule, one_of
+from curvlib.optim.tensors import Value, tree_leaves, tree_map
 from curvlib.solvers import KroneckerInverse, kron_matvec, two_level_direction, woodbury_solve, woodbury_solve_blocks
-
-Value = Any  # a tensor or a nested list of tensors
-
-
-def tree_map(fn: Callable[..., Tensor], *trees: Value) -> Value:
-    """Apply ``fn`` leaf-wise to tensors in equally nested lists."""
-    first = trees[0]
-    if isinstance(first, Tensor):
-        return fn(*trees)
-    return [tree_map(fn, *parts) for parts in zip(*trees)]
-
-
-def tree_leaves(tree: Value) -> List[Tensor]:
-    if isinstance(tree, Tensor):
-        return [tree]
-    return [t for part in tree for t in tree_leaves(part)]
+from curvlib.solvers.two_level import COARSE_FORMS, COARSE_SPACES
 
 
 def _as_matrix(p: Tensor, v: Tensor) -> Tensor:
@@ -79,8 +82,14 @@ class Solve:
         return self.fn(grads, extras or {})
 
 
-class Curvature:
-    """Base class (see the module docstring)."""
+def unwrap(ext: Any) -> Any:
+    """The extension a :class:`~curvlib.extensions.SubBatch` wraps (or ``ext`` itself)."""
+    return ext.inner if isinstance(ext, SubBatch) else ext
+
+
+class CurvatureKind:
+    """Base class (see the module docstring); the defaults are those of a curvature without
+    options, warm starts or per-step quantities."""
 
     name: ClassVar[str] = ""
     #: the damping is shared between two Kronecker factors (``damping_mode="pi"`` applies)
@@ -92,11 +101,31 @@ class Curvature:
     #: the curvature of a concatenated batch is a known combination of the per-process ones
     #: (:mod:`curvlib.optim.distributed`), so the optimizer can run data-parallel
     distributed: ClassVar[bool] = False
+    #: why not (when not :attr:`distributed`), for the error message
+    not_distributed: ClassVar[str] = (
+        "the curvature of the concatenated batch is not a combination of the per-process ones (a best "
+        "Kronecker approximation, a whole-network operator or per-sample factors)"
+    )
+    #: square leaves of the captured values are symmetric (data-parallel: sent as triangles)
+    symmetric: ClassVar[bool] = True
+    #: the hyper-parameters this kind reads beyond the optimizer's own (rows of its table)
+    options: ClassVar[Tuple[HyperParameter, ...]] = ()
 
-    def extensions(self, group: Dict[str, Any]) -> List[Extension]:
+    def validate(self, group: Mapping[str, Any], where: str) -> None:
+        """Raise ``ValueError(f"{where}: ...")`` if ``group`` cannot use this kind (checks that
+        involve the kind; the table's rules have passed)."""
+
+    def extensions(self, group: Mapping[str, Any]) -> List[Extension]:
         raise NotImplementedError
 
-    def read(self, p: nn.Parameter, group: Dict[str, Any]) -> Optional[Value]:
+    def averaged_fields(self, group: Mapping[str, Any]) -> Tuple[str, ...]:
+        """Data-parallel: the savefields averaged across processes after a capture."""
+        return (self.savefield,)
+
+    def before_capture(self, p: nn.Parameter, state: Mapping[str, Any], extensions: List[Extension]) -> None:
+        """Prepare the capture's ``extensions`` for ``p`` (``state``: ``opt.state[p]``)."""
+
+    def read(self, p: nn.Parameter, group: Mapping[str, Any]) -> Optional[Value]:
         """``p``'s new curvature from its savefield (``None``: the layer has no adapter)."""
         value = p.__dict__.get(self.savefield)
         return None if value is None else self.convert(p, value)
@@ -104,12 +133,20 @@ class Curvature:
     def convert(self, p: nn.Parameter, value: Value) -> Value:
         return value
 
+    def after_read(self, p: nn.Parameter, extensions: List[Extension]) -> Dict[str, Any]:
+        """Entries of ``opt.state[p]`` to keep from the capture's ``extensions``."""
+        return {}
+
+    def extras(self, group: Mapping[str, Any], extensions: List[Extension]) -> Dict[str, Any]:
+        """Per-step quantities of a capture step for :class:`Solve` (``extras``)."""
+        return {}
+
     def mix(self, old: Value, new: Value, decay: float) -> Value:
         """``decay * old + (1 - decay) * new``, out of place."""
         return tree_map(lambda a, b: a.mul(decay).add_(b, alpha=1.0 - decay), old, new)
 
     def inverse(
-        self, params: List[nn.Parameter], curvs: List[Value], damping: float, damping_mode: str, group: Dict[str, Any]
+        self, params: List[nn.Parameter], curvs: List[Value], damping: float, damping_mode: str, group: Mapping[str, Any]
     ) -> Solve:
         raise NotImplementedError
 
@@ -140,7 +177,7 @@ def _terms(value: Value) -> List[List[Tensor]]:
     return [value] if isinstance(value[0], Tensor) else value
 
 
-class KroneckerCurvature(Curvature):
+class KroneckerKind(CurvatureKind):
     """Curvatures given as sums of Kronecker products, inverted by :class:`KroneckerInverse`."""
 
     kronecker = True
@@ -161,7 +198,7 @@ class KroneckerCurvature(Curvature):
         return [kron_matvec(_terms(c), _as_matrix(p, v)).reshape(p.shape) for p, c, v in zip(params, curvs, vs)]
 
 
-class KFACCurvature(KroneckerCurvature):
+class KFACKind(KroneckerKind):
     """``kfac``: ``C_p = kron(G, A)`` (Martens & Grosse 2015)."""
 
     name = "kfac"
@@ -172,30 +209,52 @@ class KFACCurvature(KroneckerCurvature):
         return [KFAC(group["fisher_type"], group["mc_samples"], group["kfac_approx"])]
 
 
-class KPSVDCurvature(KroneckerCurvature):
+RANK = HyperParameter(
+    "rank", "int or None", None, "Kronecker terms of `kpsvd` (default 1), `deflation` and `lanczos` (default 2)",
+    Rule(lambda v, g: True, "None, 1 or 2 (checked by the KPSVD curvatures)"),
+)
+
+
+class KPSVDKind(KroneckerKind):
     """``kpsvd`` / ``deflation`` / ``lanczos``: ``C_p = sum_i kron(G_i, A_i)``, the best
-    rank-``rank`` Kronecker approximation of the exact block (Koroko et al. 2022)."""
+    rank-``rank`` Kronecker approximation of the exact block (Koroko et al. 2022); each capture
+    starts from the previous left factors (warm start, kept in ``state[p]["kpsvd_warm"]``)."""
 
     savefield = "kpsvd"
+    options = (RANK,)
 
     def __init__(self, name: str, method: str, rank: int):
         self.name, self.method, self.default_rank = name, method, rank
 
     def rank(self, group) -> int:
         r = group.get("rank")
-        r = self.default_rank if r is None else int(r)
+        return self.default_rank if r is None else int(r)
+
+    def validate(self, group, where):
+        r = self.rank(group)
         if not 1 <= r <= 2:
             raise ValueError(
-                f"curvlib.optim: curvature={self.name!r} with rank={r}: the Kronecker inverse handles one "
-                "or two terms; use rank=1 or rank=2."
+                f"{where}: curvature={self.name!r} with rank={r}: the Kronecker inverse handles one or two "
+                "terms; use rank=1 or rank=2."
             )
-        return r
 
     def extensions(self, group):
         return [KPSVD(group["fisher_type"], group["mc_samples"], rank=self.rank(group), method=self.method)]
 
+    def before_capture(self, p, state, extensions):
+        for ext in map(unwrap, extensions):
+            if isinstance(ext, KPSVD):
+                ext.set_warm_factors(p, state.get("kpsvd_warm"))
 
-class KFACCorrectedCurvature(KroneckerCurvature):
+    def after_read(self, p, extensions):
+        out = {}
+        for ext in map(unwrap, extensions):
+            if isinstance(ext, KPSVD) and ext.warm_factors(p) is not None:
+                out["kpsvd_warm"] = ext.warm_factors(p)
+        return out
+
+
+class KFACCorrectedKind(KroneckerKind):
     """``kfac-corrected``: ``C_p = kron(G, A) + kron(S, R)`` (Koroko et al. 2022)."""
 
     name = "kfac-corrected"
@@ -205,7 +264,21 @@ class KFACCorrectedCurvature(KroneckerCurvature):
         return [KFACCorrected(group["fisher_type"], group["mc_samples"], group["kfac_approx"])]
 
 
-class TwoLevelCurvature(KFACCurvature):
+TWO_LEVEL_OPTIONS = (
+    HyperParameter("coarse_space", "str", "nicolaides", "two-level: the coarse space", one_of(*COARSE_SPACES)),
+    HyperParameter("krylov", "bool", False,
+                   "two-level: add a Krylov vector per layer (`P_l z_l`, the one-level inverse applied to the first)"),
+    HyperParameter("coarse_damping", "float", 0.0, "two-level: added to the coarse matrix"),
+    HyperParameter(
+        "coarse_form", "str", "additive",
+        "two-level: `\"additive\"` (`d1 + R0^T A0^-1 R0 g`, the paper's) or `\"multiplicative\"` "
+        "(`d1 + R0^T A0^-1 R0 (g - (F + λI) d1)`)",
+        one_of(*COARSE_FORMS),
+    ),
+)
+
+
+class TwoLevelKind(KFACKind):
     """``two-level``: KFAC plus a coarse correction with the exact whole-network curvature
     products of the capture step (Tselepidis, Kohler & Orvieto 2020; Koroko et al. 2023):
     ``coarse_space``, ``krylov``, ``coarse_damping`` and ``coarse_form`` (``"additive"``, the
@@ -219,11 +292,28 @@ class TwoLevelCurvature(KFACCurvature):
 
     name = "two-level"
     distributed = False  # the coarse operator is the whole network's on the local batch
+    options = TWO_LEVEL_OPTIONS
 
     def extensions(self, group):
         tps = group["coarse_space"] == "tpselepedis"
         kfac = KFAC(group["fisher_type"], group["mc_samples"], group["kfac_approx"], cross_layer=tps)
         return [kfac, GGNMP(group["fisher_type"], group["mc_samples"])]
+
+    def extras(self, group, extensions):
+        exts = [unwrap(e) for e in extensions]
+        ggn = [e for e in exts if isinstance(e, GGNMP)]
+        if not ggn:
+            raise RuntimeError(
+                "curvlib.optim: two-level needs the whole-network GGN operator of the capture step; "
+                "run the backward inside `with opt.capture():`."
+            )
+        extras: Dict[str, Any] = {"operator": ggn[0].operator()}
+        if group["coarse_space"] == "tpselepedis":
+            kf = [e for e in exts if isinstance(e, KFAC) and e.cross is not None]
+            if not kf:
+                raise RuntimeError("curvlib.optim: two-level 'tpselepedis' needs KFAC(cross_layer=True) in the capture.")
+            extras["cross"] = kf[0].cross
+        return extras
 
     def inverse(self, params, curvs, damping, damping_mode, group):
         one_level = super().inverse(params, curvs, damping, damping_mode, group)
@@ -277,12 +367,13 @@ class TwoLevelCurvature(KFACCurvature):
 # ---------------------------------------------------------------- diagonal and exact
 
 
-class DiagCurvature(Curvature):
+class DiagKind(CurvatureKind):
     """``diag``: ``C_p = diag(F_p)`` of the chosen fisher_type; ``(d + λ)^-1 g``."""
 
     name = "diag"
     savefield = "diag_ggn"
     distributed = True
+    symmetric = False  # a diagonal shaped like its parameter: no factor to send as a triangle
 
     def extensions(self, group):
         return [DiagGGN(group["fisher_type"], group["mc_samples"])]
@@ -300,7 +391,7 @@ class DiagCurvature(Curvature):
         return [d * v for d, v in zip(curvs, vs)]
 
 
-class ExactNGCurvature(Curvature):
+class ExactNGKind(CurvatureKind):
     """``exact-ng`` (whole group) / ``exact-ng-blocks`` (per parameter): the exact damped
     natural gradient ``(F + λ I)^-1 g`` by Woodbury on the per-sample gradient factors
     (``F = U^T U``, Ren & Goldfarb 2019)."""
@@ -310,6 +401,10 @@ class ExactNGCurvature(Curvature):
 
     def __init__(self, name: str, blocks: bool):
         self.name, self.blocks = name, blocks
+
+    def validate(self, group, where):
+        if group["damping"] <= 0:
+            raise ValueError(f"{where}: curvature={self.name!r} needs damping > 0 (Woodbury identity).")
 
     def extensions(self, group):
         return [GradFactors(group["fisher_type"], group["mc_samples"], reuse_buffers=False)]
@@ -344,32 +439,39 @@ class ExactNGCurvature(Curvature):
         return [(U.T @ c).reshape(v.shape) for U, v in zip(Us, vs)]
 
 
-CURVATURES: Dict[str, Curvature] = {
-    c.name: c
-    for c in (
-        KFACCurvature(),
-        KPSVDCurvature("kpsvd", "power", 1),
-        KPSVDCurvature("deflation", "deflation", 2),
-        KPSVDCurvature("lanczos", "lanczos", 2),
-        KFACCorrectedCurvature(),
-        TwoLevelCurvature(),
-        DiagCurvature(),
-        ExactNGCurvature("exact-ng", blocks=False),
-        ExactNGCurvature("exact-ng-blocks", blocks=True),
-    )
-}
+#: the kinds of :class:`~curvlib.optim.NaturalGradient` (and Preconditioner, NoisyNaturalGradient)
+CURVATURES: Dict[str, CurvatureKind] = {k.name: k for k in (
+    KFACKind(),
+    KPSVDKind("kpsvd", "power", 1),
+    KPSVDKind("deflation", "deflation", 2),
+    KPSVDKind("lanczos", "lanczos", 2),
+    KFACCorrectedKind(),
+    TwoLevelKind(),
+    DiagKind(),
+    ExactNGKind("exact-ng", blocks=False),
+    ExactNGKind("exact-ng-blocks", blocks=True),
+)}
 
 
-def curvature_for(name: Optional[str]) -> Optional[Curvature]:
-    """The :class:`Curvature` called ``name`` (``None``: plain momentum SGD)."""
+def kind_for(name: Optional[str], kinds: Mapping[str, CurvatureKind] = CURVATURES) -> Optional[CurvatureKind]:
+    """The :class:`CurvatureKind` called ``name`` in ``kinds`` (``None``: no curvature, the
+    plain momentum-SGD step)."""
     if name is None:
         return None
-    if name not in CURVATURES:
-        raise ValueError(
-            f"curvlib.optim: unknown curvature {name!r}; use one of {sorted(CURVATURES)} or None "
-            "(plain momentum SGD for the group)."
-        )
-    return CURVATURES[name]
+    if name not in kinds:
+        raise ValueError(f"curvlib.optim: unknown curvature {name!r}; use one of {sorted(kinds)}.")
+    return kinds[name]
 
 
-__all__ = ["Curvature", "CURVATURES", "curvature_for", "Solve", "tree_map", "tree_leaves"]
+def options_of(kinds: Mapping[str, CurvatureKind]) -> Tuple[HyperParameter, ...]:
+    """The options the ``kinds`` declare (each once, in order): rows of the optimizer's table."""
+    out: Dict[str, HyperParameter] = {}
+    for kind in kinds.values():
+        for hp in kind.options:
+            out.setdefault(hp.name, hp)
+    return tuple(out.values())
+
+
+__all__ = [
+    "CurvatureKind", "CURVATURES", "kind_for", "options_of", "unwrap", "Solve", "tree_map", "tree_leaves",
+]

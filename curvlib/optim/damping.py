@@ -23,13 +23,14 @@ from typing import List, Tuple
 
 import torch
 
-from curvlib.optim.curvatures import Curvature, Solve, tree_leaves, tree_map
+from curvlib.optim.curvatures import CurvatureKind, Solve
+from curvlib.optim.tensors import tree_leaves, tree_map
 
 RETRY_FACTORS = (10.0, 100.0, 1000.0)
 
 
 def robust_inverse(
-    curv: Curvature, params, curvs, damping: float, damping_mode: str, group, where: str
+    curv: CurvatureKind, params, curvs, damping: float, damping_mode: str, group, where: str
 ) -> Tuple[Solve, float]:
     """Build ``curv``'s damped inverse, retrying in float64 and then with larger damping.
 

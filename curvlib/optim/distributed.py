@@ -50,15 +50,24 @@ per rank of the inverses it built. Each inverse is thus computed once in the gro
 hits a non-finite gradient or curvature (before any update, so no rank is half-updated), and the
 same ``RuntimeError`` when a rank cannot build an inverse it owns. The optimizer must be stepped
 on every rank in the same way (same calls, same param groups and hyper-parameters).
+
+**The optimizer's side** (the functions at the end of this module): :func:`check_group` refuses
+curvatures that cannot run data-parallel (:attr:`CurvatureKind.distributed`), :func:`synchronize`
+runs (1) and (2) at the start of a step's plan on the savefields each group's curvature kind
+names (:meth:`CurvatureKind.averaged_fields`), and :func:`build_inverse` runs (3).
 """
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from curvlib.optim.curvatures import CurvatureKind, unwrap
+from curvlib.optim.damping import robust_inverse
+from curvlib.optim.tensors import finite, tree_leaves
 
 AUTO = "auto"
 
@@ -211,6 +220,17 @@ class DataParallel:
             return None
         t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
         return float(self._all_reduce(t)) / self.world
+
+    def averaged(self, A: Callable) -> Callable:
+        """``v -> 1/W sum_r A_r v`` for a product ``A`` (a tensor or a list of tensors): the
+        product of the loss whose gradient the optimizer averages (one all-reduce per product;
+        every rank runs the same CG iterations)."""
+
+        def apply(v):
+            out = A(v)
+            return self.mean(list(out)) if isinstance(out, (list, tuple)) else self.mean([out])[0]
+
+        return apply
 
     def seed(self, gen: torch.Generator, source: torch.Generator) -> None:
         """Seed the capture generator ``gen`` from the shared ``source`` and the rank."""
@@ -373,4 +393,96 @@ class DataParallel:
         return parts, used_all
 
 
-__all__ = ["AUTO", "DataParallel", "data_parallel", "assign", "pack", "unpack", "LOSS", "ROWS"]
+# ---------------------------------------------------------------- the optimizer's side
+
+
+def check_group(opt: Any, group: Mapping[str, Any], gi: int) -> None:
+    """Refuse a param group whose curvature cannot run data-parallel."""
+    kind = opt._kind(group)
+    if kind is not None and not kind.distributed:
+        ok = [name for name, k in opt.kinds.items() if k.distributed]
+        raise NotImplementedError(
+            f"{opt._where}: param group {gi}: curvature={kind.name!r} cannot run data-parallel yet: "
+            f"{kind.not_distributed}. Use curvature={' or '.join(map(repr, ok))} with torch.distributed, or "
+            "process_group=None to run each process on its own."
+        )
+
+
+def roles(field: str, p: Tensor, value: Any, ext: Any) -> List[str]:
+    """:data:`LOSS` / :data:`ROWS` per leaf of ``p``'s captured ``value`` (module docstring)."""
+    if not isinstance(value, list) or len(value) == 1:
+        return [LOSS]
+    ia = getattr(ext, "act_index", {}).get(id(p))
+    if ia is None:
+        raise RuntimeError(
+            f"curvlib.optim: cannot tell which factor of the captured {field!r} curvature of a parameter of "
+            f"shape {tuple(p.shape)} is the activation factor A; data-parallel averaging needs it."
+        )
+    return [ROWS if i == ia else LOSS for i in range(len(value))]
+
+
+def curvature_entries(opt: Any) -> List[Tuple[Tensor, str, Any, List[str], int, bool]]:
+    """This step's captured curvature to average: ``(p, savefield, value, roles, rows, sym)``."""
+    record = opt._captured()
+    if record is None:
+        return []
+    out = []
+    for gi, group in enumerate(opt.param_groups):
+        if not opt._due(gi, record.step):
+            continue
+        kind: CurvatureKind = opt._kind(group)
+        for field in kind.averaged_fields(group):
+            ext = next((e for e in record.extensions if e.savefield == field), None)
+            counts = record.context.counts(ext) if ext is not None else {}
+            for p in group["params"]:
+                value = p.__dict__.get(field) if p.grad is not None else None
+                if value is None:
+                    continue
+                out.append((p, field, value, roles(field, p, value, unwrap(ext)), counts.get(id(p), 1), kind.symmetric))
+    return out
+
+
+def synchronize(opt: Any) -> None:
+    """Agree on failures, then average the gradients (when not synchronized by DDP) and the
+    captured curvature in one bucket, in place (``p.grad`` and the savefields)."""
+    dp, k = opt.core.distributed, opt.core.step
+    entries = curvature_entries(opt)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    with_grad = [p for p in params if p.grad is not None]
+    bad = any(not finite(p.grad) for p in with_grad) or any(not finite(t) for e in entries for t in tree_leaves(e[2]))
+    layout = sum(p.grad.numel() for p in with_grad) + sum(t.numel() for e in entries for t in tree_leaves(e[2]))
+    synced = dp.agree(k, bad, layout, [p.grad for p in with_grad], params)
+    grads, values = dp.reduce([p.grad for p in with_grad], [e[2:] for e in entries], not synced)
+    if not synced:
+        for p, g in zip(with_grad, grads):
+            p.grad.copy_(g)
+    for e, v in zip(entries, values):
+        setattr(e[0], e[1], v)
+
+
+def build_inverse(dp: Optional[DataParallel], kind: CurvatureKind, params, sources, lam: float, mode: str, group,
+                  where: str):
+    """``robust_inverse``; data-parallel: each parameter's inverse built on one rank (by cost)
+    and broadcast. Returns ``(solve, damping_used)``."""
+    if dp is None:
+        return robust_inverse(kind, params, sources, lam, mode, group, where)
+
+    def build(i):
+        solve, used = robust_inverse(kind, [params[i]], [sources[i]], lam, mode, group, where)
+        return solve.parts[0], used
+
+    def terms_of(value, dtype):
+        if not isinstance(value, list):
+            return None
+        terms = [value] if isinstance(value[0], Tensor) else value
+        return [[t.to(dtype) for t in term] for term in terms]
+
+    costs = [kind.inverse_cost(c, mode) for c in sources]
+    parts, used = dp.sharded_inverses(build, sources, costs, terms_of)
+    return kind.solve_from_parts(params, parts), used
+
+
+__all__ = [
+    "AUTO", "DataParallel", "data_parallel", "assign", "pack", "unpack", "LOSS", "ROWS", "check_group", "synchronize",
+    "curvature_entries", "build_inverse",
+]

@@ -36,39 +36,55 @@ from typing import Any, Callable, Iterator, List, Optional
 import torch
 from torch import Tensor
 
+from curvlib.optim.core import CHECK_SYNC, PROCESS_GROUP, SEED
+from curvlib.optim.hyperparams import REQUIRED, HyperParameter, Rule, check_value, document, number, replace_entries
 from curvlib.optim.natural_gradient import NaturalGradient
 
-#: hyper-parameters that the variational model fixes
-_FIXED = ("damping", "damping_mode", "weight_decay", "weight_decay_mode", "adaptive_damping")
+#: the hyper-parameters that the variational model fixes: (value, meaning) as the docs show them
+_FIXED_AS = {
+    "damping": ("λ", "fixed by the prior: `λ = kl_weight · prior_precision / dataset_size`"),
+    "damping_mode": ('"exact"', "fixed: `C + λ I`"),
+    "weight_decay": ("λ", "fixed: `λ μ`, the prior's gradient"),
+    "weight_decay_mode": ('"l2"', "fixed: added to the gradient before preconditioning"),
+    "adaptive_damping": ("False", "fixed: the damping is the prior's"),
+}
+_FIXED = tuple(_FIXED_AS)
+
+DATASET_SIZE = HyperParameter(
+    "dataset_size", "int", REQUIRED, "`N`, the number of training examples (the loss is a mean over a batch)",
+    number(1, integer=True),
+)
+PRIOR_PRECISION = HyperParameter(
+    "prior_precision", "float", REQUIRED, "precision `α` of the Gaussian prior `N(0, α^-1 I)`",
+    number(0, low_open=True, finite=True),
+)
+KL_WEIGHT = HyperParameter("kl_weight", "float", 1.0, "weight of the KL term (1: the ELBO; < 1 tempers the posterior)",
+                           number(0, low_open=True, finite=True))
+CURVATURE = HyperParameter("curvature", "str", "kfac", "`\"kfac\"` (noisy K-FAC) or `\"diag\"` (VOGN)",
+                           Rule(lambda v, g: v in ("kfac", "diag"), "\"kfac\" or \"diag\"",
+                                "{name}={value!r}; use 'kfac' (noisy K-FAC) or 'diag' (VOGN)."))
 
 
+@document
 class NoisyNaturalGradient(NaturalGradient):
-    """Noisy natural gradient / VOGN (module docstring).
+    """Noisy natural gradient / VOGN (module docstring): :class:`NaturalGradient` with damping and
+    weight decay fixed by the prior, and :meth:`sample` / :meth:`predict` for the posterior."""
 
-    Args:
-        params: parameters or param groups.
-        lr: learning rate.
-        dataset_size: ``N``, the number of training examples (the loss is a mean over a batch).
-        prior_precision: precision ``α`` of the Gaussian prior ``N(0, α^-1 I)``.
-        kl_weight: weight of the KL term (1: the ELBO; < 1 tempers the posterior).
-        mc_samples: MC targets per datum of ``fisher_type="mc"``.
-        curvature: ``"kfac"`` (noisy K-FAC) or ``"diag"`` (VOGN).
-        **hyper: other :class:`NaturalGradient` hyper-parameters (fisher_type, ema_decay, T_cov,
-            T_inv, momentum, ...); damping and weight decay are fixed by the prior.
-    """
+    hyperparameters = replace_entries(
+        NaturalGradient.hyperparameters,
+        curvature=dict(meaning=CURVATURE.meaning + " (the constructor's argument)"),
+        **{name: dict(default_text=value, meaning=meaning) for name, (value, meaning) in _FIXED_AS.items()},
+    )
+    arguments = (DATASET_SIZE, PRIOR_PRECISION, KL_WEIGHT, SEED, PROCESS_GROUP, CHECK_SYNC)
 
     def __init__(
         self, params, lr: float, dataset_size: int, prior_precision: float, kl_weight: float = 1.0,
         mc_samples: int = 1, curvature: str = "kfac", seed: Optional[int] = None, **hyper: Any,
     ):
-        where = "curvlib.optim.NoisyNaturalGradient"
-        if not (isinstance(dataset_size, int) and dataset_size >= 1):
-            raise ValueError(f"{where}: dataset_size={dataset_size!r} must be an int >= 1.")
-        for name, v in (("prior_precision", prior_precision), ("kl_weight", kl_weight)):
-            if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
-                raise ValueError(f"{where}: {name}={v!r} must be a finite number > 0.")
-        if curvature not in ("kfac", "diag"):
-            raise ValueError(f"{where}: curvature={curvature!r}; use 'kfac' (noisy K-FAC) or 'diag' (VOGN).")
+        where = self._where
+        for hp, v in ((DATASET_SIZE, dataset_size), (PRIOR_PRECISION, prior_precision), (KL_WEIGHT, kl_weight),
+                      (CURVATURE, curvature)):
+            check_value(hp, v, where)
         fixed = sorted(set(hyper) & set(_FIXED))
         if fixed:
             raise TypeError(
@@ -93,7 +109,7 @@ class NoisyNaturalGradient(NaturalGradient):
         """``s (C_p + λ I)^-1/2 ε`` for ``ε`` shaped like ``p`` (prior-like ``s / sqrt(λ)`` before
         the first curvature)."""
         lam, s = self.intrinsic_damping, self.noise_scale
-        c = self.state.get(p, {}).get("curvature")
+        c = self.state.get(p, {}).get("running")
         if c is None:
             return eps * (s / math.sqrt(lam))
         if isinstance(c, Tensor):  # diag
@@ -130,7 +146,7 @@ class NoisyNaturalGradient(NaturalGradient):
         means = [p.detach().clone() for p in params]
         with torch.no_grad():
             for p in params:
-                eps = torch.randn(p.shape, generator=self._generator, dtype=p.dtype, device="cpu").to(p.device)
+                eps = torch.randn(p.shape, generator=self.core.generator, dtype=p.dtype, device="cpu").to(p.device)
                 p.add_(self._noise(p, eps))
         try:
             yield

@@ -24,7 +24,7 @@ from ._linalg import all_finite, check_finite, safe_eigh
 
 __all__ = [
     "normalize_terms", "kron_matvec", "factor_eig", "damped_factor_inverse", "factor_diagonal", "dense_factor",
-    "inverse_from_eig", "left_mul", "right_mul", "pi_damping", "check_spd", "generalized_eigh",
+    "inverse_from_eig", "left_mul", "right_mul", "pi_damping", "check_spd", "generalized_eigh", "transpose_mul",
 ]
 
 
@@ -181,7 +181,25 @@ def check_spd(eigs: Tensor, what: str) -> None:
 
 def generalized_eigh(B: Tensor, C: Tensor, nameB: str, nameC: str) -> Tuple[Tensor, Tensor]:
     """``X`` with ``X^T B X = I`` and ``X^T C X = diag(mu)`` for SPD ``B``: returns ``(mu, X)``
-    (batched over leading dimensions)."""
+    (batched over leading dimensions).
+
+    Diagonal (1-D) factors: a diagonal ``B`` is whitened by ``diag(B)^{-1/2}`` (no
+    eigendecomposition of ``B``); with ``C`` diagonal too, ``X = diag(B)^{-1/2}`` is itself diagonal
+    and returned 1-D (``mu = C / B``, nothing ``m x m`` formed); a diagonal ``C`` next to a dense
+    ``B`` is made dense."""
+    if B.dim() == 1:
+        if not bool((B > 0).all()):
+            raise ValueError(
+                f"{nameB} must be positive definite for the simultaneous diagonalization "
+                f"(smallest entry {float(B.min()):.3g}); increase damping or check the factors."
+            )
+        r = B.rsqrt()
+        if C.dim() == 1:
+            return C / B, r
+        mu, U = safe_eigh(r[:, None] * C * r[None, :], f"whitened {nameC}")
+        return mu, r[:, None] * U
+    if C.dim() == 1:
+        C = torch.diag(C)
     lb, Qb = safe_eigh(B, nameB)
     if not bool((lb > 0).all()):
         raise ValueError(
@@ -191,3 +209,8 @@ def generalized_eigh(B: Tensor, C: Tensor, nameB: str, nameC: str) -> Tuple[Tens
     Wb = Qb * lb.rsqrt()[..., None, :]
     mu, U = safe_eigh(Wb.mT @ C @ Wb, f"whitened {nameC}")
     return mu, Wb @ U
+
+
+def transpose_mul(Q: Tensor, V: Tensor) -> Tensor:
+    """``Q^T V`` for a matrix, a block form ``[B, m, m]`` or a diagonal (1-D) ``Q``."""
+    return Q[:, None] * V if Q.dim() == 1 else Q.mT @ V

@@ -24,19 +24,33 @@ Inverted matrices (``λ = damping``):
   ``A [B, n, n]`` mean ``blockdiag_b(kron(G[b], A[b]))`` over ``B`` consecutive slices of
   ``vec(V)``, i.e. ``V [out, in] = [B m, n]`` is viewed ``[B, m, n]`` and each block is inverted
   as one term (batched eigendecompositions; ``"pi"`` uses one ``π_b`` per block). A bias factor
-  may be 1-D or ``[B, m, m]`` likewise (``V [B m]``). Two-term sums take dense 2-D factors or
-  the block form (``[[G1 [B, m, m], A1 [B, n, n]], [G2, A2]]``: each block's two-term sum
-  inverted as below, batched over the blocks; e.g. rank-2 KPSVD of a grouped convolution), not
-  1-D factors.
+  may be 1-D or ``[B, m, m]`` likewise (``V [B m]``). Two-term sums take the block form (all
+  four factors ``[B, ., .]``: each block's two-term sum inverted as below, batched over the
+  blocks; e.g. rank-2 KPSVD of a grouped convolution), or any mix of dense ``[m, m]`` and
+  diagonal ``[m]`` factors (e.g. the KFAC of a tied weight, ``[[A_emb [V], G_emb [D, D]],
+  [G_lin [V, V], A_lin [D, D]]]``: an Embedding's 1-D token frequencies and the Linear head's
+  dense factors over the same ``[V, D]`` weight).
 * two terms ``[[G1, A1], [G2, A2]]`` (KPSVD / deflation / Lanczos rank-2 approximations,
   Koroko et al. 2022, "Efficient approximations of the Fisher matrix in neural networks using
-  Kronecker product singular value decomposition"):
+  Kronecker product singular value decomposition"; KFAC of a parameter used by two layers, one
+  term per layer, in their forward order):
     - ``"pi"``: ``kron(G1 + (√λ/π) I, A1 + π√λ I) + kron(G2, A2)``, ``π`` from (G1, A1) as above.
       Inverted *directly and exactly* by simultaneous diagonalization: with
       ``G1d = G1 + √λ/π I`` and ``A1d = A1 + π√λ I`` (SPD), the generalized eigenproblems
       ``G2 x = μ G1d x`` and ``A2 y = ν A1d y`` give ``X^T G1d X = I, X^T G2 X = diag(μ)`` (same for
       ``Y``), so the matrix is ``kron(X, Y)^-T (I + μ ν^T) kron(X, Y)^-1`` and
-      ``Y_out = X [(X^T V Y) / (1 + μ ν^T)] Y^T``: two small matmuls on each side.
+      ``Y_out = X [(X^T V Y) / (1 + μ ν^T)] Y^T``: two small matmuls on each side. So the damping
+      enters through the *first* term only, Tikhonov-split between its factors by its own π, and
+      the second term is added undamped (for two PSD terms the matrix is then
+      ``>= kron(G1, A1) + kron(G2, A2) + λ I``, with equality when ``G1 = A1 = 0``); swapping the
+      terms changes the inverse. Diagonal (1-D) factors: a side whose two factors are both
+      diagonal has a diagonal ``X`` (``X = diag(G1d)^{-1/2}``, ``μ = G2 / G1d``: nothing ``m x m``
+      is formed or decomposed, e.g. the ``V`` side of a tied Embedding / Linear weight once both
+      vocabulary factors are 1-D); a diagonal ``G1d`` next to a dense ``G2`` is whitened by
+      ``diag(G1d)^{-1/2}`` (one ``eigh`` of the whitened ``G2`` instead of two); a diagonal
+      ``G2`` next to a dense ``G1d`` is made dense. With a diagonal factor on one side in both
+      terms the matrix is block-diagonal, ``blockdiag_v(G1_v A1d + G2_v A2)``: the inverse is
+      applied block by block through ``Y`` and the 1-D ``μ`` (``O(m n^2)`` per product).
       **Indefinite sums** (``indefinite="clip"``, the default): the best rank-2 Kronecker
       approximation of a PSD block need not be PSD (the second term is in general indefinite),
       and ``1 + μ_i ν_j`` can be ``<= 0``. The Rayleigh quotient of the inverted matrix along the
@@ -64,7 +78,7 @@ Inverted matrices (``λ = damping``):
       preconditioned CG (:func:`curvlib.solvers.cg`, batched over the leading dimensions of ``V``)
       whose preconditioner is the exact ``"pi"`` inverse above (about 5-30
       iterations in our tests, fewer for small λ; each costs one application of both structured
-      operators). If the π-damped matrix is indefinite, the preconditioner falls back to the
+      operators; a diagonal factor is applied as a row / column scaling). If the π-damped matrix is indefinite, the preconditioner falls back to the
       one-term exact inverse ``(kron(G1, A1) + λ I)^-1``. The exact mode is exact: an indefinite
       ``kron(G1, A1) + kron(G2, A2) + λ I`` is refused (a clear error from the solve), never
       clipped -- ``"pi"`` clips (above).
@@ -78,11 +92,11 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor
 
-from ._linalg import check_damping, check_finite, default_tol, safe_eigh
+from ._linalg import check_damping, check_finite, default_tol
 from .cg import cg
 from .kronecker import (
     check_spd, damped_factor_inverse, dense_factor, factor_eig, generalized_eigh, inverse_from_eig, kron_matvec,
-    left_mul, normalize_terms, pi_damping, right_mul,
+    left_mul, normalize_terms, pi_damping, right_mul, transpose_mul,
 )
 
 __all__ = ["KroneckerInverse", "BiasInverse", "OneTermInverse", "TwoTermInverse", "kron_matvec"]
@@ -162,16 +176,10 @@ class KroneckerInverse:
         self.blocks: Optional[int] = None
         self.clipped = 0
         ndims = [f.dim() for t in self.terms for f in t]
-        if (len(self.terms) > 1 and nf == {2}) and any(d == 1 for d in ndims):
-            raise NotImplementedError(
-                "KroneckerInverse: two-term sums need dense [m, m] or block [B, m, m] factors; "
-                f"diagonal (1-D) factors are supported for one term or bias terms, got dims {ndims} "
-                "(e.g. an Embedding's token frequencies: use one term, KFAC)."
-            )
-        if (len(self.terms) > 1 and nf == {2}) and len(set(ndims)) != 1:
+        if (len(self.terms) > 1 and nf == {2}) and 3 in ndims and len(set(ndims)) != 1:
             raise ValueError(
-                "KroneckerInverse: the factors of a two-term sum must all be dense [m, m] or all "
-                f"block [B, m, m], got dims {ndims}."
+                "KroneckerInverse: the factors of a two-term sum must all be block [B, m, m], or "
+                f"each dense [m, m] or diagonal [m], got dims {ndims}."
             )
         if nf == {2} and (3 in ndims) and any(d != 3 for d in ndims):
             raise ValueError(
@@ -226,16 +234,18 @@ class KroneckerInverse:
         return V.reshape(*V.shape[:-2], self.blocks, -1, self.in_dim)
 
     def _apply_eig(self, V: Tensor) -> Tensor:
-        """``Qg [(Qg^T V Qa) * W] Qa^T`` from the cached eigenbases ``Qg``, ``Qa`` (``None``: a
-        diagonal factor) and weights ``W`` (block form: batched over the blocks)."""
+        """``Qg [(Qg^T V Qa) * W] Qa^T`` from the cached bases ``Qg``, ``Qa`` (``None``: the
+        identity, the eigenbasis of a diagonal factor; 1-D: a diagonal basis, e.g. a diagonal
+        factor whitened by another) and weights ``W`` (block form: batched over the blocks)."""
         Qg, Qa = self._Qg, self._Qa
-        if Qg is not None and Qa is not None and self.blocks is None:
+        dense = Qg is not None and Qa is not None and Qg.dim() == 2 and Qa.dim() == 2
+        if dense and self.blocks is None:
             return Qg @ ((Qg.T @ V @ Qa) * self._W) @ Qa.T
-        T = V if Qg is None else Qg.mT @ V
-        T = T if Qa is None else T @ Qa
+        T = V if Qg is None else transpose_mul(Qg, V)
+        T = T if Qa is None else right_mul(T, Qa)
         T = T * self._W
-        T = T if Qa is None else T @ Qa.mT
-        return T if Qg is None else Qg @ T
+        T = T if Qa is None else left_mul(Qa, T.mT).mT  # T Qa^T
+        return T if Qg is None else left_mul(Qg, T)
 
     # ------------------------------------------------------------------ dense (tests / debugging)
     def damped_matrix(self) -> Tensor:
@@ -390,13 +400,14 @@ class TwoTermInverse(KroneckerInverse):
     """The inverse of a damped two-term sum ``[[G1, A1], [G2, A2]]`` (module docstring): ``"pi"``
     exactly by simultaneous diagonalization (indefinite sums clipped at the damping floor or
     refused, ``indefinite``), ``"exact"`` ``kron(G1, A1) + kron(G2, A2) + λ I`` by PCG
-    preconditioned with the ``"pi"`` inverse. Dense or block ``[B, ., .]`` factors."""
+    preconditioned with the ``"pi"`` inverse. Block ``[B, ., .]`` factors, or dense and diagonal
+    (1-D) ones mixed."""
 
     kind = "kron2"
 
     def _setup(self) -> None:
         (G1, A1), (G2, A2) = self.terms
-        if G1.shape != G2.shape or A1.shape != A2.shape:
+        if _size(G1) != _size(G2) or _size(A1) != _size(A2):
             raise ValueError(
                 f"KroneckerInverse: the two terms must have matching factor sizes, got G {tuple(G1.shape)}/"
                 f"{tuple(G2.shape)} and A {tuple(A1.shape)}/{tuple(A2.shape)}."
@@ -410,7 +421,7 @@ class TwoTermInverse(KroneckerInverse):
                 )
             self.blocks = G1.shape[0]
         m, n = G1.shape[-1], A1.shape[-1]
-        self.out_dim, self.in_dim = G1.shape[:-1].numel(), n
+        self.out_dim, self.in_dim = (G1.shape[0] * m if G1.dim() == 3 else m), n
         lam = self.damping
         if self.damping_mode == "pi":
             self.pi, G1, A1 = pi_damping(G1, A1, "G1 and A1")
@@ -420,18 +431,16 @@ class TwoTermInverse(KroneckerInverse):
             except ValueError:
                 self.pi = 1.0 if G1.dim() == 2 else torch.ones(G1.shape[0], dtype=G1.dtype, device=G1.device)
         pi = self.pi[:, None, None] if isinstance(self.pi, Tensor) else self.pi  # per block
-        eye_g = torch.eye(m, dtype=G1.dtype, device=G1.device)
-        eye_a = torch.eye(n, dtype=A1.dtype, device=A1.device)
-        self._G1d = G1 + (math.sqrt(lam) / pi) * eye_g
-        self._A1d = A1 + (pi * math.sqrt(lam)) * eye_a
+        self._G1d = _shifted(G1, math.sqrt(lam) / pi)
+        self._A1d = _shifted(A1, pi * math.sqrt(lam))
         mu, self._Qg = generalized_eigh(self._G1d, G2, "G1 + sqrt(damping)/pi*I", "G2")
         nu, self._Qa = generalized_eigh(self._A1d, A2, "A1 + pi*sqrt(damping)*I", "A2")
         denom = 1.0 + mu[..., :, None] * nu[..., None, :]
         if self.damping_mode == "exact" and not bool((denom > 0).all()):
             # the pi-damped two-term matrix is indefinite: precondition the exact solve with the
             # one-term exact inverse (kron(G1, A1) + λ I)^-1 instead.
-            lg, self._Qg = safe_eigh(G1, "Kronecker factor G1")
-            la, self._Qa = safe_eigh(A1, "Kronecker factor A1")
+            lg, self._Qg = factor_eig(G1, "Kronecker factor G1")
+            la, self._Qa = factor_eig(A1, "Kronecker factor A1")
             denom = lg[..., :, None] * la[..., None, :] + lam
             check_spd(denom, "kron(G1, A1) + damping*I (preconditioner of the exact two-term solve)")
         else:
@@ -442,7 +451,7 @@ class TwoTermInverse(KroneckerInverse):
 
     def _floor(self, denom: Tensor, lam: float) -> Tensor:
         """Raise ``1 + μ_i ν_j`` to ``λ ||x_i||^2 ||y_j||^2`` where below (module docstring)."""
-        floor = lam * self._Qg.square().sum(-2)[..., :, None] * self._Qa.square().sum(-2)[..., None, :]
+        floor = lam * _column_norms2(self._Qg)[..., :, None] * _column_norms2(self._Qa)[..., None, :]
         # pairs within _FLOOR_SLACK of the floor are left alone: a PSD sum whose null directions
         # meet those of G1 and A1 (factors of a rank-deficient batch) has quotients of exactly λ
         # there, which round-off of float32 factors puts up to ~5e-5 below (measured on the
@@ -477,7 +486,7 @@ class TwoTermInverse(KroneckerInverse):
     def _kron2_matvec(self, V: Tensor) -> Tensor:
         """``G1 V A1 + G2 V A2 + λ V`` (block form: ``V [*, B, m, n]``, per block)."""
         (G1, A1), (G2, A2) = self.terms
-        return G1 @ V @ A1 + G2 @ V @ A2 + self.damping * V
+        return right_mul(left_mul(G1, V), A1) + right_mul(left_mul(G2, V), A2) + self.damping * V
 
     def _pcg(self, B: Tensor) -> Tensor:
         """Batched PCG (:func:`curvlib.solvers.cg`, one system per leading index) on
@@ -516,13 +525,30 @@ class TwoTermInverse(KroneckerInverse):
     def _kron2_dense(self, b: Optional[int]) -> Tensor:
         """The dense two-term matrix (of block ``b`` in the block form)."""
         at = (lambda F: F) if b is None else (lambda F: F[b])
-        (G1, A1), (G2, A2) = [[at(F) for F in t] for t in self.terms]
+        (G1, A1), (G2, A2) = [[dense_factor(at(F)) for F in t] for t in self.terms]
         if self.damping_mode == "exact":
             eye = torch.eye(G1.shape[0] * A1.shape[0], dtype=self.dtype, device=G1.device)
             return torch.kron(G1, A1) + torch.kron(G2, A2) + self.damping * eye
-        G1d, A1d = at(self._G1d), at(self._A1d)
+        G1d, A1d = dense_factor(at(self._G1d)), dense_factor(at(self._A1d))
         M = torch.kron(G1d, A1d) + torch.kron(G2, A2)
         if self._raise is not None:  # + kron(X, Y)^-T diag(raise) kron(X, Y)^-1, X^-T = G1d X
-            B = torch.kron(G1d @ at(self._Qg), A1d @ at(self._Qa))
+            B = torch.kron(G1d @ dense_factor(at(self._Qg)), A1d @ dense_factor(at(self._Qa)))
             M = M + (B * at(self._raise).reshape(-1)) @ B.T
         return M
+
+
+def _size(F: Tensor) -> tuple:
+    """``(blocks..., m)`` of a factor ``[m]``, ``[m, m]`` or ``[B, m, m]``: the dimension it acts on."""
+    return tuple(F.shape[:-2]) + (F.shape[-1],)
+
+
+def _shifted(F: Tensor, c) -> Tensor:
+    """``F + c I`` for a dense, block (``c`` a number or ``[B, 1, 1]``) or diagonal (1-D) factor."""
+    if F.dim() == 1:
+        return F + c
+    return F + c * torch.eye(F.shape[-1], dtype=F.dtype, device=F.device)
+
+
+def _column_norms2(X: Tensor) -> Tensor:
+    """``||x_i||^2`` of the columns of a basis ``X`` (1-D: a diagonal basis, ``X_ii^2``)."""
+    return X.square() if X.dim() == 1 else X.square().sum(-2)

@@ -197,14 +197,28 @@ def _first_vector(space: str, l: int, like: Tensor, pre_residual, factors, spect
     if f is None:
         raise ValueError(f"spectral coarse space: factors[{l}] is None; pass [G, A] (or [G]) for every layer.")
     f = [f] if isinstance(f, Tensor) else list(f)
+    if not all(isinstance(F, Tensor) for F in f):
+        raise ValueError(
+            f"spectral coarse space: factors[{l}] is a sum of {len(f)} Kronecker terms (e.g. the KFAC of a "
+            "parameter used by several layers), whose eigenvectors have no Kronecker form; use coarse_space="
+            "'nicolaides' or 'residual' for it."
+        )
     idx = 0 if spectral_end == "smallest" else -1
-    qs = [safe_eigh(F, f"factor {name} of layer {l}")[1][:, idx] for F, name in zip(f, "GA")]
+    qs = [_extreme_eigenvector(F, idx, f"factor {name} of layer {l}") for F, name in zip(f, "GA")]
     q = qs[0] if len(qs) == 1 else torch.outer(qs[0], qs[1]).reshape(-1)
     if q.numel() != like.numel():
         raise ValueError(
             f"spectral coarse space: layer {l} has {like.numel()} entries but its factors give {q.numel()}."
         )
     return q.reshape(like.shape).to(like.dtype)
+
+
+def _extreme_eigenvector(F: Tensor, idx: int, name: str) -> Tensor:
+    """The eigenvector of the smallest (``idx = 0``) or largest (``-1``) eigenvalue of a factor
+    (a 1-D diagonal factor: the unit vector of its smallest / largest entry)."""
+    if F.dim() == 1:
+        return torch.nn.functional.one_hot(F.argmin() if idx == 0 else F.argmax(), F.numel()).to(F.dtype)
+    return safe_eigh(F, name)[1][:, idx]
 
 
 def _as_list_precond(precond, n: int) -> Callable[[List[Tensor]], List[Tensor]]:

@@ -132,7 +132,7 @@ def test_rank2_curvatures_step_on_grouped_layers(curv):
             opt.step()
             losses.append(loss.item())
             if step == 0:
-                terms = opt.state[W]["curvature"]
+                terms = opt.state[W]["running"]
                 assert len(terms) == 2 and terms[0][0].shape == (2, 3, 3) and terms[0][1].shape == (2, 18, 18)
                 P = KroneckerInverse(terms, lam, opt.param_groups[0]["damping_mode"])
                 d = torch.linalg.solve(P.damped_matrix(), g.reshape(-1))

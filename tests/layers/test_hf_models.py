@@ -6,8 +6,10 @@ and ``wpe(position_ids [1, T])`` broadcast over the batch; Llama's ``LlamaRMSNor
 (``self.weight * hidden``); BERT's position embeddings (batch 1, broadcast); ViT's ``cls_token``
 (``expand``) and position table (``x + P``); OPT's feed-forward ``nn.Linear`` / ``nn.LayerNorm`` on
 ``hidden.reshape(-1, D)`` (rows = positions of the samples) and its ``nn.Embedding`` subclass with a
-``forward(mask)``. Before issue 21 (items 1, 3): no curvature for ``Conv1D`` and ``LlamaRMSNorm``,
-``wpe`` / BERT / OPT per-sample quantities summed over the samples or per token, silently.
+``forward(mask)``; GPT-2 with its default ``lm_head.weight = wte.weight`` (weight tying across
+modules). Before issue 21 (items 1-3): no curvature for ``Conv1D`` and ``LlamaRMSNorm``, ``wpe`` /
+BERT / OPT per-sample quantities summed over the samples or per token, silently;
+``NotImplementedError`` for tied GPT-2.
 """
 import copy
 import warnings
@@ -58,7 +60,16 @@ def opt():
     return tf.OPTForCausalLM(cfg)
 
 
-FAMILIES = {"gpt2": gpt2, "llama": llama, "bert": bert, "vit": vit, "opt": opt}
+def albert():
+    """ALBERT ties its decoder to the word embeddings, and ``predictions.bias`` (a module without an
+    adapter) to ``decoder.bias``."""
+    cfg = tf.AlbertConfig(vocab_size=V, embedding_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                          intermediate_size=24, max_position_embeddings=16, attn_implementation="eager")
+    return tf.AlbertForMaskedLM(cfg)
+
+
+FAMILIES = {"gpt2": gpt2, "gpt2-tied": lambda: gpt2(tie=True), "llama": llama, "bert": bert, "vit": vit, "opt": opt,
+            "albert": albert}
 
 
 class Logits(nn.Module):
@@ -202,14 +213,40 @@ def test_position_embeddings_equal_explicitly_expanded_positions():
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.xfail(reason="tying: branch tying", strict=True, raises=NotImplementedError)
-def test_tied_gpt2_gets_curvature():
-    """GPT-2 with ``lm_head.weight is wte.weight`` (the default): needs weight tying across
-    modules (issue 21 item 2, branch ``tying``)."""
+def test_tied_gpt2_kfac_is_the_untied_twins_terms_and_conv1d_its_linear_twins():
+    """GPT-2 with ``lm_head.weight is wte.weight`` (the default): no curvlib warning; the tied
+    weight's KFAC is the two terms ``[[A_wte, G_wte], [G_head, A_head]]``, each that of its use in
+    the twin with ``lm_head`` untied and every ``Conv1D`` an ``nn.Linear``, whose factors the
+    ``Conv1D`` weights' ``[A, G]`` are, swapped. Before tying and operations (issue 21 items 1, 2):
+    ``NotImplementedError`` at the backward, no curvature for ``Conv1D``."""
     torch.manual_seed(0)
-    model = extend(Logits(gpt2(tie=True).double().eval()))
-    x, y = batch("gpt2", torch.Generator().manual_seed(1))
-    with curvature(KFAC(fisher_type="type-2"), BatchGrad()):
-        extend(nn.CrossEntropyLoss())(model(x), y).backward()
-    for n, p in model.named_parameters():
-        assert hasattr(p, "kfac") and p.grad_batch.shape == (N, *p.shape), n
+    model = Logits(gpt2(tie=True).double().eval())
+    hf = model.hf
+    assert hf.lm_head.weight is hf.transformer.wte.weight
+    twin = copy.deepcopy(model)
+    twin.hf.lm_head.weight = nn.Parameter(twin.hf.lm_head.weight.detach().clone())
+    convs = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    for n in convs:
+        parent, attr = n.rsplit(".", 1)
+        setattr(twin.get_submodule(parent), attr, linear_twin(model.get_submodule(n)))
+    x, y = batch("gpt2", torch.Generator().manual_seed(4))
+    loss_fn = extend(nn.CrossEntropyLoss())
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for m in (extend(model), extend(twin)):
+            with curvature(KFAC(fisher_type="type-2")):
+                loss_fn(m(x), y).backward()
+    assert curvlib_warnings(rec) == []
+    assert all(hasattr(p, "kfac") for p in model.parameters())
+    terms = hf.transformer.wte.weight.kfac
+    want = [twin.hf.transformer.wte.weight.kfac, twin.hf.lm_head.weight.kfac]
+    assert len(terms) == 2 and [len(t) for t in terms] == [2, 2]
+    assert terms[0][0].shape == (V,) and terms[1][0].shape == (V, V)  # Embedding's 1-D token frequencies
+    for got, ref in zip(terms, want):
+        for f, g in zip(got, ref):
+            torch.testing.assert_close(f, g)
+    for n in convs:
+        c, lin = model.get_submodule(n), twin.get_submodule(n)
+        torch.testing.assert_close(c.weight.kfac[0], lin.weight.kfac[1])
+        torch.testing.assert_close(c.weight.kfac[1], lin.weight.kfac[0])
+        torch.testing.assert_close(c.bias.kfac[0], lin.bias.kfac[0])

@@ -132,9 +132,54 @@ def test_bias_forms(form):
     torch.testing.assert_close(P.damped_matrix(), M)
 
 
+@pytest.mark.parametrize("mode", ["exact", "pi"])
+@pytest.mark.parametrize("forms", ["diag-dense/dense-dense", "diag-dense/diag-dense", "dense-diag/dense-dense",
+                                   "dense-dense/dense-diag", "diag-diag/dense-dense", "diag-dense/dense-diag"])
+def test_two_terms_with_diagonal_factors(mode, forms):
+    """Two terms with 1-D factors (a tied Embedding / Linear weight's KFAC: ``[[A_emb [V], G_emb],
+    [G_lin, A_lin]]``; with both vocabulary factors 1-D, block-diagonal) against the dense inverse:
+    ``"exact"`` of ``sum + λI``, ``"pi"`` of ``kron(F11 + √λ/π I, F12 + π√λ I) + kron(F21, F22)``
+    with ``π`` from the first term."""
+    m, n = 6, 4
+    kinds = [k for t in forms.split("/") for k in t.split("-")]
+    F = [torch.rand(d) + 0.05 * (i == 0) if k == "diag" else spd(d) for i, (k, d) in enumerate(zip(kinds, (m, n, m, n)))]
+    D = [dense(f) for f in F]
+    V = torch.randn(3, m, n)
+    for lam in (1e-3, 0.3):
+        P = KroneckerInverse([F[:2], F[2:]], lam, mode)
+        if mode == "exact":
+            M = torch.kron(D[0], D[1]) + torch.kron(D[2], D[3]) + lam * torch.eye(m * n)
+        else:
+            pi = math.sqrt((D[1].trace() / n) / (D[0].trace() / m))
+            assert P.pi == pytest.approx(pi)
+            s = math.sqrt(lam)
+            M = torch.kron(D[0] + s / pi * torch.eye(m), D[1] + s * pi * torch.eye(n)) + torch.kron(D[2], D[3])
+        ref = torch.linalg.solve(M, V.reshape(3, -1).T).T.reshape(V.shape)
+        torch.testing.assert_close(P(V), ref, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(P.damped_matrix(), M)
+
+
+def test_two_terms_diagonal_side_forms_nothing_dense(monkeypatch):
+    """Both vocabulary-side factors 1-D ("pi"): the simultaneous diagonalization of that side is the
+    diagonal ``diag(F11 + c)^{-1/2}``, no ``m x m`` eigendecomposition (only the dense side's)."""
+    import curvlib.solvers.kronecker as kron
+
+    m, n = 50, 3
+    sizes = []
+    real = kron.safe_eigh
+
+    def counted(M, name):
+        sizes.append(M.shape[-1])
+        return real(M, name)
+
+    monkeypatch.setattr(kron, "safe_eigh", counted)
+    P = KroneckerInverse([[torch.rand(m), spd(n)], [torch.rand(m), spd(n)]], 0.1, "pi")
+    assert P._Qg.dim() == 1 and sizes and max(sizes) == n
+
+
 def test_bad_forms_refused():
-    with pytest.raises(NotImplementedError, match="two-term"):
-        KroneckerInverse([[torch.rand(3), spd(2)], [torch.rand(3), spd(2)]], 0.1)
+    with pytest.raises(ValueError, match="block"):
+        KroneckerInverse([[torch.rand(6), spd(2)], [spd(2, 3), spd(2, 2)]], 0.1)
     with pytest.raises(ValueError, match="block"):
         KroneckerInverse([[spd(2, 3), spd(2)]], 0.1)
     with pytest.raises(ValueError, match="same number of blocks"):

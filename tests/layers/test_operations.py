@@ -331,3 +331,44 @@ def test_parameter_views_and_uncovered_uses():
     psg = per_sample_grads(plain, nn.MSELoss(), x, y)
     for name in ("W", "g"):
         torch.testing.assert_close(getattr(m, name).grad_batch, psg[name] / N)
+
+
+class TiedFunctional(nn.Module):
+    """A functional language model whose embedding table is also its output head (nanoGPT style
+    without modules): ``E`` is used by ``F.embedding`` and by ``h @ E.T``, two operations."""
+
+    def __init__(self):
+        super().__init__()
+        self.E = nn.Parameter(torch.randn(V, D) / 2)
+        self.W = nn.Parameter(torch.randn(D, D) / 2)
+
+    def forward(self, ids):
+        return (torch.tanh(F.embedding(ids, self.E) @ self.W) @ self.E.T).transpose(1, 2)
+
+
+def test_a_parameter_tied_across_operations():
+    """Two operations applying one parameter are its two uses (engine/tying.py): exact quantities
+    sum them, KFAC is one term per use, each that of the untied twin's copy."""
+    ids, y = torch.randint(0, V, (N, T)), torch.randint(0, V, (N, T))
+    assert_exact(TiedFunctional(), ids, y)
+
+    class Untied(TiedFunctional):
+        def __init__(self, tied):
+            super().__init__()
+            self.load_state_dict(tied.state_dict())
+            self.H = nn.Parameter(tied.E.detach().clone())
+
+        def forward(self, ids):
+            return (torch.tanh(F.embedding(ids, self.E) @ self.W) @ self.H.T).transpose(1, 2)
+
+    tied = extend(TiedFunctional())
+    twin = extend(Untied(tied))
+    loss_fn = extend(nn.CrossEntropyLoss())
+    for m in (tied, twin):
+        with curvature(KFAC(fisher_type="type-2")):
+            loss_fn(m(ids), y).backward()
+    assert len(tied.E.kfac) == 2
+    for got, want in zip(tied.E.kfac, [twin.E.kfac, twin.H.kfac]):
+        assert len(got) == len(want) == 2
+        for f, g in zip(got, want):
+            torch.testing.assert_close(f, g)

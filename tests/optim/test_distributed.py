@@ -135,7 +135,7 @@ def _case_factor_scaling(rank, tmp):
     with opt.capture():
         loss_fn(model(x[sl[rank]]), y[sl[rank]]).backward()
     opt.step()
-    got = {n: [t.clone() for t in opt.state[p]["curvature"]] for n, p in model.named_parameters()}
+    got = {n: [t.clone() for t in opt.state[p]["running"]] for n, p in model.named_parameters()}
 
     def factors(xs, ys):
         ref = _net()
@@ -158,7 +158,7 @@ def _case_factor_scaling(rank, tmp):
     opt.step()
     for name, p in model.named_parameters():
         if name.endswith("weight"):
-            G, want = opt.state[p]["curvature"][0], (parts[0][name][0] + parts[1][name][0]) / 2
+            G, want = opt.state[p]["running"][0], (parts[0][name][0] + parts[1][name][0]) / 2
             assert float((G - want).norm() / want.norm()) < 0.1, name
 
 

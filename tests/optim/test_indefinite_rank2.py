@@ -37,7 +37,7 @@ def test_indefinite_rank2_curvature_steps_with_the_clipped_inverse(monkeypatch):
     with pytest.warns(RuntimeWarning, match="indefinite"):
         model, opt, before, grads = one_step(6, 3)  # 3 samples: the first weight's rank-2 sum is indefinite
     W = model[0].weight
-    C = opt.state[W]["curvature"]
+    C = opt.state[W]["running"]
     with pytest.raises(ValueError, match="non-SPD"):  # what the optimizer met before the floor
         KroneckerInverse(C, LAM, "pi", indefinite="raise")
     P = KroneckerInverse(C, LAM, "pi")
@@ -60,7 +60,7 @@ def test_psd_rank2_curvature_is_not_clipped(curvature):
         assert opt.state[p]["inverse_clipped"] == 0
         if p.dim() == 1:
             continue
-        C = opt.state[p]["curvature"]
+        C = opt.state[p]["running"]
         K = sum(torch.kron(G, A) for G, A in C)
         assert torch.linalg.eigvalsh(K).min() > -1e-12 * torch.linalg.eigvalsh(K).max()
         # the step is the unclipped pi-damped rank-2 inverse

@@ -104,6 +104,6 @@ def test_posterior_of_diagonal_and_block_factors(layer):
         opt.step()
     lam, s2 = opt.intrinsic_damping, opt.noise_scale**2
     for p in model[0].parameters():
-        C = dense_kron_terms(opt.state[p]["curvature"])
+        C = dense_kron_terms(opt.state[p]["running"])
         want = s2 * torch.linalg.inv(C + lam * torch.eye(p.numel()))
         torch.testing.assert_close(opt.covariance(p), want, rtol=1e-8, atol=1e-12)

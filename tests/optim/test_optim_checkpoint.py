@@ -105,7 +105,7 @@ def test_non_finite_step_raises_and_changes_nothing(where, curvature):
     train(model, opt, 3)  # step 3 is not a curvature step with T_cov=2; 4 is
     train(model, opt, 1, start=3)
     params_before, state_before = snapshot(model, opt)
-    gen_before = opt._generator.get_state().clone()
+    gen_before = opt.core.generator.get_state().clone()
     x, y = data(n=8, seed=4)
     opt.zero_grad()
     loss = loss_fn(model(x), y)
@@ -124,7 +124,7 @@ def test_non_finite_step_raises_and_changes_nothing(where, curvature):
     params_after, state_after = snapshot(model, opt)
     assert all(torch.equal(a, b) for a, b in zip(params_before, params_after))
     assert state_before == state_after
-    assert torch.equal(gen_before, opt._generator.get_state())
+    assert torch.equal(gen_before, opt.core.generator.get_state())
     # skip the batch and go on: the same as never having seen it
     train(model, opt, 1, start=5)
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -145,7 +145,7 @@ def test_failing_inverse_retries_with_larger_damping_and_says_so():
     A.copy_(torch.eye(4))
     with pytest.warns(RuntimeWarning, match="retrying"):
         opt.step()
-    assert opt._groups[0]["inv_damping_used"] >= 1.0
+    assert opt.core.groups[0].inv_damping_used >= 1.0
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 

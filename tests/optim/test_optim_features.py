@@ -35,12 +35,12 @@ def test_T_cov_T_inv_counters_int_and_callable():
         opt.zero_grad()
         loss = loss_fn(model(x), y)
         ctx = opt.capture()
-        covs.append(type(ctx).__name__ == "_Capture")
+        covs.append(type(ctx).__name__ == "CaptureTransaction")
         with ctx:
             loss.backward()
-        before = opt._groups[0]["inv_updates"]
+        before = opt.core.groups[0].inv_updates
         opt.step()
-        invs.append(opt._groups[0]["inv_updates"] > before)
+        invs.append(opt.core.groups[0].inv_updates > before)
     assert [k for k, c in enumerate(covs) if c] == [0, 3, 6, 9]
     # inverses at 0, 2, 4 (k < 4: +2), then 4 + 5 = 9
     assert [k for k, i in enumerate(invs) if i] == [0, 2, 4, 9]
@@ -66,7 +66,7 @@ def test_ema_first_capture_initialises_then_mixes():
     want = news[0]
     for d in news[1:]:
         want = 0.9 * want + 0.1 * d
-    torch.testing.assert_close(opt.state[model[0].weight]["curvature"], want)
+    torch.testing.assert_close(opt.state[model[0].weight]["running"], want)
 
 
 def test_T_cov_auto_lengthens_while_the_curvature_is_constant():
@@ -77,7 +77,7 @@ def test_T_cov_auto_lengthens_while_the_curvature_is_constant():
     for k in range(20):
         opt.zero_grad()
         ctx = opt.capture()
-        caps.append(type(ctx).__name__ == "_Capture")
+        caps.append(type(ctx).__name__ == "CaptureTransaction")
         with ctx:
             loss_fn(model(x), y).backward()
         opt.step()
@@ -165,7 +165,7 @@ def test_weight_decay_l2_and_decoupled():
     opt = NaturalGradient(model.parameters(), lr=lr, curvature="diag", fisher_type="type-2", weight_decay=wd, damping=0.1)
     p0 = model[0].weight.detach().clone()
     train_step(model, loss_fn, opt, x, y)
-    D = opt.state[model[0].weight]["curvature"]
+    D = opt.state[model[0].weight]["running"]
     torch.testing.assert_close(model[0].weight.detach() - p0, -lr * (model[0].weight.grad + wd * p0) / (D + 0.1))
     model = mlp()
     opt = NaturalGradient(model.parameters(), lr=lr, curvature="diag", fisher_type="type-2", weight_decay=wd,
@@ -189,7 +189,7 @@ def test_lr_scheduler_and_param_groups_with_different_curvatures():
         sched.step()
     # second step of the plain group: lr 0.05, buffer 0.5 g0 + g1
     assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
-    assert "curvature" in opt.state[model[0].weight] and "curvature" not in opt.state[model[2].weight]
+    assert "running" in opt.state[model[0].weight] and "running" not in opt.state[model[2].weight]
     assert not hasattr(model[2].weight, "kfac")
 
 
@@ -254,7 +254,7 @@ def test_adaptive_damping_follows_rho():
     with pytest.raises(RuntimeError, match="closure"):
         opt.step()
     opt.step(closure)
-    rho = opt._groups[0]["last_rho"]
+    rho = opt.core.groups[0].last_rho
     want = 1.0 * 0.5 if rho > 0.75 else (2.0 if rho < 0.25 else 1.0)
     assert opt.param_groups[0]["damping"] == pytest.approx(want)
     # a huge step makes the quadratic model a bad predictor: damping grows
@@ -265,7 +265,7 @@ def test_adaptive_damping_follows_rho():
         loss.backward()
     d0 = opt.param_groups[0]["damping"]
     opt.step(closure)
-    assert opt._groups[0]["last_rho"] < 0.25 and opt.param_groups[0]["damping"] == pytest.approx(2 * d0)
+    assert opt.core.groups[0].last_rho < 0.25 and opt.param_groups[0]["damping"] == pytest.approx(2 * d0)
 
 
 @pytest.mark.parametrize("form", ["additive", "multiplicative"])
@@ -334,6 +334,6 @@ def test_adaptive_damping_rho_on_diagonal_and_block_factors(layer, curv):
     M = 0.0
     for p, p0, g in zip(params, before, grads):
         d = (p.detach() - p0).reshape(-1)
-        C = dense_kron_terms(opt.state[p]["curvature"])
+        C = dense_kron_terms(opt.state[p]["running"])
         M += float(g.reshape(-1) @ d) + 0.5 * float(d @ C @ d) + 0.5 * lam * float(d @ d)
-    assert opt._groups[0]["last_rho"] == pytest.approx((h1 - float(loss)) / M, rel=1e-8)
+    assert opt.core.groups[0].last_rho == pytest.approx((h1 - float(loss)) / M, rel=1e-8)

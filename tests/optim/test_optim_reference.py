@@ -183,7 +183,7 @@ def test_pi_damping_uses_the_pi_heuristic():
     opt = NaturalGradient(m2.parameters(), lr=LR, curvature="kfac", fisher_type="type-2", damping=LAM, damping_mode="pi")
     train_step(m2, loss2, opt, x, y)
     W = m2[0].weight
-    G, A = opt.state[W]["curvature"]
+    G, A = opt.state[W]["running"]
     pi = ((torch.trace(A) / A.shape[0]) / (torch.trace(G) / G.shape[0])).sqrt()
     s = LAM**0.5
     want = -LR * torch.linalg.solve(G + s / pi * torch.eye(5), W.grad) @ torch.linalg.inv(A + s * pi * torch.eye(4))
@@ -214,7 +214,7 @@ def test_curvature_batch_fraction_uses_the_sub_batch(name):
     opt = NaturalGradient(model.parameters(), lr=LR, curvature=name, fisher_type="type-2", damping=LAM,
                           damping_mode="exact", ema_decay=0.0, curvature_batch_fraction=0.5, seed=0)
     train_step(model, loss_fn, opt, x, y)
-    idx = opt._captured[1][0].sampler.index
+    idx = opt.core.capture.extensions[0].sampler.index
     assert idx.numel() == 4
     ref = mlp()
     C = reference_blocks(name, ref, loss_fn, x[idx], y[idx], "type-2")

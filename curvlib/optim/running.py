@@ -1,0 +1,229 @@
+r"""The running curvature and its damped inverse: the preconditioning of :class:`NaturalGradient`,
+:class:`Preconditioner` and :class:`NoisyNaturalGradient`.
+
+Per step ``k`` (counted from 0) and param group with a curvature:
+
+1. ``capture()`` returns ``curvlib.curvature(*extensions, generator=...)`` when some group's
+   curvature is due (``k >= next_cov``), a no-op context otherwise (a plain backward).
+2. ``step()`` reads the new curvature of every parameter from its savefield, mixes it into the
+   running curvature ``state[p]["running"]`` (the first capture initialises it), rebuilds the
+   damped inverse when due (``k >= next_inv``, or the damping / damping mode / curvature changed),
+   and computes the direction ``d_p = (C_p + λ I)^-1 g_p``; parameters without curvature (no
+   adapter, or a group with ``curvature=None``) get ``d_p = g_p``. With ``kl_clip`` the group's
+   direction is scaled by ``min(1, sqrt(kl_clip / (lr^2 sum_p <d_p, g_p>)))``.
+3. Nothing is written before every quantity of the step is known to be finite
+   (:mod:`curvlib.optim.core`).
+
+Intervals: ``T_cov`` / ``T_inv`` are ints, callables ``step -> int`` (evaluated at each update:
+the next update is ``k + T(k)``), or for ``T_cov`` the string ``"auto"``: the interval doubles
+(up to ``T_cov_max``) while the relative change of the running curvature at an update,
+``||C' - C|| / ||C||`` over the group, stays below ``T_cov_auto_tol``, and halves otherwise.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, List, Mapping, Optional, Tuple
+
+from torch import Tensor
+
+from curvlib.extensions.base import FISHER_TYPES
+from curvlib.optim import distributed
+from curvlib.optim.core import CurvatureOptimizer, GroupPlan, StepPlan
+from curvlib.optim.curvatures import CURVATURES, CurvatureKind, options_of
+from curvlib.optim.hyperparams import HyperParameter, Rule, defaults_of, number, one_of
+from curvlib.optim.tensors import first_nonfinite, same_structure, tree_leaves
+
+
+def _interval_rule(auto: bool) -> Rule:
+    return Rule(
+        lambda v, g: callable(v) or (isinstance(v, int) and v >= 1) or (auto and v == "auto"),
+        "an int >= 1, a callable step -> int" + (", or \"auto\"" if auto else ""),
+    )
+
+
+#: the hyper-parameters of the running curvature (without the curvature kinds' options)
+RUNNING: Tuple[HyperParameter, ...] = (
+    HyperParameter(
+        "curvature", "str or None", "kfac", "the curvature (`curvlib.optim.CURVATURES`), or `None`: plain momentum SGD",
+        Rule(lambda v, g: v is None or v in CURVATURES, "None or one of " + ", ".join(f'"{c}"' for c in CURVATURES),
+             "unknown curvature {value!r}; use one of " + str(sorted(CURVATURES)) + " or None (plain momentum SGD "
+             "for the group)."),
+    ),
+    HyperParameter("fisher_type", "str", "mc", "`\"type-2\"` (exact GGN), `\"mc\"` (sampled targets), `\"empirical\"`",
+                   one_of(*FISHER_TYPES)),
+    HyperParameter(
+        "mc_samples", "int", 1, "sampled targets per datum for `\"mc\"`",
+        Rule(lambda v, g: v == 1 or g["fisher_type"] == "mc", "an int >= 1 (fisher_type=\"mc\" only)",
+             "{name}={value!r} applies to fisher_type='mc' only; leave it at 1 or use fisher_type='mc'."),
+    ),
+    HyperParameter("kfac_approx", "str", "expand", "`\"expand\"` / `\"reduce\"` for weight-sharing layers",
+                   one_of("expand", "reduce"), enforced=False),
+    HyperParameter("damping", "float", 1e-3, "`λ`", number(0, finite=True)),
+    HyperParameter("damping_mode", "str", "pi",
+                   "`\"pi\"` (Martens & Grosse's factored Tikhonov) or `\"exact\"` (`C + λI`)", one_of("pi", "exact")),
+    HyperParameter("T_cov", "int, callable or \"auto\"", 1, "curvature update interval", _interval_rule(True)),
+    HyperParameter("T_inv", "int or callable", 1, "inverse update interval", _interval_rule(False)),
+    HyperParameter(
+        "T_cov_auto_tol", "float", 0.01,
+        "`\"auto\"`: the interval doubles while the relative change of the running curvature at an update is "
+        "below this, and halves otherwise", number(0, low_open=True), enforced=False,
+    ),
+    HyperParameter("T_cov_max", "int", 64, "`\"auto\"`: largest interval", number(1, integer=True), enforced=False),
+    HyperParameter(
+        "ema_decay", "float", 0.95, "`C <- ema_decay C + (1 - ema_decay) C_new`; the first capture initialises `C`",
+        Rule(lambda v, g: 0.0 <= float(v) < 1.0, "in [0, 1)"),
+    ),
+    HyperParameter(
+        "curvature_batch_fraction", "float", 1.0,
+        "curvature from a random fraction of the batch (drawn with the optimizer's generator, the same samples "
+        "for every layer, normalized as a mean over the sub-batch), in the same backward; the gradient stays the "
+        "whole batch's", Rule(lambda v, g: 0.0 < float(v) <= 1.0, "in (0, 1]"),
+    ),
+    HyperParameter(
+        "kl_clip", "float or None", None, "scale the group's direction by `min(1, sqrt(kl_clip / (lr^2 sum_p <d_p, g_p>)))`",
+        Rule(lambda v, g: v is None or v > 0, "> 0, or None (no clipping)"),
+    ),
+)
+
+#: the table of the running-curvature core: :data:`RUNNING` and the kinds' options
+CORE_HYPERPARAMETERS: Tuple[HyperParameter, ...] = RUNNING + options_of(CURVATURES)
+
+#: hyper-parameters of the preconditioning core and their defaults
+CORE_DEFAULTS = defaults_of(CORE_HYPERPARAMETERS)
+
+
+def interval(value: Any, k: int, name: str) -> int:
+    """``T_cov`` / ``T_inv`` at step ``k`` (an int, or a callable evaluated at ``k``)."""
+    v = value(k) if callable(value) else value
+    if not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())) or int(v) < 1:
+        raise ValueError(f"curvlib.optim: {name} returned {v!r} at step {k}; it must be an int >= 1.")
+    return int(v)
+
+
+class RunningCurvatureOptimizer(CurvatureOptimizer):
+    """Base class: the running curvature, its damped inverse and ``kl_clip`` (module docstring)."""
+
+    hyperparameters = CORE_HYPERPARAMETERS
+    kinds = CURVATURES
+
+    def check_group(self, group: Mapping[str, Any], gi: int) -> None:
+        super().check_group(group, gi)
+        kind = self._kind(group)
+        if kind is not None and not kind.ema and group["ema_decay"] > 0:
+            self._warn_once(("ema", kind.name), (
+                f"curvlib.optim: curvature={kind.name!r} keeps the exact factors of the latest curvature batch; "
+                "ema_decay does not apply to it (set ema_decay=0 to silence this)."
+            ))
+
+    def _lr_for(self, group: Mapping[str, Any], p: Tensor) -> float:
+        """The learning rate ``kl_clip`` assumes for ``p``."""
+        return float(group["lr"])
+
+    def _plan_group(self, plan: StepPlan, gp: GroupPlan, group: Mapping[str, Any]) -> None:
+        kind = self._kind(group)
+        gp.dirs = list(gp.grads) if kind is None else self._precondition(plan, gp, group, kind)
+        if group["kl_clip"] is not None:
+            vg = sum(float((d * g).sum()) for d, g in zip(gp.dirs, gp.grads))
+            lr = self._lr_for(group, gp.params[0])
+            if vg > 0 and lr > 0:
+                nu = min(1.0, math.sqrt(group["kl_clip"] / (lr * lr * vg)))
+                if nu < 1.0:
+                    gp.dirs = [d * nu for d in gp.dirs]
+
+    def _precondition(self, plan: StepPlan, gp: GroupPlan, group: Mapping[str, Any], kind: CurvatureKind) -> List[Tensor]:
+        """``(C_p + λ I)^-1 g_p`` for the parameters with a running curvature, ``g_p`` for the others."""
+        curvs = self._running(plan, gp, group, kind)
+        has = [c is not None for c in curvs]
+        cparams = [p for p, h in zip(gp.params, has) if h]
+        if not cparams:
+            return list(gp.grads)
+        solve = self._inverse(plan, gp.index, group, kind, cparams, [c for c in curvs if c is not None])
+        record = self._captured()
+        extras = kind.extras(group, record.extensions) if record is not None else {}
+        cdirs = iter(solve([g for g, h in zip(gp.grads, has) if h], extras))
+        return [next(cdirs).to(g.dtype) if h else g for g, h in zip(gp.grads, has)]
+
+    def _running(self, plan: StepPlan, gp: GroupPlan, group: Mapping[str, Any], kind: CurvatureKind) -> List[Any]:
+        """Each parameter's running curvature after this step (``None``: it has none); on a
+        curvature step, mixes in the captured one and advances the group's ``T_cov`` schedule."""
+        k, gs = plan.step, plan.schedule[gp.index]
+        cov_due = k >= gs.next_cov
+        record = self._require_capture(gp.index) if cov_due else None
+        curvs: List[Any] = []
+        num = den = 0.0
+        for p, n in zip(gp.params, gp.names):
+            old = self.state.get(p, {}).get("running")
+            if not cov_due:
+                if old is None:
+                    self._warn_plain(n, kind.name)
+                curvs.append(old)
+                continue
+            new = kind.read(p, group)
+            if new is None:
+                self._warn_plain(n, kind.name)
+                curvs.append(None)
+                continue
+            if first_nonfinite(tree_leaves(new)) is not None:
+                raise FloatingPointError(
+                    f"{self._where}: the captured {kind.name!r} curvature of {n} contains NaN or Inf; the step was "
+                    "not taken and state is unchanged. Skip this batch."
+                )
+            first = old is None or not same_structure(old, new)
+            run = new if first or not kind.ema else kind.mix(old, new, float(group["ema_decay"]))
+            if not first and group["T_cov"] == "auto":
+                num += sum(float((a - b).square().sum()) for a, b in zip(tree_leaves(run), tree_leaves(old)))
+                den += sum(float(b.square().sum()) for b in tree_leaves(old))
+            plan.state.setdefault(p, {}).update(running=run, **kind.after_read(p, record.extensions))
+            curvs.append(run)
+        if cov_due:
+            gs.cov_updates += 1
+            gs.last_change = math.sqrt(num / den) if den > 0 else None
+            if group["T_cov"] == "auto":
+                if gs.last_change is not None:
+                    grow = gs.last_change < group["T_cov_auto_tol"]
+                    gs.cov_interval = min(2 * gs.cov_interval, int(group["T_cov_max"])) if grow else max(1, gs.cov_interval // 2)
+                gs.next_cov = k + gs.cov_interval
+            else:
+                gs.next_cov = k + interval(group["T_cov"], k, "T_cov")
+        return curvs
+
+    def _inverse(self, plan: StepPlan, gi: int, group: Mapping[str, Any], kind: CurvatureKind, params, curvs):
+        """The group's damped inverse: the cached one, or one built now (from the running
+        curvature when ``T_inv`` is due, else from the curvature the cached one was built from,
+        ``state[p]["inverse_of"]``, e.g. for a new damping or after ``load_state_dict``)."""
+        k, gs = plan.step, plan.schedule[gi]
+        key = (kind.name, tuple(id(p) for p in params))
+        cached = self.core.solves.get(gi)
+        lam, mode = float(group["damping"]), group["damping_mode"]
+        scheduled = k >= gs.next_inv
+        same_setup = gs.inv_damping == lam and gs.inv_mode == mode and gs.inv_curvature == kind.name
+        if not scheduled and cached is not None and cached[0] == key and same_setup:
+            return cached[1]
+        snapshot = [self.state.get(p, {}).get("inverse_of") for p in params]
+        resumable = all(s is not None and same_structure(s, c) for s, c in zip(snapshot, curvs))
+        if scheduled or not resumable:
+            sources, lam_build = curvs, lam  # a new inverse of the running curvature
+        else:  # same curvature snapshot, new damping / mode, or rebuilt after load_state_dict
+            sources = snapshot
+            lam_build = gs.inv_damping_used if same_setup and gs.inv_damping_used else lam
+        solve, used = distributed.build_inverse(
+            self.core.distributed, kind, params, sources, lam_build, mode, group, f"param group {gi}"
+        )
+        plan.solves[gi] = (key, solve)
+        for p, c in zip(params, sources):
+            plan.state.setdefault(p, {})["inverse_of"] = c
+        # rank-2 Kronecker inverses of indefinite sums: eigenvalue pairs raised to the damping
+        # floor (KroneckerInverse.clipped; announced once by the solver)
+        for p, part in zip(params, solve.parts or []):
+            clipped: Optional[int] = getattr(part, "clipped", None)
+            if clipped is not None:
+                plan.state[p]["inverse_clipped"] = int(clipped)
+        if scheduled:
+            gs.next_inv = k + interval(group["T_inv"], k, "T_inv")
+            gs.inv_updates += 1
+        gs.inv_damping, gs.inv_damping_used = lam, used
+        gs.inv_mode, gs.inv_curvature = mode, kind.name
+        return solve
+
+
+__all__ = ["RunningCurvatureOptimizer", "CORE_HYPERPARAMETERS", "CORE_DEFAULTS", "RUNNING", "interval"]
