@@ -4,8 +4,8 @@
    against its *untied twin* (the same model with ``lm_head.weight`` a copy): forward + backward
    with the quantity computed. The tied weight's quantities sum its two uses (exact: per-sample
    gradients added; KFAC: one Kronecker term per use, the twin's two terms), so the work should be
-   the twin's plus the sum. GPT-2's ``Conv1D`` layers get no curvature yet (op-level capture), so
-   the curvature work here is the embedding, the head, the norms and ``wpe``.
+   the twin's plus the sum. GPT-2's ``Conv1D`` layers get their curvature by operation
+   (:mod:`curvlib.engine.operations`), in both models alike.
 2. The bookkeeping every recorded call now does (which layers use which parameter, the group key)
    on an untied MLP 784-512-256-10, batch 256: KFAC empirical with it against the same capture
    with it switched off (monkeypatched in the same process).

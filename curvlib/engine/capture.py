@@ -543,9 +543,7 @@ def finite_or_raise(value, module: nn.Module, what: str) -> None:
     ~7 us a call).
     """
     if isinstance(value, Tensor):
-        if value.numel() and not _finite_number(value.sum()):
-            if bool(torch.isfinite(value).all()):  # overflow of the sum only
-                return
+        if not all_finite(value):
             raise FloatingPointError(
                 f"curvlib: {what} of {module} contains NaN or Inf. Check the inputs, "
                 "the loss and the learning rate (the forward pass already diverged)."
@@ -553,6 +551,13 @@ def finite_or_raise(value, module: nn.Module, what: str) -> None:
     elif isinstance(value, (list, tuple)):
         for v in value:
             finite_or_raise(v, module, what)
+
+
+def all_finite(value: Tensor) -> bool:
+    """Whether ``value`` holds no NaN or Inf: one reduction (the sum of a tensor with a NaN or Inf
+    entry is not finite), ``torch.isfinite`` only when the sum overflows. On a large tensor (a
+    language model's logits) this reads it once and allocates no mask."""
+    return not value.numel() or _finite_number(value.sum()) or bool(torch.isfinite(value).all())
 
 
 def _finite_number(total: Tensor) -> bool:

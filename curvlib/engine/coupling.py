@@ -154,6 +154,9 @@ class CouplingCheck:
                 f"extended model {type(root).__name__} (the output cotangent of one sample "
                 "reached the other samples there)",
             )
+        if call is not None and root is not None and getattr(call.module, "couples_samples", False):
+            # a functional batch_norm with batch statistics (curvlib.engine.layers.op_norm)
+            self._on_coupling(root, f"{call.module} (batch_norm with the batch's statistics)")
         if root is None or id(root) in self.found:
             return
         found = self.found[id(root)] = coupling_modules(root)

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlib.engine import lazy_columns
-from curvlib.engine.capture import LayerCapture, Source, finite_or_raise
+from curvlib.engine.capture import LayerCapture, Source, all_finite, finite_or_raise
 from curvlib.engine.columns import backprop_columns, column_chunk, column_chunks
 from curvlib.engine.coupling import PROBE, CouplingCheck, same_batch
 from curvlib.engine.hooks import META_KEY, calls_key
@@ -248,7 +248,7 @@ class LossColumns:
         cols = Columns()
         sources = set(self.sources) - {"grad", "empirical"}
         poisoned = False
-        if sources and not bool(torch.isfinite(f).all()):
+        if sources and not all_finite(f):
             # sampling (torch.multinomial / bernoulli) fails on NaN with a torch error of its
             # own: raise the engine's error here, or (check_finite=False, the distributed
             # optimizer's mode) build the columns from a finite stand-in and poison them, so

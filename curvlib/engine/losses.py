@@ -22,7 +22,6 @@ import math
 from typing import ClassVar, Dict, Optional, Tuple, Type
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -109,10 +108,6 @@ def _class_eye(f: Tensor, class_dim: int) -> Tensor:
     return torch.eye(C, dtype=f.dtype, device=f.device).view(C, *shape)
 
 
-def _one_hot(labels: Tensor, C: int, class_dim: int, dtype: torch.dtype) -> Tensor:
-    return F.one_hot(labels, C).to(dtype).movedim(-1, class_dim)
-
-
 class CrossEntropyAdapter(LossAdapter):
     """``CrossEntropyLoss`` on logits ``[N, C]`` or ``[N, C, d1, ...]``: categorical."""
 
@@ -181,8 +176,10 @@ class CrossEntropyAdapter(LossAdapter):
         p = self._probs(f)
         flat = p.movedim(cd, -1).reshape(-1, p.shape[cd])
         draws = torch.multinomial(flat, m, replacement=True, generator=generator)  # [P, m]
-        draws = draws.T.reshape(m, *p.movedim(cd, -1).shape[:-1])
-        return p.unsqueeze(0) - _one_hot(draws, p.shape[cd], 1 + cd, f.dtype)
+        draws = draws.T.reshape(m, *p.movedim(cd, -1).shape[:-1]).unsqueeze(1 + cd)
+        # p - onehot(draw), without the [m, *f.shape] integer one-hot (vocabulary-sized outputs)
+        S = p.unsqueeze(0).repeat(m, *([1] * p.ndim))
+        return S.scatter_add_(1 + cd, draws, torch.full_like(draws, -1, dtype=S.dtype))
 
 
 class NLLAdapter(CrossEntropyAdapter):

@@ -48,6 +48,12 @@ class LayerCall:
     #: recorded while a backward pass was running (a forward recomputed inside backward,
     #: e.g. by reentrant activation checkpointing)
     in_backward: bool = False
+    #: the handle of the tensor hook on the output (removed when the call is re-recorded on an
+    #: output expanded to the batch, :mod:`curvlib.engine.operations`)
+    hook: Optional[Any] = None
+    #: raised when a curvature backward reaches the call: the forward found its per-sample
+    #: quantities undefined (a batch-1 output broadcast over the batch and not handled)
+    error: Optional[str] = None
 
     @property
     def live(self) -> bool:
@@ -63,6 +69,7 @@ class LayerCall:
         self.reduced = {}
         self.lazy = None
         self.root_inputs = None
+        self.hook = None
 
 
 class CallList(list):
@@ -72,7 +79,18 @@ class CallList(list):
     pickled) and are meaningless for another object: copies (``copy.deepcopy``, pickle,
     ``torch.save``) of the owner get an empty list. The copy's hooks are copied with it,
     so it stays extended and records its own calls on its next forward.
+
+    Attributes:
+        root_batch: the batch size of the forward (dimension 0 of the model's first batched tensor
+            argument; ``None`` if it has none); ``max_batch``: the largest batch of its calls;
+        batch1: its calls on a batch of 1 (checked at the end of the forward, ``hooks``).
     """
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.root_batch: Optional[int] = None
+        self.max_batch = 0
+        self.batch1: list = []
 
     def __reduce_ex__(self, protocol):
         return (CallList, ())

@@ -52,8 +52,11 @@ class EngineState:
         #: ``(args, kwargs)`` of that forward (tensors detached): tags the calls it makes
         self.forwards: List[Tuple[nn.Module, Tuple[tuple, Dict[str, Any]]]] = []
         #: the interceptions of the composite layers whose forward is running (innermost last):
-        #: ``(layer, context manager)`` (``LayerAdapter.intercept``, e.g. attention)
+        #: ``(layer, context manager)`` (``LayerAdapter.intercept``, e.g. attention), and the
+        #: operation capture of an extended model's forward as ``(model, OpCapture)``
         self.intercepts: List[Tuple[nn.Module, Any]] = []
+        #: the active operation capture (:class:`curvlib.engine.operations.OpCapture`), or ``None``
+        self.op_capture: Optional[Any] = None
         # ------------------------------------------------------------ flags
         #: ``True`` while the engine back-propagates its own extra cotangents (a nested
         #: backward whose hooks must not capture anything)
@@ -69,6 +72,8 @@ class EngineState:
         self.warned_coupling: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
         #: layers already warned about taking part in no call of a backward (once each)
         self.warned_uncalled: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+        #: parameter -> the operations its uncovered uses were warned about (once each)
+        self.warned_ops: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
         #: models whose backward has no batching rule for some operation (the ``out=`` kernels of
         #: ``torch.compile``d graphs): their columns go one at a time (:mod:`curvlib.engine.columns`)
         self.no_batching: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()

@@ -2,7 +2,8 @@ r"""Weight tying: one parameter used by several layers (``lm_head.weight = wte.w
 
 **Grouping, on the parameter.** Each recorded call names its layer's parameters
 (:func:`note_params`, from ``hooks.record_call``). When a parameter turns up in a second layer (a
-module, or a part of a composite layer such as attention's ``in_proj``; later an operation), the
+module, a part of a composite layer such as attention's ``in_proj``, or the part of an operation
+applying it, :mod:`curvlib.engine.operations`), the
 two layers join one :class:`TieGroup`, and the group is then their key everywhere the engine
 decides which calls belong together (:func:`group_key`, which ``hooks.calls_key`` returns): the
 live calls (``ENGINE.calls_of``, ``loss_columns.other_live_calls``), the captures waiting for the

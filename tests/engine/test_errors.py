@@ -7,9 +7,33 @@ from curvlib import curvature, extend
 from curvlib.extensions import KFAC
 
 
-def test_layer_without_adapter_warns_with_its_name():
-    with pytest.warns(UserWarning, match="'1'.*PReLU.*no layer adapter"):
-        extend(nn.Sequential(nn.Linear(3, 3), nn.PReLU(3)))
+def test_parameter_through_an_uncovered_operation_warns_with_its_name_and_the_operation():
+    """PReLU's slope enters through torch.prelu, which no rule covers: named at the curvature
+    backward (once), not at extend (a module without adapter may use covered operations)."""
+    import warnings
+
+    model = extend(nn.Sequential(nn.Linear(3, 3), nn.PReLU(3)))
+    loss_fn = extend(nn.MSELoss())
+    loss = loss_fn(model(torch.randn(4, 3)), torch.randn(4, 3))
+    with pytest.warns(UserWarning, match="parameter '1.weight' reaches the loss through torch.prelu") as rec:
+        with curvature(KFAC(fisher_type="type-2")):
+            loss.backward()
+    assert sum("torch.prelu" in str(w.message) for w in rec) == 1
+    assert not hasattr(model[1].weight, "kfac") and hasattr(model[0].weight, "kfac")
+    loss = loss_fn(model(torch.randn(4, 3)), torch.randn(4, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per parameter and operation
+        with curvature(KFAC(fisher_type="type-2")):
+            loss.backward()
+
+
+def test_no_warning_for_a_forward_without_curvature():
+    import warnings
+
+    model = extend(nn.Sequential(nn.Linear(3, 3), nn.PReLU(3)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(torch.randn(4, 3)).sum().backward()
 
 
 def test_unsupported_loss_is_refused():

@@ -41,64 +41,7 @@ from torch.overrides import TorchFunctionMode
 
 from curvlib.engine.layers.base import LayerAdapter
 from curvlib.engine.layers.linear import LinearAdapter
-
-#: ``(positions, blocks)`` per input segment of a stacked projection
-Segments = Tuple[Tuple[int, Tuple[int, ...]], ...]
-
-
-class Projection:
-    """One linear part ``y = x W^T + b`` of a composite layer, as seen by one forward call.
-
-    Layer-like for the engine (``weight`` / ``bias`` attributes, :meth:`parameters`); parts of
-    the same layer with the same ``name`` compare equal (they describe the same parameters).
-
-    Attributes:
-        owner: the ``nn.Module`` whose parameters these are; ``name``: the part.
-        blocks: ``B`` of the weight's KFAC block form; ``bias_blocks``: of the bias.
-        segments: ``((T_i, blocks_i), ...)``: the input is ``T_i`` positions per segment, stacked
-            along the positions, segment ``i`` feeding the row blocks ``blocks_i``.
-    """
-
-    def __init__(
-        self,
-        owner: nn.Module,
-        name: str,
-        weight: Optional[Tensor] = None,
-        bias: Optional[Tensor] = None,
-        blocks: int = 1,
-        bias_blocks: int = 1,
-        segments: Segments = (),
-    ):
-        self.owner, self.name = owner, name
-        self.weight, self.bias = weight, bias
-        self.blocks, self.bias_blocks, self.segments = blocks, bias_blocks, segments
-
-    def parameters(self, recurse: bool = True):
-        return iter([p for p in (self.weight, self.bias) if p is not None])
-
-    @property
-    def calls_key(self) -> object:
-        """The engine's key for the live calls of this part (``ENGINE.calls_of``): one object per
-        ``(owner, name)``, kept on the owner. A part object lives only as long as its call
-        records, so it cannot be that key itself: the parts of the next forward would be
-        registered under a key whose death (when the earlier records are dropped, possibly
-        during the backward) takes their live calls with it."""
-        keys = self.owner.__dict__.setdefault("_curvlib_part_keys", {})
-        return keys.setdefault(self.name, _PartKey())
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, Projection) and other.owner is self.owner and other.name == self.name
-
-    def __hash__(self) -> int:
-        return hash((id(self.owner), self.name))
-
-    def __repr__(self) -> str:
-        return f"{type(self.owner).__name__}.{self.name}"
-
-
-class _PartKey:
-    """A weak-referenceable token: :attr:`Projection.calls_key`."""
-
+from curvlib.engine.layers.parts import Projection, Segments
 
 class ProjectionAdapter(LinearAdapter):
     """A :class:`Projection`: a Linear over positions ``[N, T, D]``, KFAC in the block form."""

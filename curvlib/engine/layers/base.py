@@ -31,6 +31,12 @@ class LayerAdapter:
     #: ``[G]`` as a bias does, and no activation side
     summed_params: ClassVar[Tuple[str, ...]] = ()
 
+    #: the layer treats every dimension between the samples (0) and its features as positions
+    #: (Linear, Embedding, LayerNorm, RMSNorm): a call on rows that merge ``m`` positions of each
+    #: sample into dimension 0 is recorded on the per-sample views ``[N, m, ...]``
+    #: (:mod:`~curvlib.engine.layers.batch_layout`; e.g. OPT's ``fc1`` on ``hidden.reshape(-1, D)``)
+    positions: ClassVar[bool] = False
+
     def check(self, module: nn.Module) -> None:
         """Raise ``NotImplementedError`` naming the module for unsupported settings."""
 

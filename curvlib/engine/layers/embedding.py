@@ -30,6 +30,7 @@ from curvlib.engine.layers.base import LayerAdapter
 
 
 class EmbeddingAdapter(LayerAdapter):
+    positions = True
     module_types = (nn.Embedding,)
     act_side = "left"
 

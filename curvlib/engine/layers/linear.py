@@ -13,6 +13,7 @@ from curvlib.engine.layers.base import LayerAdapter
 
 
 class LinearAdapter(LayerAdapter):
+    positions = True
     module_types = (nn.Linear,)
     act_side = "right"
 

@@ -57,6 +57,7 @@ class _NormAdapter(LayerAdapter):
 
 class _LastDimsAdapter(_NormAdapter):
     """Parameters over the trailing ``normalized_shape`` dimensions (LayerNorm, RMSNorm)."""
+    positions = True
 
     def _dims(self, module: nn.Module):
         return tuple(range(-len(module.normalized_shape), 0))

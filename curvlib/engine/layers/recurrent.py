@@ -17,7 +17,7 @@ the same step: their parts ``ih`` and ``hh`` are one Linear call each per step, 
 backward are summed as positions, as for every layer called several times.
 
 Parts, for layer ``k`` and direction ``{sfx}`` (``""`` or ``"_reverse"``), each a
-:class:`~curvlib.engine.layers.attention.Projection` (a Linear over positions; ``N`` samples,
+:class:`~curvlib.engine.layers.parts.Projection` (a Linear over positions; ``N`` samples,
 ``T`` time steps, ``G`` = 4, 3 or 1 times ``hidden_size`` for LSTM, GRU, RNN):
 
 - ``ih_l{k}{sfx}`` (``weight_ih_l{k}{sfx}``, ``bias_ih_l{k}{sfx}``): ``x_t W_ih^T + b_ih``, one
@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from curvlib.engine.layers.attention import Projection
+from curvlib.engine.layers.parts import Projection
 from curvlib.engine.layers.base import LayerAdapter
 
 #: the fused kernels and the mode of the module that calls each
