@@ -207,7 +207,7 @@ _CODE = re.compile(r"(?<!`)`([^`]+)`(?!`)")
 
 
 def _rst(text: str) -> str:
-    """Markdown code spans (the tables' ``\`x\```) as reStructuredText literals."""
+    """Markdown code spans (single backticks in the tables) as reStructuredText literals."""
     return _CODE.sub(r"``\1``", text)
 
 
