@@ -28,13 +28,21 @@ def check_max_factor_dim(value: Optional[int], where: str) -> None:
 
 def factor_sides(capture: LayerCapture, name: str) -> Tuple[int, ...]:
     """The factor dimensions of parameter ``name``: ``(cotangent side, activation side)`` of a
-    weight (``p.shape[0]`` and ``p[0].numel()`` in the layer's orientation), ``(p.numel(),)`` of a
-    summed parameter (a bias, a norm layer's scale: ``[G]``); a tied parameter's in ``p``'s order."""
+    weight (``p.shape[0]`` and ``p[0].numel()`` in the layer's orientation; per block in the block
+    form over ``B`` groups, whose first factor is over ``p.shape[0] / B``), ``(p.numel(),)`` of a
+    summed parameter (a bias, a norm layer's scale: ``[G]``; per block likewise); a tied
+    parameter's in ``p``'s order."""
     p = capture.params[name]
+    if capture.uses is not None:
+        B = 1
+    elif capture.summed(name):
+        B = capture.adapter.bias_blocks(capture.module) if name == "bias" else 1
+    else:
+        B = capture.adapter.blocks(capture.module)
     if capture.summed(name):
-        return (p.numel(),)
+        return (p.numel() // B,)
     d0 = p.shape[0]
-    dims = [d0, p.numel() // max(d0, 1)]
+    dims = [d0 // B, p.numel() // max(d0, 1)]
     if capture.uses is not None:  # a tied parameter: no one orientation, p's order
         return tuple(dims)
     return tuple(capture.orientation.unpair(dims))
@@ -69,17 +77,17 @@ class FactorDims:
         limit = self.factor_limit(capture.params[name])
         return tuple(factors.exceeds(d, limit) for d in factor_sides(capture, name))
 
-    def refuse_large_factors(self, capture: LayerCapture, why: str) -> None:
+    def refuse_large_factors(self, capture: LayerCapture, why: str, fix: str = "") -> None:
         """Raise ``NotImplementedError`` naming the layer if a factor side of one of its parameters
-        is above ``max_factor_dim`` (an extension without a diagonal form, ``why``)."""
+        is above ``max_factor_dim`` (an extension without a diagonal form, ``why``; ``fix``: what
+        else to use)."""
         for name, p in capture.params.items():
             if any(FactorDims.diagonal_sides(self, capture, name)):
                 raise NotImplementedError(
                     f"curvlib: {type(self).__name__} of the {name} of {capture.module} (shape "
                     f"{tuple(p.shape)}): a Kronecker factor side {factor_sides(capture, name)} is above "
-                    f"max_factor_dim={self.factor_limit(p)}, and {why}. Use KFAC or EKFAC for it (they "
-                    "keep that side diagonal), or raise max_factor_dim (None: no limit) if the dense "
-                    "factor fits."
+                    f"max_factor_dim={self.factor_limit(p)}, and {why}. {fix}Raise max_factor_dim "
+                    "(None: no limit) if the dense factor fits."
                 )
 
 

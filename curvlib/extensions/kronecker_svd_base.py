@@ -348,7 +348,10 @@ class KroneckerSVDExtension(FactorDims, Extension):
         )
 
     def compute(self, capture: LayerCapture) -> Dict[str, Any]:
-        self.refuse_large_factors(capture, "its Kronecker-SVD terms have no diagonal form")
+        self.refuse_large_factors(
+            capture, "its Kronecker-SVD terms have no diagonal form",
+            "Use KFAC or EKFAC for it (they keep that side diagonal), or leave it out of this extension. ",
+        )
         out: Dict[str, Any] = {}
         params, bias_block, block = capture.params, None, None
         if capture.uses is not None:  # a tied parameter (engine.tying): from per-sample gradients
