@@ -286,11 +286,15 @@ def diag_rows(x: Tensor, scale: float = 1.0) -> Tensor:
 
 #: the default ``max_factor_dim`` of the Kronecker extensions and optimizer groups: a factor side
 #: of a larger dimension is kept diagonal (1-D). A dense ``d x d`` factor costs ``4 d^2`` bytes
-#: (float32) and an ``O(d^3)`` eigendecomposition at every inverse update; measured on CPU
-#: (2 threads, medians): ``eigh`` of ``d = XXX``, so every hidden width of common models (GPT-2 small's
-#: 3072, BERT-large's 4096, up to Llama-7B's 4096 hidden size) stays dense, and vocabulary-sized
-#: sides (GPT-2's 50257: a 10 GB factor) and Llama-7B's MLP width 11008 become diagonal
-#: (docs/design.md §2; the measurement is ``benchmarks/max_factor_dim.py``).
+#: (float32) and an ``O(d^3)`` eigendecomposition at every inverse update. Measured
+#: (``benchmarks/bench_max_factor_dim.py``, CPU, 2 threads on a machine loaded ~8x, medians of 3
+#: interleaved): ``eigh`` of d = 512 / 1024 / 2048 took 6.6 / 22 / 153 s (7x per doubling; an
+#: earlier run 2.4 / 8.9 s at 1024 / 2048 and 244 s at 4096), so 8192 (256 MiB) costs minutes per
+#: inverse on a CPU and a vocabulary side (GPT-2's 50,257: 10 GB) is out of reach. 8192 keeps
+#: every side of common models dense (ResNet / VGG convolutions' 512 x 3 x 3 = 4608, GPT-2's 3072,
+#: Llama-7B's 4096 hidden size) and makes vocabulary-sized sides diagonal, where the softmax
+#: Fisher's off-diagonal ``-p_i p_j`` is small: on Linear(64, 2048)'s ``G`` (mc, 8 x 16 tokens) the
+#: damped direction with diagonal ``G`` is within the table of that benchmark of the dense one.
 MAX_FACTOR_DIM = 8192
 
 
