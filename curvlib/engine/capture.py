@@ -325,13 +325,16 @@ class LayerCapture:
             finite_or_raise(self.act(), self.module, "the layer input")
         return v.shape[0], v.shape[1]
 
-    def kfac_act_factor(self, kfac_approx: str = "expand", blocks: int = 1) -> Tensor:
+    def kfac_act_factor(self, kfac_approx: str = "expand", blocks: int = 1, diagonal: bool = False) -> Tensor:
         """KFAC's ``A`` of the weight: the adapter's structured factor (Embedding: 1-D) if it has
         one, else :func:`~curvlib.engine.factors.kfac_act_factor` of :meth:`act`; expand with one
-        block takes :meth:`act_gram` (the adapter's own Gram kernel, convolutions) over ``N T``."""
+        block takes :meth:`act_gram` (the adapter's own Gram kernel, convolutions) over ``N T``.
+        ``diagonal``: only the diagonal, 1-D (a side above ``max_factor_dim``)."""
         A = self.act_factor(kfac_approx)
         if A is not None:
-            return A
+            return A.diagonal(dim1=-2, dim2=-1).clone() if diagonal and A.dim() > 1 else A
+        if diagonal:
+            return factors.kfac_act_factor(self.act(), kfac_approx, blocks, diagonal=True)
         if kfac_approx == "expand" and blocks == 1:
             return self.act_gram(1.0 / self.act_rows())
         return factors.kfac_act_factor(self.act(), kfac_approx, blocks)
@@ -345,10 +348,11 @@ class LayerCapture:
         G = factors.kfac_cot_factor(self.cot(source), kfac_approx, B)
         return G, self.kfac_act_factor(kfac_approx, B)
 
-    def kfac_summed_factor(self, name: str, source: Source) -> Tensor:
+    def kfac_summed_factor(self, name: str, source: Source, diagonal: bool = False) -> Tensor:
         """The exact block ``sum_{k,n} x x^T`` of a summed parameter (``x = sum_t s'``; KFAC's ``[G]``
-        of a norm layer's parameters)."""
-        return factors.gram_rows(self.sum_cot(name, source).sum(2))
+        of a norm layer's parameters); ``diagonal``: its diagonal, 1-D."""
+        x = self.sum_cot(name, source).sum(2)
+        return factors.diag_rows(x) if diagonal else factors.gram_rows(x)
 
     def structure(self, name: str = "weight") -> factors.BlockStructure:
         """The :class:`~curvlib.engine.factors.BlockStructure` of parameter ``name``."""

@@ -344,7 +344,9 @@ class curvature:
         with torch.no_grad():
             for capture in units:
                 for i, ext in enumerate(self.extensions):
-                    self._run_extension(i, ext, capture)
+                    part = selected(ext, capture)
+                    if part is not None:
+                        self._run_extension(i, ext, part)
         for c in captures:  # a part of a composite layer (attention's projections) counts for its owner
             self._processed.add(c.module if isinstance(c.module, nn.Module) else c.module.owner)
         self.num_captures += 1
@@ -381,4 +383,13 @@ class curvature:
             self._written[(i, id(p))] = (p, b, count)
 
 
-__all__ = ["curvature"]
+def selected(ext: Extension, capture: LayerCapture) -> Optional[LayerCapture]:
+    """``capture`` restricted to the parameters ``ext`` selects (:meth:`Extension.selects`):
+    ``capture`` itself when it selects all, ``None`` when it selects none."""
+    names = [n for n, p in capture.params.items() if ext.selects(p)]
+    if not names:
+        return None
+    return capture if len(names) == len(capture.params) else capture.restricted(names)
+
+
+__all__ = ["curvature", "selected"]

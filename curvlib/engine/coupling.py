@@ -133,9 +133,9 @@ class CouplingCheck:
         if not new:
             return None
         gen = torch.Generator().manual_seed(0)  # leaves the global random stream alone
-        v = torch.zeros((1,) + tuple(f.shape), dtype=f.dtype)
-        v[0, 0] = torch.rand(f.shape[1:], generator=gen, dtype=f.dtype) + 0.5
-        return v.to(f.device)
+        v = torch.zeros((1,) + tuple(f.shape), dtype=f.dtype, device=f.device)  # on f's device: no host copy
+        v[0, 0] = torch.rand(f.shape[1:], generator=gen, dtype=f.dtype).to(f.device) + 0.5
+        return v
 
     def observe(self, call: LayerCall, part: Tensor, f: Tensor) -> None:
         """The probe's column ``part`` ``[1, *output_shape]`` at ``call``: did sample 0's output

@@ -94,6 +94,14 @@ class Extension(abc.ABC):
         """
         return None
 
+    def selects(self, param: Tensor) -> bool:
+        """Whether :meth:`compute` gives ``param`` a value (default: every parameter that requires
+        gradients). An extension restricted to some parameters (one optimizer param group's)
+        returns ``False`` for the others: the engine then hands it captures restricted to the
+        selected parameters, and none for a layer with no selected parameter, so nothing is built
+        for the others (no ``[D, D]`` factor of a vocabulary head in a group without curvature)."""
+        return True
+
     @abc.abstractmethod
     def finish(self) -> None:
         """Called when the context exits without error (whole-network quantities are built here)."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
@@ -96,6 +97,36 @@ def empirical_scale(kappas: List[Tuple[nn.Module, float]], loss: nn.Module, kapp
             )
     kappas.append((loss, kappa))
     return 1.0 / math.sqrt(kappa) if kappa > 0 else 0.0
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory of ``device``: a CUDA device's total, else the machine's physical memory
+    (``0``: unknown)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[1])
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_column_memory(adapter, loss: nn.Module, f: Tensor, exact: bool) -> None:
+    """Refuse type-2 columns that cannot fit in memory, before allocating them: the exact loss
+    Hessian square root has one column per class (times the output positions for the exact
+    per-position columns), each the size of the model output, so a 50,000-token vocabulary over
+    8 x 16 tokens asks for ``50,000 * 6.4e6 * 4`` bytes = 1.28 TB. ``MemoryError`` naming the loss,
+    the size and the fix (``"mc"``: ``mc_samples`` columns)."""
+    C = f.shape[adapter.class_dim % f.ndim] if f.ndim > 1 else f.shape[0]
+    K = C * (adapter.type2_positions(f) if exact else 1)
+    need = K * f.numel() * f.element_size()
+    have = device_memory(f.device)
+    if have and need > have:
+        raise MemoryError(
+            f"curvlib: fisher_type='type-2' at {loss} (model output {tuple(f.shape)}, {C} classes) needs "
+            f"{K} loss-Hessian columns of the output's size: {need / 2**30:.1f} GiB, more than the "
+            f"{have / 2**30:.1f} GiB of {f.device}. Use fisher_type='mc' (mc_samples columns, an unbiased "
+            "estimate of the same Fisher) or 'empirical' for this loss."
+        )
 
 
 def reached_calls(f: Tensor) -> Tuple[List[LayerCall], Dict[int, Any], List[LayerCall]]:
@@ -223,12 +254,12 @@ class LossColumns:
         self.coupling = coupling
         #: sources every reader of which sums its columns (``Extension.column_reduction``):
         #: back-propagated in chunks, reduced and freed (never stored on the captures)
-        self.reducers: Dict[Source, List[Tuple[int, Any]]] = {}
+        self.reducers: Dict[Source, List[Tuple[Any, Any]]] = {}
         for src in sources - {"grad", "empirical"}:
             readers = [e for e in extensions if src in e.sources()]
             fns = [e.column_reduction(src) for e in readers]
             if readers and all(fn is not None for fn in fns):
-                self.reducers[src] = [(id(e), fn) for e, fn in zip(readers, fns)]
+                self.reducers[src] = [(e, fn) for e, fn in zip(readers, fns)]
 
     def build(
         self, adapter, loss: nn.Module, f: Tensor, y: Optional[Tensor], weight: float, generator: Optional[torch.Generator]
@@ -263,6 +294,7 @@ class LossColumns:
             if isinstance(src, tuple) and src[0] == "mc":
                 S = adapter.mc_cotangents(loss, f, y, src[1], generator)
             else:
+                check_column_memory(adapter, loss, f, exact=src == "type-2-exact")
                 S = adapter.type2_cotangents(loss, f, y, exact=src == "type-2-exact")
             if weight != 1.0:
                 S = S * math.sqrt(weight)
@@ -436,9 +468,12 @@ class LossColumns:
             call.module, adapter_for(call.module), call.input, {key: part},
             empirical_scale if empirical_scale is not None else 1.0,
         )
-        for eid, fn in self.reducers[key]:
-            acc = call.reduced.setdefault((eid, key), {})
-            add_into(acc, fn(cap))
+        for ext, fn in self.reducers[key]:
+            names = [n for n, p in cap.params.items() if ext.selects(p)]
+            if not names:  # (an extension restricted to other parameters: nothing to build here)
+                continue
+            acc = call.reduced.setdefault((id(ext), key), {})
+            add_into(acc, fn(cap if len(names) == len(cap.params) else cap.restricted(names)))
 
 
 __all__ = [

@@ -5,7 +5,7 @@ Implements the engine's contract :class:`curvlib.engine.extension.Extension` wit
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Dict, Optional, Set, Tuple
+from typing import Any, ClassVar, Dict, Iterable, Optional, Set, Tuple
 
 import torch
 
@@ -65,6 +65,20 @@ class Extension(EngineExtension):
             )
         self.fisher_type = fisher_type
         self.mc_samples = int(mc_samples)
+
+    #: ``id``s of the parameters this extension is restricted to (:meth:`restrict`), ``None``: all
+    _only: Optional[frozenset] = None
+
+    def restrict(self, params: Optional[Iterable[torch.Tensor]]) -> "Extension":
+        """Compute this quantity only for ``params`` (``None``: for every parameter, the default)
+        and return ``self``. The engine hands :meth:`compute` captures restricted to these and
+        builds nothing for the layers of the others (an optimizer's param groups without this
+        curvature: ``curvature=None`` or ``"diag"`` groups get no Kronecker factors)."""
+        self._only = None if params is None else frozenset(id(p) for p in params)
+        return self
+
+    def selects(self, param: torch.Tensor) -> bool:
+        return self._only is None or id(param) in self._only
 
     @property
     def source(self) -> Source:

@@ -62,7 +62,7 @@ from torch import Tensor, nn
 
 from curvlib.engine import factors
 from curvlib.engine.capture import LayerCapture, Source, source_key
-from curvlib.engine.factors import KFAC_APPROX
+from curvlib.engine.factors import KFAC_APPROX, MAX_FACTOR_DIM
 from curvlib.extensions.base import Extension
 from curvlib.extensions.kfac import KFAC
 from curvlib.solvers._linalg import safe_eigh
@@ -180,6 +180,9 @@ class EKFAC(Extension):
             (e.g. of running KFAC factors, or ``p.ekfac[0]`` of an earlier step) instead of this
             batch's; no KFAC factors are computed, and several backwards add up ``S``. Every
             parameter that gets curvature must have one.
+        max_factor_dim: the KFAC factors' (:class:`KFAC`): a side above it is a 1-D factor
+            whose eigenbasis is the identity (``torch.ones(d)``), so that side of ``S`` is the
+            per-coordinate second moment; ``None``: every side dense.
 
     Example:
         >>> import torch
@@ -213,15 +216,26 @@ class EKFAC(Extension):
         mc_samples: int = 1,
         kfac_approx: str = "expand",
         bases: Optional[Mapping[nn.Parameter, Sequence[Tensor]]] = None,
+        max_factor_dim: Optional[int] = MAX_FACTOR_DIM,
     ):
         super().__init__(fisher_type, mc_samples)
         if kfac_approx not in KFAC_APPROX:
             raise ValueError(f"curvlib: EKFAC(kfac_approx={kfac_approx!r}) is not one of {KFAC_APPROX}.")
         self.kfac_approx = kfac_approx
-        self._kfac = KFAC(fisher_type, mc_samples, kfac_approx)
+        self._kfac = KFAC(fisher_type, mc_samples, kfac_approx, max_factor_dim=max_factor_dim)
         self.bases: Optional[Dict[int, Tuple[nn.Parameter, List[Tensor]]]] = None
         if bases is not None:
             self.bases = {id(p): (p, list(Q)) for p, Q in bases.items()}
+
+    @property
+    def max_factor_dim(self) -> Optional[int]:
+        """The KFAC factors' ``max_factor_dim`` (a side above it: a 1-D factor, identity basis)."""
+        return self._kfac.max_factor_dim
+
+    def limit_factor_dim(self, params, max_factor_dim: Optional[int]) -> "EKFAC":
+        """:meth:`KFAC.limit_factor_dim` of the factors whose eigenbasis is used; returns ``self``."""
+        self._kfac.limit_factor_dim(params, max_factor_dim)
+        return self
 
     @property
     def accumulation(self) -> Optional[str]:  # type: ignore[override]

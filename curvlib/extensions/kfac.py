@@ -48,13 +48,14 @@ from torch import Tensor
 
 from curvlib.engine import factors
 from curvlib.engine.capture import LayerCapture, Source
-from curvlib.engine.factors import KFAC_APPROX
+from curvlib.engine.factors import KFAC_APPROX, MAX_FACTOR_DIM
 from curvlib.engine.layers.base import LayerAdapter
 from curvlib.extensions.base import Extension
 from curvlib.extensions.cross_kfac import CrossKFAC
+from curvlib.extensions.factor_dims import FactorDims
 
 
-class KFAC(Extension):
+class KFAC(FactorDims, Extension):
     """Kronecker factors ``p.kfac = [G, A]`` per weight, ``[G]`` per bias.
 
     Shapes: for a weight of shape ``[out, in, *kernel]`` (viewed ``[out, -1]`` row-major),
@@ -88,6 +89,12 @@ class KFAC(Extension):
             context they are in ``self.cross`` (a :class:`CrossKFAC`: ``cross_factors``,
             ``nested()``). Off by default: it keeps every layer's reduced vectors until
             the backward ends.
+        max_factor_dim: a factor side of a larger dimension is stored 1-D, its diagonal (a
+            vocabulary-sized ``G`` of a language-model head; the token side of an Embedding is
+            1-D anyway), computed without forming the matrix; ``None``: every side dense.
+            Default :data:`~curvlib.engine.factors.MAX_FACTOR_DIM` (8192, measured there).
+            :meth:`limit_factor_dim` sets it per parameter. The block form (grouped
+            convolutions, attention's ``in_proj``) and ``cross_layer`` refuse a larger side.
 
     Example:
         >>> import torch
@@ -124,10 +131,12 @@ class KFAC(Extension):
         mc_samples: int = 1,
         kfac_approx: str = "expand",
         cross_layer: bool = False,
+        max_factor_dim: Optional[int] = MAX_FACTOR_DIM,
     ):
         super().__init__(fisher_type, mc_samples)
         if kfac_approx not in KFAC_APPROX:
             raise ValueError(f"curvlib: KFAC(kfac_approx={kfac_approx!r}) is not one of {KFAC_APPROX}.")
+        self._init_factor_dims(max_factor_dim)
         self.kfac_approx = kfac_approx
         self.cross: Optional[CrossKFAC] = CrossKFAC(fisher_type, mc_samples) if cross_layer else None
         #: id(weight) -> index of its activation factor ``A`` in ``p.kfac`` (1 for ``[G, A]``,
@@ -139,6 +148,22 @@ class KFAC(Extension):
 
     def sources(self) -> Set[Source]:
         return super().sources() | (self.cross.sources() if self.cross else set())
+
+    def diagonal_sides(self, capture: LayerCapture, name: str) -> Tuple[bool, bool]:
+        """``(cotangent side, activation side)``: which factor sides of parameter ``name`` are kept
+        diagonal (1-D), their dimension being above its ``max_factor_dim`` (a summed parameter,
+        ``[G]``, has the cotangent side only). Raises for the block form (grouped convolutions,
+        attention's ``in_proj``) and for ``cross_layer``, which have no diagonal form."""
+        sides = super().diagonal_sides(capture, name)
+        if capture.summed(name):
+            B = capture.adapter.bias_blocks(capture.module) if name == "bias" else 1
+        else:
+            B = capture.adapter.blocks(capture.module)
+        if any(sides) and (B > 1 or self.cross is not None):
+            self.refuse_large_factors(capture, (
+                f"its block form over {B} groups has no diagonal form" if B > 1 else
+                "cross_layer=True needs dense factors"))
+        return (sides + (False,))[:2]
 
     def begin(self) -> None:
         self.act_index = {}
@@ -190,19 +215,22 @@ class KFAC(Extension):
             return torch.stack([get(c).sum(2) for c in calls], 2) if reduce else get(capture)
 
         Gw, Gb, A, G = [], [], None, None
+        dg = False
         if "weight" in params and not capture.summed("weight"):
             B = capture.adapter.blocks(capture.module)
+            dg, da = self.diagonal_sides(capture, "weight")
             s = stacked_cot(lambda c: c.cot(src))
             a = torch.stack([c.act().mean(1) for c in calls], 1) if reduce else capture.act()
-            G = factors.gram_rows(s) if B == 1 else factors.block_gram(s, B)
-            A = (factors.gram_rows(a) if B == 1 else factors.block_gram(a, B)).div_(a.shape[:-1].numel())
+            G = factors.kfac_cot_factor(s, "expand", B, diagonal=dg)
+            A = factors.kfac_act_factor(a, "expand", B, diagonal=da)
             Gw.append(G)
         if "bias" in params:
             shared = type(capture.adapter).bias_cotangents is LayerAdapter.bias_cotangents
             Bb = capture.adapter.bias_blocks(capture.module)
-            if G is None or G.dim() == 3 or not shared or Bb != 1:
+            db = self.diagonal_sides(capture, "bias")[0]
+            if G is None or G.dim() == 3 or not shared or Bb != 1 or db != dg:
                 sb = stacked_cot(lambda c: c.bias_cot(src))
-                G = factors.gram_rows(sb) if Bb == 1 else factors.block_gram(sb, Bb)
+                G = factors.kfac_cot_factor(sb, "expand", Bb, diagonal=db)
             Gb.append(G)
         return Gw, Gb, A
 
@@ -220,17 +248,22 @@ class KFAC(Extension):
         exact ``[G]`` of a norm layer's parameters. Sums over the columns ``k``."""
         params, src = capture.params, self.source
         if capture.has_summed_params:
-            return {name: capture.kfac_summed_factor(name, src) for name in params}
+            return {
+                name: capture.kfac_summed_factor(name, src, self.diagonal_sides(capture, name)[0]) for name in params
+            }
         out: Dict[str, Tensor] = {}
         B = capture.adapter.blocks(capture.module)
+        dg = False
         if "weight" in params and not capture.summed("weight"):
-            out["weight"] = factors.kfac_cot_factor(capture.cot(src), self.kfac_approx, B)
+            dg = self.diagonal_sides(capture, "weight")[0]
+            out["weight"] = factors.kfac_cot_factor(capture.cot(src), self.kfac_approx, B, diagonal=dg)
         if "bias" in params:
             sb = capture.bias_cot(src)
             Bb = capture.adapter.bias_blocks(capture.module)
+            db = self.diagonal_sides(capture, "bias")[0]
             G = out.get("weight")
-            if G is None or sb is not capture.cot(src) or B != Bb:
-                G = factors.kfac_cot_factor(sb, self.kfac_approx, Bb)
+            if G is None or sb is not capture.cot(src) or B != Bb or db != dg:
+                G = factors.kfac_cot_factor(sb, self.kfac_approx, Bb, diagonal=db)
             out["bias"] = G
         return out
 
@@ -242,7 +275,7 @@ class KFAC(Extension):
                 out[name] = [red[name]]
                 continue
             B = capture.adapter.blocks(capture.module)
-            A = capture.kfac_act_factor(self.kfac_approx, B)
+            A = capture.kfac_act_factor(self.kfac_approx, B, self.diagonal_sides(capture, name)[1])
             out[name] = capture.orientation.pair(red[name], A)
             self.act_index[id(capture.params[name])] = capture.orientation.act_index
         return out
@@ -315,7 +348,7 @@ class KFAC(Extension):
                     "leave the layer's parameters out (requires_grad=False)."
                 )
             for name in params:
-                out[name] = [capture.kfac_summed_factor(name, src)]
+                out[name] = [capture.kfac_summed_factor(name, src, self.diagonal_sides(capture, name)[0])]
             return out
         calls = capture.calls
         if len(calls) > 1 and self.cross:
@@ -330,13 +363,15 @@ class KFAC(Extension):
         if len(calls) > 1 and self._stackable(capture):  # the calls as positions, one Gram each
             calls = []
             Gw, Gb, A = self._stacked_factors(capture)
+        dg, da = self.diagonal_sides(capture, "weight") if "weight" in params and not capture.summed("weight") else (False, False)
+        db = self.diagonal_sides(capture, "bias")[0] if "bias" in params else False
         for c in calls:  # one call, or the calls of a shared layer one at a time
             Gc, B = None, 1
             if "weight" in params and not capture.summed("weight"):
                 B = c.adapter.blocks(c.module)  # block form (grouped conv, attention)
-                Gc = factors.kfac_cot_factor(c.cot(src), self.kfac_approx, B)
+                Gc = factors.kfac_cot_factor(c.cot(src), self.kfac_approx, B, diagonal=dg)
                 Gw.append(Gc)
-                Ac = c.kfac_act_factor(self.kfac_approx, B)  # Embedding: 1-D
+                Ac = c.kfac_act_factor(self.kfac_approx, B, da)  # Embedding: 1-D
                 n = c.act_factor_rows(self.kfac_approx)  # rows per block where they differ
                 if n is None:
                     n = c.batch_size if self.kfac_approx == "reduce" else c.act_rows()
@@ -347,8 +382,8 @@ class KFAC(Extension):
             if "bias" in params:
                 sb = c.bias_cot(src)
                 Bb = c.adapter.bias_blocks(c.module)  # block form (attention's in_proj_bias)
-                if Gc is None or sb is not c.cot(src) or B != Bb:
-                    Gc = factors.kfac_cot_factor(sb, self.kfac_approx, Bb)
+                if Gc is None or sb is not c.cot(src) or B != Bb or db != dg:
+                    Gc = factors.kfac_cot_factor(sb, self.kfac_approx, Bb, diagonal=db)
                 Gb.append(Gc)
         if Gw:
             G = Gw[0] if len(Gw) == 1 else torch.stack(Gw).sum(0)

@@ -41,8 +41,9 @@ from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from curvlib.engine.capture import LayerCapture
-from curvlib.engine.factors import gram
+from curvlib.engine.factors import MAX_FACTOR_DIM, gram
 from curvlib.extensions.base import Extension
+from curvlib.extensions.factor_dims import FactorDims
 from curvlib.extensions.rearranged import RearrangedBlock, full_coordinates
 from curvlib.solvers.kronecker_svd import METHODS, kronecker_svd, kronecker_svd_gram, signed_terms
 
@@ -79,7 +80,7 @@ class _Counted:
         return self.fn(x)
 
 
-class KroneckerSVDExtension(Extension):
+class KroneckerSVDExtension(FactorDims, Extension):
     """Shared machinery of ``KPSVD`` and ``KFACCorrected``: rearranged products, solver
     dispatch, warm starts and term conventions. Subclasses implement :meth:`weight_terms` and
     :meth:`grouped_weight_terms`.
@@ -95,6 +96,10 @@ class KroneckerSVDExtension(Extension):
         maxiter, tol: the solver's iteration limit and tolerance (``None``: its defaults).
         warm_start: start each call from the previous call's first factors (iterative route).
         algorithm: ``"gram"``, ``"iterative"`` or ``"auto"`` (:data:`ALGORITHMS`, module docstring).
+        max_factor_dim: (keyword) a layer with a factor side above it is refused with an error
+            naming it (the terms have no diagonal form; :class:`KFAC` and :class:`EKFAC` keep such
+            a side diagonal); ``None``: no limit. Default
+            :data:`~curvlib.engine.factors.MAX_FACTOR_DIM`.
     """
 
     exact_type2 = True
@@ -113,8 +118,11 @@ class KroneckerSVDExtension(Extension):
         tol: Optional[float] = None,
         warm_start: bool = True,
         algorithm: str = "auto",
+        *,
+        max_factor_dim: Optional[int] = MAX_FACTOR_DIM,
     ):
         super().__init__(fisher_type, mc_samples)
+        self._init_factor_dims(max_factor_dim)
         method = self.default_method if method is None else method
         if method not in METHODS:
             raise ValueError(f"curvlib: {type(self).__name__}(method={method!r}) is not one of {METHODS}.")
@@ -340,6 +348,10 @@ class KroneckerSVDExtension(Extension):
         )
 
     def compute(self, capture: LayerCapture) -> Dict[str, Any]:
+        self.refuse_large_factors(
+            capture, "its Kronecker-SVD terms have no diagonal form",
+            "Use KFAC or EKFAC for it (they keep that side diagonal), or leave it out of this extension. ",
+        )
         out: Dict[str, Any] = {}
         params, bias_block, block = capture.params, None, None
         for name in params:  # a NaN / Inf input is the engine's FloatingPointError, not a solver's error

@@ -69,6 +69,9 @@ class SubBatch(Extension):
     def finish(self) -> None:
         self.inner.finish()
 
+    def selects(self, param: Any) -> bool:
+        return self.inner.selects(param)
+
     def compute(self, capture: LayerCapture) -> Dict[str, Any]:
         return self.inner.compute(self.sampler.restrict(capture))
 

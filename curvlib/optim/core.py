@@ -38,10 +38,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from curvlib.engine import curvature
+from curvlib.engine.factors import MAX_FACTOR_DIM
 from curvlib.extensions import SubBatch
 from curvlib.extensions.sub_batch import SubBatchSampler
 from curvlib.optim import distributed
-from curvlib.optim.curvatures import CURVATURES, CurvatureKind, kind_for
+from curvlib.optim.curvatures import CURVATURES, CurvatureKind, kind_for, unwrap
 from curvlib.optim.hyperparams import REQUIRED, HyperParameter, Table, number, validate_group
 from curvlib.optim.state import (
     CaptureRecord, CoreState, GroupState, groups_for_saving, migrate_param_state, restore_callables,
@@ -238,9 +239,14 @@ class CurvatureOptimizer(Optimizer):
         return self._kind(self.param_groups[gi]) is not None and k >= self.core.groups[gi].next_cov
 
     def _extensions_due(self, k: int) -> List[Any]:
+        """The extensions of the groups due for a curvature update, one per distinct
+        configuration, each restricted to the parameters of the groups that use it (``restrict``:
+        the parameters of the other groups, e.g. a ``curvature=None`` vocabulary head, get no
+        factors built), with each group's ``max_factor_dim`` (``limit_factor_dim``)."""
         exts: Dict[Any, Any] = {}
         by_field: Dict[str, Any] = {}
         samplers: Dict[float, SubBatchSampler] = {}
+        owned: Dict[Any, List[Tensor]] = {}
         for gi, g in enumerate(self.param_groups):
             if not self._due(gi, k):
                 continue
@@ -250,6 +256,10 @@ class CurvatureOptimizer(Optimizer):
                 if frac < 1.0:
                     sampler = samplers.setdefault(frac, SubBatchSampler(frac, self.core.generator))
                     ext = SubBatch(ext, frac, sampler=sampler)
+                owned.setdefault(key, []).extend(g["params"])
+                target = unwrap(exts.get(key, ext))
+                if hasattr(target, "limit_factor_dim"):
+                    target.limit_factor_dim(g["params"], g.get("max_factor_dim", MAX_FACTOR_DIM))
                 if key in exts:
                     continue
                 other = by_field.get(ext.savefield)
@@ -260,6 +270,8 @@ class CurvatureOptimizer(Optimizer):
                         "mc_samples, kfac_approx, rank and pch_convention."
                     )
                 exts[key] = by_field[ext.savefield] = ext
+        for key, ext in exts.items():
+            unwrap(ext).restrict(owned[key])
         return list(exts.values())
 
     def capture(self):

@@ -199,6 +199,9 @@ class DataParallel:
 
     # ------------------------------------------------------------------ primitives
     def _all_reduce(self, t: Tensor, op=dist.ReduceOp.SUM) -> Tensor:
+        """``t`` reduced over the ranks, in place when ``t`` is on :attr:`device` (the current CUDA
+        device under NCCL, which takes no CPU tensors); otherwise a reduced copy there."""
+        t = t.to(self.device)
         t0 = time.perf_counter()
         dist.all_reduce(t, op=op, group=self.group)
         self.stats["comm_seconds"] += time.perf_counter() - t0
@@ -211,9 +214,9 @@ class DataParallel:
         for dtype in dict.fromkeys(t.dtype for t in tensors):
             idx = [i for i, t in enumerate(tensors) if t.dtype == dtype]
             flat = torch.cat([tensors[i].reshape(-1) for i in idx]).div_(self.world)
-            self._all_reduce(flat)
+            flat = self._all_reduce(flat)
             for i, piece in zip(idx, flat.split([tensors[i].numel() for i in idx])):
-                out[i] = piece.reshape(tensors[i].shape)
+                out[i] = piece.reshape(tensors[i].shape).to(tensors[i].device)
         return out  # type: ignore[return-value]
 
     def mean_scalar(self, value: Any) -> Optional[float]:
@@ -251,10 +254,10 @@ class DataParallel:
         gsum = float(sum(g.double().sum() for g in grads)) if grads and not bad else 0.0
         psum = float(sum(p.detach().double().sum() for p in params)) if self.check_sync else 0.0
         hsum = float(zlib.crc32(repr(hyper).encode())) if self.check_sync and hyper is not None else 0.0
-        v = torch.zeros(self.world + 8, dtype=torch.float64)
-        v[self.rank] = float(bad)
-        v[self.world:] = torch.tensor([layout, -layout, gsum, -gsum, psum, -psum, hsum, -hsum], dtype=torch.float64)
-        v = self._all_reduce(v.to(self.device), dist.ReduceOp.MAX).cpu()
+        flags = [0.0] * self.world + [layout, -layout, gsum, -gsum, psum, -psum, hsum, -hsum]
+        flags[self.rank] = float(bad)
+        v = torch.tensor(flags, dtype=torch.float64, device=self.device)  # built where NCCL reduces it
+        v = self._all_reduce(v, dist.ReduceOp.MAX).cpu()
         flags = [r for r in range(self.world) if v[r] > 0]
         if flags:
             raise FloatingPointError(
@@ -313,10 +316,10 @@ class DataParallel:
         for dtype in dict.fromkeys(t.dtype for t, _ in pieces):
             idx = [i for i, (t, _) in enumerate(pieces) if t.dtype == dtype]
             flat = torch.cat([pieces[i][0] * pieces[i][1] for i in idx])
-            self._all_reduce(flat)
+            flat = self._all_reduce(flat)
             self.last["bucket_bytes"] += flat.numel() * flat.element_size()
             for i, piece in zip(idx, flat.split([pieces[i][0].numel() for i in idx])):
-                out[i] = piece
+                out[i] = piece.to(pieces[i][0].device)
         values, k = [], 0
         for value, roles, rows, sym in entries:
             leaves = value if isinstance(value, list) else [value]
@@ -377,8 +380,9 @@ class DataParallel:
             shapes = [(i, spec, s) for i, spec, _ in items for s in _shapes(spec)]
             for dtype in dict.fromkeys(s[1] for _, _, s in shapes):
                 sizes = [torch.Size(s[0]).numel() for _, _, s in shapes if s[1] == dtype]
-                if r == self.rank:
+                if r == self.rank:  # (NCCL broadcasts from the current CUDA device)
                     flat = torch.cat([t.reshape(-1) for i, _, _ in items for t in mine[i][1] if t.dtype == dtype])
+                    flat = flat.to(self.device)
                 else:
                     flat = torch.empty(sum(sizes), dtype=dtype, device=self.device)
                 t0 = time.perf_counter()

@@ -30,6 +30,7 @@ from typing import Any, List, Mapping, Optional, Tuple
 from torch import Tensor
 
 from curvlib.extensions.base import FISHER_TYPES
+from curvlib.engine.factors import MAX_FACTOR_DIM
 from curvlib.optim import distributed
 from curvlib.optim.core import CurvatureOptimizer, GroupPlan, StepPlan
 from curvlib.optim.curvatures import CURVATURES, CurvatureKind, options_of
@@ -61,6 +62,12 @@ RUNNING: Tuple[HyperParameter, ...] = (
     ),
     HyperParameter("kfac_approx", "str", "expand", "`\"expand\"` / `\"reduce\"` for weight-sharing layers",
                    one_of("expand", "reduce"), enforced=False),
+    HyperParameter(
+        "max_factor_dim", "int or None", MAX_FACTOR_DIM,
+        "Kronecker curvatures: a factor side of a larger dimension is kept diagonal (1-D; a vocabulary-sized "
+        "head or embedding); `kpsvd`, `deflation`, `lanczos` and `kfac-corrected` refuse such a layer; `None`: "
+        "every side dense", number(1, integer=True, none=True),
+    ),
     HyperParameter("damping", "float", 1e-3, "`λ`", number(0, finite=True)),
     HyperParameter("damping_mode", "str", "pi",
                    "`\"pi\"` (Martens & Grosse's factored Tikhonov) or `\"exact\"` (`C + λI`)", one_of("pi", "exact")),

@@ -383,7 +383,8 @@ class OneTermInverse(KroneckerInverse):
                 return torch.block_diag(*[torch.kron(g, a) for g, a in zip(G, A)]) + lam * eye
             s, pis = math.sqrt(lam), self.pi.tolist()
             return torch.block_diag(*[
-                torch.kron(g + s / p * torch.eye(g.shape[0], dtype=g.dtype), a + s * p * torch.eye(a.shape[0], dtype=a.dtype))
+                torch.kron(g + s / p * torch.eye(g.shape[0], dtype=g.dtype, device=g.device),
+                           a + s * p * torch.eye(a.shape[0], dtype=a.dtype, device=a.device))
                 for g, a, p in zip(G, A, pis)
             ])
         G, A = map(dense_factor, self.terms[0] if self.damping_mode == "exact" else self._pi_factors)

@@ -150,7 +150,7 @@ def heuristic_block_damping(Us: Sequence[Tensor], damping: float) -> Tensor:
     Us = [_as_factor(U, f"Us[{i}]") for i, U in enumerate(Us)]
     t = torch.stack([(U.double() ** 2).sum() / (U.shape[0] * U.shape[1]) for U in Us])
     if float(t.mean()) == 0.0:
-        return torch.full((len(Us),), lam, dtype=torch.float64)
+        return torch.full((len(Us),), lam, dtype=torch.float64, device=t.device)
     return (lam * t / t.mean()).clamp_min(1e-8 * lam)
 
 
@@ -177,7 +177,8 @@ def woodbury_solve_blocks(
     m = Us[0].shape[0]
     if any(U.shape[0] != m for U in Us):
         raise ValueError(f"woodbury_solve_blocks: all U_l need the same number of rows m, got {[U.shape[0] for U in Us]}.")
-    lams = heuristic_block_damping(Us, lam) if heuristic_damping else torch.full((len(Us),), lam, dtype=torch.float64)
+    lams = heuristic_block_damping(Us, lam) if heuristic_damping else torch.full(
+        (len(Us),), lam, dtype=torch.float64, device=Us[0].device)
     dt, dev = Us[0].dtype, Us[0].device
     rhs = [_as_rhs(g, U.shape[1], f"woodbury_solve_blocks: gs[{i}]") for i, (U, g) in enumerate(zip(Us, gs))]
     out: List[Optional[Tensor]] = [None] * len(Us)

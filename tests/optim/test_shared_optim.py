@@ -91,16 +91,19 @@ def test_dcgan_discriminator_and_generator_steps(curv):
             d_loss.backward()
         d_before = [p.detach().clone() for p in D.parameters()]
         opt_d.step()
-        # generator: through the discriminator (its layers' curvature is computed too, unused)
+        d_curv = D.conv.weight.kfac if curv == "kfac" else D.conv.weight.kpsvd[0]
+        # generator: through the discriminator, whose parameters opt_g's capture leaves alone (no
+        # factors built for parameters outside the optimizer)
         opt_g.zero_grad()
         g_loss = bce(D(fake), ones)
         with opt_g.capture():
             g_loss.backward()
+        assert "kfac" not in D.conv.weight.__dict__ and "kfac" in G.fc.weight.__dict__
         g_before = [p.detach().clone() for p in G.parameters()]
         opt_g.step()
         for ps, before in ((D.parameters(), d_before), (G.parameters(), g_before)):
             for p, b in zip(ps, before):
                 assert torch.isfinite(p).all() and not torch.equal(p.detach(), b)
     # D's curvature came from both calls: the conv's A averages the patches of real and fake
-    G_, A = D.conv.weight.kfac if curv == "kfac" else D.conv.weight.kpsvd[0]
+    G_, A = d_curv
     assert A.shape == (16, 16) and torch.isfinite(A).all()

@@ -140,9 +140,10 @@ def shift_gram(x: Tensor, k: Sequence[int], P: Sequence[int]) -> Tensor:
         J = len(combos)
         terms.append(corr(gos[0], inps[0], 1) if J == 1 else corr(torch.cat(gos, 1), torch.cat(inps, 1), J))
     T = torch.cat(terms).flatten(3)  # [J, C, C, S2]
-    M = torch.einsum("jp,jocs->ocps", coef.to(x.dtype), T)  # [C, C, P, S2]
+    # (the cached plan is on the CPU: move it to x's device, or a GPU input fails here)
+    M = torch.einsum("jp,jocs->ocps", coef.to(dtype=x.dtype, device=x.device), T)  # [C, C, P, S2]
     K = idx.shape[0]
-    Ap = torch.gather(M, 3, idx.expand(C, C, K, K))  # [o, c, p, q]
+    Ap = torch.gather(M, 3, idx.to(x.device).expand(C, C, K, K))  # [o, c, p, q]
     A = Ap.permute(0, 2, 1, 3).reshape(C * K, C * K)
     return (A + A.T).mul_(0.5)
 
