@@ -53,11 +53,12 @@ RUNNING: Tuple[HyperParameter, ...] = (
                    one_of(*FISHER_TYPES)),
     HyperParameter(
         "mc_samples", "int", 1, "sampled targets per datum for `\"mc\"`",
-        Rule(lambda v, g: v == 1 or g["fisher_type"] == "mc", "an int >= 1 (fisher_type=\"mc\" only)",
-             "{name}={value!r} applies to fisher_type='mc' only; leave it at 1 or use fisher_type='mc'."),
+        Rule(lambda v, g: number(1, integer=True).test(v, g) and (v == 1 or g["fisher_type"] == "mc"),
+             "an int >= 1 (fisher_type=\"mc\" only)",
+             "{name}={value!r}: must be an int >= 1, and a value other than 1 applies to fisher_type='mc' only."),
     ),
     HyperParameter("kfac_approx", "str", "expand", "`\"expand\"` / `\"reduce\"` for weight-sharing layers",
-                   one_of("expand", "reduce"), enforced=False),
+                   one_of("expand", "reduce")),
     HyperParameter("damping", "float", 1e-3, "`λ`", number(0, finite=True)),
     HyperParameter("damping_mode", "str", "pi",
                    "`\"pi\"` (Martens & Grosse's factored Tikhonov) or `\"exact\"` (`C + λI`)", one_of("pi", "exact")),
@@ -66,9 +67,9 @@ RUNNING: Tuple[HyperParameter, ...] = (
     HyperParameter(
         "T_cov_auto_tol", "float", 0.01,
         "`\"auto\"`: the interval doubles while the relative change of the running curvature at an update is "
-        "below this, and halves otherwise", number(0, low_open=True), enforced=False,
+        "below this, and halves otherwise", number(0, low_open=True, finite=True),
     ),
-    HyperParameter("T_cov_max", "int", 64, "`\"auto\"`: largest interval", number(1, integer=True), enforced=False),
+    HyperParameter("T_cov_max", "int", 64, "`\"auto\"`: largest interval", number(1, integer=True)),
     HyperParameter(
         "ema_decay", "float", 0.95, "`C <- ema_decay C + (1 - ema_decay) C_new`; the first capture initialises `C`",
         Rule(lambda v, g: 0.0 <= float(v) < 1.0, "in [0, 1)"),
@@ -81,7 +82,7 @@ RUNNING: Tuple[HyperParameter, ...] = (
     ),
     HyperParameter(
         "kl_clip", "float or None", None, "scale the group's direction by `min(1, sqrt(kl_clip / (lr^2 sum_p <d_p, g_p>)))`",
-        Rule(lambda v, g: v is None or v > 0, "> 0, or None (no clipping)"),
+        Rule(lambda v, g: v is None or (v > 0 and math.isfinite(v)), "> 0 and finite, or None (no clipping)"),
     ),
 )
 
@@ -115,6 +116,17 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
                 "ema_decay does not apply to it (set ema_decay=0 to silence this)."
             ))
 
+    def _switched(self, gi: int, schedule: Any = None) -> bool:
+        """Whether group ``gi``'s curvature changed since its running curvature was captured
+        (``curvature`` set between steps, as the README allows): the next step then captures the
+        new kind and starts its running curvature afresh."""
+        kind = self._kind(self.param_groups[gi])
+        held = (schedule or self.core.groups[gi]).running_curvature
+        return kind is not None and held is not None and held != kind.name
+
+    def _due(self, gi: int, k: int) -> bool:
+        return super()._due(gi, k) or self._switched(gi)
+
     def _lr_for(self, group: Mapping[str, Any], p: Tensor) -> float:
         """The learning rate ``kl_clip`` assumes for ``p``."""
         return float(group["lr"])
@@ -147,12 +159,19 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
         """Each parameter's running curvature after this step (``None``: it has none); on a
         curvature step, mixes in the captured one and advances the group's ``T_cov`` schedule."""
         k, gs = plan.step, plan.schedule[gp.index]
-        cov_due = k >= gs.next_cov
+        switched = self._switched(gp.index, gs)
+        cov_due = k >= gs.next_cov or switched
         record = self._require_capture(gp.index) if cov_due else None
+        if record is not None and kind.savefield not in {e.savefield for e in record.extensions}:
+            raise RuntimeError(
+                f"{self._where}: param group {gp.index} has curvature={kind.name!r}, but the capture of step {k} "
+                "was taken for another curvature (changed between opt.capture() and opt.step()); change "
+                "`curvature` before opt.capture()."
+            )
         curvs: List[Any] = []
         num = den = 0.0
         for p, n in zip(gp.params, gp.names):
-            old = self.state.get(p, {}).get("running")
+            old = None if switched else self.state.get(p, {}).get("running")
             if not cov_due:
                 if old is None:
                     self._warn_plain(n, kind.name)
@@ -168,7 +187,7 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
                     f"{self._where}: the captured {kind.name!r} curvature of {n} contains NaN or Inf; the step was "
                     "not taken and state is unchanged. Skip this batch."
                 )
-            first = old is None or not same_structure(old, new)
+            first = old is None or not kind.fits(p, old) or not same_structure(old, new)
             run = new if first or not kind.ema else kind.mix(old, new, float(group["ema_decay"]))
             if not first and group["T_cov"] == "auto":
                 num += sum(float((a - b).square().sum()) for a, b in zip(tree_leaves(run), tree_leaves(old)))
@@ -176,6 +195,7 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
             plan.state.setdefault(p, {}).update(running=run, **kind.after_read(p, record.extensions))
             curvs.append(run)
         if cov_due:
+            gs.running_curvature = kind.name
             gs.cov_updates += 1
             gs.last_change = math.sqrt(num / den) if den > 0 else None
             if group["T_cov"] == "auto":
@@ -200,7 +220,8 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
         if not scheduled and cached is not None and cached[0] == key and same_setup:
             return cached[1]
         snapshot = [self.state.get(p, {}).get("inverse_of") for p in params]
-        resumable = all(s is not None and same_structure(s, c) for s, c in zip(snapshot, curvs))
+        resumable = gs.inv_curvature in (None, kind.name) and all(
+            s is not None and kind.fits(p, s) and same_structure(s, c) for p, s, c in zip(params, snapshot, curvs))
         if scheduled or not resumable:
             sources, lam_build = curvs, lam  # a new inverse of the running curvature
         else:  # same curvature snapshot, new damping / mode, or rebuilt after load_state_dict
