@@ -125,7 +125,7 @@ class CGNewton(CurvatureOptimizer):
             for p, g, n in zip(gp.params, gp.grads, gp.names):
                 prod = p.__dict__.get(kind.savefield)
                 if prod is None:
-                    self._warn_plain(n, kind.name)
+                    self._warn_plain(n, kind.name, p)
                     continue
                 A = self._averaged(lambda v, prod=prod: prod(v.unsqueeze(0)).squeeze(0))  # damped by cg_blocks
                 systems.append((p, g, n, A, kfac_inverse(p, lam) if kfac else None))
@@ -138,7 +138,7 @@ class CGNewton(CurvatureOptimizer):
             inside = [p for p in gp.params if any(p is q for q in op.params)]
             for p, n in zip(gp.params, gp.names):
                 if not any(p is q for q in inside):
-                    self._warn_plain(n, kind.name)
+                    self._warn_plain(n, kind.name, p)
             if inside:
                 A = _damped(self._averaged(restricted(op, inside)), lam)
                 Ms = [kfac_inverse(p, lam) for p in inside] if kfac else None

@@ -237,10 +237,16 @@ class CurvatureOptimizer(Optimizer):
             level, frame = level + 1, frame.f_back
         warnings.warn(message, UserWarning, stacklevel=level + 1)
 
-    def _warn_plain(self, name: str, kind: str) -> None:
+    def _warn_plain(self, name: str, kind: str, p: Optional[Tensor] = None) -> None:
+        """Announce once that ``name`` takes the plain step; a zero gradient (``zero_grad(set_to_none=False)``
+        keeps one for a layer the backward did not reach) is told apart from a layer without an adapter."""
+        if p is not None and p.grad is not None and not bool(p.grad.any()):
+            why = ("its gradient is zero and no curvature was captured for it: its layer took no part in this "
+                   "backward (an unused branch; zero_grad(set_to_none=False) keeps a zero gradient for it)")
+        else:
+            why = "its layer has no curvlib adapter or was not extended"
         self._warn_once(("plain", name), (
-            f"curvlib.optim: {name} gets no {kind!r} curvature (its layer has no curvlib adapter or was "
-            "not extended); it takes the plain (momentum-SGD) step."
+            f"curvlib.optim: {name} gets no {kind!r} curvature ({why}); it takes the plain (momentum-SGD) step."
         ))
 
     # ------------------------------------------------------------------ capture
@@ -276,7 +282,11 @@ class CurvatureOptimizer(Optimizer):
     def capture(self):
         """The context to run ``loss.backward()`` in: a ``curvlib.curvature`` with the extensions
         the groups due for a curvature update need (drawing MC targets from the optimizer's
-        generator), or a no-op context on steps without a curvature update."""
+        generator), or a no-op context on steps without a curvature update (and inside a
+        closure that the optimizer evaluates after the update, as Levenberg–Marquardt does)."""
+        if self.core.evaluating:  # a closure evaluated after the update (its capture would draw MC targets)
+            return contextlib.nullcontext()
+        self.check_groups()  # the extensions are built from the groups' values
         exts = self._extensions_due(self.core.step)
         if not exts:
             return contextlib.nullcontext()

@@ -203,8 +203,14 @@ class NaturalGradient(RunningCurvatureOptimizer):
         lm_groups = self._lm_groups(plan.step)
         if not lm_groups:
             return
-        with torch.enable_grad():  # as before the update (_evaluate)
-            h1 = closure()
+        # with autograd on, as before the update (_evaluate); a torch closure's opt.capture() is a
+        # no-op here, so that the loss after the update draws no MC targets
+        self.core.evaluating = True
+        try:
+            with torch.enable_grad():
+                h1 = closure()
+        finally:
+            self.core.evaluating = False
         h0, h1 = float(plan.loss), float(h1)
         if self.core.distributed is not None:
             h1 = self.core.distributed.mean_scalar(h1)

@@ -149,7 +149,8 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
         cparams = [p for p, h in zip(gp.params, has) if h]
         if not cparams:
             return list(gp.grads)
-        solve = self._inverse(plan, gp.index, group, kind, cparams, [c for c in curvs if c is not None])
+        names = [n for n, h in zip(gp.names, has) if h]
+        solve = self._inverse(plan, gp.index, group, kind, cparams, [c for c in curvs if c is not None], names)
         record = self._captured()
         extras = kind.extras(group, record.extensions) if record is not None else {}
         cdirs = iter(solve([g for g, h in zip(gp.grads, has) if h], extras))
@@ -174,12 +175,12 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
             old = None if switched else self.state.get(p, {}).get("running")
             if not cov_due:
                 if old is None:
-                    self._warn_plain(n, kind.name)
+                    self._warn_plain(n, kind.name, p)
                 curvs.append(old)
                 continue
             new = kind.read(p, group)
             if new is None:
-                self._warn_plain(n, kind.name)
+                self._warn_plain(n, kind.name, p)
                 curvs.append(None)
                 continue
             if first_nonfinite(tree_leaves(new)) is not None:
@@ -207,7 +208,8 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
                 gs.next_cov = k + interval(group["T_cov"], k, "T_cov")
         return curvs
 
-    def _inverse(self, plan: StepPlan, gi: int, group: Mapping[str, Any], kind: CurvatureKind, params, curvs):
+    def _inverse(self, plan: StepPlan, gi: int, group: Mapping[str, Any], kind: CurvatureKind, params, curvs,
+                 names: Optional[List[str]] = None):
         """The group's damped inverse: the cached one, or one built now (from the running
         curvature when ``T_inv`` is due, else from the curvature the cached one was built from,
         ``state[p]["inverse_of"]``, e.g. for a new damping or after ``load_state_dict``)."""
@@ -228,7 +230,7 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
             sources = snapshot
             lam_build = gs.inv_damping_used if same_setup and gs.inv_damping_used else lam
         solve, used = distributed.build_inverse(
-            self.core.distributed, kind, params, sources, lam_build, mode, group, f"param group {gi}"
+            self.core.distributed, kind, params, sources, lam_build, mode, group, f"param group {gi}", names
         )
         plan.solves[gi] = (key, solve)
         for p, c in zip(params, sources):

@@ -106,6 +106,8 @@ class CoreState:
     last_cg: List[Dict[str, Any]] = field(default_factory=list)
     #: the data-parallel helper (:mod:`curvlib.optim.distributed`), ``None`` in one process
     distributed: Any = None
+    #: a closure is evaluated after the update (Levenberg–Marquardt): ``capture()`` is a no-op
+    evaluating: bool = False
     #: what has been announced once (parameters without curvature, ``ema_decay`` not applying)
     warned: Set[str] = field(default_factory=set)
 
