@@ -11,18 +11,12 @@ from torch import nn
 
 from curvlib import extend
 from curvlib.optim import NaturalGradient
+from tests.optim.common import zoo_step as step
 from tests.zoo import data, mlp
 
 pytestmark = pytest.mark.usefixtures("float64")
 
 
-def step(model, opt):
-    x, y = data()
-    opt.zero_grad()
-    loss = extend(nn.CrossEntropyLoss())(model(x), y)
-    with opt.capture():
-        loss.backward()
-    opt.step()
 
 
 def fresh_direction(curvature, T_cov, model_state, **kw):

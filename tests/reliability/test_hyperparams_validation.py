@@ -10,7 +10,7 @@ from torch import nn
 
 from curvlib import extend
 from curvlib.optim import CGNewton, NaturalGradient, NoisyNaturalGradient, Preconditioner
-from curvlib.optim import distributed
+from tests.optim.common import zoo_step as step
 from tests.zoo import data, mlp
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -18,13 +18,6 @@ pytestmark = pytest.mark.usefixtures("float64")
 NAN, INF = float("nan"), float("inf")
 
 
-def step(model, opt, closure=None):
-    x, y = data()
-    opt.zero_grad()
-    loss = extend(nn.CrossEntropyLoss())(model(x), y)
-    with opt.capture():
-        loss.backward()
-    return opt.step(closure)
 
 
 def snapshot(model):

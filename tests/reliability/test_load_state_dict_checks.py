@@ -13,6 +13,7 @@ from torch import nn
 
 from curvlib import extend
 from curvlib.optim import CGNewton, NaturalGradient, NoisyNaturalGradient, Preconditioner
+from tests.optim.common import zoo_step as step
 from tests.zoo import data, mlp
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -23,13 +24,6 @@ def wide(hidden=6):
     return extend(nn.Sequential(nn.Linear(4, hidden), nn.Tanh(), nn.Linear(hidden, 3)))
 
 
-def step(model, opt):
-    x, y = data()
-    opt.zero_grad()
-    loss = extend(nn.CrossEntropyLoss())(model(x), y)
-    with opt.capture():
-        loss.backward()
-    opt.step()
 
 
 def trained(make_opt, model=None, steps=2):

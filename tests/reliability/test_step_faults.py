@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from curvlib import extend
-from curvlib.optim import CGNewton, NaturalGradient, Preconditioner
+from curvlib.optim import CGNewton, NaturalGradient
 from curvlib.optim import curvatures
 from tests.zoo import data, mlp
 
