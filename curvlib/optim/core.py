@@ -447,8 +447,5 @@ class CurvatureOptimizer(Optimizer):
         state.update({k: v for k, v in self.__dict__.items() if not k.startswith("_") and k not in state})
         return state
 
-    def __setstate__(self, state: Dict[str, Any]) -> None:
-        super().__setstate__(state)
-
 
 __all__ = ["CurvatureOptimizer", "CaptureTransaction", "StepPlan", "GroupPlan", "LR", "SEED", "PROCESS_GROUP", "CHECK_SYNC"]

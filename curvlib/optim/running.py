@@ -188,7 +188,7 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
                     f"{self._where}: the captured {kind.name!r} curvature of {n} contains NaN or Inf; the step was "
                     "not taken and state is unchanged. Skip this batch."
                 )
-            first = old is None or not kind.fits(p, old) or not same_structure(old, new)
+            first = old is None or not same_structure(old, new)
             run = new if first or not kind.ema else kind.mix(old, new, float(group["ema_decay"]))
             if not first and group["T_cov"] == "auto":
                 num += sum(float((a - b).square().sum()) for a, b in zip(tree_leaves(run), tree_leaves(old)))
@@ -223,7 +223,7 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
             return cached[1]
         snapshot = [self.state.get(p, {}).get("inverse_of") for p in params]
         resumable = gs.inv_curvature in (None, kind.name) and all(
-            s is not None and kind.fits(p, s) and same_structure(s, c) for p, s, c in zip(params, snapshot, curvs))
+            s is not None and same_structure(s, c) for s, c in zip(snapshot, curvs))
         if scheduled or not resumable:
             sources, lam_build = curvs, lam  # a new inverse of the running curvature
         else:  # same curvature snapshot, new damping / mode, or rebuilt after load_state_dict
