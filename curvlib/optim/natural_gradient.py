@@ -47,6 +47,11 @@ def _is_scalar(loss: Any) -> bool:
     return isinstance(loss, numbers.Real) and not isinstance(loss, bool)
 
 
+def _detached(loss: Any) -> Any:
+    """A closure's loss without its graph (reading it as a number then warns nothing)."""
+    return loss.detach() if isinstance(loss, Tensor) else loss
+
+
 #: the hyper-parameters of NaturalGradient beyond the core (:data:`CORE_HYPERPARAMETERS`)
 STEP_HYPERPARAMETERS = (
     HyperParameter(
@@ -157,8 +162,8 @@ class NaturalGradient(RunningCurvatureOptimizer):
                 "parameters and optimizer state are unchanged."
             )
         if self.core.distributed is not None:  # the concatenated batch's loss, the same on every rank
-            loss = self.core.distributed.mean_scalar(loss)
-        if loss is not None and not math.isfinite(float(loss)):
+            loss = self.core.distributed.mean_scalar(_detached(loss))
+        if loss is not None and not math.isfinite(float(_detached(loss))):
             raise FloatingPointError(
                 f"{self._where}: the loss (closure) is NaN or Inf; the step was not taken and parameters and "
                 "optimizer state are unchanged. Skip this batch."
@@ -211,7 +216,7 @@ class NaturalGradient(RunningCurvatureOptimizer):
                 h1 = closure()
         finally:
             self.core.evaluating = False
-        h0, h1 = float(plan.loss), float(h1)
+        h0, h1 = float(_detached(plan.loss)), float(_detached(h1))
         if self.core.distributed is not None:
             h1 = self.core.distributed.mean_scalar(h1)
         for gi in lm_groups:

@@ -68,3 +68,19 @@ def test_adaptive_damping_refuses_a_closure_without_a_loss_before_anything_moves
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
     assert opt.core.step == 0 and not opt.state and opt.param_groups[0]["damping"] == 1e-3
     assert torch.equal(opt.core.generator.get_state(), gen)
+
+
+def test_a_closure_returning_a_graph_loss_gives_no_torch_warning():
+    """The loss (with autograd on, it carries a graph) is read as a number without torch's
+    "Converting a tensor with requires_grad=True to a scalar" warning."""
+    import warnings
+
+    x, y = data()
+    model, loss_fn = mlp(), extend(nn.CrossEntropyLoss())
+    opt = NaturalGradient(model.parameters(), lr=0.1, adaptive_damping=True, damping_interval=1)
+    opt.zero_grad()
+    with opt.capture():
+        loss_fn(model(x), y).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        opt.step(lambda: loss_fn(model(x), y))
