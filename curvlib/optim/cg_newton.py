@@ -65,10 +65,11 @@ CG_HYPERPARAMETERS = (
                    one_of(*FISHER_TYPES)),
     HyperParameter("damping", "float", 1e-2, "`λ` added to the curvature", number(0, finite=True)),
     HyperParameter("maxiter", "int", 100, "CG iterations at most (per system)", number(1, integer=True)),
-    HyperParameter("tol", "float", 1e-1, "CG stopping rule `||r|| <= max(tol ||g||, atol)`", number(0)),
-    HyperParameter("atol", "float", 1e-8, "CG absolute tolerance", number(0)),
-    HyperParameter("block_diagonal", "bool", True, "one CG per parameter (`True`) or one on the whole network"),
-    HyperParameter("warm_start", "bool", False, "start CG from the previous step's direction"),
+    HyperParameter("tol", "float", 1e-1, "CG stopping rule `||r|| <= max(tol ||g||, atol)`", number(0, finite=True)),
+    HyperParameter("atol", "float", 1e-8, "CG absolute tolerance", number(0, finite=True)),
+    HyperParameter("block_diagonal", "bool", True, "one CG per parameter (`True`) or one on the whole network",
+                   one_of(True, False)),
+    HyperParameter("warm_start", "bool", False, "start CG from the previous step's direction", one_of(True, False)),
     HyperParameter("precondition", "str or None", None, "`\"kfac\"`: precondition CG with the damped KFAC inverse",
                    one_of(None, "kfac")),
     HyperParameter("pch_convention", "str", "paper",
@@ -175,7 +176,7 @@ class CGNewton(CurvatureOptimizer):
             for p, g, n in zip(gp.params, gp.grads, gp.names):
                 prod = p.__dict__.get(kind.savefield)
                 if prod is None:
-                    self._warn_plain(n, kind.name)
+                    self._warn_plain(n, kind.name, p)
                     continue
                 A = self._averaged(lambda v, prod=prod: prod(v.unsqueeze(0)).squeeze(0))  # damped by cg_blocks
                 systems.append((p, g, n, A, kfac_inverse(p, lam) if kfac else None))
@@ -191,7 +192,7 @@ class CGNewton(CurvatureOptimizer):
             inside = [p for p in gp.params if any(p is q for q in op.params)]
             for p, n in zip(gp.params, gp.names):
                 if not any(p is q for q in inside):
-                    self._warn_plain(n, kind.name)
+                    self._warn_plain(n, kind.name, p)
             if inside:
                 C = self._averaged(restricted(op, inside))
                 A = _damped(C, lam)

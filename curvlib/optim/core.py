@@ -41,7 +41,7 @@ from curvlib.engine import curvature
 from curvlib.engine.factors import MAX_FACTOR_DIM
 from curvlib.extensions import SubBatch
 from curvlib.extensions.sub_batch import SubBatchSampler
-from curvlib.optim import distributed
+from curvlib.optim import checkpoint, distributed
 from curvlib.optim.curvatures import CURVATURES, CurvatureKind, kind_for, unwrap
 from curvlib.optim.hyperparams import REQUIRED, HyperParameter, Table, number, validate_group
 from curvlib.optim.state import (
@@ -67,7 +67,8 @@ CHECK_SYNC = HyperParameter(
     "check_sync", "bool", False,
     "data-parallel: compare a parameter checksum and the hyper-parameters (damping, lr, ...) across ranks at every step",
 )
-LR = HyperParameter("lr", "float", REQUIRED, "learning rate", number(0), enforced=False)  # constructor argument
+#: ``lr >= 0``: schedulers reach 0 (warm-up from 0, cosine annealing to ``eta_min=0``)
+LR = HyperParameter("lr", "float", REQUIRED, "learning rate", number(0, finite=True))
 
 
 @dataclass
@@ -191,12 +192,27 @@ class CurvatureOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """torch's ``add_param_group``, then the table's and the curvature's checks (and the
+        data-parallel one); a refused group is not added (``param_groups`` is unchanged)."""
+        n = len(self.param_groups)
         super().add_param_group(param_group)
-        gi = len(self.param_groups) - 1
-        self.check_group(self.param_groups[gi], gi)
-        if self.core.distributed is not None:
-            distributed.check_group(self, self.param_groups[gi], gi)
+        try:
+            self.check_group(self.param_groups[n], n)
+            if self.core.distributed is not None:
+                distributed.check_group(self, self.param_groups[n], n)
+        except BaseException:
+            del self.param_groups[n:]
+            raise
         self.core.groups.append(GroupState())
+
+    def check_groups(self) -> None:
+        """:meth:`check_group` for every group (before each step: users and schedulers change
+        groups between steps), so that a bad value in any group refuses the step before a
+        parameter moves."""
+        for gi, group in enumerate(self.param_groups):
+            self.check_group(group, gi)
+            if self.core.distributed is not None:
+                distributed.check_group(self, group, gi)
 
     def check_group(self, group: Mapping[str, Any], gi: int) -> None:
         """Validate one param group against the table and its curvature kind (``ValueError``
@@ -227,10 +243,16 @@ class CurvatureOptimizer(Optimizer):
             level, frame = level + 1, frame.f_back
         warnings.warn(message, UserWarning, stacklevel=level + 1)
 
-    def _warn_plain(self, name: str, kind: str) -> None:
+    def _warn_plain(self, name: str, kind: str, p: Optional[Tensor] = None) -> None:
+        """Announce once that ``name`` takes the plain step; a zero gradient (``zero_grad(set_to_none=False)``
+        keeps one for a layer the backward did not reach) is told apart from a layer without an adapter."""
+        if p is not None and p.grad is not None and not bool(p.grad.any()):
+            why = ("its gradient is zero and no curvature was captured for it: its layer took no part in this "
+                   "backward (an unused branch; zero_grad(set_to_none=False) keeps a zero gradient for it)")
+        else:
+            why = "its layer has no curvlib adapter or was not extended"
         self._warn_once(("plain", name), (
-            f"curvlib.optim: {name} gets no {kind!r} curvature (its layer has no curvlib adapter or was "
-            "not extended); it takes the plain (momentum-SGD) step."
+            f"curvlib.optim: {name} gets no {kind!r} curvature ({why}); it takes the plain (momentum-SGD) step."
         ))
 
     # ------------------------------------------------------------------ capture
@@ -277,7 +299,11 @@ class CurvatureOptimizer(Optimizer):
     def capture(self):
         """The context to run ``loss.backward()`` in: a ``curvlib.curvature`` with the extensions
         the groups due for a curvature update need (drawing MC targets from the optimizer's
-        generator), or a no-op context on steps without a curvature update."""
+        generator), or a no-op context on steps without a curvature update (and inside a
+        closure that the optimizer evaluates after the update, as Levenberg–Marquardt does)."""
+        if self.core.evaluating:  # a closure evaluated after the update (its capture would draw MC targets)
+            return contextlib.nullcontext()
+        self.check_groups()  # the extensions are built from the groups' values
         exts = self._extensions_due(self.core.step)
         if not exts:
             return contextlib.nullcontext()
@@ -308,6 +334,7 @@ class CurvatureOptimizer(Optimizer):
     def step(self, closure: Optional[Callable[[], Any]] = None):
         """One step (module docstring): plan, check, commit; returns the closure's loss."""
         try:
+            self.check_groups()
             loss = self._evaluate(closure)
             plan = self._plan(loss)
             self._check(plan)
@@ -349,7 +376,11 @@ class CurvatureOptimizer(Optimizer):
                 continue
             name = self._name(gi, i, p)
             if p.grad.is_sparse:
-                raise RuntimeError(f"{self._where}: {name} has a sparse gradient; unsupported.")
+                raise RuntimeError(
+                    f"{self._where}: {name} has a sparse gradient, which the curvature and its solvers do not "
+                    "handle; the step was not taken. Create the layer with sparse=False (e.g. "
+                    "nn.Embedding(..., sparse=False)), or leave the parameter to torch.optim.SparseAdam."
+                )
             gp.params.append(p), gp.grads.append(self._grad(group, p)), gp.names.append(name)
         bad = first_nonfinite(gp.grads)
         if bad is not None:
@@ -402,23 +433,39 @@ class CurvatureOptimizer(Optimizer):
     def state_dict(self) -> Dict[str, Any]:
         sd = super().state_dict()
         sd["param_groups"] = groups_for_saving(sd["param_groups"])
-        sd["curvlib"] = self.core.saved()
+        sd["curvlib"] = dict(self.core.saved(), optimizer=checkpoint.class_name(self))
         return sd
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Load a checkpoint of this or an earlier version (``state[p]["curvature"]`` is now
-        ``state[p]["running"]``)."""
+        """Load a checkpoint of this optimizer class (this or an earlier version:
+        ``state[p]["curvature"]`` is now ``state[p]["running"]``, hyper-parameters added since
+        take their defaults).
+
+        Everything is checked before anything is loaded (:mod:`curvlib.optim.checkpoint`): the
+        optimizer class, the number of groups and parameters, every group's hyper-parameters
+        (the table), and each parameter's state (shapes, the running curvature's structure for
+        the group's curvature); a refused checkpoint raises ``ValueError`` naming the group or the
+        parameter and leaves the optimizer unchanged."""
         state_dict = dict(state_dict)
         extra = state_dict.pop("curvlib", None)
         groups = [dict(g) for g in state_dict["param_groups"]]
         restore_callables(groups, self.param_groups)
-        state_dict["param_groups"] = groups
-        state_dict["state"] = migrate_param_state(state_dict["state"])
+        state = migrate_param_state(state_dict["state"])
+        checkpoint.check(self, extra, groups, state)
+        state_dict["param_groups"], state_dict["state"] = groups, state
         super().load_state_dict(state_dict)
-        if extra is not None:
-            self.core.load(extra)
+        self.core.load(extra)
         self.core.solves = {}
         self.core.capture = None
+
+    # ------------------------------------------------------------------ copies
+    def __getstate__(self) -> Dict[str, Any]:
+        """``copy.deepcopy`` and ``pickle``: torch's state plus the optimizer's attributes and
+        ``core`` (cached inverses and a pending capture are not copied: the copy rebuilds its
+        inverses from ``state[p]["inverse_of"]``, as after ``load_state_dict``)."""
+        state = super().__getstate__()
+        state.update({k: v for k, v in self.__dict__.items() if not k.startswith("_") and k not in state})
+        return state
 
 
 __all__ = ["CurvatureOptimizer", "CaptureTransaction", "StepPlan", "GroupPlan", "LR", "SEED", "PROCESS_GROUP", "CHECK_SYNC"]

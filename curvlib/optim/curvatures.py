@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from curvlib.extensions import GGNMP, DiagGGN, GradFactors, KFAC, KFACCorrected, KPSVD, SubBatch
 from curvlib.extensions.base import Extension
-from curvlib.optim.hyperparams import HyperParameter, Rule, one_of
+from curvlib.optim.hyperparams import HyperParameter, Rule, number, one_of
 from curvlib.optim.tensors import Value, tree_leaves, tree_map, working_dtype
 from curvlib.solvers import KroneckerInverse, kron_matvec, two_level_direction, woodbury_solve, woodbury_solve_blocks
 from curvlib.solvers.two_level import COARSE_FORMS, COARSE_SPACES
@@ -154,6 +154,11 @@ class CurvatureKind:
         """``C v`` (undamped) for parameter-shaped ``vs``."""
         raise NotImplementedError
 
+    def fits(self, p: nn.Parameter, value: Value) -> bool:
+        """Whether ``value`` can be ``p``'s curvature of this kind (``load_state_dict`` checks a
+        checkpoint with it; the default accepts every value)."""
+        return True
+
     def solve_from_parts(self, params: List[nn.Parameter], parts: List[Any]) -> Solve:
         """The :class:`Solve` of per-parameter inverses ``parts`` (``Solve.parts``)."""
         raise NotImplementedError(f"curvlib.optim: curvature={self.name!r} has no per-parameter inverses.")
@@ -192,6 +197,26 @@ class KroneckerKind(CurvatureKind):
 
         return Solve(fn, parts)
 
+    def fits(self, p, value):
+        """Each term is a list of square factors (dense ``[m, m]``, diagonal ``[m]``, blocks
+        ``[B, m, m]``) whose sizes multiply to ``p.numel()``."""
+        if not isinstance(value, list) or not value:
+            return False
+        for term in _terms(value):
+            if not isinstance(term, list) or not term or not all(isinstance(t, Tensor) for t in term):
+                return False
+            size = 1
+            for t in term:
+                if t.dim() == 1:
+                    size *= t.shape[0]
+                elif t.dim() in (2, 3) and t.shape[-1] == t.shape[-2]:
+                    size *= t.shape[:-1].numel()
+                else:
+                    return False
+            if size != p.numel():
+                return False
+        return True
+
     def mvp(self, params, curvs, vs):
         # every factor form (dense, 1-D diagonal, [B, m, m] block): a plain ``G @ V @ A`` here
         # broadcast a diagonal factor into a wrong product (Embedding) and failed on block forms
@@ -211,8 +236,17 @@ class KFACKind(KroneckerKind):
 
 RANK = HyperParameter(
     "rank", "int or None", None, "Kronecker terms of `kpsvd` (default 1), `deflation` and `lanczos` (default 2)",
-    Rule(lambda v, g: True, "None, 1 or 2 (checked by the KPSVD curvatures)"),
+    Rule(lambda v, g: v is None or (isinstance(v, int) and not isinstance(v, bool) and _reads_rank(g.get("curvature"))),
+         "None, or 1 or 2 for the KPSVD curvatures",
+         "{name}={value!r}: rank applies to the KPSVD curvatures only (kpsvd, deflation, lanczos), as an int; "
+         "leave it None for the group's curvature."),
 )
+
+
+def _reads_rank(name: Optional[str]) -> bool:
+    """Whether curvature ``name`` reads ``rank`` (a kind of :data:`CURVATURES` with the option)."""
+    kind = CURVATURES.get(name) if isinstance(name, str) else None
+    return kind is not None and RANK in kind.options
 
 
 class KPSVDKind(KroneckerKind):
@@ -268,7 +302,7 @@ TWO_LEVEL_OPTIONS = (
     HyperParameter("coarse_space", "str", "nicolaides", "two-level: the coarse space", one_of(*COARSE_SPACES)),
     HyperParameter("krylov", "bool", False,
                    "two-level: add a Krylov vector per layer (`P_l z_l`, the one-level inverse applied to the first)"),
-    HyperParameter("coarse_damping", "float", 0.0, "two-level: added to the coarse matrix"),
+    HyperParameter("coarse_damping", "float", 0.0, "two-level: added to the coarse matrix", number(0, finite=True)),
     HyperParameter(
         "coarse_form", "str", "additive",
         "two-level: `\"additive\"` (`d1 + R0^T A0^-1 R0 g`, the paper's) or `\"multiplicative\"` "
@@ -390,6 +424,9 @@ class DiagKind(CurvatureKind):
     def mvp(self, params, curvs, vs):
         return [d * v for d, v in zip(curvs, vs)]
 
+    def fits(self, p, value):
+        return isinstance(value, Tensor) and value.shape == p.shape
+
 
 class ExactNGKind(CurvatureKind):
     """``exact-ng`` (whole group) / ``exact-ng-blocks`` (per parameter): the exact damped
@@ -430,6 +467,10 @@ class ExactNGKind(CurvatureKind):
             return [t.reshape(p.shape) for t, p in zip(d.split(sizes), params)]
 
         return Solve(fn)
+
+    def fits(self, p, value):
+        """Per-sample factors ``[N, *p.shape]``."""
+        return isinstance(value, Tensor) and value.shape[1:] == p.shape
 
     def mvp(self, params, curvs, vs):
         Us = [U.reshape(U.shape[0], -1) for U in curvs]

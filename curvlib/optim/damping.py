@@ -2,8 +2,11 @@ r"""Damping: robust construction of the damped inverse, and Levenberg–Marquard
 
 Inverse construction (:func:`robust_inverse`): the solvers raise on a failed or non-positive
 eigendecomposition instead of returning NaN. The optimizer then retries (1) in float64 and
-(2) with ten, a hundred and a thousand times the damping, warning each time; if all fail it
-raises, naming the group's curvature.
+(2) with ten, a hundred and a thousand times the damping (from :data:`DAMPING_FLOOR` when the
+damping is 0, where multiples would change nothing), warning each time; if all fail it raises,
+naming the group's curvature. Running out of memory is not a numerical failure: it is re-raised
+at once as ``torch.OutOfMemoryError`` naming the group's parameters and their largest factor (a
+float64 retry would need twice the memory).
 
 Levenberg–Marquardt (Martens & Grosse 2015, §6.5): every ``damping_interval`` steps, with the
 loss ``h`` before and after the update ``Δ`` (from ``step(closure)``) and the quadratic model
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -27,12 +30,48 @@ from curvlib.optim.curvatures import CurvatureKind, Solve
 from curvlib.optim.tensors import tree_leaves, tree_map
 
 RETRY_FACTORS = (10.0, 100.0, 1000.0)
+#: the damping the retries multiply when the group's damping is 0 (``min_damping``'s default)
+DAMPING_FLOOR = 1e-8
+#: how torch's CPU / CUDA allocators word an allocation failure
+_OOM_TEXT = ("out of memory", "not enough memory")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """``torch.OutOfMemoryError``, or a ``RuntimeError`` of an allocator that ran out of memory."""
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and any(t in str(e).lower() for t in _OOM_TEXT))
+
+
+def _largest_factor(params, curvs, names) -> str:
+    """The largest tensor of the curvature values, with its parameter (for the OOM message)."""
+    best = None
+    for i, c in enumerate(curvs):
+        for t in tree_leaves(c):
+            if best is None or t.numel() > best[0].numel():
+                best = (t, i)
+    if best is None:
+        return "no factors"
+    t, i = best
+    who = names[i] if names is not None else f"the parameter of shape {tuple(params[i].shape)}"
+    size = t.numel() * t.element_size()
+    return (f"the largest factor is {' x '.join(map(str, t.shape))} ({t.dtype}, {size / 2**20:.1f} MiB) of {who}")
+
+
+def _raise_out_of_memory(curv: CurvatureKind, params, curvs, where: str, names, error: BaseException) -> None:
+    raise torch.OutOfMemoryError(
+        f"curvlib.optim: out of memory while building the {curv.name!r} inverse of {where} "
+        f"({len(params)} parameters; {_largest_factor(params, curvs, names)}): {error}. Not retried (a float64 "
+        "retry needs twice the memory). Put the largest layers in a group with curvature='diag' or "
+        "kfac_approx='reduce', lower the batch of the curvature (curvature_batch_fraction), or free memory."
+    ) from error
 
 
 def robust_inverse(
-    curv: CurvatureKind, params, curvs, damping: float, damping_mode: str, group, where: str
+    curv: CurvatureKind, params, curvs, damping: float, damping_mode: str, group, where: str,
+    names: Optional[List[str]] = None,
 ) -> Tuple[Solve, float]:
-    """Build ``curv``'s damped inverse, retrying in float64 and then with larger damping.
+    """Build ``curv``'s damped inverse, retrying in float64 and then with larger damping
+    (module docstring; ``names``: the parameters' names for the out-of-memory message).
 
     Returns ``(solve, damping_used)``; directions come back in the parameters' dtype.
     """
@@ -41,12 +80,21 @@ def robust_inverse(
     except NotImplementedError:  # a structure the solver does not support: no retry helps
         raise
     except (ValueError, RuntimeError) as first:  # LinAlgError is a RuntimeError
+        if is_out_of_memory(first):
+            _raise_out_of_memory(curv, params, curvs, where, names, first)
         error = first
     attempts: List[Tuple[str, float]] = []
     if any(t.dtype != torch.float64 for c in curvs for t in tree_leaves(c)):
         attempts.append(("in float64", damping))
-    attempts += [(f"with damping {damping * f:g} (x{f:g})", damping * f) for f in RETRY_FACTORS]
-    curvs64 = [tree_map(lambda t: t.double(), c) for c in curvs]
+    base = damping if damping > 0 else DAMPING_FLOOR
+    attempts += [(f"with damping {base * f:g} ({'x' if damping > 0 else 'floor ' + format(base, 'g') + ' x'}{f:g})",
+                  base * f) for f in RETRY_FACTORS]
+    try:
+        curvs64 = [tree_map(lambda t: t.double(), c) for c in curvs]
+    except RuntimeError as e:
+        if is_out_of_memory(e):
+            _raise_out_of_memory(curv, params, curvs, where, names, e)
+        raise
     for how, lam in attempts:
         warnings.warn(
             f"curvlib.optim: building the {curv.name!r} inverse of {where} failed ({error}); retrying {how}.",
@@ -56,12 +104,14 @@ def robust_inverse(
         try:
             solve = curv.inverse(params, curvs64, lam, damping_mode, group)
         except (ValueError, RuntimeError) as e:
+            if is_out_of_memory(e):
+                _raise_out_of_memory(curv, params, curvs64, where, names, e)
             error = e
             continue
         return _cast_back(solve, params), lam
     raise RuntimeError(
         f"curvlib.optim: the {curv.name!r} inverse of {where} could not be built even in float64 with "
-        f"{RETRY_FACTORS[-1]:g} x damping ({error}). Increase `damping`, lower the learning rate, or check "
+        f"{RETRY_FACTORS[-1]:g} x damping{'' if damping > 0 else f' (from {DAMPING_FLOOR:g})'} ({error}). Increase `damping`, lower the learning rate, or check "
         "the model for exploding activations."
     )
 
@@ -117,4 +167,7 @@ def adapt_groups(opt, plan, h0: float, h1: float, curv_deltas) -> None:
         opt.core.groups[gi].last_rho = rho
 
 
-__all__ = ["robust_inverse", "levenberg_marquardt", "quadratic_model", "lm_groups", "adapt_groups"]
+__all__ = [
+    "robust_inverse", "is_out_of_memory", "DAMPING_FLOOR", "RETRY_FACTORS", "levenberg_marquardt",
+    "quadratic_model", "lm_groups", "adapt_groups",
+]

@@ -502,14 +502,15 @@ def synchronize(opt: Any) -> None:
 
 
 def build_inverse(dp: Optional[DataParallel], kind: CurvatureKind, params, sources, lam: float, mode: str, group,
-                  where: str):
+                  where: str, names: Optional[List[str]] = None):
     """``robust_inverse``; data-parallel: each parameter's inverse built on one rank (by cost)
     and broadcast. Returns ``(solve, damping_used)``."""
     if dp is None:
-        return robust_inverse(kind, params, sources, lam, mode, group, where)
+        return robust_inverse(kind, params, sources, lam, mode, group, where, names)
 
     def build(i):
-        solve, used = robust_inverse(kind, [params[i]], [sources[i]], lam, mode, group, where)
+        solve, used = robust_inverse(kind, [params[i]], [sources[i]], lam, mode, group, where,
+                                     None if names is None else [names[i]])
         return solve.parts[0], used
 
     def terms_of(value, dtype):

@@ -16,11 +16,14 @@ table drives
 
 A :class:`Rule` is a predicate of ``(value, group)`` with its description; a rule whose
 ``enforced`` flag is off is documented (the values users should give) but not yet checked, so
-that every value the optimizers accepted before the table existed is still accepted.
+that every value the optimizers accepted before the table existed is still accepted. Every rule
+of the optimizers' tables is enforced now (issue 20): at construction, in ``add_param_group``, at
+``load_state_dict`` and before each step (a scheduler or a user may change a group between steps).
 """
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -82,7 +85,7 @@ def number(
     def test(v, g):
         if v is None:
             return none
-        if not isinstance(v, int if integer else (int, float)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral if integer else numbers.Real):
             return False
         if finite and not math.isfinite(v):
             return False

@@ -13,12 +13,14 @@ Per parameter, with ``g = p.grad (+ wd p for weight_decay_mode="l2")`` and ``d``
 
 With ``adaptive_damping=True``, ``step(closure)`` adapts the group's ``damping`` by
 Levenberg–Marquardt every ``damping_interval`` steps (:mod:`curvlib.optim.damping`); ``closure``
-returns the loss on the current batch (it is called under ``torch.no_grad()``, before and after
-the update, only on those steps).
+returns the loss on the current batch (called with autograd enabled, as ``torch.optim`` does, before
+the update on every step that gets one and after the update on those steps; it need not call
+``backward``).
 """
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable, List, Mapping, Optional
 
 import torch
@@ -35,36 +37,56 @@ def _lm(group: Mapping[str, Any]) -> bool:
     return bool(group["adaptive_damping"])
 
 
+def _adam(group: Mapping[str, Any]) -> bool:
+    return group["momentum_type"] == "adam"
+
+
+def _is_scalar(loss: Any) -> bool:
+    """A number or a one-element tensor (what Levenberg–Marquardt reads as the loss)."""
+    if isinstance(loss, Tensor):
+        return loss.numel() == 1
+    return isinstance(loss, numbers.Real) and not isinstance(loss, bool)
+
+
+def _detached(loss: Any) -> Any:
+    """A closure's loss without its graph (reading it as a number then warns nothing)."""
+    return loss.detach() if isinstance(loss, Tensor) else loss
+
+
 #: the hyper-parameters of NaturalGradient beyond the core (:data:`CORE_HYPERPARAMETERS`)
 STEP_HYPERPARAMETERS = (
     HyperParameter(
         "momentum", "float", 0.0,
         "heavy-ball factor on the clipped direction (`b <- μ b + d`, `p <- p - lr b`), or `β1` for Adam",
-        Rule(lambda v, g: 0.0 <= v < (1.0 if g["momentum_type"] == "adam" else math.inf), ">= 0 (< 1 for \"adam\")"),
+        number(0, 1, high_open=True),
     ),
     HyperParameter("momentum_type", "str", "heavy-ball",
                    "or `\"adam\"`: bias-corrected first / second moments of the preconditioned direction",
                    one_of("heavy-ball", "adam")),
     HyperParameter("beta2", "float", 0.999, "Adam-style momentum: second-moment decay",
-                   number(0, 1, high_open=True), enforced=False),
-    HyperParameter("eps", "float", 1e-8, "Adam-style momentum: added to `sqrt(v̂)`", number(0, low_open=True),
-                   enforced=False),
+                   number(0, 1, high_open=True), when=_adam),
+    HyperParameter("eps", "float", 1e-8, "Adam-style momentum: added to `sqrt(v̂)`",
+                   number(0, low_open=True, finite=True), when=_adam),
     HyperParameter("weight_decay", "float", 0.0,
                    "`\"l2\"`: `wd p` added to the gradient before preconditioning (as `torch.optim.SGD`)",
-                   Rule(lambda v, g: not v < 0, ">= 0")),
+                   number(0, finite=True)),
     HyperParameter("weight_decay_mode", "str", "l2", "or `\"decoupled\"`: `p <- p (1 - lr wd)` before the update",
                    one_of("l2", "decoupled")),
     HyperParameter(
         "adaptive_damping", "bool", False, "Levenberg–Marquardt (Martens & Grosse §6.5), needs `step(closure)`",
-        Rule(lambda v, g: not v or g["curvature"] is not None, "True needs a curvature",
-             "adaptive_damping needs a curvature (the group has curvature=None)."),
+        Rule(lambda v, g: isinstance(v, bool) and (not v or g["curvature"] is not None), "True needs a curvature",
+             "adaptive_damping={value!r} must be False or True, and True needs a curvature (not curvature=None)."),
     ),
     HyperParameter("damping_interval", "int", 5, "LM: adapt every this many steps", number(1, integer=True), when=_lm),
     HyperParameter("damping_decay", "float", (19.0 / 20.0) ** 5,
                    "LM: `λ <- ω λ` if `ρ > 3/4`, `λ <- λ / ω` if `ρ < 1/4`",
                    number(0, 1, low_open=True, high_open=True), when=_lm, default_text="(19/20)^5"),
-    HyperParameter("min_damping", "float", 1e-8, "LM: lower clamp of the damping"),
-    HyperParameter("max_damping", "float", 1e4, "LM: upper clamp of the damping"),
+    HyperParameter("min_damping", "float", 1e-8, "LM: lower clamp of the damping", number(0, finite=True), when=_lm),
+    HyperParameter(
+        "max_damping", "float", 1e4, "LM: upper clamp of the damping",
+        Rule(lambda v, g: math.isfinite(v) and v >= g["min_damping"], "a finite number >= min_damping",
+             "{name}={value!r} must be a finite number >= min_damping."), when=_lm,
+    ),
 )
 
 #: the Levenberg–Marquardt rows (shared with CGNewton)
@@ -123,19 +145,30 @@ class NaturalGradient(RunningCurvatureOptimizer):
         return lm_groups(self.param_groups, k)
 
     def _evaluate(self, closure: Optional[Callable[[], Any]]) -> Any:
-        """The loss before the update: ``closure`` (no backward needed) runs under ``no_grad``;
-        it is required on Levenberg–Marquardt steps and otherwise only evaluated."""
+        """The loss before the update. ``closure`` runs with autograd enabled (torch's
+        convention, as in :class:`Preconditioner` and :class:`CGNewton`): a torch closure that
+        zeroes the gradients and calls ``backward`` (inside ``opt.capture()`` on curvature steps)
+        works, and so does one that only returns the loss (Levenberg–Marquardt needs no backward).
+        It is required on Levenberg–Marquardt steps and must then return the loss; both are
+        checked before anything moves."""
+        lm = self._lm_groups(self.core.step)
         if closure is None:
-            if self._lm_groups(self.core.step):
+            if lm:
                 raise RuntimeError(
                     f"{self._where}: adaptive_damping needs the loss before and after the update on this step; "
                     "call opt.step(closure) with closure = lambda: loss_fn(model(x), y)."
                 )
             return None
-        loss = closure()
+        loss = super()._evaluate(closure)
+        if lm and not _is_scalar(loss):
+            raise TypeError(
+                f"{self._where}: adaptive_damping (param groups {lm}) needs closure() to return the loss (a number "
+                f"or a one-element tensor), it returned {type(loss).__name__}; the step was not taken and "
+                "parameters and optimizer state are unchanged."
+            )
         if self.core.distributed is not None:  # the concatenated batch's loss, the same on every rank
-            loss = self.core.distributed.mean_scalar(loss)
-        if loss is not None and not math.isfinite(float(loss)):
+            loss = self.core.distributed.mean_scalar(_detached(loss))
+        if loss is not None and not math.isfinite(float(_detached(loss))):
             raise FloatingPointError(
                 f"{self._where}: the loss (closure) is NaN or Inf; the step was not taken and parameters and "
                 "optimizer state are unchanged. Skip this batch."
@@ -179,7 +212,15 @@ class NaturalGradient(RunningCurvatureOptimizer):
         """Levenberg–Marquardt: ``rho = (h1 - h0) / M(Δ)`` (Martens & Grosse §6.5)."""
         if not self._lm_groups(plan.step):
             return
-        h0, h1 = float(plan.loss), float(closure())
+        # with autograd on, as before the update (_evaluate); a torch closure's opt.capture() is a
+        # no-op here, so that the loss after the update draws no MC targets
+        self.core.evaluating = True
+        try:
+            with torch.enable_grad():
+                h1 = closure()
+        finally:
+            self.core.evaluating = False
+        h0, h1 = float(_detached(plan.loss)), float(_detached(h1))
         if self.core.distributed is not None:
             h1 = self.core.distributed.mean_scalar(h1)
 

@@ -46,10 +46,13 @@ class Preconditioner(RunningCurvatureOptimizer):
         defaults = dict(CORE_DEFAULTS, **hyper)
         self.optimizer = optimizer
         super().__init__(params, defaults, seed, process_group=process_group, check_sync=check_sync)
-        if optimizer is None and any(g["kl_clip"] is not None for g in self.param_groups):
+
+    def check_group(self, group: Mapping[str, Any], gi: int) -> None:
+        super().check_group(group, gi)
+        if self.optimizer is None and group["kl_clip"] is not None:
             raise ValueError(
-                "curvlib.optim.Preconditioner: kl_clip needs the learning rate; pass the optimizer that "
-                "applies the directions: Preconditioner(params, optimizer=sgd, kl_clip=...)."
+                f"curvlib.optim.Preconditioner: param group {gi}: kl_clip needs the learning rate; pass the "
+                "optimizer that applies the directions: Preconditioner(params, optimizer=sgd, kl_clip=...)."
             )
 
     def _lr_for(self, group: Mapping[str, Any], p: Tensor) -> float:

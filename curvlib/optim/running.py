@@ -57,11 +57,12 @@ RUNNING: Tuple[HyperParameter, ...] = (
                    one_of(*FISHER_TYPES)),
     HyperParameter(
         "mc_samples", "int", 1, "sampled targets per datum for `\"mc\"`",
-        Rule(lambda v, g: v == 1 or g["fisher_type"] == "mc", "an int >= 1 (fisher_type=\"mc\" only)",
-             "{name}={value!r} applies to fisher_type='mc' only; leave it at 1 or use fisher_type='mc'."),
+        Rule(lambda v, g: number(1, integer=True).test(v, g) and (v == 1 or g["fisher_type"] == "mc"),
+             "an int >= 1 (fisher_type=\"mc\" only)",
+             "{name}={value!r}: must be an int >= 1, and a value other than 1 applies to fisher_type='mc' only."),
     ),
     HyperParameter("kfac_approx", "str", "expand", "`\"expand\"` / `\"reduce\"` for weight-sharing layers",
-                   one_of("expand", "reduce"), enforced=False),
+                   one_of("expand", "reduce")),
     HyperParameter(
         "max_factor_dim", "int or None", MAX_FACTOR_DIM,
         "Kronecker curvatures: a factor side of a larger dimension is kept diagonal (1-D; a vocabulary-sized "
@@ -76,9 +77,9 @@ RUNNING: Tuple[HyperParameter, ...] = (
     HyperParameter(
         "T_cov_auto_tol", "float", 0.01,
         "`\"auto\"`: the interval doubles while the relative change of the running curvature at an update is "
-        "below this, and halves otherwise", number(0, low_open=True), enforced=False,
+        "below this, and halves otherwise", number(0, low_open=True, finite=True),
     ),
-    HyperParameter("T_cov_max", "int", 64, "`\"auto\"`: largest interval", number(1, integer=True), enforced=False),
+    HyperParameter("T_cov_max", "int", 64, "`\"auto\"`: largest interval", number(1, integer=True)),
     HyperParameter(
         "ema_decay", "float", 0.95, "`C <- ema_decay C + (1 - ema_decay) C_new`; the first capture initialises `C`",
         Rule(lambda v, g: 0.0 <= float(v) < 1.0, "in [0, 1)"),
@@ -94,7 +95,7 @@ RUNNING: Tuple[HyperParameter, ...] = (
         "scale the group's direction by `ν = min(1, sqrt(kl_clip / sum_p lr_p^2 <d_p, g_p>))`; a binding clip "
         "(`ν < 1`) cancels the lr: the step is `lr ν d` with `lr ν = sqrt(kl_clip / <d, g>)`, the same for every lr "
         "(tune the pair: docs/user_guide/optimizers.md, \"kl_clip and the learning rate\")",
-        Rule(lambda v, g: v is None or v > 0, "> 0, or None (no clipping)"),
+        Rule(lambda v, g: v is None or (v > 0 and math.isfinite(v)), "> 0 and finite, or None (no clipping)"),
     ),
 )
 
@@ -128,6 +129,17 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
                 "ema_decay does not apply to it (set ema_decay=0 to silence this)."
             ))
 
+    def _switched(self, gi: int, schedule: Any = None) -> bool:
+        """Whether group ``gi``'s curvature changed since its running curvature was captured
+        (``curvature`` set between steps, as the README allows): the next step then captures the
+        new kind and starts its running curvature afresh."""
+        kind = self._kind(self.param_groups[gi])
+        held = (schedule or self.core.groups[gi]).running_curvature
+        return kind is not None and held is not None and held != kind.name
+
+    def _due(self, gi: int, k: int) -> bool:
+        return super()._due(gi, k) or self._switched(gi)
+
     def _lr_for(self, group: Mapping[str, Any], p: Tensor) -> float:
         """The learning rate ``kl_clip`` assumes for ``p``."""
         return float(group["lr"])
@@ -154,7 +166,8 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
         cparams = [p for p, h in zip(gp.params, has) if h]
         if not cparams:
             return list(gp.grads)
-        solve = self._inverse(plan, gp.index, group, kind, cparams, [c for c in curvs if c is not None])
+        names = [n for n, h in zip(gp.names, has) if h]
+        solve = self._inverse(plan, gp.index, group, kind, cparams, [c for c in curvs if c is not None], names)
         record = self._captured()
         extras = kind.extras(group, record.extensions) if record is not None else {}
         # float16 / bfloat16 parameters: solved in their curvature's float32, cast back
@@ -166,22 +179,29 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
         """Each parameter's running curvature after this step (``None``: it has none); on a
         curvature step, mixes in the captured one and advances the group's ``T_cov`` schedule."""
         k, gs = plan.step, plan.schedule[gp.index]
-        cov_due = k >= gs.next_cov
+        switched = self._switched(gp.index, gs)
+        cov_due = k >= gs.next_cov or switched
         record = self._require_capture(gp.index) if cov_due else None
+        if record is not None and kind.savefield not in {e.savefield for e in record.extensions}:
+            raise RuntimeError(
+                f"{self._where}: param group {gp.index} has curvature={kind.name!r}, but the capture of step {k} "
+                "was taken for another curvature (changed between opt.capture() and opt.step()); change "
+                "`curvature` before opt.capture()."
+            )
         curvs: List[Any] = []
         num = den = 0.0
         for p, n in zip(gp.params, gp.names):
-            old = self.state.get(p, {}).get("running")
+            old = None if switched else self.state.get(p, {}).get("running")
             old = None if old is None else upcast(old)  # float16 / bfloat16 models: float32 curvature
             if not cov_due:
                 if old is None:
-                    self._warn_plain(n, kind.name)
+                    self._warn_plain(n, kind.name, p)
                 curvs.append(old)
                 continue
             new = kind.read(p, group)
             new = None if new is None else upcast(new)
             if new is None:
-                self._warn_plain(n, kind.name)
+                self._warn_plain(n, kind.name, p)
                 self._drop_stale(plan, p, kind)
                 curvs.append(None)
                 continue
@@ -204,6 +224,7 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
             for p in group["params"]:  # not used in this batch (no gradient)
                 if id(p) not in seen:
                     self._drop_stale(plan, p, kind)
+            gs.running_curvature = kind.name
             gs.cov_updates += 1
             gs.last_change = math.sqrt(num / den) if den > 0 else None
             if group["T_cov"] == "auto":
@@ -224,7 +245,8 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
         if not kind.ema and p in self.state and "running" in self.state[p]:
             plan.drop[p] = ("running", "inverse_of", "batch", "inverse_batch")
 
-    def _inverse(self, plan: StepPlan, gi: int, group: Mapping[str, Any], kind: CurvatureKind, params, curvs):
+    def _inverse(self, plan: StepPlan, gi: int, group: Mapping[str, Any], kind: CurvatureKind, params, curvs,
+                 names: Optional[List[str]] = None):
         """The group's damped inverse: the cached one, or one built now (from the running
         curvature when ``T_inv`` is due, else from the curvature the cached one was built from,
         ``state[p]["inverse_of"]``, e.g. for a new damping or after ``load_state_dict``)."""
@@ -237,7 +259,9 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
         if not scheduled and cached is not None and cached[0] == key and same_setup:
             return cached[1]
         snapshot = [self.state.get(p, {}).get("inverse_of") for p in params]
-        if kind.ema:
+        if gs.inv_curvature not in (None, kind.name):
+            resumable = False
+        elif kind.ema:
             resumable = all(s is not None and same_structure(s, c) for s, c in zip(snapshot, curvs))
         else:  # per-sample factors (rows: the samples of any batch size): the snapshots must share one batch
             batches = {self.state.get(p, {}).get("inverse_batch") for p in params}
@@ -248,7 +272,7 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
             sources = snapshot
             lam_build = gs.inv_damping_used if same_setup and gs.inv_damping_used else lam
         solve, used = distributed.build_inverse(
-            self.core.distributed, kind, params, sources, lam_build, mode, group, f"param group {gi}"
+            self.core.distributed, kind, params, sources, lam_build, mode, group, f"param group {gi}", names
         )
         plan.solves[gi] = (key, solve)
         for p, c in zip(params, sources):

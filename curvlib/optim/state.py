@@ -53,6 +53,10 @@ class GroupState:
     inv_damping_used: Optional[float] = None
     inv_mode: Optional[str] = None
     inv_curvature: Optional[str] = None
+    #: the curvature kind of the group's running curvature (``None``: none yet, or a checkpoint
+    #: written before it was kept); another kind in the group (switched between steps) starts a
+    #: new running curvature at the next step
+    running_curvature: Optional[str] = None
     cov_updates: int = 0
     inv_updates: int = 0
     #: relative change ``||C' - C|| / ||C||`` of the running curvature at its last update
@@ -105,6 +109,8 @@ class CoreState:
     last_cg: List[Dict[str, Any]] = field(default_factory=list)
     #: the data-parallel helper (:mod:`curvlib.optim.distributed`), ``None`` in one process
     distributed: Any = None
+    #: a closure is evaluated after the update (Levenberg–Marquardt): ``capture()`` is a no-op
+    evaluating: bool = False
     #: what has been announced once (parameters without curvature, ``ema_decay`` not applying)
     warned: Set[str] = field(default_factory=set)
 
@@ -112,6 +118,24 @@ class CoreState:
         """``state_dict()["curvlib"]``."""
         return {"step": self.step, "generator": self.generator.get_state().clone(),
                 "groups": [g.to_dict() for g in self.groups]}
+
+    def __getstate__(self) -> Dict[str, Any]:
+        """Copies (``copy.deepcopy``, ``pickle``): the generator as its state; the cached inverses
+        and a pending capture are dropped (rebuilt / taken again); a data-parallel optimizer
+        cannot be copied (its process group belongs to this process)."""
+        if self.distributed is not None:
+            raise TypeError(
+                "curvlib.optim: a data-parallel optimizer cannot be copied or pickled (its process group belongs "
+                "to this process); save opt.state_dict() and load it into a new optimizer instead."
+            )
+        state = dict(self.__dict__)
+        state.update(generator=self.generator.get_state().clone(), solves={}, capture=None, warned=set(self.warned))
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        gen = torch.Generator()
+        gen.set_state(state["generator"])
+        self.__dict__.update(state, generator=gen)
 
     def load(self, saved: Dict[str, Any]) -> None:
         self.step = int(saved["step"])

@@ -28,3 +28,16 @@ def dense_curvature(model, loss_fn, x, y, fisher_type: str) -> torch.Tensor:
 
 def blocks(F: torch.Tensor, model) -> List[torch.Tensor]:
     return [F[s, s] for s in param_slices(model)]
+
+
+def zoo_step(model, opt, closure=None):
+    """One step of ``opt`` on :func:`tests.zoo.data` with cross-entropy (capture and backward)."""
+    from curvlib import extend
+    from tests.zoo import data
+
+    x, y = data()
+    opt.zero_grad()
+    loss = extend(torch.nn.CrossEntropyLoss())(model(x), y)
+    with opt.capture():
+        loss.backward()
+    return opt.step(closure)

@@ -199,7 +199,9 @@ def test_non_finite_gradient_or_update_names_the_parameter(where):
         list(model.parameters())[2].grad[0, 0] = float("inf")
         match = "gradient of parameter 2 of param group 0"
     else:
-        opt.param_groups[0]["lr"] = float("inf")  # set on the group: an infinite update
+        opt.param_groups[0]["lr"] = 1e308  # set on the group: an overflowing update (lr=inf is refused)
+        for p in model.parameters():
+            p.grad.mul_(1e10)
         match = "update of parameter 0 of param group 0"
     with pytest.raises(FloatingPointError, match=match):
         opt.step()

@@ -119,12 +119,12 @@ def test_exported_defaults_are_the_tables():
 
 
 @pytest.mark.parametrize("cls, kw, match", [
-    (NaturalGradient, dict(beta2=None), None),  # documented, not enforced (accepted before the table)
-    (NaturalGradient, dict(momentum=1.5), None),  # heavy-ball
-    (NaturalGradient, dict(momentum=1.0, momentum_type="adam"), "momentum=1.0 must be >= 0"),
+    (NaturalGradient, dict(beta2=None), None),  # read by "adam" only
+    (NaturalGradient, dict(momentum=1.5), "momentum=1.5 must be a number in \\[0, 1\\)"),  # issue 20: enforced
+    (NaturalGradient, dict(momentum=1.0, momentum_type="adam"), "momentum=1.0 must be a number in \\[0, 1\\)"),
     (NaturalGradient, dict(adaptive_damping=True, damping_decay=1.0), "damping_decay=1.0"),
     (NaturalGradient, dict(damping_decay=1.0), None),  # only with adaptive_damping
-    (NaturalGradient, dict(curvature="kfac", rank=0), None),
+    (NaturalGradient, dict(curvature="kfac", rank=0), "rank=0: rank applies to the KPSVD curvatures only"),
     (NaturalGradient, dict(curvature="kpsvd", rank=0), "rank=0"),
     (NaturalGradient, dict(weight_decay=-1.0), "weight_decay=-1.0"),
     (NaturalGradient, dict(kl_clip=0.0), "kl_clip=0.0"),
