@@ -53,8 +53,8 @@ COMBOS = [f"G-{g}/D-{d}" for g in ("kfac", "adam") for d in ("kfac", "adam")]
 
 def make_generator() -> nn.Module:
     return nn.Sequential(
-        nn.Linear(Z, 16 * 7 * 7), nn.ReLU(), nn.Unflatten(1, (16, 7, 7)),
-        nn.ConvTranspose2d(16, 16, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Linear(Z, 32 * 7 * 7, bias=False), nn.BatchNorm1d(32 * 7 * 7), nn.ReLU(), nn.Unflatten(1, (32, 7, 7)),
+        nn.ConvTranspose2d(32, 16, 4, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
         nn.ConvTranspose2d(16, 1, 4, stride=2, padding=1), nn.Tanh(),
     )
 
