@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 from typing import Any, List, Mapping, Optional, Tuple
 
+import torch
 from torch import Tensor
 
 from curvlib.extensions.base import FISHER_TYPES
@@ -149,7 +150,8 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
         kind = self._kind(group)
         gp.dirs = list(gp.grads) if kind is None else self._precondition(plan, gp, group, kind)
         if group["kl_clip"] is not None:
-            vg = sum(float((d * g).sum()) for d, g in zip(gp.dirs, gp.grads))
+            # one dot product per parameter, no d * g temporaries, one synchronisation
+            vg = float(torch.stack([torch.dot(d.reshape(-1), g.reshape(-1).to(d.dtype)) for d, g in zip(gp.dirs, gp.grads)]).sum())
             lr = self._lr_for(group, gp.params[0])
             if vg > 0 and lr > 0:
                 nu = min(1.0, math.sqrt(group["kl_clip"] / (lr * lr * vg)))
