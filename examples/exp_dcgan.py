@@ -53,9 +53,10 @@ COMBOS = [f"G-{g}/D-{d}" for g in ("kfac", "adam") for d in ("kfac", "adam")]
 
 def make_generator() -> nn.Module:
     return nn.Sequential(
-        nn.Linear(Z, 32 * 7 * 7, bias=False), nn.BatchNorm1d(32 * 7 * 7), nn.ReLU(), nn.Unflatten(1, (32, 7, 7)),
-        nn.ConvTranspose2d(32, 16, 4, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.ConvTranspose2d(16, 1, 4, stride=2, padding=1), nn.Tanh(),
+        nn.Unflatten(1, (Z, 1, 1)),
+        nn.ConvTranspose2d(Z, 32, 7, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.ConvTranspose2d(32, 32, 4, stride=2, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.ConvTranspose2d(32, 1, 4, stride=2, padding=1), nn.Tanh(),
     )
 
 
