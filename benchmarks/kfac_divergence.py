@@ -50,7 +50,7 @@ from curvlib import extend  # noqa: E402
 from curvlib.optim import NaturalGradient  # noqa: E402
 
 BASE = dict(curvature="kfac", fisher_type="mc", damping_mode="pi", momentum=0.9, ema_decay=0.95, T_cov=5,
-            T_inv=10, kl_clip=None)
+            T_inv=10, kl_clip=None, curvature_warmup=0)
 
 
 def _tr(F: torch.Tensor) -> float:
@@ -112,7 +112,7 @@ def train(problem: T.Problem, steps: int, record: bool = False, ema_bias_correct
                 lam, lr = float(opt.param_groups[0]["damping"]), float(opt.param_groups[0]["lr"])
                 row: Dict[str, Any] = dict(step=k, loss=loss.item(), layers={})
                 for n, p in weights:
-                    G, A = opt.state[p]["curvature"]
+                    G, A = opt.state[p]["running"]
                     b = opt.state[p]["momentum_buffer"]
                     d = b - mu * before[n] if before[n] is not None else b.clone()
                     g = grads[n].reshape(p.shape[0], -1)
