@@ -43,6 +43,19 @@ def make_model(seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10))
 
 
+def stepper(model, loss_fn, opt, X, Y):
+    """One training step of ``opt`` on ``(X, Y)``: zero_grad, forward, backward in ``opt.capture()``, step."""
+
+    def step():
+        opt.zero_grad()
+        loss = loss_fn(model(X), Y)
+        with opt.capture():
+            loss.backward()
+        opt.step()
+
+    return step
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=15)
@@ -64,12 +77,7 @@ def main(argv=None) -> None:
     opt = NaturalGradient(model.parameters(), lr=1e-3, momentum=0.9, T_cov=NEVER, T_inv=NEVER, curvature_warmup=0,
                           seed=0)
 
-    def kfac_step():
-        opt.zero_grad()
-        loss = loss_fn(model(X), Y)
-        with opt.capture():
-            loss.backward()
-        opt.step()
+    kfac_step = stepper(model, loss_fn, opt, X, Y)
 
     kfac_step()  # the capture and the inverse
     parts = opt.core.solves[0][1].parts
@@ -94,12 +102,7 @@ def main(argv=None) -> None:
     cap_opt = NaturalGradient(cap_model.parameters(), lr=1e-3, momentum=0.9, T_cov=1, T_inv=NEVER, curvature_warmup=0,
                               seed=0)
 
-    def capture_step():
-        cap_opt.zero_grad()
-        loss = loss_fn(cap_model(X), Y)
-        with cap_opt.capture():
-            loss.backward()
-        cap_opt.step()
+    capture_step = stepper(cap_model, loss_fn, cap_opt, X, Y)
 
     capture_step()
 
@@ -110,20 +113,14 @@ def main(argv=None) -> None:
     def_model = extend(make_model())
     def_opt = NaturalGradient(def_model.parameters(), lr=1e-3, momentum=0.9, seed=0)  # T_cov 5, T_inv 20
 
+    def_step = stepper(def_model, loss_fn, def_opt, X, Y)
+
     def default_steps():  # one T_inv period of the default schedule, per step
         for _ in range(20):
-            def_opt.zero_grad()
-            loss = loss_fn(def_model(X), Y)
-            with def_opt.capture():
-                loss.backward()
-            def_opt.step()
+            def_step()
 
     for _ in range(10):  # past the curvature warm-up
-        def_opt.zero_grad()
-        loss = loss_fn(def_model(X), Y)
-        with def_opt.capture():
-            loss.backward()
-        def_opt.step()
+        def_step()
 
     fwd_bwd()
     clock = time.perf_counter if args.wall else time.process_time
