@@ -60,7 +60,7 @@ def _worker(rank, world, tmp, steps, out):
         if method == "kfac":
             model = extend(model)
             opt = NaturalGradient(model.parameters(), lr=0.01, curvature="kfac", fisher_type="mc", damping=1e-1, kl_clip=1e-3,
-                                  T_inv=10, momentum=0.9, seed=0, process_group="auto" if world > 1 else None)
+                                  T_cov=1, T_inv=10, curvature_warmup=0, momentum=0.9, seed=0, process_group="auto" if world > 1 else None)
             loss_fn = extend(nn.CrossEntropyLoss())
         else:
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)

@@ -50,7 +50,8 @@ def curvlib_runner(fisher_type, T_cov, T_inv, steps, plain=False):
     loss_fn = extend(nn.CrossEntropyLoss())
     big = 10**9 if plain else None
     opt = NaturalGradient(model.parameters(), lr=1e-3, curvature="kfac", fisher_type=fisher_type,
-                          damping=1e-3, momentum=0.9, T_cov=big or T_cov, T_inv=big or T_inv, seed=0)
+                          damping=1e-3, momentum=0.9, T_cov=big or T_cov, T_inv=big or T_inv, seed=0,
+                          curvature_warmup=0, kl_clip=None)  # the README's settings (before the defaults changed)
 
     def one():
         opt.zero_grad()
@@ -110,7 +111,7 @@ def main():
     # the backward of a step without curvature update: extended model inside opt.capture() vs plain model
     ext_model, plain_model = extend(make_model()), make_model()
     ext_loss = extend(nn.CrossEntropyLoss())
-    opt = NaturalGradient(ext_model.parameters(), lr=1e-3, T_cov=10**9, T_inv=10**9, seed=0)
+    opt = NaturalGradient(ext_model.parameters(), lr=1e-3, T_cov=10**9, T_inv=10**9, seed=0, curvature_warmup=0)
     with opt.capture():
         ext_loss(ext_model(X), Y).backward()
     opt.step()

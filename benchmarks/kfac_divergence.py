@@ -50,7 +50,7 @@ from curvlib import extend  # noqa: E402
 from curvlib.optim import NaturalGradient  # noqa: E402
 
 BASE = dict(curvature="kfac", fisher_type="mc", damping_mode="pi", momentum=0.9, ema_decay=0.95, T_cov=5,
-            T_inv=10, kl_clip=None)
+            T_inv=10, kl_clip=None, curvature_warmup=0)
 
 
 def _tr(F: torch.Tensor) -> float:

@@ -480,6 +480,10 @@ METHODS: Dict[str, Method] = {
     "lanczos": _curvlib("lanczos"),
     "diag": _curvlib("diag"),
 }
+#: curvlib's KFAC at its defaults (KL clip 1e-3, T_cov 5, T_inv 20, curvature warm-up 10 steps,
+#: damping 1e-3 "pi", MC Fisher, no momentum): only the lr is chosen (issue 22 item 4)
+METHODS["kfac-default"] = Method(lambda m, pb, **s: CurvlibTrainer(m, pb, curvature="kfac", **s),
+                                 _grid(lr=[0.03, 0.1, 0.3]), note="NaturalGradient(curvature='kfac'), defaults")
 #: what a plain run trains (the others by name with --methods: two-level, exact-ng-blocks, ...)
 DEFAULT_METHODS = list(METHODS)
 for _name in ("two-level", "exact-ng-blocks"):

@@ -46,6 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--damping", type=float, default=1.0)
     ap.add_argument("--ema", type=float, default=0.9)
     ap.add_argument("--inv-every", type=int, default=10, help="T_inv")
+    ap.add_argument("--warmup", type=int, default=10, help="curvature_warmup: an inverse at each of the first steps")
     ap.add_argument("--fisher-type", default="mc", choices=["mc", "type-2", "empirical"])
     ap.add_argument("--no-ddp", action="store_true", help="no DistributedDataParallel: the optimizer averages the gradients")
     ap.add_argument("--check-sync", action="store_true", help="compare a parameter checksum across ranks every step")
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     loss_fn = extend(nn.CrossEntropyLoss())
     opt = NaturalGradient(
         model.parameters(), lr=args.lr, curvature="kfac", fisher_type=args.fisher_type, damping=args.damping,
-        damping_mode="pi", T_inv=args.inv_every, ema_decay=args.ema, momentum=0.9, seed=0,
+        damping_mode="pi", T_cov=1, T_inv=args.inv_every, curvature_warmup=args.warmup, ema_decay=args.ema, momentum=0.9, seed=0,
         check_sync=args.check_sync,
     )
     dp = opt.distributed

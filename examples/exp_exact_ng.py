@@ -34,7 +34,8 @@ from examples import _experiment as E
 from examples.data import load_digits
 
 NAME = "exact_ng"
-CURV = dict(lr=0.1, damping=1e-2, damping_mode="exact", fisher_type="type-2", T_cov=1, T_inv=1, ema_decay=0.0)
+CURV = dict(lr=0.1, damping=1e-2, damping_mode="exact", fisher_type="type-2", T_cov=1, T_inv=1, ema_decay=0.0,
+            kl_clip=None)
 
 
 def make_mlp() -> nn.Module:

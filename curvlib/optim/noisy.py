@@ -67,6 +67,10 @@ _FIXED_AS = {
     "adaptive_damping": ("False", "fixed: the damping is the prior's"),
 }
 _FIXED = tuple(_FIXED_AS)
+#: defaults that differ from NaturalGradient's: the algorithms update the posterior precision (the
+#: running curvature) at every step and take the unclipped natural-gradient step (Zhang et al. 2018,
+#: Khan et al. 2018)
+_ALGORITHM_DEFAULTS = dict(T_cov=1, T_inv=1, curvature_warmup=0, kl_clip=None)
 
 DATASET_SIZE = HyperParameter(
     "dataset_size", "int", REQUIRED, "`N`, the number of training examples (the loss is a mean over a batch)",
@@ -91,6 +95,7 @@ class NoisyNaturalGradient(NaturalGradient):
     hyperparameters = replace_entries(
         NaturalGradient.hyperparameters,
         curvature=dict(meaning=CURVATURE.meaning + " (the constructor's argument)"),
+        **{name: dict(default=value) for name, value in _ALGORITHM_DEFAULTS.items()},
         **{name: dict(default_text=value, meaning=meaning) for name, (value, meaning) in _FIXED_AS.items()},
     )
     arguments = (DATASET_SIZE, PRIOR_PRECISION, KL_WEIGHT, SEED, PROCESS_GROUP, CHECK_SYNC)
@@ -112,6 +117,7 @@ class NoisyNaturalGradient(NaturalGradient):
         self.dataset_size, self.prior_precision, self.kl_weight = dataset_size, float(prior_precision), float(kl_weight)
         lam = self.kl_weight * self.prior_precision / dataset_size
         self.noise_scale = math.sqrt(self.kl_weight / dataset_size)
+        hyper = dict(_ALGORITHM_DEFAULTS, **hyper)
         super().__init__(
             params, lr, seed=seed, curvature=curvature, mc_samples=mc_samples, damping=lam,
             damping_mode="exact", weight_decay=lam, weight_decay_mode="l2", **hyper,

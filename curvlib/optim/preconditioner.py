@@ -8,8 +8,18 @@ from torch.optim import Optimizer
 
 from curvlib.optim.core import CHECK_SYNC, PROCESS_GROUP, SEED, StepPlan
 from curvlib.optim.distributed import AUTO
-from curvlib.optim.hyperparams import HyperParameter, document
+from curvlib.optim.hyperparams import HyperParameter, defaults_of, document, replace_entries
 from curvlib.optim.running import CORE_DEFAULTS, CORE_HYPERPARAMETERS, RunningCurvatureOptimizer
+
+#: the core's table with ``kl_clip`` off by default: the clip needs the learning rate, which only
+#: the wrapped ``optimizer`` knows
+PRECONDITIONER_HYPERPARAMETERS = replace_entries(CORE_HYPERPARAMETERS, kl_clip=dict(
+    default=None,
+    meaning="scale the group's direction by `min(1, sqrt(kl_clip / (lr^2 sum_p <d_p, g_p>)))`, `lr` read from "
+            "`optimizer` (default `None`: no clipping; `1e-3` is NaturalGradient's default and recommended)",
+))
+#: the defaults of :class:`Preconditioner`'s param groups
+PRECONDITIONER_DEFAULTS = defaults_of(PRECONDITIONER_HYPERPARAMETERS)
 
 OPTIMIZER = HyperParameter(
     "optimizer", "torch.optim.Optimizer or None", None,
@@ -33,17 +43,17 @@ class Preconditioner(RunningCurvatureOptimizer):
     The running curvature, its inverse and the schedule: :mod:`curvlib.optim.running`.
     """
 
-    hyperparameters = CORE_HYPERPARAMETERS
+    hyperparameters = PRECONDITIONER_HYPERPARAMETERS
     arguments = (OPTIMIZER, SEED, PROCESS_GROUP, CHECK_SYNC)
 
     def __init__(
         self, params, optimizer: Optional[Optimizer] = None, seed: Optional[int] = None, *,
         process_group: Any = AUTO, check_sync: bool = False, **hyper: Any,
     ):
-        unknown = set(hyper) - set(CORE_DEFAULTS)
+        unknown = set(hyper) - set(PRECONDITIONER_DEFAULTS)
         if unknown:
             raise TypeError(f"curvlib.optim.Preconditioner: unknown arguments {sorted(unknown)}.")
-        defaults = dict(CORE_DEFAULTS, **hyper)
+        defaults = dict(PRECONDITIONER_DEFAULTS, **hyper)
         self.optimizer = optimizer
         super().__init__(params, defaults, seed, process_group=process_group, check_sync=check_sync)
 
@@ -71,4 +81,4 @@ class Preconditioner(RunningCurvatureOptimizer):
                 p.grad.copy_(d)
 
 
-__all__ = ["Preconditioner", "CORE_DEFAULTS"]
+__all__ = ["Preconditioner", "CORE_DEFAULTS", "PRECONDITIONER_DEFAULTS", "PRECONDITIONER_HYPERPARAMETERS"]

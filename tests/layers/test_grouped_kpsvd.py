@@ -118,7 +118,9 @@ def test_rank2_curvatures_step_on_grouped_layers(curv):
     loss_fn = extend(nn.CrossEntropyLoss())
     x, y = torch.randn(16, 4, 6, 6), torch.randint(0, 3, (16,))
     lam = 1e-2
-    opt = NaturalGradient(model.parameters(), lr=0.1, curvature=curv, damping=lam, ema_decay=0.0)
+    # every step captured and inverted, no clip (the defaults before issue 22): the step-0 direction is the solve
+    opt = NaturalGradient(model.parameters(), lr=0.1, curvature=curv, damping=lam, ema_decay=0.0, T_cov=1, T_inv=1,
+                          kl_clip=None)
     W = model[0].weight
     losses = []
     with warnings.catch_warnings(record=True) as caught:

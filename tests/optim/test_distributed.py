@@ -49,7 +49,8 @@ def _params(model):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-HYPER = dict(curvature="kfac", damping=1e-2, T_cov=1, T_inv=2, ema_decay=0.9, momentum=0.9, kl_clip=1e-2, seed=3)
+HYPER = dict(curvature="kfac", damping=1e-2, T_cov=1, T_inv=2, ema_decay=0.9, momentum=0.9, kl_clip=1e-2, seed=3,
+             curvature_warmup=0)
 
 
 def _train(model, opt, batches, rank=None, micro=1, ddp=None):
@@ -285,7 +286,8 @@ def _case_example(rank, tmp):
     spec = importlib.util.spec_from_file_location("distributed_mnist", path)
     ex = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ex)
-    res = ex.run(ex.parse_args(["--steps", "3", "--batch-size", "32", "--inv-every", "2", "--check-sync"]))
+    res = ex.run(ex.parse_args(["--steps", "3", "--batch-size", "32", "--inv-every", "2", "--warmup", "0",
+                                   "--check-sync"]))
     assert res["world"] == 2 and len(res["losses"]) == 3 and all(l == l for l in res["losses"])
     # CNN: 8 parameters, inverses at steps 0 and 2, each built on one rank
     assert sum(res["inverses_per_rank"]) == 16 and min(res["inverses_per_rank"]) > 0

@@ -18,6 +18,7 @@ from curvlib.optim import CGNewton, NaturalGradient, NoisyNaturalGradient, Preco
 from curvlib.optim.curvatures import CURVATURES
 from curvlib.optim.hyperparams import REQUIRED, defaults_of, markdown_table
 from curvlib.optim.products import CG_CURVATURES
+from curvlib.optim.running import RunningCurvatureOptimizer
 from tests.optim.common import train_step
 from tests.zoo import data, mlp
 
@@ -103,7 +104,9 @@ def test_markdown_table_has_one_row_per_hyperparameter(cls):
 
 
 def test_exported_defaults_are_the_tables():
-    assert O.CORE_DEFAULTS == defaults_of(Preconditioner.hyperparameters)
+    assert O.CORE_DEFAULTS == defaults_of(RunningCurvatureOptimizer.hyperparameters)
+    # the Preconditioner's only other default: no KL clip (it needs the wrapped optimizer's lr)
+    assert dict(O.CORE_DEFAULTS, kl_clip=None) == defaults_of(Preconditioner.hyperparameters)
     assert dict(O.CORE_DEFAULTS, **O.STEP_DEFAULTS) == defaults_of(NaturalGradient.hyperparameters)
     assert O.CG_DEFAULTS == defaults_of(CGNewton.hyperparameters)
     assert NaturalGradient.hyperparameters[0].name == "lr" and NaturalGradient.hyperparameters[0].default is REQUIRED
