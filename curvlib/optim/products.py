@@ -18,6 +18,7 @@ from curvlib.extensions import GGNMP, HMP, KFAC
 from curvlib.extensions.base import Extension
 from curvlib.extensions.pchmp import PCHMP
 from curvlib.optim.curvatures import CurvatureKind
+from curvlib.optim.tensors import upcast, working_dtype
 from curvlib.solvers import KroneckerInverse
 
 
@@ -125,10 +126,12 @@ def kfac_inverse(p: Tensor, lam: float) -> Callable:
     factors = p.__dict__.get("kfac")
     if factors is None:
         return lambda v: v
-    P = KroneckerInverse(list(factors), lam if lam > 0 else 1e-8, damping_mode="exact")
+    # float16 / bfloat16 parameters: factors inverted in float32, the direction cast back
+    P = KroneckerInverse(upcast(list(factors)), lam if lam > 0 else 1e-8, damping_mode="exact")
+    wd = working_dtype(p.dtype)
     if p.ndim > 1:
-        return lambda v: P(v.reshape(p.shape[0], -1)).reshape(p.shape)
-    return P
+        return lambda v: P(v.reshape(p.shape[0], -1).to(wd)).reshape(p.shape).to(v.dtype)
+    return lambda v: P(v.to(wd)).to(v.dtype)
 
 
 __all__ = ["ProductKind", "GGNKind", "HessianKind", "PCHKind", "CG_CURVATURES", "restricted", "kfac_inverse"]

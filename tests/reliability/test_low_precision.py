@@ -72,3 +72,31 @@ def test_noisy_natural_gradient_on_low_precision_models(curv, dtype):
 
     low = _updates(dtype, make, noisy=True)
     assert all(torch.isfinite(u).all() and float(u.abs().max()) > 0 for u in low)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cg_newton_kfac_preconditioner_on_low_precision_models(dtype):
+    """CGNewton's ``precondition="kfac"`` inverts the factors in float32 (it raised "cholesky_cpu
+    not implemented for 'Half'") and applies them to the model's dtype."""
+    from curvlib.optim import CGNewton
+
+    def run(dt):
+        torch.manual_seed(0)
+        model = extend(nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).to(dt))
+        loss_fn = extend(nn.CrossEntropyLoss())
+        opt = CGNewton(model.parameters(), lr=0.1, damping=0.1, precondition="kfac", maxiter=5)
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(16, 3, generator=g).to(dt), torch.randint(0, 3, (16,), generator=g)
+        before = [p.detach().float().clone() for p in model.parameters()]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with opt.capture():
+                loss_fn(model(x), y).backward()
+            opt.step()
+        assert all(p.dtype == dt for p in model.parameters())
+        return [p.detach().float() - b for p, b in zip(model.parameters(), before)]
+
+    low, ref = run(dtype), run(torch.float32)
+    tol = 0.05 if dtype == torch.float16 else 0.15
+    for a, b in zip(low, ref):
+        assert float((a - b).norm()) <= tol * float(b.norm()) + 1e-3
