@@ -484,6 +484,17 @@ METHODS: Dict[str, Method] = {
 DEFAULT_METHODS = list(METHODS)
 for _name in ("two-level", "exact-ng-blocks"):
     METHODS[_name] = _curvlib(_name, **({"ema_decay": 0.0} if _name.startswith("exact") else {}))
+# steps in KFAC's eigenbasis and grafting (by name with --methods)
+METHODS["ekfac"] = _curvlib("ekfac")
+#: Adam in KFAC's eigenbasis: its own moments (no heavy-ball momentum, no KL clip), AdamW's lr grid
+#: and decoupled weight decay 0.01 (AdamW's and SOAP's default)
+METHODS["eigen-adam"] = _curvlib(
+    "eigen-adam", _grid(lr=[1e-3, 3e-3, 1e-2]), T_inv=10, momentum=0.0, kl_clip=None, weight_decay=0.01,
+    weight_decay_mode="decoupled",
+)
+#: KFAC with Adam's step norm: AdamW's lr grid times (1 - momentum), as heavy-ball momentum 0.9
+#: (no dampening) multiplies a steady step by 10; no KL clip (grafting sets the norm)
+METHODS["kfac-graft"] = _curvlib("kfac", _grid(lr=[1e-4, 3e-4, 1e-3], damping=[1e-1]), graft="adam", kl_clip=None)
 
 
 def available(name: str) -> bool:
