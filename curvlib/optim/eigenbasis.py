@@ -43,7 +43,7 @@ whichever basis it holds. Such a capture cannot be accumulated over several back
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -151,17 +151,20 @@ def qr_refresh(F: Tensor, Q: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
 
 
 class RunningEKFAC(EKFAC):
-    """:class:`~curvlib.extensions.EKFAC` in the optimizer's running eigenbases: a layer whose
-    parameters all have one (:meth:`use_basis`) gets ``S`` in them; a layer with a parameter
-    without one (its first capture) gets ``S`` in its batch's KFAC eigenbasis, as ``EKFAC()``
-    (the basis comes with ``S`` in ``p.ekfac = [Q, S]``)."""
+    """:class:`~curvlib.extensions.EKFAC` in the optimizer's running eigenbases, for the
+    parameters of ``"ekfac"`` groups only (:meth:`use_basis`; other layers get nothing): a layer
+    whose parameters all have a basis gets ``S`` in them; a layer with a parameter without one
+    (its first capture) gets that parameter's ``S`` in its batch's KFAC eigenbasis, as
+    ``EKFAC()`` (the basis comes with ``S`` in ``p.ekfac = [Q, S]``)."""
 
     def __init__(self, fisher_type: str = "mc", mc_samples: int = 1, kfac_approx: str = "expand"):
         super().__init__(fisher_type, mc_samples, kfac_approx, bases={})
+        self.wanted: Set[int] = set()
         self.cold = False
 
     def use_basis(self, p: nn.Parameter, basis: Optional[Basis]) -> None:
         """Measure ``p``'s ``S`` in ``basis`` (``None``: in its batch's eigenbasis)."""
+        self.wanted.add(id(p))
         if basis is not None:
             self.bases[id(p)] = (p, list(basis))
 
@@ -183,8 +186,13 @@ class RunningEKFAC(EKFAC):
         return {name: self.bases[id(p)][1] if id(p) in self.bases else batch[name] for name, p in capture.params.items()}
 
     def compute(self, capture):
+        names = [n for n, p in capture.params.items() if id(p) in self.wanted]
+        if not names:
+            return {}
         if capture.uses is not None:
             raise NotImplementedError(_tied_message(f"the weight of {capture.module}"))
+        if len(names) < len(capture.params):
+            capture = capture.restricted(names)
         return super().compute(capture)
 
 

@@ -316,3 +316,15 @@ def test_ekfac_refuses_tied_parameters():
         opt = NaturalGradient(model.parameters(), lr=0.1, curvature=name, fisher_type="empirical")
         with pytest.raises((ValueError, NotImplementedError), match="tied"):
             train_step(model, loss_fn, opt, x, torch.randn(5, 4))
+
+
+def test_ekfac_measures_only_its_groups_parameters():
+    """A "kfac" group next to an "ekfac" one: EKFAC's eigenvalues are computed for the ekfac
+    group's parameters only (no batch eigendecompositions for the others)."""
+    model, loss_fn = mlp(), extend(nn.CrossEntropyLoss())
+    groups = [{"params": list(model[0].parameters()), "curvature": "ekfac"}, {"params": list(model[2].parameters())}]
+    opt = NaturalGradient(groups, lr=0.1, curvature="kfac", fisher_type="empirical", seed=0)
+    for k in range(2):
+        train_step(model, loss_fn, opt, *data(seed=k + 1))
+        assert all(hasattr(p, "ekfac") for p in model[0].parameters())
+        assert not any(hasattr(p, "ekfac") for p in model[2].parameters())
