@@ -26,9 +26,16 @@ Refreshing the eigenbasis (``T_inv``):
   another basis (a cold start, below).
 - ``"eigen-adam"``, as SOAP: ``eigh`` on the first refresh (cold start), then one power step and a
   QR factorization from the previous basis, ``Q' = qr(F Q_sorted)``, with ``Q``'s columns
-  sorted by the estimated eigenvalues ``diag(Q^T F Q)`` (descending) and ``v`` permuted with
-  them; ``m`` is rotated exactly, ``m' = R'(R^-1(m))``. Repeated refreshes of a fixed factor
-  are subspace iteration: they converge to ``eigh``'s basis.
+  sorted by the estimated eigenvalues ``diag(Q^T F Q)`` (descending). Repeated refreshes of a
+  fixed factor are subspace iteration: they converge to ``eigh``'s basis. ``m`` is rotated
+  exactly, ``m' = R'(R^-1(m))``, and ``v`` is carried as ``S`` above (the diagonal of
+  ``Q diag(v) Q^T`` in the new basis), which bounds every ``|m'_j| / sqrt(v'_j)`` by the
+  root-sum-square of the ratios ``|m_i| / sqrt(v_i)`` of the old coordinates it mixes
+  (Cauchy–Schwarz). SOAP permutes ``v`` with the sorted
+  columns instead; with KFAC's MC factors, whose small-eigenvalue directions need not be those
+  of small gradients, that put large ``m`` over small ``v`` after a refresh and blew the loss
+  up on the CNN of ``benchmarks/time_to_loss.py`` (2.0 to 9.2 at the first refresh, lr 3e-3,
+  ``T_cov=5``, ``T_inv=10``), and does not with ``v`` carried.
 
 Factor forms (docs/design.md §2): a 1-D (diagonal) factor has the identity as its eigenbasis
 (stored ``torch.ones(d)``, as :func:`~curvlib.extensions.kfac_eigenbasis`); a block-form factor
@@ -123,21 +130,12 @@ def eigenbasis(factors: Sequence[Tensor], name: str) -> Basis:
     return kfac_eigenbasis(factors, name)
 
 
-def _permute(x: Tensor, idx: Tensor, dim: int) -> Tensor:
-    """``x`` with its entries along ``dim`` reordered by ``idx``: ``[m]``, or ``[B, m]`` per block
-    (``x [B, ...]``)."""
-    if idx.dim() == 1:
-        return x.index_select(dim, idx)
-    shape = [x.shape[0]] + [1] * (x.dim() - 1)
-    shape[dim] = idx.shape[1]
-    return x.gather(dim, idx.reshape(shape).expand_as(x))
-
-
 def qr_refresh(F: Tensor, Q: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
     """SOAP's refresh of a basis ``Q`` of the factor ``F``: the columns sorted by
     ``diag(Q^T F Q)`` (descending), then one power step and a QR factorization,
     ``Q' = qr(F Q_sorted).Q``. Returns ``(Q', order)`` (``order``: the sort, ``[m]`` or
-    ``[B, m]``; ``(Q, None)`` for a 1-D factor, whose basis is the identity)."""
+    ``[B, m]``, as SOAP permutes its second moments with it; ``(Q, None)`` for a 1-D factor,
+    whose basis is the identity)."""
     if F.dim() == 1:
         return Q, None
     est = ((F @ Q) * Q).sum(-2)
@@ -301,14 +299,9 @@ class EigenAdamKind(EigenbasisKind):
         if Q is None:
             Q = eigenbasis(running, f"the running KFAC factor of {name}")
         elif refresh:
-            new = []
-            for i, (F, Qi) in enumerate(zip(running, Q)):
-                Qn, order = qr_refresh(F, Qi)
-                if order is not None and v is not None:
-                    v = _permute(v, order, -2 if len(Q) == 2 and i == 0 else -1)
-                new.append(Qn)
-            if m is not None:
-                m = to_basis(new, from_basis(Q, m, p.shape))
+            new = [qr_refresh(F, Qi)[0] for F, Qi in zip(running, Q)]
+            if m is not None:  # the same vector in the new basis; v as the diagonal of Q diag(v) Q^T there
+                m, v = to_basis(new, from_basis(Q, m, p.shape)), carry_diagonal(Q, new, v, p.shape)
             Q = new
         b1, b2 = (float(b) for b in group["adam_betas"])
         gr = to_basis(Q, g.to(Q[0].dtype))
