@@ -125,11 +125,6 @@ def carry_diagonal(old: Basis, new: Basis, S: Tensor, shape: Sequence[int]) -> T
     return S if len(new) == 2 else S.squeeze(-1)
 
 
-def eigenbasis(factors: Sequence[Tensor], name: str) -> Basis:
-    """``eigh``'s eigenvectors of each factor (:func:`~curvlib.extensions.kfac_eigenbasis`)."""
-    return kfac_eigenbasis(factors, name)
-
-
 def qr_refresh(F: Tensor, Q: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
     """SOAP's refresh of a basis ``Q`` of the factor ``F``: the columns sorted by
     ``diag(Q^T F Q)`` (descending), then one power step and a QR factorization,
@@ -280,7 +275,7 @@ class EKFACKind(EigenbasisKind):
         if S is None:
             raise RuntimeError(f"curvlib.optim: curvature='ekfac': {name} has no eigenvalues yet (no capture).")
         if refresh:
-            new = eigenbasis(running, f"the running KFAC factor of {name}")
+            new = kfac_eigenbasis(running, f"the running KFAC factor of {name}")
             S, Q = carry_diagonal(Q, new, S, p.shape), new
         d = from_basis(Q, to_basis(Q, g.to(S.dtype)) / (S + float(group["damping"])), p.shape)
         return d, {"eigenbasis": Q, "ekfac_S": S}
@@ -297,7 +292,7 @@ class EigenAdamKind(EigenbasisKind):
         m, v = state.get("eigen_exp_avg"), state.get("eigen_exp_avg_sq")
         t = int(state.get("eigen_step", 0))
         if Q is None:
-            Q = eigenbasis(running, f"the running KFAC factor of {name}")
+            Q = kfac_eigenbasis(running, f"the running KFAC factor of {name}")
         elif refresh:
             new = [qr_refresh(F, Qi)[0] for F, Qi in zip(running, Q)]
             if m is not None:  # the same vector in the new basis; v as the diagonal of Q diag(v) Q^T there
@@ -315,5 +310,5 @@ class EigenAdamKind(EigenbasisKind):
 
 __all__ = [
     "EigenbasisKind", "EKFACKind", "EigenAdamKind", "RunningEKFAC", "to_basis", "from_basis", "carry_diagonal",
-    "qr_refresh", "eigenbasis",
+    "qr_refresh",
 ]
