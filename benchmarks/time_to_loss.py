@@ -488,6 +488,19 @@ METHODS["kfac-default"] = Method(lambda m, pb, **s: CurvlibTrainer(m, pb, curvat
 DEFAULT_METHODS = list(METHODS)
 for _name in ("two-level", "exact-ng-blocks"):
     METHODS[_name] = _curvlib(_name, **({"ema_decay": 0.0} if _name.startswith("exact") else {}))
+# steps in KFAC's eigenbasis and grafting (by name with --methods)
+#: EKFAC adds the damping to S (no pi split between the factors): on the CNN, 5 epochs, lr 0.03-0.3,
+#: damping 0.1 stalled at 0.21 (the KL clip bound every step) and damping 1 reached 0.050-0.075
+METHODS["ekfac"] = _curvlib("ekfac", _grid(lr=[0.03, 0.1, 0.3], damping=[1.0]))
+#: Adam in KFAC's eigenbasis: its own moments (no heavy-ball momentum, no KL clip), AdamW's lr grid
+#: and decoupled weight decay 0.01 (AdamW's and SOAP's default)
+METHODS["eigen-adam"] = _curvlib(
+    "eigen-adam", _grid(lr=[1e-3, 3e-3, 1e-2]), T_inv=10, momentum=0.0, kl_clip=None, weight_decay=0.01,
+    weight_decay_mode="decoupled",
+)
+#: KFAC with Adam's step norm: AdamW's lr grid times (1 - momentum), as heavy-ball momentum 0.9
+#: (no dampening) multiplies a steady step by 10; no KL clip (grafting sets the norm)
+METHODS["kfac-graft"] = _curvlib("kfac", _grid(lr=[1e-4, 3e-4, 1e-3], damping=[1e-1]), graft="adam", kl_clip=None)
 
 
 def available(name: str) -> bool:

@@ -13,7 +13,9 @@ Modules: :mod:`~curvlib.optim.core` (the step template shared by all optimizers:
 capture, plan / check / commit, checkpoints), :mod:`~curvlib.optim.running` (the running
 curvature and its damped inverse), :mod:`~curvlib.optim.curvatures` (one strategy class per
 curvature), :mod:`~curvlib.optim.hyperparams` (the hyper-parameter tables),
-:mod:`~curvlib.optim.state` (what an optimizer keeps), :mod:`~curvlib.optim.damping`,
+:mod:`~curvlib.optim.state` (what an optimizer keeps), :mod:`~curvlib.optim.eigenbasis`
+(``"ekfac"``, ``"eigen-adam"``: steps in KFAC's eigenbasis), :mod:`~curvlib.optim.grafting`
+(``graft=``), :mod:`~curvlib.optim.damping`,
 :mod:`~curvlib.optim.distributed`; one module per optimizer.
 """
 from curvlib.optim.cg_newton import CG_DEFAULTS, CGNewton

@@ -37,11 +37,15 @@ A curvature value (``C`` below) is what the optimizer stores per parameter: a te
 | ``exact-ng`` | per-sample factors ``U_p`` | :func:`woodbury_solve` (whole group) | Ren & Goldfarb 2019 |
 | ``exact-ng-blocks`` | per-sample factors ``U_p`` | :func:`woodbury_solve_blocks` | Ren & Goldfarb 2019 |
 | ``diag`` | ``diag(C_p)`` | ``1 / (d + λ)`` | (diagonal GGN, e.g. BackPACK) |
+| ``ekfac`` | ``[G, A]``, eigenbasis ``Q``, ``S`` | ``Q (Q^T g Q / (S + λ)) Q^T`` | George et al. 2018 |
+| ``eigen-adam`` | ``[G, A]``, eigenbasis ``Q``, Adam moments | Adam on ``Q^T g Q``, rotated back | Vyas et al. 2024 (SOAP) |
 
 Kronecker curvatures mix factor by factor (``G <- β G + (1-β) G_new``, the same for ``A``), as
 Martens & Grosse §5 do; ``diag`` mixes the diagonal. ``exact-ng`` / ``exact-ng-blocks`` keep the
 factors of the latest curvature batch (a moving average of ``U^T U`` has no fixed-size factor):
-``ema_decay`` does not apply to them (the optimizer says so once).
+``ema_decay`` does not apply to them (the optimizer says so once). ``ekfac`` and ``eigen-adam``
+(:mod:`curvlib.optim.eigenbasis`) keep KFAC's factors as the running curvature and step in their
+eigenbasis with per-parameter state instead of a cached inverse.
 """
 from __future__ import annotations
 
@@ -110,6 +114,9 @@ class CurvatureKind:
     symmetric: ClassVar[bool] = True
     #: the hyper-parameters this kind reads beyond the optimizer's own (rows of its table)
     options: ClassVar[Tuple[HyperParameter, ...]] = ()
+    #: the direction is the kind's ``direction(...)`` per parameter, with its own state
+    #: (:mod:`curvlib.optim.eigenbasis`), instead of a cached :class:`Solve`
+    stateful: ClassVar[bool] = False
 
     def validate(self, group: Mapping[str, Any], where: str) -> None:
         """Raise ``ValueError(f"{where}: ...")`` if ``group`` cannot use this kind (checks that
@@ -480,6 +487,9 @@ class ExactNGKind(CurvatureKind):
         return [(U.T @ c).reshape(v.shape) for U, v in zip(Us, vs)]
 
 
+# the kinds stepping in KFAC's eigenbasis subclass KFACKind (imported here, after it is defined)
+from curvlib.optim.eigenbasis import EigenAdamKind, EKFACKind  # noqa: E402
+
 #: the kinds of :class:`~curvlib.optim.NaturalGradient` (and Preconditioner, NoisyNaturalGradient)
 CURVATURES: Dict[str, CurvatureKind] = {k.name: k for k in (
     KFACKind(),
@@ -491,6 +501,8 @@ CURVATURES: Dict[str, CurvatureKind] = {k.name: k for k in (
     DiagKind(),
     ExactNGKind("exact-ng", blocks=False),
     ExactNGKind("exact-ng-blocks", blocks=True),
+    EKFACKind(),
+    EigenAdamKind(),
 )}
 
 

@@ -35,7 +35,7 @@ does, and an inverse at every capture during the first steps then lowers the los
 from __future__ import annotations
 
 import math
-from typing import Any, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -45,6 +45,7 @@ from curvlib.engine.factors import MAX_FACTOR_DIM
 from curvlib.optim import distributed
 from curvlib.optim.core import CurvatureOptimizer, GroupPlan, StepPlan
 from curvlib.optim.curvatures import CURVATURES, CurvatureKind, options_of
+from curvlib.optim.grafting import GRAFT_HYPERPARAMETERS, graft
 from curvlib.optim.hyperparams import HyperParameter, Rule, defaults_of, number, one_of
 from curvlib.optim.tensors import first_nonfinite, same_structure, tree_leaves, upcast, working_dtype
 
@@ -119,8 +120,8 @@ RUNNING: Tuple[HyperParameter, ...] = (
     ),
 )
 
-#: the table of the running-curvature core: :data:`RUNNING` and the kinds' options
-CORE_HYPERPARAMETERS: Tuple[HyperParameter, ...] = RUNNING + options_of(CURVATURES)
+#: the table of the running-curvature core: :data:`RUNNING`, grafting and the kinds' options
+CORE_HYPERPARAMETERS: Tuple[HyperParameter, ...] = RUNNING + GRAFT_HYPERPARAMETERS + options_of(CURVATURES)
 
 #: hyper-parameters of the preconditioning core and their defaults
 CORE_DEFAULTS = defaults_of(CORE_HYPERPARAMETERS)
@@ -173,6 +174,8 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
     def _plan_group(self, plan: StepPlan, gp: GroupPlan, group: Mapping[str, Any]) -> None:
         kind = self._kind(group)
         gp.dirs = list(gp.grads) if kind is None else self._precondition(plan, gp, group, kind)
+        if group["graft"] is not None:
+            self._graft(plan, gp, group)
         if group["kl_clip"] is not None:
             # the KL of the whole update, each parameter with its own lr (Preconditioner: the
             # wrapped optimizer may give every layer its own): sum_p lr_p^2 <d_p, g_p>; one dot
@@ -187,9 +190,25 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
                 if nu < 1.0:
                     gp.dirs = [d * nu for d in gp.dirs]
 
+    def _state(self, plan: StepPlan, p: Tensor) -> Dict[str, Any]:
+        """``opt.state[p]`` with the entries this step has planned so far."""
+        return {**self.state.get(p, {}), **plan.state.get(p, {})}
+
+    def _graft(self, plan: StepPlan, gp: GroupPlan, group: Mapping[str, Any]) -> None:
+        """``graft``: each direction with the norm of the grafted method's step (:mod:`curvlib.optim.grafting`)."""
+        states = [self._state(plan, p) for p in gp.params]
+        curved = [group["curvature"] is not None and "running" in s for s in states]
+        gp.dirs, entries = graft(group, gp.grads, gp.dirs, curved, states)
+        for p, e in zip(gp.params, entries):
+            if e:
+                plan.state.setdefault(p, {}).update(e)
+
     def _precondition(self, plan: StepPlan, gp: GroupPlan, group: Mapping[str, Any], kind: CurvatureKind) -> List[Tensor]:
         """``(C_p + λ I)^-1 g_p`` for the parameters with a running curvature, ``g_p`` for the others."""
+        fresh = plan.step >= plan.schedule[gp.index].next_cov
         curvs = self._running(plan, gp, group, kind)
+        if kind.stateful:
+            return self._in_basis(plan, gp, group, kind, curvs, fresh)
         has = [c is not None for c in curvs]
         cparams = [p for p, h in zip(gp.params, has) if h]
         if not cparams:
@@ -202,6 +221,26 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
         cgrads = [g.to(working_dtype(g.dtype)) for g, h in zip(gp.grads, has) if h]
         cdirs = iter(solve(cgrads, extras))
         return [next(cdirs).to(g.dtype) if h else g for g, h in zip(gp.grads, has)]
+
+    def _in_basis(self, plan: StepPlan, gp: GroupPlan, group: Mapping[str, Any], kind: Any, curvs: List[Any],
+                  fresh: bool) -> List[Tensor]:
+        """The directions of a stateful kind (:mod:`curvlib.optim.eigenbasis`): ``kind.direction``
+        per parameter with a running curvature (its eigenbasis refreshed when ``T_inv`` is due),
+        ``g_p`` for the others."""
+        k, gs = plan.step, plan.schedule[gp.index]
+        refresh = k >= gs.next_inv
+        dirs = []
+        for p, g, c, n in zip(gp.params, gp.grads, curvs, gp.names):
+            if c is None:
+                dirs.append(g)
+                continue
+            d, entries = kind.direction(p, g, c, self._state(plan, p), fresh, refresh, group, n)
+            plan.state.setdefault(p, {}).update(entries)
+            dirs.append(d.to(g.dtype))
+        if refresh:
+            gs.next_inv = k + interval(group["T_inv"], k, "T_inv")
+            gs.inv_updates += 1
+        return dirs
 
     def _running(self, plan: StepPlan, gp: GroupPlan, group: Mapping[str, Any], kind: CurvatureKind) -> List[Any]:
         """Each parameter's running curvature after this step (``None``: it has none); on a
