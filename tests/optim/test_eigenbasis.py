@@ -15,6 +15,10 @@ from tests.zoo import data, mlp
 
 pytestmark = pytest.mark.usefixtures("float64")
 
+#: the schedule these references were written for: no clip, no warm-up (the defaults clip at
+#: 1e-3 and capture and invert at every one of the first 10 steps)
+OLD_SCHEDULE = dict(kl_clip=None, curvature_warmup=0)
+
 
 def orthogonal(m, gen, batch=()):
     return torch.linalg.qr(torch.randn(*batch, m, m, generator=gen))[0].contiguous()
@@ -124,7 +128,7 @@ def test_ekfac_steps_match_dense_reference():
     lr, lam, beta = 0.7, 0.05, 0.5
     model, loss_fn = mlp(), extend(nn.CrossEntropyLoss())
     opt = NaturalGradient(model.parameters(), lr=lr, curvature="ekfac", fisher_type="empirical", damping=lam,
-                          T_cov=1, T_inv=2, ema_decay=beta, seed=0)
+                          T_cov=1, T_inv=2, ema_decay=beta, seed=0, **OLD_SCHEDULE)
     run, Q, S = None, None, None
     for k in range(4):
         x, y = data(seed=k + 1)
@@ -153,7 +157,7 @@ def test_eigen_adam_steps_match_dense_reference(optimizer):
     rotate back (T_inv larger than the run: no refresh)."""
     lr, (b1, b2), eps = 0.1, (0.8, 0.9), 1e-3
     model, loss_fn = mlp(), extend(nn.CrossEntropyLoss())
-    hyper = dict(curvature="eigen-adam", fisher_type="empirical", T_inv=100, adam_betas=(b1, b2), adam_eps=eps, seed=0)
+    hyper = dict(curvature="eigen-adam", fisher_type="empirical", T_inv=100, adam_betas=(b1, b2), adam_eps=eps, seed=0, **OLD_SCHEDULE)
     if optimizer == "natural-gradient":
         opt = NaturalGradient(model.parameters(), lr=lr, **hyper)
     else:
@@ -196,7 +200,7 @@ def test_eigen_adam_refresh_carries_both_moments():
     up: module docstring); then Adam's update of both."""
     model, loss_fn = mlp(), extend(nn.CrossEntropyLoss())
     opt = NaturalGradient(model.parameters(), lr=0.01, curvature="eigen-adam", fisher_type="empirical", T_inv=2,
-                          ema_decay=0.5, seed=0)
+                          ema_decay=0.5, seed=0, **OLD_SCHEDULE)
     for k in range(2):
         train_step(model, loss_fn, opt, *data(seed=k + 1))
     p = model[0].weight
@@ -226,8 +230,8 @@ def test_grafting_norms_match_their_definition(graft):
     twin = mlp()
     groups = [{"params": list(model[0].parameters())}, {"params": list(model[2].parameters()), "curvature": None}]
     opt = NaturalGradient(groups, lr=lr, curvature="kfac", fisher_type="empirical", damping=0.1, graft=graft,
-                          adam_betas=(0.5, b2), adam_eps=eps, seed=0)
-    ref = Preconditioner(twin[0].parameters(), curvature="kfac", fisher_type="empirical", damping=0.1, seed=0)
+                          adam_betas=(0.5, b2), adam_eps=eps, seed=0, **OLD_SCHEDULE)
+    ref = Preconditioner(twin[0].parameters(), curvature="kfac", fisher_type="empirical", damping=0.1, seed=0, **OLD_SCHEDULE)
     v = [torch.zeros_like(p) for p in model.parameters()]
     for k in range(3):
         x, y = data(seed=k + 1)
@@ -260,7 +264,7 @@ def test_ekfac_checkpoint_resumes_exactly():
 
     def make(model):
         return NaturalGradient(model.parameters(), lr=0.2, curvature="ekfac", fisher_type="empirical", T_cov=1,
-                               T_inv=3, damping=0.05, graft="adam", seed=0)
+                               T_inv=3, damping=0.05, graft="adam", seed=0, **OLD_SCHEDULE)
 
     model, loss_fn = mlp(), extend(nn.CrossEntropyLoss())
     opt = make(model)
