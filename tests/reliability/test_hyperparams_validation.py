@@ -185,11 +185,22 @@ def test_a_group_refused_under_data_parallel_adds_nothing(monkeypatch):
 def test_noisy_natural_gradient_checks_groups_before_each_step():
     model = mlp()
     opt = NoisyNaturalGradient(model.parameters(), lr=0.1, dataset_size=10, prior_precision=1.0)
-    with opt.sample():
-        step(model, opt)
+
+    def noisy_step():  # the backward at sampled weights, the step after sample() restores the means
+        from curvlib import extend
+        from tests.zoo import data
+
+        x, y = data()
+        opt.zero_grad()
+        with opt.sample():
+            loss = extend(torch.nn.CrossEntropyLoss())(model(x), y)
+            with opt.capture():
+                loss.backward()
+        opt.step()
+
+    noisy_step()
     opt.param_groups[0]["lr"] = -1.0
     before = snapshot(model)
     with pytest.raises(ValueError, match="NoisyNaturalGradient: param group 0: lr=-1.0"):
-        with opt.sample():
-            step(model, opt)
+        noisy_step()
     assert unchanged(before, model)
