@@ -133,6 +133,12 @@ class NoisyNaturalGradient(NaturalGradient):
         #: ``(step, generator state)`` before the first training draw of the current step
         self._pre_sample: Optional[Tuple[int, Tensor]] = None
 
+    def __setstate__(self, state) -> None:
+        """A copy (``deepcopy`` / ``pickle``) is outside :meth:`sample`, with no draw pending."""
+        super().__setstate__(state)
+        self.__dict__.setdefault("_sampling", False)
+        self.__dict__.setdefault("_pre_sample", None)
+
     @property
     def intrinsic_damping(self) -> float:
         """``λ = kl_weight · prior_precision / dataset_size``."""
