@@ -115,7 +115,8 @@ RUNNING: Tuple[HyperParameter, ...] = (
         "scale the group's direction by `ν = min(1, sqrt(kl_clip / sum_p lr_p^2 <d_p, g_p>))`: bounds the step "
         "where the damping exceeds the curvature; a binding clip (`ν < 1`) cancels the lr: the step is `lr ν d` with "
         "`lr ν = sqrt(kl_clip / <d, g>)`, the same for every lr (tune the pair: docs/user_guide/optimizers.md, "
-        "\"kl_clip and the learning rate\"); `None`: no clipping",
+        "\"kl_clip and the learning rate\"); `None`: no clipping; a group with `curvature=None` takes the "
+        "plain step, unclipped",
         Rule(lambda v, g: v is None or (v > 0 and math.isfinite(v)), "> 0 and finite, or None (no clipping)"),
     ),
 )
@@ -176,7 +177,7 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
         gp.dirs = list(gp.grads) if kind is None else self._precondition(plan, gp, group, kind)
         if group["graft"] is not None:
             self._graft(plan, gp, group)
-        if group["kl_clip"] is not None:
+        if group["kl_clip"] is not None and kind is not None:  # curvature=None: the plain step, unclipped
             # the KL of the whole update, each parameter with its own lr (Preconditioner: the
             # wrapped optimizer may give every layer its own): sum_p lr_p^2 <d_p, g_p>; one dot
             # product per parameter (float32 at least), no d * g temporaries, one synchronisation

@@ -31,7 +31,7 @@ def _run(curv, batches, permute_first=False):
     model = extend(Branchy())
     loss_fn = extend(nn.CrossEntropyLoss())
     opt = NaturalGradient(model.parameters(), lr=0.1, curvature=curv, fisher_type="empirical", damping=0.1,
-                          ema_decay=0.0, T_cov=2, seed=0)
+                          ema_decay=0.0, T_cov=2, curvature_warmup=0, kl_clip=None, seed=0)
     uses = [True, False, False, True]
     for k, ((x, y), use_b) in enumerate(zip(batches, uses)):
         if k == 0 and permute_first:
