@@ -41,3 +41,25 @@ def zoo_step(model, opt, closure=None):
     with opt.capture():
         loss.backward()
     return opt.step(closure)
+
+
+def schedule_trace(model, loss_fn, opt, steps: int):
+    """Steps of ``opt`` on :func:`tests.zoo.data` (seed = step): per step, whether
+    ``opt.capture()`` captured (a ``CaptureTransaction``) and whether ``step()`` built an
+    inverse. Returns the two lists of step indices."""
+    from tests.zoo import data
+
+    caps, invs = [], []
+    for k in range(steps):
+        x, y = data(seed=k)
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        ctx = opt.capture()
+        caps.append(type(ctx).__name__ == "CaptureTransaction")
+        with ctx:
+            loss.backward()
+        before = opt.core.groups[0].inv_updates
+        opt.step()
+        invs.append(opt.core.groups[0].inv_updates > before)
+    return [k for k, c in enumerate(caps) if c], [k for k, i in enumerate(invs) if i]
+

@@ -17,6 +17,7 @@ from torch import nn
 
 from curvlib import extend
 from curvlib.optim import NaturalGradient, Preconditioner
+from tests.optim.common import schedule_trace
 from tests.zoo import data, mlp
 
 #: the settings that diverged (examples/exp_cnn.py's before the new defaults), without the clip
@@ -106,21 +107,10 @@ def test_default_kl_clip_bounds_the_first_step():
 def test_curvature_warmup_captures_and_inverts_every_step_then_follows_the_intervals():
     model, loss_fn = mlp(), extend(nn.CrossEntropyLoss())
     opt = NaturalGradient(model.parameters(), lr=0.1, fisher_type="type-2", T_cov=3, T_inv=6, curvature_warmup=4)
-    caps, invs = [], []
-    for k in range(16):
-        x, y = data(seed=k)
-        opt.zero_grad()
-        loss = loss_fn(model(x), y)
-        ctx = opt.capture()
-        caps.append(type(ctx).__name__ == "CaptureTransaction")
-        with ctx:
-            loss.backward()
-        before = opt.core.groups[0].inv_updates
-        opt.step()
-        invs.append(opt.core.groups[0].inv_updates > before)
+    caps, invs = schedule_trace(model, loss_fn, opt, 16)
     # steps 0-3 every step; from the warm-up's last step (3): captures every 3, inverses every 6
-    assert [k for k, c in enumerate(caps) if c] == [0, 1, 2, 3, 6, 9, 12, 15]
-    assert [k for k, i in enumerate(invs) if i] == [0, 1, 2, 3, 9, 15]
+    assert caps == [0, 1, 2, 3, 6, 9, 12, 15]
+    assert invs == [0, 1, 2, 3, 9, 15]
 
 
 def test_curvature_warmup_inverse_is_the_newest_running_curvature():

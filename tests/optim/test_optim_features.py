@@ -8,7 +8,7 @@ from torch import nn
 
 from curvlib import extend
 from curvlib.optim import NaturalGradient, Preconditioner
-from tests.optim.common import train_step
+from tests.optim.common import schedule_trace, train_step
 from tests.utils import dense_kron_terms
 from tests.zoo import data, factor_form_net, mlp
 
@@ -27,24 +27,13 @@ def run(steps=1, model=None, **kw):
 
 
 def test_T_cov_T_inv_counters_int_and_callable():
-    covs, invs = [], []
     model, loss_fn = mlp(), extend(nn.CrossEntropyLoss())
     opt = NaturalGradient(model.parameters(), lr=0.1, fisher_type="type-2", T_cov=3, T_inv=lambda k: 2 if k < 4 else 5,
                           curvature_warmup=0)
-    for k in range(12):
-        x, y = data(seed=k)
-        opt.zero_grad()
-        loss = loss_fn(model(x), y)
-        ctx = opt.capture()
-        covs.append(type(ctx).__name__ == "CaptureTransaction")
-        with ctx:
-            loss.backward()
-        before = opt.core.groups[0].inv_updates
-        opt.step()
-        invs.append(opt.core.groups[0].inv_updates > before)
-    assert [k for k, c in enumerate(covs) if c] == [0, 3, 6, 9]
+    covs, invs = schedule_trace(model, loss_fn, opt, 12)
+    assert covs == [0, 3, 6, 9]
     # inverses at 0, 2, 4 (k < 4: +2), then 4 + 5 = 9
-    assert [k for k, i in enumerate(invs) if i] == [0, 2, 4, 9]
+    assert invs == [0, 2, 4, 9]
 
 
 def test_no_capture_on_a_curvature_step_raises():
