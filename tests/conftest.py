@@ -3,10 +3,13 @@ import torch
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_threads():
+def _seed_threads_and_dtype():
     torch.manual_seed(0)
     torch.set_num_threads(2)
     yield
+    # a test that sets another default dtype (test_step_faults' OOM test sets float64 and does
+    # not restore it) does not leak it into the tests after it
+    torch.set_default_dtype(torch.float32)
 
 
 @pytest.fixture
