@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from bench_kfac import cnn, mlp
-from common import backward_fn, interleaved_medians, model_copies, peak_memories, table
+from common import backward_fn, model_copies, timing_report
 
 warnings.filterwarnings("ignore")
 
@@ -72,12 +72,7 @@ def setup(make_model, x, y, fisher_types):
 
 
 def report(name, fns, reps, fisher_types):
-    med = interleaved_medians(fns, reps=reps)
-    mem = peak_memories(name, fns)
-    base = med["plain fwd+bwd"]
-    rows = [[k, f"{v * 1e3:.2f}", f"{v / base:.2f}", f"{mem[k]:.1f}"] for k, v in med.items()]
-    print(f"\n## {name}\n")
-    print(table(rows, ["method", "median ms", "x plain", "peak RSS +MiB"]))
+    med = timing_report(name, fns, reps)
     print()
     for ft in fisher_types:
         ek = med[f"curvlib EKFAC {ft}"]

@@ -21,7 +21,7 @@ import warnings
 import torch
 from torch import nn
 
-from common import interleaved_medians, model_copies, peak_memories, sigmoid_mlp, table
+from common import model_copies, sigmoid_mlp, timing_report
 
 warnings.filterwarnings("ignore")
 
@@ -88,12 +88,7 @@ def setup(x, y):
 
 
 def report(title, fns, reps, base):
-    med = interleaved_medians(fns, reps=reps)
-    mem = peak_memories(title, fns)
-    rows = [[k, f"{v * 1e3:.2f}", f"{v / med[base]:.2f}", f"{mem[k]:.1f}"] for k, v in med.items()]
-    print(f"\n## {title}\n")
-    print(table(rows, ["method", "median ms", f"x {base}", "peak RSS +MiB"]))
-    return med
+    return timing_report(title, fns, reps, base=base)
 
 
 def main():

@@ -13,7 +13,7 @@ import warnings
 import torch
 from torch import nn
 
-from common import backward_fn, curvlinops_kfac_fn, interleaved_medians, model_copies, peak_memories, table
+from common import backward_fn, curvlinops_kfac_fn, model_copies, timing_report
 
 warnings.filterwarnings("ignore")
 
@@ -75,12 +75,7 @@ TARGETS = {
 
 
 def report(name, fns, reps):
-    med = interleaved_medians(fns, reps=reps)
-    mem = peak_memories(name, fns)
-    base = med["plain fwd+bwd"]
-    rows = [[k, f"{v * 1e3:.2f}", f"{v / base:.2f}", f"{mem[k]:.1f}"] for k, v in med.items()]
-    print(f"\n## {name}\n")
-    print(table(rows, ["method", "median ms", "x plain", "peak RSS +MiB"]))
+    med = timing_report(name, fns, reps)
     print()
     ratios = {
         "empirical / plain": ("curvlib empirical", "plain fwd+bwd"),

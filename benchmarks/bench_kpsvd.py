@@ -17,7 +17,7 @@ import warnings
 import torch
 from torch import nn
 
-from common import interleaved_medians, peak_memories, table
+from common import timing_report
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)  # solver non-convergence stays visible
 
@@ -77,12 +77,8 @@ def setup(make_model, batches):
 
 
 def report(name, model, fns, reps, threads):
-    med = interleaved_medians(fns, reps=reps)
-    mem = peak_memories(name, fns)
+    med = timing_report(name, fns, reps, base="KFAC type-2")
     kfac = med["KFAC type-2"]
-    rows = [[k, f"{v * 1e3:.2f}", f"{v / kfac:.2f}", f"{mem[k]:.1f}"] for k, v in med.items()]
-    print(f"\n## {name}\n")
-    print(table(rows, ["method", "median ms", "x KFAC type-2", "peak RSS +MiB"]))
     print()
     for key in ("KPSVD r1 power cold", "KPSVD r1 power warm"):
         print(f"{key} / KFAC type-2 = {med[key] / kfac:.2f}  (target <= 3)")

@@ -15,7 +15,7 @@ import copy
 import torch
 from torch import nn
 
-from common import backward_fn, curvlinops_kfac_fn, interleaved_medians, peak_memories, table
+from common import backward_fn, curvlinops_kfac_fn, timing_report
 
 
 class BasicBlock(nn.Module):
@@ -115,12 +115,7 @@ def embedding_fns(V: int = 50_000, D: int = 64, N: int = 32, T: int = 64):
 
 
 def report(name, fns, reps):
-    med = interleaved_medians(fns, reps=reps, warmup=1)
-    mem = peak_memories(name, fns)
-    base = med["plain fwd+bwd"]
-    rows = [[k, f"{v * 1e3:.1f}", f"{v / base:.2f}", f"{mem[k]:.1f}"] for k, v in med.items()]
-    print(f"\n## {name}\n")
-    print(table(rows, ["method", "median ms", "x plain", "peak RSS +MiB"]))
+    med = timing_report(name, fns, reps, ms_digits=1, warmup=1)
     for ft in ("mc", "type-2"):
         a, b = f"curvlib {ft}", f"curvlinops {ft}"
         if a in med and b in med:

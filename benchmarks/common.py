@@ -104,6 +104,20 @@ def peak_memories(problem: str, fns: Dict[str, Callable[[], None]]) -> Dict[str,
     return out
 
 
+def timing_report(
+    name: str, fns: Dict[str, Callable[[], None]], reps: int, base: str = "plain fwd+bwd",
+    ms_digits: int = 2, warmup: int = 3,
+) -> Dict[str, float]:
+    """Interleaved medians and peak memories of ``fns``, printed under ``## name`` as a table of
+    median ms, the ratio to the ``base`` entry and the peak RSS; returns the medians (seconds)."""
+    med = interleaved_medians(fns, reps=reps, warmup=warmup)
+    mem = peak_memories(name, fns)
+    rows = [[k, f"{v * 1e3:.{ms_digits}f}", f"{v / med[base]:.2f}", f"{mem[k]:.1f}"] for k, v in med.items()]
+    print(f"\n## {name}\n")
+    print(table(rows, ["method", "median ms", "x plain" if base == "plain fwd+bwd" else f"x {base}", "peak RSS +MiB"]))
+    return med
+
+
 def table(rows: List[List[str]], header: List[str]) -> str:
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
