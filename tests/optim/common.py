@@ -63,3 +63,15 @@ def schedule_trace(model, loss_fn, opt, steps: int):
         invs.append(opt.core.groups[0].inv_updates > before)
     return [k for k, c in enumerate(caps) if c], [k for k, i in enumerate(invs) if i]
 
+
+def noisy_step(model, loss_fn, opt, x, y, scale: float = 1.0):
+    """One ``NoisyNaturalGradient`` step: the backward (loss times ``scale``) at weights drawn by
+    ``opt.sample()``, the step after the block has restored the means."""
+    opt.zero_grad()
+    with opt.sample():
+        loss = loss_fn(model(x), y)
+        if scale != 1.0:
+            loss = loss * scale
+        with opt.capture():
+            loss.backward()
+    opt.step()

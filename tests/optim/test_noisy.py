@@ -9,6 +9,7 @@ from torch import nn
 
 from curvlib import extend
 from curvlib.optim import NoisyNaturalGradient
+from tests.optim.common import noisy_step
 from tests.utils import dense_kron_terms
 from tests.zoo import factor_form_net
 
@@ -41,12 +42,7 @@ def test_fixed_point_is_the_exact_posterior(curvature):
                                curvature=curvature, fisher_type="type-2", ema_decay=0.0, seed=0)
     iterates = []
     for k in range(300):
-        opt.zero_grad()
-        with opt.sample():
-            loss = loss_fn(model(X), y)
-            with opt.capture():
-                loss.backward()
-        opt.step()
+        noisy_step(model, loss_fn, opt, X, y)
         if k >= 100:
             iterates.append(model.weight.detach().flatten().clone())
     W = model.weight
@@ -96,12 +92,7 @@ def test_posterior_of_diagonal_and_block_factors(layer):
     opt = NoisyNaturalGradient(model.parameters(), lr=0.1, dataset_size=500, prior_precision=10.0,
                                curvature="kfac", fisher_type="type-2", ema_decay=0.0, seed=0)
     for _ in range(2):
-        opt.zero_grad()
-        with opt.sample():
-            loss = loss_fn(model(x), y)
-            with opt.capture():
-                loss.backward()
-        opt.step()
+        noisy_step(model, loss_fn, opt, x, y)
     lam, s2 = opt.intrinsic_damping, opt.noise_scale**2
     for p in model[0].parameters():
         C = dense_kron_terms(opt.state[p]["running"])

@@ -10,6 +10,7 @@ from torch import nn
 
 from curvlib import extend
 from curvlib.optim import CGNewton, NaturalGradient, NoisyNaturalGradient, Preconditioner
+from tests.optim.common import noisy_step
 from tests.optim.common import zoo_step as step
 from tests.zoo import data, mlp
 
@@ -186,21 +187,10 @@ def test_noisy_natural_gradient_checks_groups_before_each_step():
     model = mlp()
     opt = NoisyNaturalGradient(model.parameters(), lr=0.1, dataset_size=10, prior_precision=1.0)
 
-    def noisy_step():  # the backward at sampled weights, the step after sample() restores the means
-        from curvlib import extend
-        from tests.zoo import data
-
-        x, y = data()
-        opt.zero_grad()
-        with opt.sample():
-            loss = extend(torch.nn.CrossEntropyLoss())(model(x), y)
-            with opt.capture():
-                loss.backward()
-        opt.step()
-
-    noisy_step()
+    loss_fn, (x, y) = extend(torch.nn.CrossEntropyLoss()), data()
+    noisy_step(model, loss_fn, opt, x, y)
     opt.param_groups[0]["lr"] = -1.0
     before = snapshot(model)
     with pytest.raises(ValueError, match="NoisyNaturalGradient: param group 0: lr=-1.0"):
-        noisy_step()
+        noisy_step(model, loss_fn, opt, x, y)
     assert unchanged(before, model)

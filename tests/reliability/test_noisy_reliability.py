@@ -12,6 +12,7 @@ from torch import nn
 
 from curvlib import extend
 from curvlib.optim import NoisyNaturalGradient
+from tests.optim.common import noisy_step
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -22,15 +23,6 @@ def _setup(prior=1.0, seed=0):
     loss_fn = extend(nn.CrossEntropyLoss())
     opt = NoisyNaturalGradient(model.parameters(), lr=0.1, dataset_size=50, prior_precision=prior, seed=seed)
     return model, loss_fn, opt
-
-
-def _step(model, loss_fn, opt, x, y):
-    opt.zero_grad()
-    with opt.sample():
-        loss = loss_fn(model(x), y)
-        with opt.capture():
-            loss.backward()
-    opt.step()
 
 
 def _data(k=0):
@@ -56,7 +48,7 @@ def test_step_inside_sample_is_refused_and_changes_nothing():
 def test_load_state_dict_uses_one_prior_for_step_and_noise():
     model, loss_fn, opt = _setup(prior=1.0)
     for k in range(2):
-        _step(model, loss_fn, opt, *_data(k))
+        noisy_step(model, loss_fn, opt, *_data(k))
     sd = opt.state_dict()
     _, _, opt2 = _setup(prior=100.0)
     opt2.load_state_dict(sd)
@@ -73,18 +65,18 @@ def test_load_state_dict_uses_one_prior_for_step_and_noise():
 
 def test_failed_step_restores_the_generator_including_the_sample_draws():
     model, loss_fn, opt = _setup()
-    _step(model, loss_fn, opt, *_data(0))
+    noisy_step(model, loss_fn, opt, *_data(0))
     state = opt.core.generator.get_state().clone()
     x, y = _data(1)
     x[0, 0] = float("nan")
     with pytest.raises(FloatingPointError):
-        _step(model, loss_fn, opt, x, y)
+        noisy_step(model, loss_fn, opt, x, y)
     assert torch.equal(opt.core.generator.get_state(), state)
     # retrying gives the run without the failure
-    _step(model, loss_fn, opt, *_data(2))
+    noisy_step(model, loss_fn, opt, *_data(2))
     model_b, loss_b, opt_b = _setup()
-    _step(model_b, loss_b, opt_b, *_data(0))
-    _step(model_b, loss_b, opt_b, *_data(2))
+    noisy_step(model_b, loss_b, opt_b, *_data(0))
+    noisy_step(model_b, loss_b, opt_b, *_data(2))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model_b.parameters()))
 
 
@@ -93,7 +85,7 @@ def test_predict_does_not_change_the_training_run():
     for validate in (False, True):
         model, loss_fn, opt = _setup()
         for k in range(3):
-            _step(model, loss_fn, opt, *_data(k))
+            noisy_step(model, loss_fn, opt, *_data(k))
             if validate:
                 opt.predict(lambda x: model(x).softmax(-1), _data(9)[0], samples=3)
                 opt.predictive(model, _data(9)[0], samples=2)
@@ -123,12 +115,7 @@ def test_regression_noise_scaling_and_predictive_spread():
                                    fisher_type="type-2", ema_decay=0.0, seed=0)
         scale = opt.gaussian_nll_scale(sigma) if scaled else 1.0
         for _ in range(25):
-            opt.zero_grad()
-            with opt.sample():
-                loss = loss_fn(model(X), y) * scale
-                with opt.capture():
-                    loss.backward()
-            opt.step()
+            noisy_step(model, loss_fn, opt, X, y, scale)
         noise = sigma if scaled else math.sqrt(0.5)
         mean, std = opt.predictive(model, X[:20], samples=100, noise_std=noise)
         assert mean.shape == std.shape == (20, 1)
