@@ -139,8 +139,9 @@ class CrossEntropyAdapter(LossAdapter):
             return float(m.sum())
         return float(f.numel() // f.shape[self._cdim(f)])
 
-    def _probs(self, f: Tensor) -> Tensor:
-        return f.softmax(self._cdim(f))
+    def _probs(self, f: Tensor, dim: int) -> Tensor:
+        """Class probabilities of ``f`` along ``dim`` (a fresh tensor)."""
+        return f.softmax(dim)
 
     def sqrt_hessian(self, f, y):
         """``C - 1`` columns ``S`` with ``S S^T = diag(p) - p p^T`` (rank ``C - 1``).
@@ -151,7 +152,7 @@ class CrossEntropyAdapter(LossAdapter):
         and ``S = D P[:, :C-1]`` (``v`` never vanishes since ``q_C >= 0``).
         """
         cd = self._cdim(f)
-        p = self._probs(f)
+        p = self._probs(f, cd)
         if f.ndim > 2:
             # positions share columns: use curvlinops' square root so that KFAC's
             # cross-position terms agree with it; column k = sqrt(p_k) (e_k - p)
@@ -171,15 +172,24 @@ class CrossEntropyAdapter(LossAdapter):
         # -> [C-1, *f.shape]
         return S.movedim(-1, 0).movedim(-1, cd + 1)
 
+    def _draws(self, f: Tensor, m: int, generator: Optional[torch.Generator]) -> Tuple[Tensor, Tensor]:
+        """Probabilities with the classes last ``p`` ``[..., C]`` (fresh) and ``m`` classes drawn
+        from them ``[m, ..., 1]``.
+
+        Classes last: the softmax, the sampler's cumsum and the one-hot scatter run along
+        contiguous rows when ``f`` is a transposed ``[N, T, C]`` (a language model's logits), and
+        the columns go back to that layout for the backward (no copy of logits-sized tensors)."""
+        p = self._probs(f.movedim(self._cdim(f), -1), -1)
+        draws = sample_categorical(p.reshape(-1, p.shape[-1]), m, generator)  # [P, m]
+        return p, draws.T.reshape(m, *p.shape[:-1], 1)
+
     def sample_gradients(self, f, y, m, generator=None):
-        cd = self._cdim(f)
-        p = self._probs(f)
-        flat = p.movedim(cd, -1).reshape(-1, p.shape[cd])
-        draws = torch.multinomial(flat, m, replacement=True, generator=generator)  # [P, m]
-        draws = draws.T.reshape(m, *p.movedim(cd, -1).shape[:-1]).unsqueeze(1 + cd)
-        # p - onehot(draw), without the [m, *f.shape] integer one-hot (vocabulary-sized outputs)
-        S = p.unsqueeze(0).repeat(m, *([1] * p.ndim))
-        return S.scatter_add_(1 + cd, draws, torch.full_like(draws, -1, dtype=S.dtype))
+        p, draws = self._draws(f, m, generator)
+        # p - onehot(draw), without the [m, *f.shape] integer one-hot (vocabulary-sized outputs);
+        # one draw: written into the fresh p
+        S = p.unsqueeze(0) if m == 1 else p.unsqueeze(0).repeat(m, *([1] * p.ndim))
+        S.scatter_add_(-1, draws, torch.full_like(draws, -1, dtype=S.dtype))
+        return S.movedim(-1, 1 + self._cdim(f))
 
 
 class NLLAdapter(CrossEntropyAdapter):
@@ -193,9 +203,9 @@ class NLLAdapter(CrossEntropyAdapter):
         if loss.weight is not None:
             raise NotImplementedError(f"curvlib: {loss} uses class weights; unsupported.")
 
-    def _probs(self, f):
+    def _probs(self, f, dim):
         p = f.exp()
-        total = p.sum(self._cdim(f))
+        total = p.sum(dim)
         if not torch.allclose(total, torch.ones_like(total), atol=1e-3):
             raise ValueError(
                 "curvlib: NLLLoss input must be log-probabilities (e.g. from "
@@ -205,12 +215,40 @@ class NLLAdapter(CrossEntropyAdapter):
 
     def sqrt_hessian(self, f, y):
         cd = self._cdim(f)
-        p = self._probs(f)
+        p = self._probs(f, cd)
         return p.sqrt().movedim(cd, 0).unsqueeze(1 + cd) * _class_eye(f, cd)
 
     def sample_gradients(self, f, y, m, generator=None):
-        g = super().sample_gradients(f, y, m, generator)
-        return g - self._probs(f).unsqueeze(0)  # d(-f[y])/df = -e_y
+        p, draws = self._draws(f, m, generator)
+        # d(-f[y~])/df = -e_y~
+        S = torch.zeros(m, *p.shape, dtype=p.dtype, device=p.device)
+        S.scatter_(-1, draws, -1.0)
+        return S.movedim(-1, 1 + self._cdim(f))
+
+
+def sample_categorical(p: Tensor, m: int, generator: Optional[torch.Generator] = None) -> Tensor:
+    """``m`` independent draws from each row of the categorical probabilities ``p`` ``[R, C]``
+    (non-negative, rows summing to 1 up to rounding): class indices ``[R, m]``, inverse-CDF
+    sampling, ``generator`` the random source (``None``: the global RNG).
+
+    ``draw = min { k : c_k > u c_C }`` with ``c = cumsum(p)`` and ``u ~ U[0, 1)`` (one per row
+    and draw): ``P(draw = k) = (c_k - c_{k-1}) / c_C = p_k / c_C``. One pass over ``p`` (the
+    cumsum) and a binary search per draw, where ``torch.multinomial`` draws an exponential per
+    class (12% of the GPT-2-small MC-KFAC step of ``benchmarks/bench_hf.py``, vocabulary 50,257).
+
+    A class of probability 0 is never drawn: ``c_k = c_{k-1}`` there (the cumsum adds an exact 0;
+    on CPU it accumulates in a wider type and rounds each entry, so ``c`` is non-decreasing), and
+    ``u c_C`` rounding up to ``c_C`` is clamped to the last class of positive probability, not to
+    ``C - 1``. Half-precision ``p`` is summed in float32. Each probability is resolved to the
+    cumsum's rounding (half an ulp of 1: 6e-8 in float32).
+    """
+    acc = torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else None
+    c = p.cumsum(-1, dtype=acc)  # [R, C]
+    total = c[:, -1:].contiguous()
+    u = torch.rand(p.shape[0], m, dtype=c.dtype, device=c.device, generator=generator) * total
+    draws = torch.searchsorted(c, u, right=True)  # first k with c_k > u
+    last = torch.searchsorted(c, total)  # first k with c_k = c_C: the last positive class
+    return torch.minimum(draws, last)
 
 
 class _ElementwiseAdapter(LossAdapter):

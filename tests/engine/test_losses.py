@@ -89,3 +89,93 @@ def test_mc_draws_come_from_the_context_generator(loss_fn, target):
     with curvature(KFAC(fisher_type="mc", mc_samples=3), generator=gen):
         loss_fn(model(x), y).backward()
     assert not torch.equal(out[0], model[0].weight.kfac[0])
+
+
+def test_sample_categorical_draws_each_class_with_its_probability():
+    """Inverse-CDF draws: class frequencies of 200,000 draws per row pass a chi-square test
+    against the probabilities (exact zeros first, inside and last), and a class of probability 0
+    is never drawn."""
+    from scipy.stats import chisquare
+
+    from curvlib.engine.losses import sample_categorical
+
+    p = torch.tensor([[0.0, 0.1, 0.2, 0.0, 0.3, 0.4, 0.0],
+                      [0.5, 0.0, 0.0, 0.25, 0.125, 0.125, 0.0],
+                      [1 / 7] * 7])
+    n = 200_000
+    draws = sample_categorical(p, n, torch.Generator().manual_seed(0))
+    assert draws.shape == (3, n) and draws.dtype == torch.int64
+    counts = torch.stack([torch.bincount(d, minlength=7) for d in draws])
+    assert (counts[p == 0] == 0).all()
+    for c, q in zip(counts, p):
+        keep = q > 0
+        assert chisquare(c[keep].numpy(), (n * q[keep]).numpy()).pvalue > 1e-3
+
+
+def test_sample_categorical_follows_its_generator():
+    from curvlib.engine.losses import sample_categorical
+
+    p = torch.randn(4, 9).softmax(-1)
+    a, b = (sample_categorical(p, 50, torch.Generator().manual_seed(3)) for _ in range(2))
+    torch.manual_seed(1)
+    c = sample_categorical(p, 50, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and torch.equal(a, c)
+    assert not torch.equal(a, sample_categorical(p, 50, torch.Generator().manual_seed(4)))
+
+
+def test_sample_categorical_clamps_to_the_last_class_of_positive_probability(monkeypatch):
+    """A uniform that rounds up to the cumsum's total (``u c_C = c_C``) lands past the last
+    class: the draw is the last class of positive probability, not the last class (here of
+    probability 0)."""
+    from curvlib.engine.losses import sample_categorical
+
+    p = torch.tensor([[0.25, 0.75, 0.0, 0.0], [0.0, 0.5, 0.0, 0.5]])
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.ones(*shape, dtype=kw.get("dtype")))
+    assert sample_categorical(p, 2).tolist() == [[1, 1], [3, 3]]
+
+
+def test_sample_categorical_never_draws_a_zero_class_in_float32():
+    """Float32 over a 50k vocabulary (the cumsum rounds): zeros spread over the classes,
+    the last ones included, are never drawn."""
+    from curvlib.engine.losses import sample_categorical
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 50_000, generator=g, dtype=torch.float32)
+    logits[:, ::7] = -float("inf")
+    logits[:, -100:] = -float("inf")
+    p = logits.softmax(-1)
+    draws = sample_categorical(p, 64, g)
+    assert (p.gather(1, draws) > 0).all()
+
+
+@pytest.mark.parametrize("name", ["ce_positions", "ce_ignore"])
+def test_mc_samples_estimate_the_hessian_with_positions_and_ignored_targets(name):
+    """Classes in dimension 1 of ``[N, C, T]`` (sampled with the classes last, returned in
+    ``f``'s layout) and ignored targets (zero columns)."""
+    make, shape, make_y = cases()[name]
+    loss_fn, f, y = make(), torch.randn(*shape), make_y()
+    S = loss_adapter_for(loss_fn).mc_cotangents(loss_fn, f, y, 40000)
+    H = dense_hessian(loss_fn, f, y)
+    assert (per_sample_blocks(S) - H).norm() / H.norm() < 0.03
+
+
+def test_nll_mc_samples_estimate_the_softmax_fisher():
+    f, y = torch.randn(5, 4), torch.randint(0, 4, (5,))
+    nll = nn.NLLLoss()
+    S = loss_adapter_for(nll).mc_cotangents(nll, f.log_softmax(1), y, 40000)
+    J = torch.func.jacrev(lambda o: o.log_softmax(1))(f).reshape(f.numel(), f.numel())
+    S = (S.reshape(S.shape[0], -1) @ J).reshape(S.shape)
+    H = dense_hessian(nn.CrossEntropyLoss(), f, y)
+    assert (per_sample_blocks(S) - H).norm() / H.norm() < 0.03
+
+
+def test_mc_columns_do_not_depend_on_the_memory_layout_of_the_logits():
+    """A language model's ``[N, C, T]`` logits are a transposed ``[N, T, C]``: the same draws
+    (same generator state) and columns as from the contiguous copy, in ``f``'s shape."""
+    loss_fn = nn.CrossEntropyLoss()
+    f = torch.randn(3, 5, 6).transpose(1, 2)  # [N, C=6, T=5]
+    y = torch.randint(0, 6, (3, 5))
+    S_t, S_c = (loss_adapter_for(loss_fn).mc_cotangents(loss_fn, g, y, 4, torch.Generator().manual_seed(0))
+                for g in (f, f.contiguous()))
+    assert S_t.shape == (4, 3, 6, 5)
+    torch.testing.assert_close(S_t, S_c, rtol=0, atol=0)

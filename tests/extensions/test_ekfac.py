@@ -14,8 +14,20 @@ from tests.zoo import TinyTransformer
 
 pytestmark = pytest.mark.usefixtures("float64")
 
-#: curvlinops' default seed: with it, curvlib's generator draws the same mc targets
+#: curvlinops' default seed: with it, curvlib's generator draws the same mc targets (with
+#: curvlinops' sampler, :func:`curvlinops_draws`)
 SEED = 2147483647
+
+
+@pytest.fixture
+def curvlinops_draws(monkeypatch):
+    """curvlib's categorical sampler replaced by curvlinops' (``torch.multinomial``, one row per
+    prediction): the same generator state draws the same targets in both libraries, so the mc
+    factors compare exactly (the sampler itself is tested in ``tests/engine/test_losses.py``)."""
+    from curvlib.engine import losses
+
+    monkeypatch.setattr(losses, "sample_categorical",
+                        lambda p, m, generator=None: torch.multinomial(p, m, replacement=True, generator=generator))
 
 
 def dense_ekfac(ekfac):
@@ -67,9 +79,9 @@ def problem(net, loss, reduction, n=None):
 @pytest.mark.parametrize("loss", ["ce", "mse"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("fisher_type", ["type-2", "mc", "empirical"])
-def test_equals_curvlinops(net, loss, reduction, fisher_type):
+def test_equals_curvlinops(net, loss, reduction, fisher_type, curvlinops_draws):
     """Every block ``kron(Q0, Q1) diag(S) kron(Q0, Q1)^T`` equals curvlinops' (mc: the same
-    targets, drawn with curvlinops' seed)."""
+    targets, drawn with curvlinops' seed and sampler)."""
     model, loss_fn, x, y = problem(net, loss, reduction)
     ref = curvlinops_ekfac_blocks(model, loss_fn, [(x, y)], fisher_type=fisher_type, seed=SEED)
     extend(model), extend(loss_fn)
