@@ -297,7 +297,7 @@ class LossColumns:
                 check_column_memory(adapter, loss, f, exact=src == "type-2-exact")
                 S = adapter.type2_cotangents(loss, f, y, exact=src == "type-2-exact")
             if weight != 1.0:
-                S = S * math.sqrt(weight)
+                S = S.mul_(math.sqrt(weight))  # (the adapter's fresh columns)
             cols.add(src, torch.full_like(S, float("nan")) if poisoned else S)
         return cols
 
@@ -331,7 +331,7 @@ class LossColumns:
             roots = [c.root if c.root is not None else c.module for c in calls]
             edges = [found[c.uid] if c.demoted else c.output_edge for c in calls]
             shapes = [c.output_shape for c in calls]
-            V = torch.cat(cols.blocks)
+            V = cols.blocks[0] if len(cols.blocks) == 1 else torch.cat(cols.blocks)  # (no copy of one block)
             if streamed:
                 single = [self._single_call(c, pending) for c in calls]
                 reduce = functools.partial(self._reduce, empirical_scale=empirical_scale)

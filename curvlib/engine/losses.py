@@ -50,20 +50,24 @@ class LossAdapter:
         return float(f.numel())
 
     def sqrt_hessian(self, f: Tensor, y: Tensor) -> Tensor:
-        """Unscaled shared-column square root ``[C, *f.shape]`` of the loss Hessian."""
+        """Unscaled shared-column square root ``[C, *f.shape]`` of the loss Hessian (a fresh
+        tensor: the caller scales it in place)."""
         raise NotImplementedError
 
     def sample_gradients(self, f: Tensor, y: Tensor, m: int, generator: Optional[torch.Generator] = None) -> Tensor:
         """``[m, *f.shape]`` gradients ``d l(f, y~) / df`` for ``m`` sampled targets, drawn
-        with ``generator`` (``None``: the global RNG)."""
+        with ``generator`` (``None``: the global RNG); a fresh tensor (the caller scales it in
+        place)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ public
     def _scale(self, loss: nn.Module, f: Tensor, y: Tensor, S: Tensor, c: float) -> Tensor:
-        S = S * (1.0 / math.sqrt(c * self.normalization(loss, f, y)))
+        """``S / sqrt(c N')``, zero at masked positions; in place (``S`` is the adapter's fresh
+        tensor, as large as the logits times the columns for a language model)."""
+        S.mul_(1.0 / math.sqrt(c * self.normalization(loss, f, y)))
         m = self.mask(loss, f, y)
         if m is not None:
-            S = S * m.unsqueeze(self.class_dim % f.ndim).to(S.dtype)
+            S.mul_(m.unsqueeze(self.class_dim % f.ndim).to(S.dtype))
         return S
 
     def type2_cotangents(self, loss: nn.Module, f: Tensor, y: Tensor, exact: bool) -> Tensor:
