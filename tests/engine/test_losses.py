@@ -42,8 +42,10 @@ def test_exact_sqrt_factors_the_loss_hessian(name, reduction):
     torch.testing.assert_close(per_sample_blocks(S), dense_hessian(loss_fn, f, y))
 
 
-@pytest.mark.parametrize("name", ["ce", "mse", "bce"])
+@pytest.mark.parametrize("name", ["ce", "ce_positions", "ce_ignore", "mse", "bce"])
 def test_mc_samples_estimate_the_hessian(name):
+    """(``ce_positions``: classes in dimension 1 of ``[N, C, T]``, sampled with the classes last
+    and returned in ``f``'s layout; ``ce_ignore``: ignored targets get zero columns.)"""
     make, shape, make_y = cases()[name]
     loss_fn, f, y = make(), torch.randn(*shape), make_y()
     S = loss_adapter_for(loss_fn).mc_cotangents(loss_fn, f, y, 40000)
@@ -146,17 +148,6 @@ def test_sample_categorical_never_draws_a_zero_class_in_float32():
     p = logits.softmax(-1)
     draws = sample_categorical(p, 64, g)
     assert (p.gather(1, draws) > 0).all()
-
-
-@pytest.mark.parametrize("name", ["ce_positions", "ce_ignore"])
-def test_mc_samples_estimate_the_hessian_with_positions_and_ignored_targets(name):
-    """Classes in dimension 1 of ``[N, C, T]`` (sampled with the classes last, returned in
-    ``f``'s layout) and ignored targets (zero columns)."""
-    make, shape, make_y = cases()[name]
-    loss_fn, f, y = make(), torch.randn(*shape), make_y()
-    S = loss_adapter_for(loss_fn).mc_cotangents(loss_fn, f, y, 40000)
-    H = dense_hessian(loss_fn, f, y)
-    assert (per_sample_blocks(S) - H).norm() / H.norm() < 0.03
 
 
 def test_nll_mc_samples_estimate_the_softmax_fisher():
