@@ -280,8 +280,9 @@ class LossColumns:
         sources = set(self.sources) - {"grad", "empirical"}
         poisoned = False
         if sources and not all_finite(f):
-            # sampling (torch.multinomial / bernoulli) fails on NaN with a torch error of its
-            # own: raise the engine's error here, or (check_finite=False, the distributed
+            # sampling breaks on NaN (torch.bernoulli with a torch error of its own, the
+            # categorical sampler's cumsum silently): raise the engine's error here, or
+            # (check_finite=False, the distributed
             # optimizer's mode) build the columns from a finite stand-in and poison them, so
             # that the non-finite value reaches the captures and every rank raises in step()
             if self.check_finite:
