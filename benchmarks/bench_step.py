@@ -167,43 +167,50 @@ def breakdown_problems() -> Dict[str, Tuple[str, Callable[[], nn.Module], Tensor
     }
 
 
-def breakdown(problem: str, windows: int, clock, **hyper) -> Dict[str, Dict[str, float]]:
+def breakdown(problem: str, windows: int, clock, variants: Dict[str, Dict[str, object]]) -> Dict[str, Dict[str, Dict[str, float]]]:
     """Parts of the steps of ``windows`` T_inv windows of 20 steps at the default schedule
-    (``T_cov=5, T_inv=20``; ``hyper`` overrides it), after the curvature warm-up: per part the
-    median over the windows of its mean per step (``mean``), of its time on the window's slowest
-    step (``worst``), and its median over the steps of each kind (``plain``, ``capture``,
+    (``T_cov=5, T_inv=20``) of each variant (``name -> hyper-parameters`` overriding it; their
+    windows interleaved), after the curvature warm-up: per variant and part the median over the
+    windows of its mean per step (``mean``), of its time on the window's slowest step
+    (``worst``), and its median over the steps of each kind (``plain``, ``capture``,
     ``inverse``: :meth:`Breakdown.step`) in all windows."""
     _, make, X, Y = breakdown_problems()[problem]
-    model, loss_fn = extend(make()), extend(nn.CrossEntropyLoss())
-    opt = NaturalGradient(model.parameters(), lr=1e-3, momentum=0.9, seed=0, **hyper)
-    bd = Breakdown(model, loss_fn, opt, X, Y, clock)
-    for _ in range(10 + 20):  # the warm-up and one window
-        bd.step()
-    means, worsts, kinds = [], [], {}
+    runs = {}
+    for name, hyper in variants.items():
+        model, loss_fn = extend(make()), extend(nn.CrossEntropyLoss())
+        opt = NaturalGradient(model.parameters(), lr=1e-3, momentum=0.9, seed=0, **hyper)
+        runs[name] = Breakdown(model, loss_fn, opt, X, Y, clock)
+        for _ in range(10 + 20):  # the warm-up and one window
+            runs[name].step()
+    means = {n: [] for n in runs}
+    worsts = {n: [] for n in runs}
+    kinds: Dict[str, Dict[str, list]] = {n: {} for n in runs}
     for _ in range(windows):
-        gc.collect()
-        steps = []
-        for _ in range(20):
-            steps.append(bd.step())
-            kinds.setdefault(bd.kind, []).append(steps[-1])
-        means.append({k: statistics.mean(s[k] for s in steps) for k in steps[0]})
-        worsts.append(max(steps, key=lambda s: s["total"]))
-    out = {name: {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-           for name, rows in [("mean", means), ("worst", worsts)] + sorted(kinds.items())}
-    return out
+        for name, bd in runs.items():
+            gc.collect()
+            steps = []
+            for _ in range(20):
+                steps.append(bd.step())
+                kinds[name].setdefault(bd.kind, []).append(steps[-1])
+            means[name].append({k: statistics.mean(s[k] for s in steps) for k in steps[0]})
+            worsts[name].append(max(steps, key=lambda s: s["total"]))
+    return {name: {col: {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+                   for col, rows in [("mean", means[name]), ("worst", worsts[name])] + sorted(kinds[name].items())}
+            for name in runs}
 
 
-def print_breakdown(problems: List[str], windows: int, clock, hyper: Dict[str, object]) -> None:
-    """The breakdown table of each problem (ms per step)."""
+def print_breakdown(problems: List[str], windows: int, clock, variants: Dict[str, Dict[str, object]]) -> None:
+    """The breakdown table of each problem and variant (ms per step)."""
     cols = ["plain", "capture", "inverse", "mean", "worst"]
     for problem in problems:
         desc = breakdown_problems()[problem][0]
-        r = breakdown(problem, windows, clock, **hyper)
-        print(f"\n### {desc}{' ' + str(hyper) if hyper else ''}\n")
-        have = [c for c in cols if c in r]
-        print("| part | " + " | ".join(f"{c} ms" for c in have) + " |\n|---|" + "---|" * len(have))
-        for part in Breakdown.PARTS + ("total",):
-            print(f"| {part} | " + " | ".join(f"{r[c][part] * 1e3:.2f}" for c in have) + " |")
+        out = breakdown(problem, windows, clock, variants)
+        for name, r in out.items():
+            print(f"\n### {desc}{', ' + name if name else ''}\n")
+            have = [c for c in cols if c in r]
+            print("| part | " + " | ".join(f"{c} ms" for c in have) + " |\n|---|" + "---|" * len(have))
+            for part in Breakdown.PARTS + ("total",):
+                print(f"| {part} | " + " | ".join(f"{r[c][part] * 1e3:.2f}" for c in have) + " |")
 
 
 def main(argv=None) -> None:
@@ -213,11 +220,15 @@ def main(argv=None) -> None:
     ap.add_argument("--breakdown", nargs="*", choices=["mlp", "deep", "gpt"], default=None,
                     help="instead of the table against SGD: the per-step breakdown of these problems (all by default)")
     ap.add_argument("--windows", type=int, default=5, help="--breakdown: T_inv windows of 20 steps timed")
+    ap.add_argument("--stagger", type=int, nargs="*", default=[1],
+                    help="--breakdown: inverse_stagger values to compare (windows interleaved)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.breakdown is not None:
+        variants = {(f"inverse_stagger={n}" if args.stagger != [1] else ""): {"inverse_stagger": n}
+                    for n in args.stagger}
         print_breakdown(args.breakdown or ["mlp", "deep", "gpt"], args.windows,
-                        time.perf_counter if args.wall else time.process_time, {})
+                        time.perf_counter if args.wall else time.process_time, variants)
         return
     X, Y = torch.randn(B, 784), torch.randint(0, 10, (B,))
 
