@@ -213,6 +213,36 @@ def print_breakdown(problems: List[str], windows: int, clock, variants: Dict[str
                 print(f"| {part} | " + " | ".join(f"{r[c][part] * 1e3:.2f}" for c in have) + " |")
 
 
+def batched_apply(reps: int, clock) -> None:
+    """Item 4: ``L`` same-shaped ``"pi"`` Kronecker inverses applied to ``L`` gradients as the
+    optimizer does (a loop of ``P(g)``, each checking ``g``), the loop without the check
+    (``P(g, check=False)``), the loop's matmuls alone, and one batched product of the stacked
+    inverses (``torch.stack`` of the gradients, two ``bmm``, ``unbind``)."""
+    from curvlib.solvers import KroneckerInverse
+
+    print("\n| layers | loop P(g) ms | loop, unchecked ms | matmuls ms | batched (stack + bmm) ms | batched / unchecked |"
+          "\n|---|---|---|---|---|---|")
+    for n, count in [(256, 8), (128, 16), (64, 32)]:
+        torch.manual_seed(0)
+
+        def spd(m):
+            X = torch.randn(4 * m, m)
+            return X.T @ X / (4 * m)
+
+        invs = [KroneckerInverse([[spd(n), spd(n)]], 1e-3, "pi") for _ in range(count)]
+        grads = [torch.randn(n, n) for _ in range(count)]
+        Gs, As = torch.stack([P._Ginv for P in invs]), torch.stack([P._Ainv for P in invs])
+        fns = dict(
+            loop=lambda: [P(g) for P, g in zip(invs, grads)],
+            unchecked=lambda: [P(g, check=False) for P, g in zip(invs, grads)],
+            matmuls=lambda: [P._Ginv @ g @ P._Ainv for P, g in zip(invs, grads)],
+            batched=lambda: (Gs @ torch.stack(grads) @ As).unbind(0),
+        )
+        t = {k: 1e3 * v for k, v in interleaved_medians(fns, reps=reps, clock=clock).items()}
+        print(f"| {count} x {n}x{n} | {t['loop']:.3f} | {t['unchecked']:.3f} | {t['matmuls']:.3f} | "
+              f"{t['batched']:.3f} | {t['batched'] / t['unchecked']:.2f} |")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=15)
@@ -220,10 +250,15 @@ def main(argv=None) -> None:
     ap.add_argument("--breakdown", nargs="*", choices=["mlp", "deep", "gpt"], default=None,
                     help="instead of the table against SGD: the per-step breakdown of these problems (all by default)")
     ap.add_argument("--windows", type=int, default=5, help="--breakdown: T_inv windows of 20 steps timed")
+    ap.add_argument("--batched", action="store_true",
+                    help="instead: same-shaped layers' inverses applied in a loop against one batched product")
     ap.add_argument("--stagger", type=int, nargs="*", default=[1],
                     help="--breakdown: inverse_stagger values to compare (windows interleaved)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.batched:
+        batched_apply(args.reps, time.perf_counter if args.wall else time.process_time)
+        return
     if args.breakdown is not None:
         variants = {(f"inverse_stagger={n}" if args.stagger != [1] else ""): {"inverse_stagger": n}
                     for n in args.stagger}
