@@ -344,7 +344,8 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
                  names: Optional[List[str]] = None):
         """The group's damped inverse: the cached one, or one built now (from the running
         curvature when ``T_inv`` is due, else from the curvature the cached one was built from,
-        ``state[p]["inverse_of"]``, e.g. for a new damping or after ``load_state_dict``)."""
+        ``state[p]["inverse_of"]``, e.g. for a new damping or after ``load_state_dict``); with
+        ``inverse_stagger``, a portion of the parameters' inverses (:meth:`_staggered_inverse`)."""
         k, gs = plan.step, plan.schedule[gi]
         key = (kind.name, tuple(id(p) for p in params))
         cached = self.core.solves.get(gi)
@@ -353,6 +354,8 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
         same_setup = gs.inv_damping == lam and gs.inv_mode == mode and gs.inv_curvature == kind.name
         due = self._stagger_due(plan, gi, group, kind, params, curvs)
         if due is not None:
+            if not due and cached is not None and cached[0] == key and same_setup:
+                return cached[1]  # staggering, nothing due at this step
             return self._staggered_inverse(plan, gi, group, kind, params, curvs, names, due, same_setup)
         if not scheduled and cached is not None and cached[0] == key and same_setup:
             return cached[1]

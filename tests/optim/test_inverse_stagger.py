@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from curvlib import extend
-from curvlib.optim import NaturalGradient
+from curvlib.optim import NaturalGradient, Preconditioner
 from curvlib.optim.curvatures import CURVATURES
 from curvlib.optim.stagger import portions
+from tests.optim.common import train_step
 from tests.zoo import data
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -37,12 +38,7 @@ def make(model, curvature="kfac", **hyper):
 def train(model, opt, steps, start=0):
     loss_fn = extend(nn.CrossEntropyLoss())
     for k in range(start, start + steps):
-        x, y = data(n=8, seed=k)
-        opt.zero_grad()
-        loss = loss_fn(model(x), y)
-        with opt.capture():
-            loss.backward()
-        opt.step()
+        train_step(model, loss_fn, opt, *data(n=8, seed=k))
 
 
 def test_portions_split_every_item_once_into_balanced_portions():
@@ -87,12 +83,8 @@ def test_every_parameter_is_rebuilt_exactly_once_per_window(monkeypatch, curvatu
     starts = []  # the steps that begin a T_inv window after the warm-up
     for k in range(WARMUP + 4 * T_INV):
         log.append([])
-        x, y = data(n=8, seed=k)
-        opt.zero_grad()
-        with opt.capture():
-            loss_fn(model(x), y).backward()
         before = opt.core.groups[0].inv_updates
-        opt.step()
+        train_step(model, loss_fn, opt, *data(n=8, seed=k))
         if k >= FIRST and opt.core.groups[0].inv_updates > before:
             starts.append(k)
     assert len(starts) >= 3 and all(b - a == T_INV for a, b in zip(starts, starts[1:]))
@@ -105,7 +97,8 @@ def test_every_parameter_is_rebuilt_exactly_once_per_window(monkeypatch, curvatu
 
 
 def test_without_staggering_every_parameter_is_rebuilt_at_the_window_start(monkeypatch):
-    """The control of the test above (it fails when the portions are not spread)."""
+    """The default (``inverse_stagger=1``) is unchanged: every inverse at the window's first step
+    (the control of the test above)."""
     model = net()
     opt = make(model, inverse_stagger=1)
     log = _rebuilds(monkeypatch, "kfac")
@@ -113,13 +106,18 @@ def test_without_staggering_every_parameter_is_rebuilt_at_the_window_start(monke
     loss_fn = extend(nn.CrossEntropyLoss())
     for k in range(FIRST + T_INV):
         log.append([])
-        x, y = data(n=8, seed=k)
-        opt.zero_grad()
-        with opt.capture():
-            loss_fn(model(x), y).backward()
-        opt.step()
+        train_step(model, loss_fn, opt, *data(n=8, seed=k))
         train_log.append(len(log[-1]))
     assert train_log[FIRST:] == [8] + [0] * (T_INV - 1)
+
+
+def test_the_preconditioner_staggers_too():
+    """``inverse_stagger`` is a row of the running-curvature core: every optimizer on it has it."""
+    model = net()
+    pre = Preconditioner(model.parameters(), curvature="kfac", T_cov=2, T_inv=T_INV, curvature_warmup=WARMUP,
+                         inverse_stagger=STAGGER, seed=3)
+    train(model, pre, FIRST + 1)
+    assert len(pre.core.groups[0].inv_pending) == STAGGER - 1
 
 
 def test_a_rebuilt_portion_inverts_the_running_curvature_of_its_step():
