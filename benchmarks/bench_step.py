@@ -17,7 +17,15 @@ machine may be shared; ``--wall`` for wall time). Rows:
 
 The target: ``kfac plain step / (sgd step + apply) <= 1.1``.
 
+``--breakdown [mlp deep gpt]``: instead, the parts of every step (:class:`Breakdown`) over T_inv
+windows of the default schedule, on the MLP, a deep MLP of equal widths and the character GPT of
+``time_to_loss.py``; ``--stagger 1 4`` compares ``inverse_stagger`` values (windows interleaved).
+``--batched``: same-shaped layers' Kronecker inverses applied in a loop against one batched
+product (:func:`batched_apply`).
+
     python benchmarks/bench_step.py [--reps 15] [--wall]
+    python benchmarks/bench_step.py --breakdown --windows 3 --stagger 1 4 10
+    python benchmarks/bench_step.py --batched --reps 31
 """
 from __future__ import annotations
 
