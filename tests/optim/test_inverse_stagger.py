@@ -52,25 +52,27 @@ def test_portions_split_every_item_once_into_balanced_portions():
 
 
 def _rebuilds(monkeypatch, curvature):
-    """Per step, the parameters whose inverse (eigenbasis) was rebuilt: recorded from the kind."""
-    kind, log = CURVATURES[curvature], []
-    if kind.stateful:
-        direction = kind.direction
+    """Per step, the parameters whose inverse (eigenbasis) was rebuilt: recorded from the kind's
+    class (patched on the class: a patched instance attribute would be left behind bound to the
+    original and shadow later tests' patches of the class)."""
+    cls, log = type(CURVATURES[curvature]), []
+    if cls.stateful:
+        direction = cls.direction
 
-        def record(p, g, running, state, fresh, refresh, *rest):
+        def record(self, p, g, running, state, fresh, refresh, *rest):
             if refresh:
                 log[-1].append(id(p))
-            return direction(p, g, running, state, fresh, refresh, *rest)
+            return direction(self, p, g, running, state, fresh, refresh, *rest)
 
-        monkeypatch.setattr(kind, "direction", record)
+        monkeypatch.setattr(cls, "direction", record)
     else:
-        inverse = kind.inverse
+        inverse = cls.inverse
 
-        def record(params, *rest):
+        def record(self, params, *rest):
             log[-1].extend(id(p) for p in params)
-            return inverse(params, *rest)
+            return inverse(self, params, *rest)
 
-        monkeypatch.setattr(kind, "inverse", record)
+        monkeypatch.setattr(cls, "inverse", record)
     return log
 
 
