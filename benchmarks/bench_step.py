@@ -175,7 +175,9 @@ def breakdown_problems() -> Dict[str, Tuple[str, Callable[[], nn.Module], Tensor
     }
 
 
-def breakdown(problem: str, windows: int, clock, variants: Dict[str, Dict[str, object]]) -> Dict[str, Dict[str, Dict[str, float]]]:
+def breakdown(
+    problem: str, windows: int, clock, variants: Dict[str, Dict[str, object]],
+) -> Dict[str, Dict[str, Dict[str, float]]]:
     """Parts of the steps of ``windows`` T_inv windows of 20 steps at the default schedule
     (``T_cov=5, T_inv=20``) of each variant (``name -> hyper-parameters`` overriding it; their
     windows interleaved), after the curvature warm-up: per variant and part the median over the
@@ -228,8 +230,8 @@ def batched_apply(reps: int, clock) -> None:
     inverses (``torch.stack`` of the gradients, two ``bmm``, ``unbind``)."""
     from curvlib.solvers import KroneckerInverse
 
-    print("\n| layers | loop P(g) ms | loop, unchecked ms | matmuls ms | batched (stack + bmm) ms | batched / unchecked |"
-          "\n|---|---|---|---|---|---|")
+    print("\n| layers | loop P(g) ms | loop, unchecked ms | matmuls ms | batched (stack + bmm) ms "
+          "| batched / unchecked |\n|---|---|---|---|---|---|")
     for n, count in [(256, 8), (128, 16), (64, 32)]:
         torch.manual_seed(0)
 

@@ -395,7 +395,6 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
         gs.inv_mode, gs.inv_curvature = mode, kind.name
         return solve
 
-
     def _stagger_due(self, plan: StepPlan, gi: int, group: Mapping[str, Any], kind: CurvatureKind, params,
                      curvs) -> Optional[Set[int]]:
         """``inverse_stagger`` (:mod:`curvlib.optim.stagger`): the ids of the parameters whose

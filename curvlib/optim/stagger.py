@@ -3,8 +3,9 @@ r"""``inverse_stagger``: rebuilding a param group's inverses a portion per step.
 With ``inverse_stagger = n > 1``, the ``T_inv`` update of a group at step ``k`` (a *window* of
 ``T_inv`` steps begins) splits the group's parameters with a curvature into ``min(n, count)``
 portions of about equal cost (:func:`portions`, by the kind's ``inverse_cost``: ``m^3`` per
-factor side; the cheapest first) and rebuilds the first at step ``k``, the second at ``k + 1``, ..., from the running
-curvature of that step; the other parameters keep the inverses they have. So the slowest step
+factor side; the cheapest first) and rebuilds the first at step ``k``, the second at ``k + 1``,
+..., each from the running curvature of its step; the other parameters keep the inverses they
+have. So the slowest step
 pays about ``1 / n`` of the inverses instead of all of them, and every parameter's inverse is
 rebuilt once per window (``n <= T_inv``), at most ``n - 1`` steps later than without staggering.
 The portions still to rebuild are saved (``GroupState.inv_pending``: indices into the group's
