@@ -35,7 +35,7 @@ does, and an inverse at every capture during the first steps then lowers the los
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Set, Tuple
 
 import torch
 from torch import Tensor
@@ -47,6 +47,7 @@ from curvlib.optim.core import CurvatureOptimizer, GroupPlan, StepPlan
 from curvlib.optim.curvatures import CURVATURES, CurvatureKind, options_of
 from curvlib.optim.grafting import GRAFT_HYPERPARAMETERS, graft
 from curvlib.optim.hyperparams import HyperParameter, Rule, defaults_of, number, one_of
+from curvlib.optim.stagger import portions
 from curvlib.optim.tensors import first_nonfinite, same_structure, tree_leaves, upcast, working_dtype
 
 
@@ -55,6 +56,18 @@ def _interval_rule(auto: bool) -> Rule:
         lambda v, g: callable(v) or (isinstance(v, int) and v >= 1) or (auto and v == "auto"),
         "an int >= 1, a callable step -> int" + (", or \"auto\"" if auto else ""),
     )
+
+
+def _stagger_ok(v: Any, g: Mapping[str, Any]) -> bool:
+    """``inverse_stagger``: an int >= 1; above 1 at most an int ``T_inv`` (a callable one is checked
+    at each update) and only for curvatures with per-parameter inverses."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        return False
+    if v == 1:
+        return True
+    kind = CURVATURES.get(g.get("curvature")) if isinstance(g.get("curvature"), str) else None
+    t_inv = g.get("T_inv")
+    return (kind is None or kind.separable) and (callable(t_inv) or v <= t_inv)
 
 
 #: the hyper-parameters of the running curvature (without the curvature kinds' options)
@@ -88,6 +101,15 @@ RUNNING: Tuple[HyperParameter, ...] = (
                    _interval_rule(True)),
     HyperParameter("T_inv", "int or callable", 20, "inverse update interval (after `curvature_warmup`)",
                    _interval_rule(False)),
+    HyperParameter(
+        "inverse_stagger", "int", 1,
+        "rebuild the group's inverses (eigenbases for `ekfac`, `eigen-adam`) at a `T_inv` update in this many "
+        "portions of about equal cost, one per step from that step on, instead of all in one step: bounds the "
+        "slowest step; each inverse is still rebuilt once per `T_inv` steps (`curvature_warmup` steps rebuild all)",
+        Rule(_stagger_ok, "an int >= 1, at most T_inv; 1 for two-level, exact-ng and exact-ng-blocks",
+             "{name}={value!r} must be an int >= 1 and at most T_inv (one portion per step of a T_inv window), "
+             "and 1 for a curvature whose inverse couples the parameters (two-level, exact-ng, exact-ng-blocks)."),
+    ),
     HyperParameter(
         "curvature_warmup", "int", 10,
         "the first this many steps capture the curvature and rebuild its inverse at every step (then `T_cov`, "
@@ -230,15 +252,18 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
         ``g_p`` for the others."""
         k, gs = plan.step, plan.schedule[gp.index]
         refresh = k >= gs.next_inv
+        held = [(p, c) for p, c in zip(gp.params, curvs) if c is not None]
+        due = self._stagger_due(plan, gp.index, group, kind, [p for p, _ in held], [c for _, c in held])
         dirs = []
         for p, g, c, n in zip(gp.params, gp.grads, curvs, gp.names):
             if c is None:
                 dirs.append(g)
                 continue
-            d, entries = kind.direction(p, g, c, self._state(plan, p), fresh, refresh, group, n)
+            now = refresh if due is None else id(p) in due
+            d, entries = kind.direction(p, g, c, self._state(plan, p), fresh, now, group, n)
             plan.state.setdefault(p, {}).update(entries)
             dirs.append(d.to(g.dtype))
-        if refresh:
+        if refresh and due is None:
             gs.next_inv = k + interval(group["T_inv"], k, "T_inv")
             gs.inv_updates += 1
         return dirs
@@ -319,13 +344,19 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
                  names: Optional[List[str]] = None):
         """The group's damped inverse: the cached one, or one built now (from the running
         curvature when ``T_inv`` is due, else from the curvature the cached one was built from,
-        ``state[p]["inverse_of"]``, e.g. for a new damping or after ``load_state_dict``)."""
+        ``state[p]["inverse_of"]``, e.g. for a new damping or after ``load_state_dict``); with
+        ``inverse_stagger``, a portion of the parameters' inverses (:meth:`_staggered_inverse`)."""
         k, gs = plan.step, plan.schedule[gi]
         key = (kind.name, tuple(id(p) for p in params))
         cached = self.core.solves.get(gi)
         lam, mode = float(group["damping"]), group["damping_mode"]
         scheduled = k >= gs.next_inv
         same_setup = gs.inv_damping == lam and gs.inv_mode == mode and gs.inv_curvature == kind.name
+        due = self._stagger_due(plan, gi, group, kind, params, curvs)
+        if due is not None:
+            if not due and cached is not None and cached[0] == key and same_setup:
+                return cached[1]  # staggering, nothing due at this step
+            return self._staggered_inverse(plan, gi, group, kind, params, curvs, names, due, same_setup)
         if not scheduled and cached is not None and cached[0] == key and same_setup:
             return cached[1]
         snapshot = [self.state.get(p, {}).get("inverse_of") for p in params]
@@ -361,6 +392,88 @@ class RunningCurvatureOptimizer(CurvatureOptimizer):
             gs.next_inv = k + 1 if warming(group, k) else k + interval(group["T_inv"], k, "T_inv")
             gs.inv_updates += 1
         gs.inv_damping, gs.inv_damping_used = lam, used
+        gs.inv_mode, gs.inv_curvature = mode, kind.name
+        return solve
+
+    def _stagger_due(self, plan: StepPlan, gi: int, group: Mapping[str, Any], kind: CurvatureKind, params,
+                     curvs) -> Optional[Set[int]]:
+        """``inverse_stagger`` (:mod:`curvlib.optim.stagger`): the ids of the parameters whose
+        inverse is rebuilt at this step (a window's first step also advances the group's ``T_inv``
+        schedule and splits ``params``, those with a curvature, into its portions); ``None`` when
+        the group does not stagger now (the caller rebuilds every inverse when ``T_inv`` is due)."""
+        k, gs = plan.step, plan.schedule[gi]
+        n = int(group["inverse_stagger"])
+        if warming(group, k):  # every inverse at every step
+            gs.inv_pending = []
+            return None
+        if not kind.separable or (n == 1 and not gs.inv_pending):
+            return None
+        pending = [list(portion) for portion in gs.inv_pending]
+        due: Set[int] = set()
+        if k >= gs.next_inv:  # a window begins
+            t = interval(group["T_inv"], k, "T_inv")
+            if n > t:
+                raise ValueError(
+                    f"{self._where}: param group {gi}: inverse_stagger={n} is above T_inv={t} (returned by the "
+                    f"T_inv callable at step {k}): a window of T_inv steps has room for at most T_inv portions; "
+                    "lower inverse_stagger or return a larger interval."
+                )
+            due.update(i for portion in pending for i in portion)  # the rest of a window cut short
+            index = {id(p): i for i, p in enumerate(group["params"])}
+            split = portions([kind.inverse_cost(c, group["damping_mode"]) for c in curvs], n)
+            pending = [[index[id(params[j])] for j in portion] for portion in split]
+            gs.next_inv = k + t
+            gs.inv_updates += 1
+        if pending:
+            due.update(pending.pop(0))
+        gs.inv_pending = pending
+        return {id(group["params"][i]) for i in due}
+
+    def _staggered_inverse(self, plan: StepPlan, gi: int, group: Mapping[str, Any], kind: CurvatureKind, params,
+                           curvs, names: Optional[List[str]], due: Set[int], same_setup: bool):
+        """The group's inverse with ``inverse_stagger``: the parameters in ``due`` get inverses of
+        their running curvature, the others keep theirs (the cached parts; after ``load_state_dict``,
+        a new damping or in a copy: rebuilt from ``state[p]["inverse_of"]`` with the damping they
+        were built with, ``state[p]["inverse_damping"]``, or the new one)."""
+        gs = plan.schedule[gi]
+        lam, mode = float(group["damping"]), group["damping_mode"]
+        before = gs.inv_damping_used if same_setup and gs.inv_damping_used else lam  # of a build of all
+        cached = self.core.solves.get(gi)
+        held: Dict[int, Any] = {}
+        if cached is not None and cached[0][0] == kind.name and cached[1].parts is not None and same_setup:
+            held = dict(zip(cached[0][1], cached[1].parts))
+        # what each parameter's inverse is built from now: (source, damping), or None (kept)
+        builds: List[Optional[Tuple[Any, float]]] = []
+        for p, c in zip(params, curvs):
+            s = self.state.get(p, {})
+            snapshot = s.get("inverse_of")
+            if id(p) in due or snapshot is None or not same_structure(snapshot, c):
+                builds.append((c, lam))
+            elif id(p) in held:
+                builds.append(None)
+                if "inverse_damping" not in s:  # built with the whole group (warm-up, no staggering)
+                    plan.state.setdefault(p, {})["inverse_damping"] = float(before)
+            else:
+                builds.append((snapshot, float(s.get("inverse_damping", before)) if same_setup else lam))
+        parts: List[Any] = [None if b is not None else held[id(p)] for p, b in zip(params, builds)]
+        used_all = gs.inv_damping_used if same_setup else None
+        for lam_build in sorted({b[1] for b in builds if b is not None}):
+            js = [j for j, b in enumerate(builds) if b is not None and b[1] == lam_build]
+            solve, used = distributed.build_inverse(
+                self.core.distributed, kind, [params[j] for j in js], [builds[j][0] for j in js], lam_build, mode,
+                group, f"param group {gi}", None if names is None else [names[j] for j in js],
+            )
+            used_all = used if used_all is None else max(used_all, used)
+            for j, part in zip(js, solve.parts):
+                parts[j] = part
+                entry = plan.state.setdefault(params[j], {})
+                entry.update(inverse_of=builds[j][0], inverse_damping=float(used))
+                clipped: Optional[int] = getattr(part, "clipped", None)
+                if clipped is not None:
+                    entry["inverse_clipped"] = int(clipped)
+        solve = kind.solve_from_parts(params, parts)
+        plan.solves[gi] = ((kind.name, tuple(id(p) for p in params)), solve)
+        gs.inv_damping, gs.inv_damping_used = lam, used_all
         gs.inv_mode, gs.inv_curvature = mode, kind.name
         return solve
 

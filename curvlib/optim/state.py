@@ -10,7 +10,8 @@ An optimizer of :mod:`curvlib.optim` keeps three things:
   curvature the current inverse was built from), ``batch`` / ``inverse_batch`` (``exact-ng*``: the
   capture step of the per-sample factors in ``running`` / ``inverse_of``; factors of a parameter
   that a later capture did not see are dropped, never solved with another batch's),
-  ``inverse_clipped``, ``kpsvd_warm``,
+  ``inverse_clipped``, ``inverse_damping`` (``inverse_stagger``: the damping the parameter's
+  inverse was built with), ``kpsvd_warm``,
   ``momentum_buffer``, ``exp_avg``, ``exp_avg_sq``, ``adam_step`` (NaturalGradient) and
   ``cg_iterations``, ``cg_residual``, ``cg_converged``, ``cg_negative_curvature``,
   ``direction`` (CGNewton);
@@ -59,6 +60,9 @@ class GroupState:
     running_curvature: Optional[str] = None
     cov_updates: int = 0
     inv_updates: int = 0
+    #: ``inverse_stagger``: the portions of the current ``T_inv`` window still to rebuild, one per
+    #: step (indices into the group's ``params``; :mod:`curvlib.optim.stagger`)
+    inv_pending: List[List[int]] = field(default_factory=list)
     #: relative change ``||C' - C|| / ||C||`` of the running curvature at its last update
     last_change: Optional[float] = None
     #: Levenberg–Marquardt's reduction ratio at its last adaptation (NaturalGradient)

@@ -128,7 +128,8 @@ class KroneckerInverse:
     ``"pi"`` damping, ``None`` for a bias) and :attr:`clipped`, the number of eigenvalue pairs
     raised to the floor (0 unless two indefinite terms in ``"pi"`` mode).
 
-    ``P(V)``: V ``[out, in]`` or ``[*B, out, in]`` (bias: ``[out]`` or ``[*B, out]``) -> same shape.
+    ``P(V)``: V ``[out, in]`` or ``[*B, out, in]`` (bias: ``[out]`` or ``[*B, out]``) -> same shape
+    (``P(V, check=False)``: without checking ``V``).
     Eigendecompositions are computed once (constructor / :meth:`update`), so ``P(V)`` costs two
     small matmuls on each side.
     """
@@ -206,8 +207,12 @@ class KroneckerInverse:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ apply
-    def __call__(self, V: Tensor) -> Tensor:
-        self._check_v(V)
+    def __call__(self, V: Tensor, *, check: bool = True) -> Tensor:
+        """``P(V)``; ``check=False`` skips the shape and finiteness check of ``V`` (one reduction
+        and a host synchronisation per call) for a caller that has checked it: the optimizers
+        check every gradient of a step at once, and then each direction."""
+        if check:
+            self._check_v(V)
         return self._solve(V.to(self.dtype))
 
     def _solve(self, V: Tensor) -> Tensor:
