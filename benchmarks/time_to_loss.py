@@ -12,7 +12,8 @@ final loss and epochs, the seconds to reach AdamW's final loss (the best AdamW p
 ``--epochs``) and the problem's common target, and the mean step time (total seconds / steps:
 curvature and inverse updates amortised) over AdamW's. A method's
 best grid point is the one that reaches AdamW's final loss first (then: the lowest loss it
-reached). A run that raises or produces a non-finite loss is recorded as diverged (the error and
+reached). A run that produces a non-finite loss (or raises FloatingPointError) is recorded as
+diverged, one that raises anything else (or cannot be built) as failed (the error and
 the step), never a crash of the benchmark; a peer whose package is absent is skipped.
 
 Runs stop at ``--budget-factor`` times AdamW's total time (estimated from its epochs so far); at
@@ -446,7 +447,8 @@ CURVLIB_GRID = _grid(lr=[0.03, 0.1, 0.3], damping=[1e-1])
 
 
 def _curvlib(curvature: str, grid: Optional[List[Dict[str, Any]]] = None, **extra: Any) -> Method:
-    return Method(lambda m, pb, **s: CurvlibTrainer(m, pb, curvature=curvature, **dict(CURVLIB, **extra, **s)),
+    # a grid point or --points setting overrides the method's own settings (eigen-adam's T_inv ...)
+    return Method(lambda m, pb, **s: CurvlibTrainer(m, pb, curvature=curvature, **{**CURVLIB, **extra, **s}),
                   grid or CURVLIB_GRID, note=f"NaturalGradient(curvature={curvature!r}), " + _fmt(dict(CURVLIB, **extra)))
 
 
@@ -515,7 +517,7 @@ class Run:
     setting: Dict[str, Any]
     trainer: Optional[Trainer] = None
     rows: List[Dict[str, Any]] = field(default_factory=list)  # epoch, steps, seconds, train_loss
-    status: str = "ok"  # ok | diverged: ... | pruned at epoch k | budget
+    status: str = "ok"  # ok | diverged ... | failed ... | pruned at epoch k | budget
     label_text: Optional[str] = None  # the setting as text (runs read back from a CSV)
 
     @property
@@ -541,7 +543,7 @@ class Run:
 
 
 def train_epoch(run: Run, problem: Problem, batches: List[Tensor]) -> None:
-    """One epoch of ``run`` (timed per step); a raise or a non-finite loss marks it diverged."""
+    """One epoch of ``run`` (timed per step); a non-finite loss marks it diverged, another error failed."""
     model, steps, seconds = run.trainer.model, run.rows[-1]["steps"], run.rows[-1]["seconds"]
     try:
         for idx in batches:
@@ -554,11 +556,23 @@ def train_epoch(run: Run, problem: Problem, batches: List[Tensor]) -> None:
             if not math.isfinite(loss):
                 raise FloatingPointError(f"the batch loss is {loss}")
     except (FloatingPointError, ValueError, RuntimeError, NotImplementedError, AssertionError, TypeError, IndexError) as e:
-        run.status = f"diverged at step {steps}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        # a non-finite value diverged; any other error is a failure of the set-up, not of the method
+        kind = "diverged" if isinstance(e, FloatingPointError) else "failed"
+        run.status = f"{kind} at step {steps}: {_error(e)}"
     loss = problem.full_loss(model) if run.alive else math.nan
     if run.alive and not math.isfinite(loss):
         run.status = f"diverged at step {steps}: the training loss is {loss}"
     run.rows.append(dict(epoch=run.rows[-1]["epoch"] + 1, steps=steps, seconds=seconds, train_loss=loss))
+
+
+def _error(e: BaseException) -> str:
+    """``Type: first line of the message`` (160 characters at most)."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+
+
+def _stopped(r: "Run") -> bool:
+    """Whether ``r`` ended on an error: a non-finite step (diverged) or anything else (failed)."""
+    return r.status.startswith(("diverged", "failed"))
 
 
 def adamw_pace(runs: List[Run]) -> Optional[float]:
@@ -595,7 +609,7 @@ def run_problem(problem: Problem, methods: List[str], epochs: int, budget_factor
                     warnings.simplefilter("ignore")
                     run.trainer = METHODS[m].build(model, problem, **setting)
             except Exception as e:  # a peer that cannot even be built is recorded, not fatal
-                run.status = f"diverged at step 0: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                run.status = f"failed to build: {_error(e)}"
             runs.append(run)
     gen = torch.Generator().manual_seed(seed)
     for epoch in range(1, epochs + 1):
@@ -660,7 +674,7 @@ def summarize(problem: Problem, runs: List[Run], methods: List[str]) -> Dict[str
         mine = [r for r in runs if r.method == m]
         if not mine:
             continue
-        ok = [r for r in mine if not r.status.startswith("diverged")]
+        ok = [r for r in mine if not _stopped(r)]
         pool = ok or mine
 
         def key(r):
@@ -670,7 +684,7 @@ def summarize(problem: Problem, runs: List[Run], methods: List[str]) -> Dict[str
         best = adam_best if m == "adamw" and adam_best else min(pool, key=key)
         t_adam = best.reach(adam_final) if adam_final is not None else None
         t_target = best.reach(problem.target)
-        failed = [r for r in mine if r.status.startswith("diverged")]
+        failed = [r for r in mine if _stopped(r)]
         rows.append(dict(
             method=m, best=best, setting=best.label, final_loss=best.rows[-1]["train_loss"],
             epochs=best.rows[-1]["epoch"], seconds=best.seconds, t_adam=t_adam, t_target=t_target,
@@ -691,15 +705,15 @@ def table(problem: Problem, summary: Dict[str, Any]) -> str:
     af = summary["adam_final"]
     head = ["method", "best setting", "final loss", "epochs", "seconds",
             f"s to AdamW's final loss ({af:.4g})" if af is not None else "s to AdamW's final loss",
-            f"s to {problem.target:g}", "step / AdamW step (mean)", "grid points diverged"]
+            f"s to {problem.target:g}", "step / AdamW step (mean)", "grid points diverged or failed"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in summary["rows"]:
         fl = r["final_loss"]
         cells = [r["method"], r["setting"], f"{fl:.4g}" if math.isfinite(fl) else "-", str(r["epochs"]),
                  f"{r['seconds']:.1f}", _s(r["t_adam"]), _s(r["t_target"]),
                  f"{r['step_ratio']:.2f}" if r["step_ratio"] is not None else "-", f"{len(r['failed'])}/{r['n']}"]
-        if r["best"].status.startswith("diverged"):
-            cells[0] += " (diverged)"
+        if _stopped(r["best"]):
+            cells[0] += f" ({r['best'].status.split()[0]})"
         lines.append("| " + " | ".join(cells) + " |")
     notes = []
     for r in summary["rows"]:

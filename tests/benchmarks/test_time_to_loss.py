@@ -30,16 +30,21 @@ def test_quick_cnn(tmp_path, monkeypatch, capsys):
         lambda m, pb, lr: ttl.TorchTrainer(m, pb, torch.optim.SGD(m.parameters(), lr=lr)), [dict(lr=1e12)]
     )
     monkeypatch.setitem(ttl.METHODS, "exploding", exploding)
+    unbuildable = ttl.Method(lambda m, pb, lr: ttl.TorchTrainer(m, pb, torch.optim.SGD(m.parameters(), lr=lr, nesterov=1, x=2)),
+                             [dict(lr=0.1)])
+    monkeypatch.setitem(ttl.METHODS, "unbuildable", unbuildable)
     monkeypatch.setattr(ttl.METHODS["soap"], "needs", "a_package_that_is_not_installed")
-    methods = ["adamw", "sgd", "kfac", "exploding", "soap"]
-    results = ttl.main(["--quick", "--problems", "cnn", "--methods", *methods, "--out", str(tmp_path)])
+    methods = ["adamw", "sgd", "kfac", "exploding", "soap", "unbuildable", "eigen-adam"]
+    # a point may override a setting the method fixes (eigen-adam's T_inv=10)
+    results = ttl.main(["--quick", "--problems", "cnn", "--methods", *methods, "--out", str(tmp_path),
+                        "--points", "eigen-adam:lr=0.003,T_inv=5"])
     out = capsys.readouterr().out
     assert "skipping soap" in out
 
     with open(tmp_path / "cnn.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {r["method"] for r in rows} == {"adamw", "sgd", "kfac", "exploding"}
-    for m in ("adamw", "kfac"):
+    assert {r["method"] for r in rows} == {"adamw", "sgd", "kfac", "exploding", "unbuildable", "eigen-adam"}
+    for m in ("adamw", "kfac", "eigen-adam"):
         mine = [r for r in rows if r["method"] == m]
         assert [int(r["epoch"]) for r in mine] == [0, 1, 2]
         losses = [float(r["train_loss"]) for r in mine]
@@ -49,11 +54,15 @@ def test_quick_cnn(tmp_path, monkeypatch, capsys):
     boom = [r for r in rows if r["method"] == "exploding"]
     assert boom[-1]["status"].startswith("diverged at step"), boom[-1]
     assert math.isnan(float(boom[-1]["train_loss"]))
+    # an error that is not a non-finite value is a failure, not a divergence
+    broken = [r for r in rows if r["method"] == "unbuildable"]
+    assert broken[-1]["status"].startswith("failed to build: TypeError"), broken[-1]
 
     table = (tmp_path / "cnn.md").read_text()
     for m in ("adamw", "sgd", "kfac"):
         assert f"| {m} |" in table
     assert "| exploding (diverged) |" in table and "1/1" in table
+    assert "| unbuildable (failed) |" in table
     assert (tmp_path / "cnn.png").stat().st_size > 5000
 
     summary = results["cnn"]["summary"]
