@@ -2,13 +2,15 @@
 and the one-backward helper :func:`run`. The models are in :mod:`tests.zoo`."""
 from __future__ import annotations
 
+import copy
 from typing import Dict, List
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, hessian, jacrev, vmap
 
-from curvlib import curvature
+from curvlib import curvature, extend
+from curvlib.extensions import BatchGrad, DiagGGN
 
 
 def per_sample_grads(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor) -> Dict[str, Tensor]:
@@ -42,6 +44,23 @@ def assert_exact_quantities(p: nn.Parameter, grad_batch: Tensor, block: Tensor) 
     torch.testing.assert_close(p.diag_ggn, block.diagonal().reshape(p.shape))
     V = torch.randn(2, *p.shape, dtype=block.dtype)
     torch.testing.assert_close(p.ggnmp(V), (V.reshape(2, -1) @ block).reshape(V.shape))
+
+
+def assert_batch_grad_and_diag_ggn(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor) -> None:
+    """Extend ``model``, run ``BatchGrad`` and the type-2 ``DiagGGN`` in one backward of the mean
+    ``loss_fn``, and check every parameter's ``grad_batch`` (shape ``[N, *p.shape]``) and
+    ``diag_ggn`` against ``torch.func`` on a copy of ``model`` without hooks."""
+    plain = copy.deepcopy(model)
+    extend(model)
+    with curvature(BatchGrad(), DiagGGN(fisher_type="type-2")):
+        extend(copy.deepcopy(loss_fn))(model(x), y).backward()
+    N = x.shape[0]
+    psg = per_sample_grads(plain, loss_fn, x, y)
+    ggn = dense_ggn(plain, loss_fn, x, y)
+    for (name, p), sl in zip(model.named_parameters(), param_slices(model)):
+        assert p.grad_batch.shape == (N, *p.shape), name
+        torch.testing.assert_close(p.grad_batch, psg[name] / N, msg=name)
+        torch.testing.assert_close(p.diag_ggn.flatten(), ggn[sl, sl].diagonal(), msg=name)
 
 
 def param_slices(model: nn.Module) -> List[slice]:

@@ -6,15 +6,14 @@ per-sample quantities, equal to those of the same model given the input expanded
 Not handled (the output used otherwise): a clear error at the curvature backward naming the
 layer, never a result summed over the samples (before: ``grad_batch [1, T, D]``, silently).
 """
-import copy
 
 import pytest
 import torch
 from torch import nn
 
 from curvlib import curvature, extend
-from curvlib.extensions import KFAC, BatchGrad, DiagGGN
-from tests.utils import dense_ggn, param_slices, per_sample_grads
+from curvlib.extensions import KFAC, BatchGrad
+from tests.utils import assert_batch_grad_and_diag_ggn
 
 N, T, D, V = 4, 5, 3, 6
 
@@ -54,19 +53,7 @@ def data():
 
 @pytest.mark.parametrize("mode", ["batch1", "vector", "query"])
 def test_exact_per_sample_quantities(mode):
-    model = Positions(mode)
-    plain = copy.deepcopy(model)
-    x, y = data()
-    extend(model)
-    loss_fn = extend(nn.CrossEntropyLoss())
-    with curvature(BatchGrad(), DiagGGN(fisher_type="type-2")):
-        loss_fn(model(x), y).backward()
-    psg = per_sample_grads(plain, nn.CrossEntropyLoss(), x, y)
-    ggn = dense_ggn(plain, nn.CrossEntropyLoss(), x, y)
-    for (name, p), sl in zip(model.named_parameters(), param_slices(model)):
-        assert p.grad_batch.shape == (N, *p.shape), name
-        torch.testing.assert_close(p.grad_batch, psg[name] / N, msg=name)
-        torch.testing.assert_close(p.diag_ggn.flatten(), ggn[sl, sl].diagonal(), msg=name)
+    assert_batch_grad_and_diag_ggn(Positions(mode), nn.CrossEntropyLoss(), *data())
 
 
 @pytest.mark.parametrize("mode", ["batch1", "vector"])

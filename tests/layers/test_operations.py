@@ -19,7 +19,7 @@ from torch import nn
 
 from curvlib import curvature, extend
 from curvlib.extensions import GGNMP, KFAC, BatchGrad, DiagGGN, ExactBlockFisher
-from tests.utils import assert_exact_quantities, dense_ggn, param_slices, per_sample_grads
+from tests.utils import assert_batch_grad_and_diag_ggn, assert_exact_quantities, dense_ggn, param_slices, per_sample_grads
 
 V, D, H, C, N, T = 7, 4, 5, 3, 4, 6
 
@@ -293,19 +293,7 @@ class Flattened(nn.Module):
 
 def test_module_on_merged_rows_gets_per_sample_quantities():
     """Before: ``fc``'s grad_batch came out ``[N T, ...]`` (per position, silently)."""
-    m = Flattened()
-    plain = copy.deepcopy(m)
-    x, y = torch.randn(N, T, D), torch.randn(N, T, 3)
-    extend(m)
-    loss_fn = extend(nn.MSELoss())
-    with curvature(BatchGrad(), DiagGGN(fisher_type="type-2")):
-        loss_fn(m(x), y).backward()
-    psg = per_sample_grads(plain, nn.MSELoss(), x, y)
-    ggn = dense_ggn(plain, nn.MSELoss(), x, y)
-    for (name, p), sl in zip(m.named_parameters(), param_slices(m)):
-        assert p.grad_batch.shape == (N, *p.shape), name
-        torch.testing.assert_close(p.grad_batch, psg[name] / N)
-        torch.testing.assert_close(p.diag_ggn.flatten(), ggn[sl, sl].diagonal())
+    assert_batch_grad_and_diag_ggn(Flattened(), nn.MSELoss(), torch.randn(N, T, D), torch.randn(N, T, 3))
 
 
 def test_parameter_views_and_uncovered_uses():
