@@ -3,9 +3,12 @@ and the one-backward helper :func:`run`. The models are in :mod:`tests.zoo`."""
 from __future__ import annotations
 
 import copy
-from typing import Dict, List
+import os
+from pathlib import Path
+from typing import Callable, Dict, List
 
 import torch
+import torch.multiprocessing as mp
 from torch import Tensor, nn
 from torch.func import functional_call, grad, hessian, jacrev, vmap
 
@@ -61,6 +64,31 @@ def assert_batch_grad_and_diag_ggn(model: nn.Module, loss_fn: nn.Module, x: Tens
         assert p.grad_batch.shape == (N, *p.shape), name
         torch.testing.assert_close(p.grad_batch, psg[name] / N, msg=name)
         torch.testing.assert_close(p.diag_ggn.flatten(), ggn[sl, sl].diagonal(), msg=name)
+
+
+def mark_rank_done(tmp: str, rank: int) -> None:
+    """In a worker of :func:`spawn_ranks`: every check of ``rank`` passed."""
+    with open(os.path.join(tmp, f"rank{rank}.ok"), "w") as f:
+        f.write("ok")
+
+
+def spawn_ranks(worker: Callable, args: tuple, nprocs: int, tmp_path: Path,
+                report: Callable[[BaseException], str]) -> None:
+    """``torch.multiprocessing.spawn(worker, args, nprocs)``, passing when every rank called
+    :func:`mark_rank_done`, also when gloo then aborted a process in its teardown (SIGABRT,
+    "terminate called without an active exception": torch's teardown, not what the tests check);
+    otherwise ``AssertionError(report(e))``."""
+    def done() -> bool:
+        return all((tmp_path / f"rank{r}.ok").exists() for r in range(nprocs))
+
+    try:
+        mp.spawn(worker, args=args, nprocs=nprocs, join=True)
+    except mp.ProcessExitedException as e:
+        if not done():
+            raise AssertionError(report(e)) from e
+    except Exception as e:
+        raise AssertionError(report(e)) from e
+    assert done()
 
 
 def param_slices(model: nn.Module) -> List[slice]:

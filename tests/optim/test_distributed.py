@@ -15,13 +15,13 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from curvlib import extend
 from curvlib.optim import CGNewton, NaturalGradient, Preconditioner
 from curvlib.optim.distributed import assign, pack, unpack
+from tests.utils import mark_rank_done, spawn_ranks
 
 W = 2
 TOL = 1e-10
@@ -309,8 +309,7 @@ def _worker(rank, tmp, names):
                     f.write(fn.__name__)
                 fn(rank, tmp)
                 dist.barrier()
-        with open(os.path.join(tmp, f"rank{rank}.ok"), "w") as f:  # every case passed
-            f.write("ok")
+        mark_rank_done(tmp, rank)
     except BaseException:
         import traceback
 
@@ -322,27 +321,19 @@ def _worker(rank, tmp, names):
 
 
 def test_two_processes_equal_one(tmp_path):
-    try:
-        mp.spawn(_worker, args=(str(tmp_path), [f.__name__ for f in CASES]), nprocs=W, join=True)
-    except mp.ProcessExitedException as e:
-        # gloo sometimes aborts a process in its teardown (SIGABRT, "terminate called without an
-        # active exception") after every case passed on every rank: torch's teardown, not a failure here
-        if not all((tmp_path / f"rank{r}.ok").exists() for r in range(W)):
-            _fail(tmp_path, e)
-    except Exception as e:  # a rank that failed makes the other abort: report what each was doing
-        _fail(tmp_path, e)
-    assert all((tmp_path / f"rank{r}.ok").exists() for r in range(W))
+    spawn_ranks(_worker, (str(tmp_path), [f.__name__ for f in CASES]), W, tmp_path, lambda e: _report(tmp_path, e))
 
 
-def _fail(tmp_path, e: BaseException) -> None:
-    """Raise with what each rank was doing (its case) and its Python exception, if any."""
+def _report(tmp_path, e: BaseException) -> str:
+    """What each rank was doing (its case) and its Python exception, if any (a rank that failed
+    makes the other abort)."""
     report = []
     for r in range(W):
         case = tmp_path / f"rank{r}.case"
         err = tmp_path / f"rank{r}.err"
         report.append(f"rank {r} in {case.read_text() if case.exists() else '?'}: "
                       + (err.read_text() if err.exists() else "no Python exception (killed or aborted)"))
-    raise AssertionError(f"{e}\n" + "\n".join(report)) from e
+    return f"{e}\n" + "\n".join(report)
 
 
 def test_pack_unpack_and_assign():

@@ -10,11 +10,11 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from curvlib import extend
 from curvlib.optim import CGNewton, NaturalGradient
+from tests.utils import mark_rank_done, spawn_ranks
 
 W = 2
 
@@ -63,8 +63,7 @@ def _worker(rank, tmp):
         # the error follows an all_gather_object: wait for the other rank to leave it before
         # tearing the group down (a rank that exits first aborts gloo's peer with SIGABRT)
         dist.barrier()
-        with open(os.path.join(tmp, f"rank{rank}.ok"), "w") as f:  # every check above passed
-            f.write("ok")
+        mark_rank_done(tmp, rank)
     except BaseException as e:
         with open(os.path.join(tmp, f"rank{rank}.err"), "w") as f:
             f.write(repr(e))
@@ -74,17 +73,7 @@ def _worker(rank, tmp):
 
 
 def test_check_sync_names_hyperparameters_that_differ(tmp_path):
-    try:
-        mp.spawn(_worker, args=(str(tmp_path),), nprocs=W, join=True)
-    except mp.ProcessExitedException as e:
-        # gloo sometimes aborts a process in its teardown (destroy_process_group / exit: "terminate
-        # called without an active exception", SIGABRT) after every check passed on every rank;
-        # that is torch's teardown, not what this test checks
-        if not all((tmp_path / f"rank{r}.ok").exists() for r in range(W)):
-            raise AssertionError(_report(tmp_path, e)) from e
-    except Exception as e:
-        raise AssertionError(_report(tmp_path, e)) from e
-    assert all((tmp_path / f"rank{r}.ok").exists() for r in range(W))
+    spawn_ranks(_worker, (str(tmp_path),), W, tmp_path, lambda e: _report(tmp_path, e))
 
 
 def _report(tmp_path, e: BaseException) -> str:
